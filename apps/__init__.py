@@ -1,0 +1,1 @@
+"""Command line and demo apps (installed as streamrt.apps)."""

@@ -1,0 +1,597 @@
+"""Disk tier of the KV-cache manager: one crash-safe file per KV block.
+
+Each block is stored as ``<root>/<key>.kv``; all integers are little-endian::
+
+    offset 0        8          12         16               16 + hlen
+           +--------+----------+----------+----------------+------------------+
+           | magic  | hlen u32 | hcrc u32 | header (JSON)  | payload (nbytes) |
+           +--------+----------+----------+----------------+------------------+
+
+    header = {"version", "key", "dtype", "shape", "nbytes", "crc32", "meta"}
+    hcrc   = crc32(header bytes);  header["crc32"] = crc32(payload)
+
+Invariants that make the store crash-safe:
+
+* A ``<key>.kv`` name only appears through ``os.replace`` of a fully written, fsynced
+  temp file, so a crash leaves the old block or the new one, never a torn one. Torn
+  writes live only in ``.<key>.<id>.tmp`` files, which opening the store deletes.
+* The index holds only blocks whose header checked out and whose file size equals
+  ``16 + hlen + nbytes``; ``get`` and ``verify`` re-check the payload crc, so a block
+  that rotted on disk is never served. Bad files are kept, renamed ``*.corrupt``.
+* ``used_bytes`` always equals the sum of ``nbytes`` over the index.
+
+One process owns a root at a time: opening a store deletes the temp files of any
+writer still running in the same directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import math
+import os
+import re
+import struct
+import threading
+import uuid
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamrt.cache.errors import CorruptBlockError, DiskTierError
+
+MAGIC = b"SRTKV\x00\x01\x00"
+FORMAT_VERSION = 1
+
+_PREFIX = struct.Struct("<8sII")
+# A real header is a few hundred bytes; the cap stops a flipped length bit from
+# making the scan read a whole payload as "header".
+_MAX_HEADER_BYTES = 1 << 20
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+_BLOCK_SUFFIX = ".kv"
+_TMP_SUFFIX = ".tmp"
+_CORRUPT_SUFFIX = ".corrupt"
+_STAT_NAMES = [
+    "writes",
+    "reads",
+    "bytes_written",
+    "bytes_read",
+    "corrupt",
+    "discarded_tmp",
+    "write_errors",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class DiskEntry:
+    """Metadata of one block on disk; the tensor itself stays in the file.
+
+    Attributes:
+        key: Block key, also the file stem.
+        dtype: Torch dtype of the stored tensor.
+        shape: Shape of the stored tensor.
+        nbytes: Payload size in bytes.
+        crc32: ``zlib.crc32`` of the payload.
+        meta: JSON-compatible metadata stored with the block (tuples come back as lists).
+        path: The block file.
+    """
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    crc32: int
+    meta: dict[str, Any]
+    path: Path
+
+
+class _BadBlock(Exception):
+    """A block file failed a check; the message says which."""
+
+
+class DiskStore:
+    """Stores KV blocks as files under ``root`` and finds them again after a restart.
+
+    Args:
+        root: Directory for the block files; created if missing.
+        budget_bytes: Upper bound on ``used_bytes`` (payload bytes); ``None`` for no bound.
+
+    Raises:
+        DiskTierError: ``root`` cannot be created or is not a writable directory.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], budget_bytes: int | None = None) -> None:
+        if budget_bytes is not None and budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be >= 0 or None, got {budget_bytes}")
+        self.root = Path(root)
+        self.budget_bytes = budget_bytes
+        self._lock = threading.Lock()
+        self._index: dict[str, DiskEntry] = {}
+        self._used = 0
+        # Payload bytes of writes in flight, so concurrent puts cannot overrun the budget.
+        self._pending = 0
+        self._stats = dict.fromkeys(_STAT_NAMES, 0)
+        _prepare_root(self.root)
+        self._scan()
+
+    @property
+    def used_bytes(self) -> int:
+        """Sum of payload bytes over the indexed blocks."""
+        return self._used
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def keys(self) -> list[str]:
+        """Keys of all servable blocks, as a snapshot."""
+        with self._lock:
+            return list(self._index)
+
+    def entry(self, key: str) -> DiskEntry:
+        """Metadata of block ``key`` without reading its payload.
+
+        Raises:
+            KeyError: No block is stored under ``key``.
+        """
+        with self._lock:
+            return self._lookup(key)
+
+    def stats(self) -> dict[str, int]:
+        """Counters; ``files`` and ``bytes`` (payload, as ``used_bytes``) describe the index."""
+        with self._lock:
+            return {"files": len(self._index), "bytes": self._used, **self._stats}
+
+    def put(self, key: str, tensor: torch.Tensor, meta: dict[str, Any] | None = None) -> DiskEntry:
+        """Writes ``tensor`` under ``key`` atomically, replacing any block already there.
+
+        Args:
+            key: Block key, ``[A-Za-z0-9][A-Za-z0-9._-]{0,200}``.
+            tensor: Tensor of any dtype and device; non-CPU tensors are copied to the CPU.
+            meta: JSON-compatible metadata stored with the block.
+
+        Returns:
+            The new block's entry.
+
+        Raises:
+            ValueError: ``key`` is invalid or ``meta`` is not JSON-compatible.
+            DiskTierError: The budget would be exceeded, or the write failed (disk full,
+                I/O error); the store then still serves the previous block under ``key``.
+        """
+        _check_key(key)
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"block {key!r} must be a torch.Tensor, got {type(tensor).__name__}")
+        payload = _tensor_bytes(tensor)
+        entry = DiskEntry(
+            key=key,
+            dtype=tensor.dtype,
+            shape=tuple(tensor.shape),
+            nbytes=payload.nbytes,
+            crc32=zlib.crc32(payload),
+            meta=dict(meta or {}),
+            path=self.root / f"{key}{_BLOCK_SUFFIX}",
+        )
+        header = _encode_header(entry)
+        # Hand back meta as a reopened store will see it (tuples become lists).
+        entry = dataclasses.replace(entry, meta=json.loads(header)["meta"])
+        self._reserve(entry)
+        try:
+            self._write_block(entry, header, payload)
+        finally:
+            with self._lock:
+                self._pending -= entry.nbytes
+        return entry
+
+    def delete(self, key: str) -> None:
+        """Removes block ``key`` from the index and the disk.
+
+        Raises:
+            KeyError: No block is stored under ``key``.
+        """
+        with self._lock:
+            entry = self._lookup(key)
+            self._drop(entry)
+            # A crash before the unlink reaches the disk only resurrects a valid block.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+
+    def _reserve(self, entry: DiskEntry) -> None:
+        """Checks the budget and books the write's bytes as pending."""
+        with self._lock:
+            old = self._index.get(entry.key)
+            freed = old.nbytes if old is not None else 0
+            after = self._used - freed + self._pending + entry.nbytes
+            if self.budget_bytes is not None and after > self.budget_bytes:
+                raise DiskTierError(
+                    f"writing block {entry.key!r} ({entry.nbytes} bytes) to {self.root} would "
+                    f"use {after} bytes, over the disk tier budget of {self.budget_bytes} "
+                    f"bytes; delete blocks or raise budget_bytes"
+                )
+            self._pending += entry.nbytes
+
+    def _write_block(self, entry: DiskEntry, header: bytes, payload: np.ndarray) -> None:
+        """Temp file -> write -> fsync -> replace -> fsync dir; see the module invariants."""
+        tmp = self.root / f".{entry.key}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}"
+        stage, fd = "creating the temp file", -1
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            stage = "writing"
+            prefix = _PREFIX.pack(MAGIC, len(header), zlib.crc32(header))
+            _write_all(fd, memoryview(prefix + header))  # small; the payload is never copied
+            _write_all(fd, memoryview(payload))
+            stage = "fsync of the temp file"
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            stage = "renaming the temp file"
+            # Replace and index update under one lock, so the index never names a
+            # file another put has already replaced.
+            with self._lock:
+                os.replace(tmp, entry.path)
+                old = self._index.get(entry.key)
+                if old is not None:
+                    self._drop(old)
+                self._add(entry)
+                self._stats["writes"] += 1
+                self._stats["bytes_written"] += entry.nbytes
+        except OSError as exc:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            _unlink_quietly(tmp)
+            with self._lock:
+                self._stats["write_errors"] += 1
+            raise DiskTierError(_write_error_message(self.root, entry, stage, exc)) from exc
+        try:
+            _fsync_dir(self.root)
+        except OSError as exc:
+            # The block is complete and served; only its survival of a power loss is in doubt.
+            with self._lock:
+                self._stats["write_errors"] += 1
+            warnings.warn(f"disk tier: fsync of {self.root} failed: {exc}", stacklevel=3)
+
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Reads block ``key`` and checks its payload checksum.
+
+        Args:
+            key: Block key.
+            out: Optional contiguous CPU tensor (pinned is fine) of the stored dtype and
+                shape to read into; its contents are unspecified if the read fails.
+
+        Returns:
+            A CPU tensor with the stored dtype and shape (``out`` when given).
+
+        Raises:
+            KeyError: No block is stored under ``key``.
+            ValueError: ``out`` does not match the stored block.
+            CorruptBlockError: The file failed a check; the block is dropped from the
+                index and its file renamed ``*.corrupt``.
+            DiskTierError: The file could not be read.
+        """
+        with self._lock:
+            entry = self._lookup(key)
+            # Opened under the lock: a concurrent put replaces the name, not this inode.
+            f = self._open_block(entry)
+        with f:
+            if out is None:
+                out = torch.empty(entry.shape, dtype=entry.dtype)
+            else:
+                _check_out(out, entry)
+            try:
+                problem = _read_payload(f, entry, _byte_view(out))
+            except OSError as exc:
+                raise DiskTierError(
+                    f"reading block {key!r} from {entry.path} failed: {exc.strerror or exc}"
+                ) from exc
+        if problem is not None:
+            raise self._quarantine(entry, problem)
+        with self._lock:
+            self._stats["reads"] += 1
+            self._stats["bytes_read"] += entry.nbytes
+        return out
+
+    def verify(self) -> list[str]:
+        """Re-reads every block and checks its checksum.
+
+        Returns:
+            Keys of the blocks found corrupt; each is dropped and its file renamed
+            ``*.corrupt``, as in ``get``.
+        """
+        # One buffer, grown to the largest block, serves every read.
+        buf = bytearray()
+        bad = []
+        for key in self.keys():
+            with self._lock:
+                entry = self._index.get(key)
+                if entry is None:
+                    continue
+                f = self._open_block(entry)
+            if len(buf) < entry.nbytes:
+                buf = bytearray(entry.nbytes)
+            with f:
+                problem = _read_payload(f, entry, memoryview(buf)[: entry.nbytes])
+            if problem is not None:
+                self._quarantine(entry, problem)
+                bad.append(key)
+        return bad
+
+    def _open_block(self, entry: DiskEntry):
+        try:
+            return open(entry.path, "rb", buffering=0)
+        except OSError as exc:
+            raise DiskTierError(
+                f"cannot open block {entry.key!r} at {entry.path}: {exc.strerror or exc}; "
+                f"was the file removed outside the store?"
+            ) from exc
+
+    def _scan(self) -> None:
+        """Drops temp files of interrupted writes and indexes every block whose header checks out."""
+        with os.scandir(self.root) as it:
+            names = sorted(e.name for e in it if e.is_file(follow_symlinks=False))
+        for name in names:
+            path = self.root / name
+            if name.startswith(".") and name.endswith(_TMP_SUFFIX):
+                _unlink_quietly(path)
+                self._stats["discarded_tmp"] += 1
+            elif name.endswith(_BLOCK_SUFFIX):
+                try:
+                    self._add(_read_entry(path, name[: -len(_BLOCK_SUFFIX)]))
+                except _BadBlock as why:
+                    self._quarantine_file(path, str(why))
+
+    def _quarantine(self, entry: DiskEntry, problem: str) -> CorruptBlockError:
+        """Drops a block that failed a read check and returns the error to raise."""
+        with self._lock:
+            # Another put may have replaced the file since we opened it; then the
+            # name already holds a good block and must not be renamed.
+            if self._index.get(entry.key) is entry:
+                self._drop(entry)
+                self._quarantine_file(entry.path, problem)
+            else:
+                self._stats["corrupt"] += 1
+        return CorruptBlockError(
+            f"block {entry.key!r} in {entry.path} is corrupt ({problem}); it was dropped "
+            f"from the disk tier and kept as {entry.path}{_CORRUPT_SUFFIX}; recompute it"
+        )
+
+    def _quarantine_file(self, path: Path, problem: str) -> None:
+        self._stats["corrupt"] += 1
+        dest = path.with_name(path.name + _CORRUPT_SUFFIX)
+        try:
+            os.replace(path, dest)
+        except OSError:
+            dest = path
+        msg = f"disk tier: {path} is corrupt ({problem}); not served, kept as {dest}"
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+    def _lookup(self, key: str) -> DiskEntry:
+        try:
+            return self._index[key]
+        except KeyError:
+            raise KeyError(f"no block {key!r} in the disk tier at {self.root}") from None
+
+    def _add(self, entry: DiskEntry) -> None:
+        self._index[entry.key] = entry
+        self._used += entry.nbytes
+
+    def _drop(self, entry: DiskEntry) -> None:
+        del self._index[entry.key]
+        self._used -= entry.nbytes
+
+
+def _encode_header(entry: DiskEntry) -> bytes:
+    header = {
+        "version": FORMAT_VERSION,
+        "key": entry.key,
+        "dtype": str(entry.dtype).removeprefix("torch."),
+        "shape": list(entry.shape),
+        "nbytes": entry.nbytes,
+        "crc32": entry.crc32,
+        "meta": entry.meta,
+    }
+    try:
+        return json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"meta of block {entry.key!r} must be JSON-compatible (str keys; str, number, "
+            f"bool, None, list, dict values): {exc}"
+        ) from exc
+
+
+def _read_header(f) -> tuple[dict[str, Any], int]:
+    """Reads and checks prefix and header; returns the header and the payload offset."""
+    prefix = f.read(_PREFIX.size)
+    if len(prefix) < _PREFIX.size:
+        raise _BadBlock(f"file is {len(prefix)} bytes, shorter than the {_PREFIX.size}-byte prefix")
+    magic, hlen, hcrc = _PREFIX.unpack(prefix)
+    if magic != MAGIC:
+        raise _BadBlock(f"bad magic {magic!r}")
+    if hlen > _MAX_HEADER_BYTES:
+        raise _BadBlock(f"header length {hlen} is over {_MAX_HEADER_BYTES}")
+    raw = f.read(hlen)
+    if len(raw) != hlen:
+        raise _BadBlock(f"header truncated at {len(raw)} of {hlen} bytes")
+    if zlib.crc32(raw) != hcrc:
+        raise _BadBlock("header checksum mismatch")
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:
+        raise _BadBlock(f"header is not JSON: {exc}") from None
+    return header, _PREFIX.size + hlen
+
+
+def _entry_from_header(header: dict[str, Any], key: str, path: Path) -> DiskEntry:
+    """Builds an entry from a checked header, rejecting fields that cannot be right."""
+    try:
+        if header["version"] != FORMAT_VERSION:
+            raise _BadBlock(f"format version {header['version']!r}, expected {FORMAT_VERSION}")
+        dtype = getattr(torch, header["dtype"], None)
+        shape = tuple(int(d) for d in header["shape"])
+        entry = DiskEntry(
+            key=header["key"],
+            dtype=dtype,
+            shape=shape,
+            nbytes=int(header["nbytes"]),
+            crc32=int(header["crc32"]),
+            meta=header["meta"],
+            path=path,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _BadBlock(f"header field missing or malformed: {exc!r}") from None
+    if entry.key != key:
+        raise _BadBlock(f"header key {entry.key!r} does not match the file name")
+    if not isinstance(dtype, torch.dtype):
+        raise _BadBlock(f"unknown dtype {header['dtype']!r}")
+    if any(d < 0 for d in shape) or math.prod(shape) * dtype.itemsize != entry.nbytes:
+        raise _BadBlock(f"shape {shape} of {dtype} does not hold {entry.nbytes} bytes")
+    if not isinstance(entry.meta, dict):
+        raise _BadBlock("meta is not a JSON object")
+    return entry
+
+
+def _layout(entry: DiskEntry) -> tuple:
+    return entry.nbytes, entry.crc32, entry.dtype, entry.shape
+
+
+def _read_entry(path: Path, key: str) -> DiskEntry:
+    """Checks a block file's header and size without reading the payload."""
+    if not _KEY_RE.match(key):
+        raise _BadBlock(f"file name stem {key!r} is not a valid key")
+    with open(path, "rb", buffering=0) as f:
+        header, offset = _read_header(f)
+        entry = _entry_from_header(header, key, path)
+        size = os.fstat(f.fileno()).st_size
+    if size != offset + entry.nbytes:
+        raise _BadBlock(f"file is {size} bytes, expected {offset + entry.nbytes} (torn write?)")
+    return entry
+
+
+def _read_payload(f, entry: DiskEntry, dest: memoryview) -> str | None:
+    """Reads the payload into ``dest`` (``entry.nbytes`` long) and checks it.
+
+    Returns:
+        None if the file matches ``entry``, otherwise what is wrong with it.
+    """
+    try:
+        header, offset = _read_header(f)
+        on_disk = _entry_from_header(header, entry.key, entry.path)
+    except _BadBlock as why:
+        return str(why)
+    if _layout(on_disk) != _layout(entry):
+        return "header changed since the store indexed it"
+    size = os.fstat(f.fileno()).st_size
+    if size != offset + entry.nbytes:
+        return f"file is {size} bytes, expected {offset + entry.nbytes}"
+    got = _read_into(f, dest)
+    crc = zlib.crc32(dest[:got])
+    if got != entry.nbytes:
+        return f"payload truncated at {got} of {entry.nbytes} bytes"
+    if crc != entry.crc32:
+        return f"payload checksum {crc:#010x} != stored {entry.crc32:#010x}"
+    return None
+
+
+def _prepare_root(root: Path) -> None:
+    """Creates ``root`` and proves a file can be created in it."""
+    fix = "pass a directory this process can create files in, or fix its permissions"
+    try:
+        # Raises FileExistsError when root, or a parent, is not a directory.
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DiskTierError(
+            f"cannot create the disk tier directory {root}: {exc.strerror or exc}; {fix}"
+        ) from exc
+    # os.access says yes to root on a read-only bind mount and on 0o500 dirs; a
+    # real file creation is the only reliable answer.
+    probe = root / f".probe.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except OSError as exc:
+        raise DiskTierError(
+            f"disk tier root {root} is not writable ({exc.strerror or exc}); {fix}"
+        ) from exc
+    _unlink_quietly(probe)
+
+
+def _check_key(key: str) -> None:
+    if not isinstance(key, str) or not _KEY_RE.match(key):
+        raise ValueError(
+            f"invalid block key {key!r}: use 1-201 characters from [A-Za-z0-9._-], "
+            f"starting with a letter or digit"
+        )
+
+
+def _check_out(out: torch.Tensor, entry: DiskEntry) -> None:
+    wanted = ("cpu", entry.dtype, entry.shape)
+    if (out.device.type, out.dtype, tuple(out.shape)) != wanted or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous CPU tensor of {entry.dtype} and shape {entry.shape} to "
+            f"read block {entry.key!r}; got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes as a flat uint8 array, copying only if it is off-CPU or strided."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.resolve_conj().resolve_neg().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy()
+
+
+def _byte_view(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view sharing memory with a contiguous CPU tensor."""
+    return memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    """Writes all of ``data``; ``os.write`` may write less (Linux: at most ~2 GiB a call)."""
+    done = 0
+    while done < len(data):
+        done += os.write(fd, data[done:])
+
+
+def _read_into(f, dest: memoryview) -> int:
+    """Fills ``dest`` from ``f`` until it is full or the file ends; returns bytes read."""
+    got = 0
+    while got < len(dest):
+        n = f.readinto(dest[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes a rename in ``path`` durable; a file's fsync does not cover its directory entry."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_error_message(root: Path, entry: DiskEntry, stage: str, exc: OSError) -> str:
+    what = f"writing block {entry.key!r} ({entry.nbytes} bytes) to {root} failed while {stage}"
+    kept = "nothing was written; the previous block under this key, if any, is still served"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        full = "disk full" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+        return (
+            f"{full}: {what}; {kept}. Free space on that volume, set budget_bytes below "
+            f"its free space, or point the disk tier at a larger volume"
+        )
+    return f"{what}: {exc.strerror or exc}; {kept}"
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)

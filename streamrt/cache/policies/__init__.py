@@ -1,0 +1,38 @@
+"""Cache policies, chosen by name. Each is one small class on `CachePolicy`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streamrt.cache.policies.base import CachePolicy, contiguous_plan
+from streamrt.cache.policies.full import FullPolicy
+from streamrt.cache.policies.sink_window import SinkWindowPolicy
+
+POLICIES: dict[str, type[CachePolicy]] = {
+    FullPolicy.name: FullPolicy,
+    SinkWindowPolicy.name: SinkWindowPolicy,
+}
+
+
+def make_policy(name: str | CachePolicy, **kwargs: Any) -> CachePolicy:
+    """Build a policy from its name (or pass an instance through)."""
+    if isinstance(name, CachePolicy):
+        return name
+    if name not in POLICIES:
+        raise ValueError(
+            f"unknown cache policy {name!r}; choose one of: {', '.join(sorted(POLICIES))}"
+        )
+    try:
+        return POLICIES[name](**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"bad arguments for cache policy {name!r}: {exc}") from None
+
+
+__all__ = [
+    "POLICIES",
+    "CachePolicy",
+    "FullPolicy",
+    "SinkWindowPolicy",
+    "contiguous_plan",
+    "make_policy",
+]

@@ -1,0 +1,120 @@
+"""A sequence (a generation stream, a QA session, an agent request) and its block table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from streamrt.cache.block import DEVICE, DISK, HOST, KVBlock
+
+if TYPE_CHECKING:
+    from streamrt.cache.manager import CacheManager
+    from streamrt.cache.policies.base import CachePolicy
+    from streamrt.cache.spec import Consumer
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Which device blocks a new query attends to, and at which RoPE positions.
+
+    The only thing a model adapter needs from a policy: keys were stored before RoPE,
+    so the adapter rotates block `indices[i]`'s tokens to positions
+    `starts[i] .. starts[i] + lengths[i] - 1` and puts new tokens at `query_start`.
+    """
+
+    indices: tuple[int, ...]
+    """Logical block indices, in attention (time) order."""
+    starts: tuple[int, ...]
+    """RoPE position of each block's first token."""
+    lengths: tuple[int, ...]
+    """Valid tokens in each block."""
+    query_start: int
+    """RoPE position of the next token written to the sequence."""
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.lengths)
+
+    def token_positions(self) -> torch.Tensor:
+        """Per-token positions of the kept keys, `[num_tokens]` int64."""
+        if not self.indices:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.cat(
+            [torch.arange(s, s + n, dtype=torch.long) for s, n in zip(self.starts, self.lengths)]
+        )
+
+
+class Sequence:
+    """Block table of one stream. Entries are keyed by logical index, in time order.
+
+    Only live blocks are in the table (dropped ones leave it), so an endless stream keeps
+    a bounded table. Create through `CacheManager.open_sequence`.
+    """
+
+    def __init__(
+        self, manager: CacheManager, seq_id: str, consumer: Consumer, policy: CachePolicy
+    ) -> None:
+        self.manager = manager
+        self.seq_id = seq_id
+        self.consumer = consumer
+        self.policy = policy
+        self.table: dict[int, KVBlock] = {}
+        self.next_index = 0
+        self.next_position = 0
+        self.num_dropped = 0
+        self.counts = {DEVICE: 0, HOST: 0, DISK: 0}
+        self.last_access = 0
+        self.closed = False
+
+    @property
+    def spec(self):
+        return self.consumer.spec
+
+    def blocks(self, tier: str | None = None) -> list[KVBlock]:
+        """Live blocks in time order, optionally only those in `tier`."""
+        return [b for b in self.table.values() if tier is None or b.tier == tier]
+
+    def items(self, tier: str | None = None) -> list[tuple[int, KVBlock]]:
+        """`(logical index, block)` pairs in time order, optionally only those in `tier`."""
+        return [(i, b) for i, b in self.table.items() if tier is None or b.tier == tier]
+
+    def indices(self, tier: str | None = None) -> list[int]:
+        return [i for i, b in self.table.items() if tier is None or b.tier == tier]
+
+    def num_resident(self, tier: str = DEVICE) -> int:
+        """Blocks of this sequence in `tier` (kept as a counter by the manager)."""
+        return self.counts[tier]
+
+    def append(self, num_tokens: int | None = None) -> int:
+        """Allocate the next block on the device (the policy evicts first if full)."""
+        return self.manager.append(self, num_tokens)
+
+    def free(self, index: int) -> None:
+        """Give block `index` back to the manager."""
+        self.manager.free(self, index)
+
+    def kv(self, index: int) -> torch.Tensor:
+        """`[2, L, T, H, D]` view of a block resident on device or host."""
+        return self.manager.kv(self.table[index])
+
+    def write(self, index: int, kv: torch.Tensor) -> None:
+        """Copy a whole block `[2, L, T, H, D]` into block `index` (shape and dtype checked)."""
+        self.spec.check_tensor(kv, f"write to block {index} of {self.seq_id!r}")
+        self.kv(index).copy_(kv)
+
+    def plan(self) -> AttentionPlan:
+        """The policy's choice of kept blocks and positions for the next query."""
+        return self.policy.plan(self)
+
+    def gather(
+        self, layer: int, plan: AttentionPlan | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `layer` over the plan's blocks, each `[tokens, H, D]` (one gather, no shifting)."""
+        return self.manager.gather(self, layer, plan or self.plan())
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.seq_id!r}, consumer={self.consumer.name!r}, blocks={len(self.table)})"
+        )

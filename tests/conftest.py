@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from streamrt.cache import CacheManager, KVSpec
+
+SMALL = KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, tokens_per_block=4)  # 1024 bytes
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def small_spec() -> KVSpec:
+    return SMALL
+
+
+def make_manager(
+    device_blocks: int = 8, host_blocks: int = 8, spec: KVSpec = SMALL, **kw
+) -> CacheManager:
+    """A manager whose tiers hold exactly the given numbers of `spec` blocks."""
+    return CacheManager(
+        device_bytes=spec.block_bytes * device_blocks,
+        host_bytes=spec.block_bytes * host_blocks,
+        **kw,
+    )
+
+
+def fill(seq, index: int, value: float | None = None) -> torch.Tensor:
+    """Write recognisable (or random) K/V into a block and return a copy of it."""
+    view = seq.kv(index)
+    if value is None:
+        view.copy_(torch.randn(view.shape, dtype=torch.float32).to(view.dtype))
+    else:
+        view.fill_(value)
+    return view.clone()
