@@ -208,8 +208,8 @@ for i in range(48):
 
 
 def _expected(i: int) -> torch.Tensor:
-    torch.manual_seed(i)
-    return torch.randn(1 << 19)
+    """What the child wrote for step ``i``; a fresh generator replays its manual_seed(i)."""
+    return torch.randn(1 << 19, generator=torch.Generator().manual_seed(i))
 
 
 def _run_and_kill(root: Path, lines_before_kill: int, delay: float, tear_at: int = -1):
