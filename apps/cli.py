@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="suite", required=True)
     cache = bench_sub.add_parser("cache", help="block allocation and tier-move throughput")
     cache.add_argument("--json", metavar="PATH", help="also write the numbers to PATH")
-    cache.add_argument("--repeats", type=int, default=3, help="best of N (default 3)")
+    cache.add_argument("--repeats", type=int, default=5, help="best of N (default 5)")
     cache.add_argument(
         "--block-mib", type=float, default=2.0, help="block size for move benchmarks"
     )

@@ -96,12 +96,19 @@ def check_invariants(mgr: CacheManager) -> None:
                     f"{c.name}: {tier} used {c.used_blocks[tier]} != {used[c.name]} in pool"
                 )
     disk_used: Counter[str] = Counter()
+    files = {}  # a disk file belongs to one block: on disk, or the clean copy of a fetched one
     for seq in mgr.sequences.values():
         for b in seq.table.values():
-            if b.tier == DISK:
-                disk_used[seq.consumer.name] += 1
-                if mgr.disk is None or b.disk_key not in mgr.disk:
-                    problems.append(f"{seq.seq_id}[{b.index}]: disk key {b.disk_key} missing")
+            if b.disk_key is None or id(b) in files:
+                continue
+            files[id(b)] = b.disk_key
+            disk_used[seq.consumer.name] += 1
+            if mgr.disk is None or b.disk_key not in mgr.disk:
+                problems.append(f"{seq.seq_id}[{b.index}]: disk key {b.disk_key} missing")
+            if b.tier == DISK and b.block_id != -1:
+                problems.append(f"{seq.seq_id}[{b.index}]: disk block with pool id {b.block_id}")
+    if len(set(files.values())) != len(files):
+        problems.append("two blocks claim the same disk file")
     for c in mgr.consumers.values():
         if disk_used[c.name] != c.used_blocks[DISK]:
             problems.append(

@@ -162,13 +162,17 @@ class CacheManager:
             return seq
 
     def close_sequence(self, seq: Sequence, *, keep_disk: bool = False) -> None:
-        """Free every block of `seq`; disk blocks are deleted unless `keep_disk`."""
+        """Free every block of `seq`. Its disk files are deleted unless `keep_disk`, in which
+        case a later `open_sequence(..., restore=True)` finds them again."""
         with self._lock:
             for index in list(seq.table):
-                block = seq.table[index]
-                if not (keep_disk and block.tier == DISK):
-                    self._unlink(seq, index)
-            seq.table.clear()
+                block = seq.table.pop(index)
+                seq.counts[block.tier] -= 1
+                if keep_disk and block.tier == DISK:
+                    block.ref_cnt -= 1
+                    seq.consumer.used_blocks[DISK] -= 1
+                else:
+                    self._release(seq.consumer, block, keep_file=keep_disk)
             seq.closed = True
             self.sequences.pop((seq.consumer.name, seq.seq_id), None)
 
@@ -328,18 +332,27 @@ class CacheManager:
         seq.counts[block.tier] -= 1
         self._release(seq.consumer, block)
 
-    def _release(self, consumer: Consumer, block: KVBlock) -> None:
+    def _release(self, consumer: Consumer, block: KVBlock, keep_file: bool = False) -> None:
+        """Drop one reference; a block nobody holds gives back its page and its disk file."""
+        key = block.disk_key
         if block.tier == DISK:
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
-                assert self.disk is not None and block.disk_key is not None
-                self.disk.delete(block.disk_key)
-                consumer.used_blocks[DISK] -= 1
+                self._drop_file(consumer, key, keep_file)
             return
         if block.tier == HOST:
             self.copier.sync_host(block.block_id)
         if self.pools[block.tier].release(block):
             consumer.used_blocks[block.tier] -= 1
+            if key is not None:
+                block.disk_key = None
+                self._drop_file(consumer, key, keep_file)
+
+    def _drop_file(self, consumer: Consumer, key: str | None, keep_file: bool) -> None:
+        assert self.disk is not None and key is not None
+        consumer.used_blocks[DISK] -= 1
+        if not keep_file:
+            self.disk.delete(key)
 
     def _check_open(self, seq: Sequence) -> None:
         if seq.closed:
@@ -406,10 +419,17 @@ class CacheManager:
                 raise
         new.copy_meta_from(old)
         new.owner = consumer.name
+        # A disk file stays as the clean backing copy of a fetched block: it moves with the
+        # block, so offloading it again writes nothing (until a writable view dirties it).
+        new.disk_key = new.disk_key or old.disk_key
         seq.table[index] = new
         seq.counts[old.tier] -= 1
         seq.counts[tier] += 1
-        self._release(consumer, old)
+        if old.tier == DISK:
+            old.ref_cnt -= 1
+        else:
+            old.disk_key = None
+            self._release(consumer, old)
         kind = "offload" if tier != DEVICE and (old.tier == DEVICE or tier == DISK) else "fetch"
         self.counters[f"{kind}s_to_{tier}"] += 1
         self.counters[f"{kind}_bytes"] += spec.block_bytes
@@ -424,6 +444,12 @@ class CacheManager:
                 raise OutOfBlocksError(
                     f"consumer {consumer.name!r} is at its disk quota of {quota} bytes"
                 )
+        new = KVBlock(-1, DISK)
+        new.ref_cnt = 1
+        if old.disk_key is not None:  # a clean copy is already on disk
+            new.disk_key = old.disk_key
+            self.counters["disk_writes_skipped"] += 1
+            return new, Transfer(None, 0)
         key = f"{consumer.name}.{seq.seq_id}.{index}"
         meta = {
             "spec": spec.describe(),
@@ -433,8 +459,6 @@ class CacheManager:
             "importance": old.importance,
         }
         self.disk.put(key, self.pools[old.tier].view(old, spec), meta)
-        new = KVBlock(-1, DISK)
-        new.ref_cnt = 1
         new.disk_key = key
         consumer.used_blocks[DISK] += 1
         return new, Transfer(None, spec.block_bytes)
@@ -459,12 +483,20 @@ class CacheManager:
 
     # ------------------------------------------------------------------ data access
 
-    def kv(self, block: KVBlock) -> torch.Tensor:
-        """`[2, L, T, H, D]` view of a device or host block; writes land in the pool."""
+    def kv(self, block: KVBlock, writable: bool = True) -> torch.Tensor:
+        """`[2, L, T, H, D]` view of a device or host block; writes land in the pool.
+
+        A writable view invalidates the block's clean copy on disk (if it was fetched from
+        there); pass `writable=False` to only read.
+        """
         if block.tier == DISK or block.ref_cnt == 0:
             raise CacheError(f"{block!r} is not resident in memory; fetch it first")
         if block.tier == HOST:
             self.copier.sync_host(block.block_id)
+        if writable and block.disk_key is not None:
+            key, block.disk_key = block.disk_key, None
+            with self._lock:
+                self._drop_file(self.consumers[block.owner], key, keep_file=False)
         return self.pools[block.tier].view(block, self.consumers[block.owner].spec)
 
     def gather(
@@ -503,7 +535,7 @@ class CacheManager:
         """Store and return the block's summary key: per layer, the mean key over its tokens,
         heads concatenated (`[L, H * D]`, float32, on the host)."""
         block = seq.table[index]
-        keys = self.kv(block)[0, :, : block.num_tokens]  # [L, t, H, D]
+        keys = self.kv(block, writable=False)[0, :, : block.num_tokens]  # [L, t, H, D]
         block.summary = keys.float().mean(dim=1).flatten(1).cpu()
         return block.summary
 

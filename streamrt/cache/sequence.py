@@ -95,9 +95,9 @@ class Sequence:
         """Give block `index` back to the manager."""
         self.manager.free(self, index)
 
-    def kv(self, index: int) -> torch.Tensor:
-        """`[2, L, T, H, D]` view of a block resident on device or host."""
-        return self.manager.kv(self.table[index])
+    def kv(self, index: int, writable: bool = True) -> torch.Tensor:
+        """`[2, L, T, H, D]` view of a block resident on device or host (see `CacheManager.kv`)."""
+        return self.manager.kv(self.table[index], writable)
 
     def write(self, index: int, kv: torch.Tensor) -> None:
         """Copy a whole block `[2, L, T, H, D]` into block `index` (shape and dtype checked)."""

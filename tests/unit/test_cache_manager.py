@@ -78,10 +78,47 @@ def test_round_trip_device_host_disk_is_bit_exact(tmp_path, dtype):
     assert mgr.pools[HOST].num_free == 4
     mgr.fetch(seq, idx)
     assert seq.counts == {DEVICE: 3, HOST: 0, DISK: 0}
-    assert all(torch.equal(seq.kv(i), r) for i, r in zip(idx, ref))
-    assert len(mgr.disk) == 0  # fetched blocks leave the disk
+    assert all(torch.equal(seq.kv(i, writable=False), r) for i, r in zip(idx, ref))
     c = mgr.stats()["counters"]
     assert c["offloads_to_host"] == 3 and c["offloads_to_disk"] == 3 and c["fetchs_to_device"] == 3
+    mgr.check_invariants()
+
+
+def test_fetched_blocks_keep_a_clean_disk_copy_until_written(tmp_path):
+    mgr = make_manager(disk_dir=str(tmp_path))
+    mgr.register("qa", SMALL)
+    seq = mgr.open_sequence("qa")
+    for i in range(3):
+        seq.append()
+        fill(seq, i, float(i))
+    mgr.offload(seq, [0, 1, 2], DISK)
+    mgr.fetch(seq, [0, 1, 2])
+    assert len(mgr.disk) == 3 and mgr.consumers["qa"].used_blocks[DISK] == 3
+    mgr.check_invariants()
+    # Reading keeps the copy; offloading again writes nothing.
+    assert seq.kv(1, writable=False).eq(1.0).all()
+    writes = mgr.disk.stats()["writes"]
+    mgr.offload(seq, [0, 1], DISK)
+    assert mgr.disk.stats()["writes"] == writes
+    assert mgr.stats()["counters"]["disk_writes_skipped"] == 2
+    mgr.fetch(seq, [1])
+    assert seq.kv(1, writable=False).eq(1.0).all()
+    # A writable view dirties the block: its disk copy is deleted, the next offload rewrites.
+    seq.kv(2).fill_(7.0)
+    assert len(mgr.disk) == 2 and seq.table[2].disk_key is None
+    mgr.check_invariants()
+    mgr.offload(seq, [2], DISK)
+    mgr.fetch(seq, [2])
+    assert seq.kv(2, writable=False).eq(7.0).all()
+    mgr.check_invariants()
+    # Closing with keep_disk leaves every file for a restart; without, nothing remains.
+    mgr.close_sequence(seq, keep_disk=True)
+    assert len(mgr.disk) == 3 and mgr.consumers["qa"].used_blocks == {DEVICE: 0, HOST: 0, DISK: 0}
+    mgr.check_invariants()
+    again = mgr.open_sequence("qa", seq_id=seq.seq_id, restore=True)
+    assert again.indices(DISK) == [0, 1, 2]
+    mgr.close_sequence(again)
+    assert len(mgr.disk) == 0
     mgr.check_invariants()
 
 

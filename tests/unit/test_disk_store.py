@@ -9,14 +9,13 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
 from streamrt.cache import disk_store
-from streamrt.cache.disk_store import DiskEntry, DiskStore
+from streamrt.cache.disk_store import DiskEntry, DiskStore, payload_checksum
 from streamrt.cache.errors import CacheError, CorruptBlockError, DiskTierError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,7 +60,7 @@ def test_round_trip_is_bit_exact(tmp_path, dtype):
         dtype=dtype,
         shape=(4, 16),
         nbytes=t.numel() * t.element_size(),
-        crc32=zlib.crc32(t.view(torch.uint8).numpy()),
+        checksum=payload_checksum(t.view(torch.uint8).numpy()),
         meta={"spec": {"heads": 2, "dims": [4, 16]}, "position": 128, "note": "kv"},
         path=tmp_path / "seq.0.block-1.kv",
     )
