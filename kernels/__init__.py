@@ -6,6 +6,6 @@ runtime never imports them directly.
 """
 
 from streamrt.kernels.attention import sdpa
-from streamrt.kernels.rope import apply_rope, rope_frequencies
+from streamrt.kernels.rope import apply_rope, apply_wan_rope, rope_frequencies, wan_rope_cos_sin
 
-__all__ = ["apply_rope", "rope_frequencies", "sdpa"]
+__all__ = ["apply_rope", "apply_wan_rope", "rope_frequencies", "sdpa", "wan_rope_cos_sin"]

@@ -33,3 +33,43 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) 
     out[..., 0::2] = even * cos - odd * sin
     out[..., 1::2] = even * sin + odd * cos
     return out.to(x.dtype)
+
+
+def wan_rope_cos_sin(
+    rope: torch.nn.Module, frames: torch.Tensor, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wan's 3-D rotary tables for tokens at latent-frame positions `frames`.
+
+    diffusers' `WanRotaryPosEmbed` always counts frames from 0; a streaming cache needs
+    arbitrary frame positions (the ones a policy assigns). This reads the model's own
+    `freqs_cos` / `freqs_sin` buffers, so the values are exactly the model's.
+
+    Args:
+        rope: The model's `WanRotaryPosEmbed` (`transformer.rope`).
+        frames: Integer frame position of each frame, `[num_frames]`.
+        height: Patches per frame vertically (`latent_height // patch_h`).
+        width: Patches per frame horizontally.
+
+    Returns:
+        `(cos, sin)`, each `[num_frames * height * width, 1, head_dim]`, frame-major.
+    """
+    split = [rope.t_dim, rope.h_dim, rope.w_dim]
+    out = []
+    for table in (rope.freqs_cos, rope.freqs_sin):
+        t_tab, h_tab, w_tab = table.split(split, dim=1)
+        n = frames.numel()
+        ft = t_tab[frames.to(t_tab.device)].view(n, 1, 1, -1).expand(n, height, width, -1)
+        fh = h_tab[:height].view(1, height, 1, -1).expand(n, height, width, -1)
+        fw = w_tab[:width].view(1, 1, width, -1).expand(n, height, width, -1)
+        out.append(torch.cat([ft, fh, fw], dim=-1).reshape(n * height * width, 1, -1))
+    return out[0], out[1]
+
+
+def apply_wan_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` `[..., tokens, heads, head_dim]` with Wan tables (same math as diffusers)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x1 * s + x2 * c
+    return out.type_as(x)

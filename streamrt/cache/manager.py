@@ -524,6 +524,27 @@ class CacheManager:
         valid = torch.arange(spec.tokens_per_block, device=pool.device)[None, :] < lengths[:, None]
         return k[valid].reshape(shape), v[valid].reshape(shape)
 
+    def write_layer(
+        self, seq: Sequence, indices: list[int], layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Write K and V of one layer for device blocks `indices`: `[len(indices) * T, H, D]` each.
+
+        One indexed write into the pool (the hot path of a model adapter).
+        """
+        blocks = [seq.table[i] for i in indices]
+        for b in blocks:
+            if b.tier != DEVICE:
+                raise CacheError(f"block {b.index} of {seq.seq_id!r} is not on the device")
+            if b.disk_key is not None:
+                self.kv(b)  # drops the now stale disk copy
+        spec = seq.spec
+        pool = self.pools[DEVICE]
+        ids = torch.tensor([b.block_id for b in blocks], dtype=torch.long, device=pool.device)
+        shape = (len(blocks), spec.tokens_per_block, spec.num_kv_heads, spec.head_dim)
+        typed = pool.typed(spec)
+        typed[ids, 0, layer] = k.reshape(shape).to(spec.dtype)
+        typed[ids, 1, layer] = v.reshape(shape).to(spec.dtype)
+
     def touch(self, seq: Sequence, indices: list[int] | tuple[int, ...]) -> None:
         """Mark blocks (and the sequence) as just used, for LRU victim choice."""
         tick = next(self._tick)

@@ -104,6 +104,10 @@ class Sequence:
         self.spec.check_tensor(kv, f"write to block {index} of {self.seq_id!r}")
         self.kv(index).copy_(kv)
 
+    def write_layer(self, indices: list[int], layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one layer's K/V `[n * T, H, D]` into device blocks `indices`."""
+        self.manager.write_layer(self, indices, layer, k, v)
+
     def plan(self) -> AttentionPlan:
         """The policy's choice of kept blocks and positions for the next query."""
         return self.policy.plan(self)

@@ -1,0 +1,55 @@
+"""One transformer forward over new frames, with K/V through the cache (used by every sampler)."""
+
+from __future__ import annotations
+
+import torch
+
+from streamrt.cache import Sequence
+from streamrt.gen.attention import ForwardContext, RowContext, StreamingState
+
+
+def chunk_rows(seqs: list[Sequence], write: list[list[int]], tokens_per_frame: int) -> list[RowContext]:
+    """Rows for a forward whose frames go to blocks `write[b]` of `seqs[b]` (already appended).
+
+    The plan is taken now, so it includes the written blocks; their positions in the plan
+    are the RoPE frame positions of the queries.
+    """
+    rows = []
+    for seq, blocks in zip(seqs, write):
+        plan = seq.plan()
+        where = {i: s for i, s in zip(plan.indices, plan.starts)}
+        missing = [i for i in blocks if i not in where]
+        if missing:
+            raise RuntimeError(f"policy {seq.policy.name!r} did not keep the blocks being written: {missing}")
+        frames = torch.tensor([where[i] // tokens_per_frame for i in blocks], dtype=torch.long)
+        rows.append(RowContext(seq, list(blocks), plan, frames))
+    return rows
+
+
+def streaming_forward(
+    transformer: torch.nn.Module,
+    state: StreamingState,
+    rows: list[RowContext],
+    latents: torch.Tensor,
+    frame_timesteps: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    text_key=None,
+    scores: dict | None = None,
+) -> torch.Tensor:
+    """Run the model on `latents` `[B, C, F, H, W]` with per-frame timesteps `[B, F]`.
+
+    Returns the model output (flow-matching velocity for Wan), same shape as `latents`.
+    """
+    _, _, num_frames, height, width = latents.shape
+    p_t, p_h, p_w = transformer.config.patch_size
+    if p_t != 1:
+        raise ValueError(f"streaming needs a temporal patch size of 1 (one block per latent frame), got {p_t}")
+    grid = (height // p_h, width // p_w)
+    ctx = ForwardContext(rows, grid, text_key, scores)
+    ctx.prepare(transformer.rope, grid[0] * grid[1])
+    timestep = frame_timesteps.to(latents.device).float().repeat_interleave(grid[0] * grid[1], dim=1)
+    state.current = ctx
+    try:
+        return transformer(latents, timestep, prompt_embeds, return_dict=False)[0]
+    finally:
+        state.current = None
