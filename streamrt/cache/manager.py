@@ -309,6 +309,8 @@ class CacheManager:
     def _evict(self, seq: Sequence, index: int, protect: tuple[KVBlock, ...]) -> None:
         """Offload a block one tier down if the consumer wants that and it fits, else drop it."""
         block = seq.table[index]
+        if block.tier == DEVICE:
+            seq.policy.before_evict(seq, index)
         lower = _LOWER.get(block.tier)
         if seq.consumer.offload and lower is not None and (lower != DISK or self.disk is not None):
             try:

@@ -111,10 +111,13 @@ class StreamingSelfAttention:
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
-        outs, keys, values, queries = [], [], [], []
+        keys, values, queries = [], [], []
+        # Every row writes before any row reads: rows that share a sequence (stream batch)
+        # all see the K/V this forward computed for the frames in flight.
         for b, row in enumerate(ctx.rows):
             if row.write:
                 row.seq.write_layer(row.write, self.layer, key[b], value[b])
+        for b, row in enumerate(ctx.rows):
             k, v = row.seq.gather(self.layer, row.plan)
             q_cos, q_sin, k_cos, k_sin = row.rope
             queries.append(apply_wan_rope(query[b], q_cos, q_sin))

@@ -40,6 +40,10 @@ class CachePolicy(ABC):
             query_start=seq.next_position,
         )
 
+    def before_evict(self, seq: Sequence, index: int) -> None:  # noqa: B027 - optional hook
+        """Called while device block `index` is still readable, just before it leaves
+        (EMA sinks fold its K/V into the sink here)."""
+
     def on_evict(self, seq: Sequence, index: int) -> None:  # noqa: B027 - optional hook
         """Called after a block left the device (dropped or offloaded)."""
 
