@@ -27,7 +27,9 @@ def tiny_wan_config(**overrides: Any) -> dict[str, Any]:
     return config
 
 
-def build_wan(config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32) -> WanTransformer3DModel:
+def build_wan(
+    config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32
+) -> WanTransformer3DModel:
     """A randomly initialised transformer (deterministic for `seed`), in eval mode."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)

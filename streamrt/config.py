@@ -82,6 +82,67 @@ class CacheConfig:
 
 
 @dataclass
+class GenConfig:
+    """A generation stream: sampler, schedule, cache policy, resolution."""
+
+    sampler: Literal["chunkwise", "rolling", "stream_batch"] = "chunkwise"
+    """chunkwise: Self-Forcing loop; rolling: Rolling Forcing joint window; stream_batch:
+    one batched forward per chunk with every denoising step in flight."""
+
+    timesteps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
+    """Denoising timesteps (0-1000) before the shift warp; their number is the step count."""
+
+    shift: float = 5.0
+    """Timestep shift `s`: sigma = s*u / (1 + (s-1)*u), u = t/1000."""
+
+    chunk_frames: int = 3
+    """Latent frames generated per chunk (3 in Self-Forcing, 1 in StreamDiffusionV2)."""
+
+    clean_refresh: bool = True
+    """After a chunk is finished, rewrite its K/V with one forward at t=0 on the clean frames."""
+
+    policy: str = "sink_window"
+    """Cache policy name (see streamrt.cache.POLICIES)."""
+
+    policy_args: dict = field(default_factory=lambda: {"sink_blocks": 3, "window_blocks": 18})
+    """Arguments of the policy, in latent frames (one block = one latent frame)."""
+
+    height: int = 64
+    """Output height in pixels."""
+
+    width: int = 64
+    """Output width in pixels."""
+
+    fps: int = 16
+    """Frame rate written to video files."""
+
+    seed: int = 0
+    """Seed of the stream's noise (streams are deterministic for a seed)."""
+
+    guidance_scale: float = 1.0
+    """Classifier-free guidance scale; 1.0 disables guidance (distilled checkpoints)."""
+
+    negative_prompt: str = ""
+    """Prompt of the unconditional branch when guidance is on."""
+
+    similarity_threshold: float = 0.98
+    """Video-to-video: input frames this similar (cosine) to the last processed one are
+    skipped with probability max(0, 1 - (1 - cos) / (1 - threshold)) (StreamDiffusion)."""
+
+    max_skipped_frames: int = 10
+    """Video-to-video: process an input frame after this many consecutive skips."""
+
+    v2v_strength: float = 0.8
+    """Video-to-video base noise strength s0 of the motion-aware controller."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Compute dtype of the transformer and the KV cache."""
+
+    device: str | None = None
+    """Device for the models; None: CUDA if available, else CPU."""
+
+
+@dataclass
 class BenchConfig:
     """Defaults of `streamrt bench`."""
 
@@ -98,6 +159,9 @@ class StreamrtConfig:
 
     cache: CacheConfig = field(default_factory=CacheConfig)
     """The KV-cache manager."""
+
+    gen: GenConfig = field(default_factory=GenConfig)
+    """Streaming generation."""
 
     bench: BenchConfig = field(default_factory=BenchConfig)
     """Benchmarks."""

@@ -33,6 +33,17 @@ class AttentionPlan:
     query_start: int
     """RoPE position of the next token written to the sequence."""
 
+    def upto(self, index: int) -> AttentionPlan:
+        """The plan cut after logical block `index` (causal view for a block being finished)."""
+        keep = [k for k, i in enumerate(self.indices) if i <= index]
+        last = keep[-1] if keep else -1
+        return AttentionPlan(
+            tuple(self.indices[k] for k in keep),
+            tuple(self.starts[k] for k in keep),
+            tuple(self.lengths[k] for k in keep),
+            self.starts[last] + self.lengths[last] if keep else 0,
+        )
+
     @property
     def num_tokens(self) -> int:
         return sum(self.lengths)

@@ -62,7 +62,9 @@ class ForwardContext:
         """Build the RoPE tables once per forward (shared by every layer)."""
         h, w = self.grid
         for row in self.rows:
-            frames = torch.tensor([s // tokens_per_frame for s in row.plan.starts], dtype=torch.long)
+            frames = torch.tensor(
+                [s // tokens_per_frame for s in row.plan.starts], dtype=torch.long
+            )
             k_cos, k_sin = wan_rope_cos_sin(rope, frames, h, w)
             q_cos, q_sin = wan_rope_cos_sin(rope, row.query_frames, h, w)
             row.rope = (q_cos, q_sin, k_cos, k_sin)
@@ -105,7 +107,9 @@ class StreamingSelfAttention:
         self.layer = layer
         self.state = state
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
+    ):
         ctx = self.state.context()
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
@@ -135,7 +139,9 @@ class StreamingSelfAttention:
 
 def _key_importance(queries: list[torch.Tensor], keys: list[torch.Tensor]) -> torch.Tensor:
     """Per kept token `j`: `sum_r q_r . k_j` over the forward's queries and heads (Deep Forcing)."""
-    return torch.stack([torch.einsum("qhd,khd->k", q.float(), k.float()) for q, k in zip(queries, keys)])
+    return torch.stack(
+        [torch.einsum("qhd,khd->k", q.float(), k.float()) for q, k in zip(queries, keys)]
+    )
 
 
 class CachedCrossAttention:
@@ -145,7 +151,9 @@ class CachedCrossAttention:
         self.layer = layer
         self.state = state
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
+    ):
         if attn.add_k_proj is not None:
             raise NotImplementedError("image-conditioned Wan (I2V, added K/V) is not streamed yet")
         ctx = self.state.context()

@@ -8,19 +8,26 @@ from streamrt.cache import Sequence
 from streamrt.gen.attention import ForwardContext, RowContext, StreamingState
 
 
-def chunk_rows(seqs: list[Sequence], write: list[list[int]], tokens_per_frame: int) -> list[RowContext]:
+def chunk_rows(
+    seqs: list[Sequence], write: list[list[int]], tokens_per_frame: int, causal: bool = False
+) -> list[RowContext]:
     """Rows for a forward whose frames go to blocks `write[b]` of `seqs[b]` (already appended).
 
     The plan is taken now, so it includes the written blocks; their positions in the plan
-    are the RoPE frame positions of the queries.
+    are the RoPE frame positions of the queries. `causal` cuts each row's plan after its
+    last written block, hiding blocks of younger chunks still in flight.
     """
     rows = []
     for seq, blocks in zip(seqs, write):
         plan = seq.plan()
+        if causal:
+            plan = plan.upto(max(blocks))
         where = {i: s for i, s in zip(plan.indices, plan.starts)}
         missing = [i for i in blocks if i not in where]
         if missing:
-            raise RuntimeError(f"policy {seq.policy.name!r} did not keep the blocks being written: {missing}")
+            raise RuntimeError(
+                f"policy {seq.policy.name!r} did not keep the blocks being written: {missing}"
+            )
         frames = torch.tensor([where[i] // tokens_per_frame for i in blocks], dtype=torch.long)
         rows.append(RowContext(seq, list(blocks), plan, frames))
     return rows
@@ -40,14 +47,18 @@ def streaming_forward(
 
     Returns the model output (flow-matching velocity for Wan), same shape as `latents`.
     """
-    _, _, num_frames, height, width = latents.shape
+    _, _, _num_frames, height, width = latents.shape
     p_t, p_h, p_w = transformer.config.patch_size
     if p_t != 1:
-        raise ValueError(f"streaming needs a temporal patch size of 1 (one block per latent frame), got {p_t}")
+        raise ValueError(
+            f"streaming needs a temporal patch size of 1 (one block per latent frame), got {p_t}"
+        )
     grid = (height // p_h, width // p_w)
     ctx = ForwardContext(rows, grid, text_key, scores)
     ctx.prepare(transformer.rope, grid[0] * grid[1])
-    timestep = frame_timesteps.to(latents.device).float().repeat_interleave(grid[0] * grid[1], dim=1)
+    timestep = (
+        frame_timesteps.to(latents.device).float().repeat_interleave(grid[0] * grid[1], dim=1)
+    )
     state.current = ctx
     try:
         return transformer(latents, timestep, prompt_embeds, return_dict=False)[0]

@@ -1,0 +1,121 @@
+"""Generator directories: save and load the parts a `StreamGenerator` needs.
+
+streamrt.json     {"format": "streamrt-generator", "codec": "pixel" | "wan_vae",
+                   "text_len": N, "gen": {GenConfig fields}}
+transformer/      diffusers WanTransformer3DModel (save_pretrained)
+text_encoder/     transformers UMT5EncoderModel
+tokenizer/        its tokenizer
+vae/              diffusers AutoencoderKLWan (codec "wan_vae" only)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from transformers import UMT5Config, UMT5EncoderModel
+
+from streamrt.config import GenConfig
+from streamrt.models.codec import PixelCodec, WanVAECodec
+from streamrt.models.text import TextEncoder, word_tokenizer
+from streamrt.models.wan import build_wan, tiny_wan_config
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _missing(path: Path, what: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{path} is missing or unreadable ({what}); rebuild the model directory "
+        "(`streamrt train gen` for the embedded one) or restore the file"
+    )
+
+
+def load_generator_parts(path: Path, manifest: dict[str, Any], cfg: GenConfig):
+    """Transformer, text encoder and codec of a generator directory."""
+    dtype = _DTYPES[cfg.dtype]
+    for part in ("transformer", "text_encoder", "tokenizer"):
+        if not (path / part).is_dir():
+            raise _missing(path / part, f"the {part}")
+    try:
+        transformer = WanTransformer3DModel.from_pretrained(path / "transformer", torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise _missing(path / "transformer", str(exc).splitlines()[0]) from None
+    text = TextEncoder.from_pretrained(path, manifest.get("text_len", 16))
+    codec_name = manifest.get("codec", "pixel")
+    if codec_name == "pixel":
+        codec = PixelCodec()
+    elif codec_name == "wan_vae":
+        codec = WanVAECodec(AutoencoderKLWan.from_pretrained(path / "vae"))
+    else:
+        raise ValueError(f"{path}/streamrt.json: unknown codec {codec_name!r} (pixel, wan_vae)")
+    return transformer, text, codec
+
+
+def save_generator_parts(path: Path, engine, manifest_name: str, fmt: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    engine.transformer.save_pretrained(path / "transformer")
+    engine.text_encoder.save_pretrained(path)
+    codec = "pixel"
+    if isinstance(engine.codec, WanVAECodec):
+        engine.codec.vae.save_pretrained(path / "vae")
+        codec = "wan_vae"
+    manifest = {
+        "format": fmt,
+        "version": 1,
+        "codec": codec,
+        "text_len": engine.text_encoder.text_len,
+        "gen": _jsonable(dataclasses.asdict(engine.config)),
+    }
+    (path / manifest_name).write_text(json.dumps(manifest, indent=2))
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k != "device"}
+
+
+def tiny_random_parts(
+    vocab: list[str], text_len: int = 16, codec: str = "pixel", seed: int = 0, **wan: Any
+):
+    """Randomly initialised tiny parts (for tests and as the untrained start of training).
+
+    Pixel codec: 3 channels, patch 8 (64 tokens per 64x64 frame); "wan_vae": a tiny
+    `AutoencoderKLWan` with 4 latent channels, 2x spatial and temporal compression.
+    """
+    tokenizer = word_tokenizer(vocab, text_len)
+    enc_cfg = UMT5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        encoder = UMT5EncoderModel(enc_cfg)
+    if codec == "pixel":
+        codec_obj = PixelCodec()
+        defaults = {"in_channels": 3, "out_channels": 3, "patch_size": (1, 8, 8)}
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + 1)
+            vae = AutoencoderKLWan(
+                base_dim=8,
+                z_dim=4,
+                dim_mult=[1, 2],
+                num_res_blocks=1,
+                temperal_downsample=[True],
+                attn_scales=[],
+                latents_mean=[0.0] * 4,
+                latents_std=[1.0] * 4,
+            )
+        codec_obj = WanVAECodec(vae)
+        defaults = {"in_channels": 4, "out_channels": 4, "patch_size": (1, 2, 2)}
+    config = tiny_wan_config(text_dim=32, **{**defaults, **wan})
+    return build_wan(config, seed), TextEncoder(encoder, tokenizer, text_len), codec_obj

@@ -1,0 +1,108 @@
+"""The loaded generation components shared by every stream of a process."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+from typing import Any
+
+import torch
+
+from streamrt.cache import CacheManager, KVSpec, Sequence
+from streamrt.config import CacheConfig, GenConfig
+from streamrt.gen.attention import attach_streaming
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class GenEngine:
+    """Transformer (+ streaming processors), text encoder, codec and the cache manager.
+
+    Several streams share one engine; each stream owns its sequences in the cache. Forward
+    calls are serialised by a lock (the processors read one context at a time).
+    """
+
+    consumer = "gen"
+
+    def __init__(
+        self,
+        transformer,
+        text_encoder,
+        codec,
+        config: GenConfig,
+        cache: CacheManager | None = None,
+        cache_config: CacheConfig | None = None,
+    ) -> None:
+        self.config = config
+        self.device = torch.device(
+            config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        self.dtype = _DTYPES[config.dtype]
+        self.transformer = transformer.to(self.device).eval()
+        self.text_encoder = text_encoder
+        self.codec = codec
+        self.state = attach_streaming(self.transformer)
+        tcfg = transformer.config
+        self.spec = KVSpec(
+            len(transformer.blocks),
+            tcfg.num_attention_heads,
+            tcfg.attention_head_dim,
+            1,
+            self.dtype,
+        )
+        self.cache = cache or CacheManager(cache_config or CacheConfig(device=str(self.device)))
+        self.lock = threading.RLock()
+        self._prompts: dict[str, torch.Tensor] = {}
+        self._stream_ids = itertools.count()
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """`(channels, h, w)` of a latent frame for a `height` x `width` video."""
+        p = self.transformer.config.patch_size
+        step = self.codec.spatial * max(p[1], p[2])
+        if height % step or width % step or height <= 0 or width <= 0:
+            raise ValueError(
+                f"resolution {width}x{height} must be a positive multiple of {step} "
+                f"(codec downsampling {self.codec.spatial} x patch size {p[1]}x{p[2]})"
+            )
+        c = self.transformer.config.in_channels
+        if c != self.codec.latent_channels:
+            raise ValueError(
+                f"transformer expects {c} latent channels but the codec makes {self.codec.latent_channels}"
+            )
+        return c, height // self.codec.spatial, width // self.codec.spatial
+
+    def _ensure_consumer(self, tokens_per_frame: int) -> None:
+        spec = dataclasses.replace(self.spec, tokens_per_block=tokens_per_frame)
+        existing = self.cache.consumers.get(self.consumer)
+        if existing is None:
+            self.cache.register(self.consumer, spec, priority=10, offload=False)
+        elif existing.spec != spec:
+            raise ValueError(
+                "every stream of one engine must use the same resolution (tokens per frame "
+                f"{existing.spec.tokens_per_block}, got {tokens_per_frame})"
+            )
+
+    def open_sequence(self, name: str, config: GenConfig) -> Sequence:
+        _c, h, w = self.latent_shape(config.height, config.width)
+        p = self.transformer.config.patch_size
+        self._ensure_consumer((h // p[1]) * (w // p[2]))
+        return self.cache.open_sequence(
+            self.consumer, config.policy, seq_id=name, **config.policy_args
+        )
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """Prompt embeddings `[1, text_len, dim]` (memoised per prompt text)."""
+        if prompt not in self._prompts:
+            emb = self.text_encoder.encode([prompt]).to(self.device, self.dtype)
+            if len(self._prompts) > 64:
+                self._prompts.pop(next(iter(self._prompts)))
+            self._prompts[prompt] = emb
+        return self._prompts[prompt]
+
+    def open_stream(self, prompt: str, config: GenConfig | None = None, **overrides: Any):
+        from streamrt.gen.stream import GenStream
+
+        cfg = dataclasses.replace(config or self.config, **overrides)
+        with self.lock:
+            return GenStream(self, f"g{next(self._stream_ids)}", prompt, cfg)

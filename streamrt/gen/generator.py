@@ -1,0 +1,154 @@
+"""`StreamGenerator`: the public face of streaming generation.
+
+gen = StreamGenerator.from_pretrained("assets/tiny-world")
+for frame in gen.stream("a red circle moving right on a dark background"): ...
+gen.set_prompt("a blue square moving up on a light background")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamrt.config import CacheConfig, GenConfig, from_dict, load_config
+from streamrt.gen.engine import GenEngine
+from streamrt.gen.stream import GenStream
+
+MANIFEST = "streamrt.json"
+FORMAT = "streamrt-generator"
+
+
+class StreamGenerator:
+    """Endless frame streams from a causal video diffusion model."""
+
+    def __init__(self, engine: GenEngine) -> None:
+        self.engine = engine
+        self.active: GenStream | None = None
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        config: str | Path | None = None,
+        cache: CacheConfig | None = None,
+        **overrides: Any,
+    ) -> StreamGenerator:
+        """Load a generator directory (see `save_pretrained`); `overrides` set `GenConfig` fields.
+
+        Args:
+            path: Directory with `streamrt.json`, `transformer/`, `text_encoder/`, `tokenizer/`.
+            config: Optional YAML preset whose `gen:` section fills the config first.
+            cache: Cache budgets (default: `CacheConfig()` on the model's device).
+        """
+        from streamrt.models.generator_files import load_generator_parts
+
+        path = Path(path)
+        manifest = _read_manifest(path)
+        gen_cfg = from_dict(GenConfig, manifest.get("gen", {}), str(path / MANIFEST))
+        if config is not None:
+            preset = load_config(config)
+            gen_cfg = dataclasses.replace(gen_cfg, **_changed(preset.gen))
+        gen_cfg = dataclasses.replace(gen_cfg, **overrides)
+        transformer, text_encoder, codec = load_generator_parts(path, manifest, gen_cfg)
+        return cls(GenEngine(transformer, text_encoder, codec, gen_cfg, cache_config=cache))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        from streamrt.models.generator_files import save_generator_parts
+
+        save_generator_parts(Path(path), self.engine, MANIFEST, FORMAT)
+
+    # ------------------------------------------------------------------ streaming
+
+    def stream(
+        self, prompt: str, num_frames: int | None = None, **overrides: Any
+    ) -> Iterator[np.ndarray]:
+        """Frames (`[H, W, 3]` uint8) for `prompt`, endless unless `num_frames` is given.
+
+        The stream becomes the generator's active one: `set_prompt` switches it mid-stream.
+        """
+        stream = self.engine.open_stream(prompt, **overrides)
+        self.active = stream
+        try:
+            yield from _take(_frames(stream), num_frames)
+        finally:
+            stream.close()
+            if self.active is stream:
+                self.active = None
+
+    def set_prompt(self, prompt: str) -> None:
+        """Switch the active stream's prompt (with KV re-cache of the kept frames)."""
+        if self.active is None:
+            raise RuntimeError("no active stream: start one with stream() or stylize() first")
+        self.active.set_prompt(prompt)
+
+    def stylize(
+        self, frames: Iterable[np.ndarray], prompt: str, **overrides: Any
+    ) -> Iterator[np.ndarray]:
+        """Live video-to-video: restyle `frames` (`[H, W, 3]` uint8) by `prompt`, as they come."""
+        from streamrt.gen.v2v import VideoToVideo
+
+        stream = self.engine.open_stream(prompt, **overrides)
+        self.active = stream
+        try:
+            yield from VideoToVideo(stream).run(frames)
+        finally:
+            stream.close()
+            if self.active is stream:
+                self.active = None
+
+    def stats(self) -> dict[str, Any]:
+        """The active stream's counters and the cache manager's stats."""
+        out: dict[str, Any] = {"cache": self.engine.cache.stats()}
+        if self.active is not None:
+            s = dict(self.active.stats)
+            s["fps"] = s["frames"] / s["seconds"] if s["seconds"] else 0.0
+            out["stream"] = s
+        return out
+
+
+def _frames(stream: GenStream) -> Iterator[np.ndarray]:
+    while True:
+        yield from stream.next_frames()
+
+
+def _take(frames: Iterator[np.ndarray], n: int | None) -> Iterator[np.ndarray]:
+    for i, frame in enumerate(frames):
+        if n is not None and i >= n:
+            return
+        yield frame
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    file = path / MANIFEST
+    if not file.exists():
+        raise FileNotFoundError(
+            f"{path} is not a streamrt generator directory (no {MANIFEST}); build the embedded "
+            "one with `streamrt train gen` or convert a checkpoint"
+        )
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file} is not valid JSON ({exc}); rebuild or restore it") from None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{file}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def _changed(cfg: GenConfig) -> dict[str, Any]:
+    """Fields of `cfg` that differ from the defaults (what a preset actually set)."""
+    default = GenConfig()
+    return {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if getattr(cfg, f.name) != getattr(default, f.name)
+    }
+
+
+__all__ = ["StreamGenerator"]

@@ -1,0 +1,152 @@
+"""Samplers: how a stream turns noise into finished chunks, one `next_chunk()` at a time.
+
+    chunkwise     Self-Forcing: per chunk, n steps of denoise -> re-noise, then a t=0
+                  pass rewrites the chunk's K/V with clean frames.
+    rolling       Rolling Forcing: a window of n chunks at staggered noise levels (oldest
+                  least noisy), denoised jointly in one forward; the oldest leaves each call.
+    stream_batch  StreamDiffusion(V2): the same n chunks in flight, as n batch rows with a
+                  causal view each; one batched forward finishes one chunk.
+
+Every sampler is deterministic for a seed: all noise comes from the stream's generator.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from streamrt.gen.schedule import predict_x0, renoise
+
+if TYPE_CHECKING:
+    from streamrt.gen.stream import GenStream
+
+
+@dataclass
+class _InFlight:
+    x: torch.Tensor
+    """Current latents `[1, C, F, h, w]`."""
+    level: int
+    """Index into the stream's sigmas of the noise level `x` sits at."""
+    blocks: list[int]
+    """Cache blocks of its frames."""
+    sigmas: list[float]
+    """This chunk's own schedule (video-to-video chunks start lower)."""
+
+
+class Sampler(ABC):
+    """Turns a stream's noise into finished (clean) latent chunks."""
+
+    name: str
+
+    def __init__(self, stream: GenStream) -> None:
+        self.stream = stream
+
+    @abstractmethod
+    def next_chunk(self) -> torch.Tensor:
+        """The next finished chunk of clean latents, `[1, C, F, h, w]`."""
+
+    def _finish(self, chunk: _InFlight, x0: torch.Tensor) -> torch.Tensor:
+        s = self.stream
+        if s.config.clean_refresh:
+            s.forward([chunk.blocks], x0, torch.zeros(1, x0.shape[2]), causal=True)
+        s.remember_clean(chunk.blocks, x0)
+        return x0
+
+
+class ChunkwiseSampler(Sampler):
+    """Self-Forcing's loop: one chunk at a time."""
+
+    name = "chunkwise"
+
+    def next_chunk(self) -> torch.Tensor:
+        s = self.stream
+        x, sigmas = s.initial_latents()
+        chunk = _InFlight(x, 0, s.append_chunk(), sigmas)
+        for i, sigma in enumerate(sigmas):
+            t = torch.full((1, x.shape[2]), sigma * 1000.0)
+            x0 = predict_x0(x, s.forward([chunk.blocks], x, t), sigma)
+            if i + 1 < len(sigmas):
+                x = renoise(x0, s.noise(x.shape), sigmas[i + 1])
+        return self._finish(chunk, x0)
+
+
+class _WindowSampler(Sampler):
+    """Shared by rolling and stream batch: n chunks in flight, one finished per forward."""
+
+    causal_rows: bool
+
+    def __init__(self, stream: GenStream) -> None:
+        super().__init__(stream)
+        self.window: list[_InFlight] = []
+
+    def next_chunk(self) -> torch.Tensor:
+        s = self.stream
+        while True:
+            x, sigmas = s.initial_latents()
+            self.window.append(_InFlight(x, 0, s.append_chunk(), sigmas))
+            x0s = self._denoise_window()
+            finished = None
+            for chunk, x0 in zip(list(self.window), x0s):
+                if chunk.level + 1 == len(chunk.sigmas):
+                    finished = (chunk, x0)
+                    self.window.remove(chunk)
+                else:
+                    chunk.level += 1
+                    chunk.x = renoise(x0, s.noise(x0.shape), chunk.sigmas[chunk.level])
+            if finished is not None:
+                return self._finish(*finished)
+
+    @abstractmethod
+    def _denoise_window(self) -> list[torch.Tensor]:
+        """One forward over every chunk in flight; x0 estimate of each, oldest first."""
+
+    def _sigmas(self) -> list[float]:
+        return [c.sigmas[c.level] for c in self.window]
+
+
+class RollingSampler(_WindowSampler):
+    """Rolling Forcing: the window's chunks in one sequence, attending to each other."""
+
+    name = "rolling"
+
+    def _denoise_window(self) -> list[torch.Tensor]:
+        s = self.stream
+        x = torch.cat([c.x for c in self.window], dim=2)
+        f = self.window[0].x.shape[2]
+        sig = torch.tensor(self._sigmas()).repeat_interleave(f)
+        blocks = [b for c in self.window for b in c.blocks]
+        v = s.forward([blocks], x, (sig * 1000.0)[None])
+        x0 = predict_x0(x, v, sig.view(1, 1, -1, 1, 1).to(x))
+        return list(x0.split(f, dim=2))
+
+
+class StreamBatchSampler(_WindowSampler):
+    """Stream batch: chunks in flight as batch rows, each seeing only older chunks."""
+
+    name = "stream_batch"
+
+    def _denoise_window(self) -> list[torch.Tensor]:
+        s = self.stream
+        x = torch.cat([c.x for c in self.window], dim=0)
+        f = x.shape[2]
+        sig = torch.tensor(self._sigmas())
+        t = (sig * 1000.0)[:, None].expand(-1, f)
+        v = s.forward([c.blocks for c in self.window], x, t, causal=True)
+        x0 = predict_x0(x, v, sig.view(-1, 1, 1, 1, 1).to(x))
+        return list(x0.split(1, dim=0))
+
+
+SAMPLERS: dict[str, type[Sampler]] = {
+    ChunkwiseSampler.name: ChunkwiseSampler,
+    RollingSampler.name: RollingSampler,
+    StreamBatchSampler.name: StreamBatchSampler,
+}
+
+
+def make_sampler(name: str, stream: GenStream) -> Sampler:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name](stream)

@@ -1,0 +1,170 @@
+"""One live generation stream: its cache sequences, prompt, noise, sampler and decoder."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from streamrt.config import GenConfig
+from streamrt.gen.forward import chunk_rows, streaming_forward
+from streamrt.gen.samplers import make_sampler
+from streamrt.gen.schedule import shifted_sigmas
+from streamrt.models.codec import tensor_to_frames
+
+if TYPE_CHECKING:
+    from streamrt.gen.engine import GenEngine
+
+_PROMPT_IDS = itertools.count()
+
+
+class GenStream:
+    """A stream of frames from one prompt (switchable), deterministic for its seed.
+
+    Create through `GenEngine.open_stream`. `next_frames()` returns the next decoded chunk.
+    """
+
+    def __init__(self, engine: GenEngine, stream_id: str, prompt: str, config: GenConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.stream_id = stream_id
+        c, h, w = engine.latent_shape(config.height, config.width)
+        self.latent_shape = (c, h, w)
+        p = engine.transformer.config.patch_size
+        self.tokens_per_frame = (h // p[1]) * (w // p[2])
+        self.sigmas = shifted_sigmas(config.timesteps, config.shift)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.guided = config.guidance_scale != 1.0
+        self.seqs = [engine.open_sequence(f"{stream_id}-c", config)]
+        if self.guided:
+            self.seqs.append(engine.open_sequence(f"{stream_id}-u", config))
+        self._check_capacity()
+        self.sampler = make_sampler(config.sampler, self)
+        self.decoder = engine.codec.decoder()
+        self.source: Callable[[], tuple[torch.Tensor, list[float]]] | None = None
+        self.clean: list[tuple[list[int], torch.Tensor]] = []
+        self.stats = {
+            "chunks": 0,
+            "frames": 0,
+            "forwards": 0,
+            "seconds": 0.0,
+            "first_frame_s": None,
+        }
+        self._opened = time.perf_counter()
+        self.prompt = ""
+        self.set_prompt(prompt, recache=False)
+
+    # ------------------------------------------------------------------ setup
+
+    def _check_capacity(self) -> None:
+        cap = self.seqs[0].policy.capacity
+        in_flight = self.config.chunk_frames * (
+            1 if self.config.sampler == "chunkwise" else len(self.sigmas)
+        )
+        if cap is not None and cap <= in_flight:
+            raise ValueError(
+                f"cache policy {self.config.policy!r} keeps {cap} frames but the {self.config.sampler} "
+                f"sampler has {in_flight} frames in flight: enlarge the window (policy_args)"
+            )
+
+    def set_prompt(self, prompt: str, recache: bool = True) -> None:
+        """Switch the prompt. With `recache`, the kept clean frames are re-run at t=0 under
+        the new prompt so the self-attention cache follows it (LongLive's KV re-cache)."""
+        engine = self.engine
+        cond = engine.encode_prompt(prompt)
+        self.embeds = cond
+        self.text_id = next(_PROMPT_IDS)
+        if self.guided:
+            self.uncond = engine.encode_prompt(self.config.negative_prompt)
+        self.prompt = prompt
+        if recache:
+            self._recache()
+
+    def _recache(self) -> None:
+        live = set(self.seqs[0].table)
+        self.clean = [(b, x0) for b, x0 in self.clean if all(i in live for i in b)]
+        for blocks, x0 in self.clean:
+            self.forward([blocks], x0, torch.zeros(1, x0.shape[2]), causal=True)
+
+    # ------------------------------------------------------------------ used by samplers
+
+    def noise(self, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator).to(
+            self.engine.device, self.engine.dtype
+        )
+
+    def initial_latents(self) -> tuple[torch.Tensor, list[float]]:
+        """Pure noise and the full schedule (text-to-video), or the video-to-video source's."""
+        if self.source is not None:
+            return self.source()
+        return self.noise((1, *self._chunk_shape())), self.sigmas
+
+    def _chunk_shape(self) -> tuple[int, ...]:
+        c, h, w = self.latent_shape
+        return (c, self.config.chunk_frames, h, w)
+
+    def append_chunk(self) -> list[int]:
+        """Allocate the next chunk's blocks in every sequence (the policy evicts first)."""
+        blocks = [[seq.append() for _ in range(self.config.chunk_frames)] for seq in self.seqs]
+        return blocks[0]
+
+    def forward(
+        self, write: list[list[int]], x: torch.Tensor, t: torch.Tensor, causal: bool = False
+    ) -> torch.Tensor:
+        """Velocity for latents `x` `[B, C, F, h, w]` whose frames go to blocks `write[b]`.
+
+        With guidance, every row runs twice (conditional, unconditional sequence) in one
+        batch and the result is `v_u + g * (v_c - v_u)`.
+        """
+        e = self.engine
+        b = x.shape[0]
+        seqs = [s for s in self.seqs for _ in range(b)]
+        rows = chunk_rows(seqs, write * len(self.seqs), self.tokens_per_frame, causal)
+        embeds = [self.embeds.expand(b, -1, -1)]
+        if self.guided:
+            embeds.append(self.uncond.expand(b, -1, -1))
+            x, t = torch.cat([x, x]), torch.cat([t, t])
+        key = (self.text_id, b, self.guided)
+        with torch.no_grad(), e.lock:
+            v = streaming_forward(e.transformer, e.state, rows, x, t, torch.cat(embeds), key)
+        self.stats["forwards"] += 1
+        if self.guided:
+            v_c, v_u = v.chunk(2)
+            v = v_u + self.config.guidance_scale * (v_c - v_u)
+        return v
+
+    def remember_clean(self, blocks: list[int], x0: torch.Tensor) -> None:
+        """Keep a finished chunk's clean latents while its blocks are cached (for re-cache)."""
+        live = set(self.seqs[0].table)
+        self.clean = [(b, x) for b, x in self.clean if all(i in live for i in b)]
+        self.clean.append((blocks, x0))
+
+    # ------------------------------------------------------------------ output
+
+    def next_latents(self) -> torch.Tensor:
+        t0 = time.perf_counter()
+        x0 = self.sampler.next_chunk()
+        self.stats["seconds"] += time.perf_counter() - t0
+        self.stats["chunks"] += 1
+        return x0
+
+    def next_frames(self) -> np.ndarray:
+        """Decode the next chunk: uint8 frames `[n, H, W, 3]`."""
+        x0 = self.next_latents()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            pixels = self.decoder.decode(x0.float())
+        frames = tensor_to_frames(pixels)
+        self.stats["seconds"] += time.perf_counter() - t0
+        if self.stats["first_frame_s"] is None:
+            self.stats["first_frame_s"] = time.perf_counter() - self._opened
+        self.stats["frames"] += len(frames)
+        return frames
+
+    def close(self) -> None:
+        for seq in self.seqs:
+            self.engine.cache.close_sequence(seq)
