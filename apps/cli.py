@@ -16,18 +16,9 @@ console = Console(stderr=True)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from streamrt.apps.generate import run
 
-    model = Path(args.model)
-    if not (model / "model_index.json").exists() and not (model / "streamrt.json").exists():
-        console.print(
-            f"[red]no default model yet:[/] {model} holds no streamrt generator. The embedded tiny "
-            "model is trained by `streamrt train gen` (not shipped yet); until then pass "
-            "--model DIR pointing at a converted checkpoint."
-        )
-        return 2
-    console.print("[red]video generation is not implemented yet in this build[/]")
-    return 2
+    return run(args)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -59,11 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"streamrt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from streamrt.apps.generate import add_arguments
+
     gen = sub.add_parser("generate", help="generate a video from a prompt")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--frames", type=int, default=48)
-    gen.add_argument("-o", "--output", default="out.mp4")
-    gen.add_argument("--model", default="assets/tiny-world")
+    add_arguments(gen)
     gen.set_defaults(func=_cmd_generate)
 
     bench = sub.add_parser("bench", help="measure speed against a baseline in the same run")

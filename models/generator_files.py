@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from diffusers import AutoencoderKLWan
 from transformers import UMT5Config, UMT5EncoderModel
 
 from streamrt.config import GenConfig
 from streamrt.models.codec import PixelCodec, WanVAECodec
 from streamrt.models.text import TextEncoder, word_tokenizer
 from streamrt.models.wan import build_wan, tiny_wan_config
+from streamrt.models.wan_checkpoints import load_wan_transformer, load_wan_vae
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,7 +42,7 @@ def load_generator_parts(path: Path, manifest: dict[str, Any], cfg: GenConfig):
         if not (path / part).is_dir():
             raise _missing(path / part, f"the {part}")
     try:
-        transformer = WanTransformer3DModel.from_pretrained(path / "transformer", torch_dtype=dtype)
+        transformer = load_wan_transformer(path / "transformer", dtype=dtype)
     except (OSError, ValueError, RuntimeError) as exc:
         raise _missing(path / "transformer", str(exc).splitlines()[0]) from None
     text = TextEncoder.from_pretrained(path, manifest.get("text_len", 16))
@@ -49,7 +50,7 @@ def load_generator_parts(path: Path, manifest: dict[str, Any], cfg: GenConfig):
     if codec_name == "pixel":
         codec = PixelCodec()
     elif codec_name == "wan_vae":
-        codec = WanVAECodec(AutoencoderKLWan.from_pretrained(path / "vae"))
+        codec = WanVAECodec(load_wan_vae(path / "vae"))
     else:
         raise ValueError(f"{path}/streamrt.json: unknown codec {codec_name!r} (pixel, wan_vae)")
     return transformer, text, codec

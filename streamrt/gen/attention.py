@@ -19,6 +19,7 @@ RoPE counted from frame 0, and `attention_kwargs` never reaches processors.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,8 @@ class StreamingState:
     text_cache: OrderedDict = field(default_factory=OrderedDict)
     max_prompts: int = 8
     """Prompts whose cross-attention K/V stay cached (one per live stream is typical)."""
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    """Held for a whole forward: processors read one context at a time."""
 
     def prompt_kv(self, text_key: Any) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
         """Per-layer cross-attention K/V of a prompt (LRU over `max_prompts`); None: no caching."""
@@ -171,7 +174,14 @@ class CachedCrossAttention:
 
 
 def attach_streaming(transformer: torch.nn.Module) -> StreamingState:
-    """Swap every block's attention processors for streaming ones; return their shared state."""
+    """Swap every block's attention processors for streaming ones; return their shared state.
+
+    Attaching twice returns the existing state, so engines sharing one model share it too
+    (and its lock serialises their forwards).
+    """
+    existing = getattr(transformer, "_streamrt_state", None)
+    if existing is not None:
+        return existing
     state = StreamingState()
     processors = {}
     for i in range(len(transformer.blocks)):

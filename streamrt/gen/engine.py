@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import threading
 from typing import Any
 
 import torch
@@ -52,7 +51,7 @@ class GenEngine:
             self.dtype,
         )
         self.cache = cache or CacheManager(cache_config or CacheConfig(device=str(self.device)))
-        self.lock = threading.RLock()
+        self.lock = self.state.lock
         self._prompts: dict[str, torch.Tensor] = {}
         self._stream_ids = itertools.count()
 

@@ -1,0 +1,135 @@
+"""`streamrt generate`: a prompt to an H.264 video, with a live progress bar."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True)
+TINY_RANDOM = "tiny-random"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--frames", type=int, default=48, help="frames to write (default 48)")
+    p.add_argument("-o", "--output", default="out.mp4", help="file (.mp4) or rtmp:// URL")
+    p.add_argument(
+        "--model",
+        default="assets/tiny-world",
+        help=f"generator directory (default assets/tiny-world); '{TINY_RANDOM}' builds an "
+        "untrained tiny model for smoke tests",
+    )
+    p.add_argument("--config", help="YAML preset (configs/*.yaml) filling the gen: section")
+    p.add_argument("--policy", help="cache policy (full, sink_window, deep_sink, ema_sink, ...)")
+    p.add_argument("--policy-args", help="e.g. sink_blocks=3,window_blocks=18")
+    p.add_argument("--sampler", choices=["chunkwise", "rolling", "stream_batch"])
+    p.add_argument("--steps", type=int, help="denoising steps (timesteps evenly spaced from 1000)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--size", help="WIDTHxHEIGHT in pixels")
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.policy:
+        out["policy"] = args.policy
+    if args.policy_args:
+        out["policy_args"] = parse_kv(args.policy_args)
+    if args.sampler:
+        out["sampler"] = args.sampler
+    if args.steps:
+        if args.steps < 1:
+            raise ValueError("--steps must be >= 1")
+        out["timesteps"] = [round(1000 - i * 1000 / args.steps) for i in range(args.steps)]
+    if args.seed is not None:
+        out["seed"] = args.seed
+    if args.size:
+        try:
+            w, h = (int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--size must look like 64x64, got {args.size!r}") from None
+        out["width"], out["height"] = w, h
+    return out
+
+
+def parse_kv(text: str) -> dict[str, Any]:
+    """`a=1,b=0.5,c=x` -> {"a": 1, "b": 0.5, "c": "x"}."""
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        if "=" not in item:
+            raise ValueError(f"expected key=value in {text!r}, got {item!r}")
+        k, v = item.split("=", 1)
+        for cast in (int, float):
+            try:
+                out[k.strip()] = cast(v)
+                break
+            except ValueError:
+                continue
+        else:
+            out[k.strip()] = v.strip()
+    return out
+
+
+def load_generator(model: str, config: str | None, overrides: dict[str, Any]):
+    from streamrt.gen.generator import StreamGenerator
+
+    if model == TINY_RANDOM:
+        from streamrt.config import GenConfig, load_config
+        from streamrt.gen.engine import GenEngine
+        from streamrt.models.generator_files import tiny_random_parts
+        from streamrt.world import VOCAB
+
+        base = load_config(config).gen if config else GenConfig()
+        import dataclasses
+
+        return StreamGenerator(
+            GenEngine(*tiny_random_parts(VOCAB), dataclasses.replace(base, **overrides))
+        )
+    path = Path(model)
+    if not (path / "streamrt.json").exists():
+        raise FileNotFoundError(
+            f"no default model yet: {path} holds no streamrt generator. The embedded tiny model "
+            "is built by `streamrt train gen`; until it ships, pass --model DIR (a generator "
+            f"directory) or --model {TINY_RANDOM} for an untrained smoke test."
+        )
+    return StreamGenerator.from_pretrained(path, config=config, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from streamrt.io.sinks import open_sink
+    from streamrt.models.text import PromptError
+
+    try:
+        gen = load_generator(args.model, args.config, overrides_from(args))
+        cfg = gen.engine.config
+        frames = gen.stream(args.prompt, num_frames=args.frames)
+        first = next(frames)  # fails here, before any file is written, on a bad prompt or config
+        stats = gen.active.stats
+    except (FileNotFoundError, PromptError, ValueError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    columns = (
+        TextColumn("[bold]generate"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[fps]:.1f} fps"),
+        TimeElapsedColumn(),
+    )
+    with (
+        open_sink(args.output, cfg.fps, cfg.width, cfg.height) as sink,
+        Progress(*columns, console=console) as bar,
+    ):
+        task = bar.add_task("frames", total=args.frames, fps=0.0)
+        sink.write(first)
+        bar.update(task, advance=1)
+        for frame in frames:
+            sink.write(frame)
+            bar.update(task, advance=1, fps=stats["frames"] / max(stats["seconds"], 1e-9))
+    console.print(
+        f"wrote {sink.frames} frames to {args.output}: "
+        f"{stats['frames'] / max(stats['seconds'], 1e-9):.1f} fps, first frame after {stats['first_frame_s']:.2f} s"
+    )
+    return 0

@@ -1,0 +1,59 @@
+"""Video sinks through PyAV: H.264 MP4 files (and any container/URL FFmpeg can write)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+class VideoSink:
+    """Writes RGB uint8 frames `[H, W, 3]` as H.264 (yuv420p) to a file or URL."""
+
+    def __init__(
+        self, target: str | Path, fps: int, width: int, height: int, fmt: str | None = None
+    ) -> None:
+        self.target = str(target)
+        if fmt is None and self.target.startswith("rtmp://"):
+            fmt = "flv"
+        try:
+            self.container = av.open(self.target, mode="w", format=fmt)
+        except (OSError, av.error.FFmpegError) as exc:
+            raise OSError(f"cannot open {self.target} for writing: {exc}") from None
+        self.stream = self.container.add_stream("libx264", rate=Fraction(fps))
+        self.stream.width, self.stream.height = width, height
+        self.stream.pix_fmt = "yuv420p"
+        self.stream.options = {"preset": "veryfast", "tune": "zerolatency", "crf": "18"}
+        self.frames = 0
+
+    def write(self, frame: np.ndarray) -> None:
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        for packet in self.stream.encode(vf):
+            self.container.mux(packet)
+        self.frames += 1
+
+    def close(self) -> None:
+        for packet in self.stream.encode():
+            self.container.mux(packet)
+        self.container.close()
+
+    def __enter__(self) -> VideoSink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_sink(target: str | Path, fps: int, width: int, height: int) -> VideoSink:
+    """A sink for `target` (a path such as out.mp4, or rtmp://host/app/key)."""
+    if not str(target).startswith(("rtmp://", "rtsp://", "srt://")):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+    return VideoSink(target, fps, width, height)
+
+
+def read_video(path: str | Path) -> np.ndarray:
+    """All frames of a video file as uint8 RGB `[F, H, W, 3]` (for tests and small clips)."""
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])

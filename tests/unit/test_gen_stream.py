@@ -1,0 +1,200 @@
+"""Streaming generation end to end on tiny random models: samplers, controls, API, bad input."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from streamrt.config import GenConfig
+from streamrt.gen.engine import GenEngine
+from streamrt.gen.generator import StreamGenerator
+from streamrt.gen.v2v import SimilarityFilter, motion_level
+from streamrt.models.generator_files import tiny_random_parts
+from streamrt.models.text import PromptError
+from streamrt.world import VOCAB
+
+PROMPT = "a red circle moving right on a dark background"
+SMALL = {"height": 32, "width": 32, "policy_args": {"sink_blocks": 1, "window_blocks": 16}}
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return tiny_random_parts(VOCAB)
+
+
+def make_gen(parts, **overrides):
+    return StreamGenerator(GenEngine(*parts, dataclasses.replace(GenConfig(**SMALL), **overrides)))
+
+
+@pytest.mark.parametrize("sampler", ["chunkwise", "rolling", "stream_batch"])
+def test_samplers_are_deterministic_per_seed(parts, sampler):
+    a = np.stack(list(make_gen(parts, sampler=sampler, seed=3).stream(PROMPT, num_frames=9)))
+    b = np.stack(list(make_gen(parts, sampler=sampler, seed=3).stream(PROMPT, num_frames=9)))
+    c = np.stack(list(make_gen(parts, sampler=sampler, seed=4).stream(PROMPT, num_frames=9)))
+    assert a.shape == (9, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_forward_counts_per_sampler(parts):
+    steps = 4
+    for sampler, refresh, per_chunk, warmup in [
+        ("chunkwise", True, steps + 1, 0),
+        ("rolling", False, 1, steps - 1),
+        ("stream_batch", False, 1, steps - 1),
+    ]:
+        gen = make_gen(parts, sampler=sampler, clean_refresh=refresh)
+        stream = gen.engine.open_stream(PROMPT, gen.engine.config)
+        for _ in range(5):
+            stream.next_latents()
+        assert stream.stats["forwards"] == warmup + 5 * per_chunk, sampler
+        stream.close()
+        gen.engine.cache.check_invariants()
+
+
+def test_prompt_switch_recaches_kept_frames(parts):
+    gen = make_gen(parts)
+    stream = gen.engine.open_stream(PROMPT, gen.engine.config)
+    for _ in range(3):
+        stream.next_frames()
+    before = stream.stats["forwards"]
+    last = len(gen.engine.transformer.blocks) - 1  # layer 0 keys precede any cross-attention
+    keys_before = stream.seqs[0].gather(last)[0].clone()
+    stream.set_prompt("a blue square moving up on a light background")
+    assert stream.stats["forwards"] == before + 3  # one t=0 pass per kept chunk
+    assert not torch.equal(
+        stream.seqs[0].gather(last)[0], keys_before
+    )  # the cache follows the prompt
+    switched = stream.next_frames()
+    other = make_gen(parts).engine.open_stream(PROMPT, gen.engine.config)
+    for _ in range(3):
+        other.next_frames()
+    assert not np.array_equal(switched, other.next_frames())
+    with pytest.raises(PromptError, match="outside this model's vocabulary"):
+        stream.set_prompt("a pink elephant")
+
+
+def test_failing_stream_does_not_disturb_another(parts):
+    solo = np.stack(list(make_gen(parts, seed=7).stream(PROMPT, num_frames=12)))
+    gen = make_gen(parts, seed=7)
+    a = gen.engine.open_stream(PROMPT, gen.engine.config)
+    b = gen.engine.open_stream(
+        "a blue square moving up on a light background", gen.engine.config, seed=9
+    )
+    out = []
+    for i in range(4):
+        out.append(a.next_frames())
+        if i == 1:
+            bad = make_gen(parts).stylize([np.zeros((10, 10, 3), np.uint8)], PROMPT)
+            with pytest.raises(ValueError, match="shape"):
+                next(bad)
+        b.next_frames()
+    assert np.array_equal(np.concatenate(out), solo)
+    gen.engine.cache.check_invariants()
+
+
+def test_guidance_runs_two_sequences_and_changes_output(parts):
+    plain = np.stack(list(make_gen(parts).stream(PROMPT, num_frames=3)))
+    gen = make_gen(parts, guidance_scale=3.0, negative_prompt="a blue square")
+    guided = np.stack(list(gen.stream(PROMPT, num_frames=3)))
+    assert not np.array_equal(plain, guided)
+
+
+def test_long_stream_keeps_cache_memory_and_positions_bounded(parts):
+    gen = make_gen(
+        parts,
+        timesteps=[1000],
+        chunk_frames=10,
+        clean_refresh=False,
+        height=16,
+        width=16,
+        policy_args={"sink_blocks": 2, "window_blocks": 18},
+    )
+    stream = gen.engine.open_stream(PROMPT, gen.engine.config)
+    used = set()
+    for _ in range(1000):  # 10,000 frames
+        stream.next_latents()
+        used.add(gen.engine.cache.stats()["tiers"]["device"]["used_blocks"])
+    plan = stream.seqs[0].plan()
+    assert used == {10, 20}  # first chunk, then the full window forever
+    assert plan.query_start <= 20 * stream.tokens_per_frame
+    assert stream.seqs[0].next_index == 10_000
+
+
+def test_save_and_load_round_trip(parts, tmp_path):
+    gen = make_gen(parts, seed=5)
+    gen.save_pretrained(tmp_path / "g")
+    again = StreamGenerator.from_pretrained(tmp_path / "g")
+    assert again.engine.config.seed == 5
+    a = np.stack(list(gen.stream(PROMPT, num_frames=6)))
+    b = np.stack(list(again.stream(PROMPT, num_frames=6)))
+    assert np.array_equal(a, b)
+    (tmp_path / "g" / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"broken")
+    with pytest.raises(FileNotFoundError, match="transformer"):
+        StreamGenerator.from_pretrained(tmp_path / "g")
+    with pytest.raises(FileNotFoundError, match=r"streamrt\.json"):
+        StreamGenerator.from_pretrained(tmp_path)
+
+
+def test_bad_configs_fail_clearly(parts):
+    with pytest.raises(ValueError, match="multiple of 8"):
+        next(make_gen(parts, height=30).stream(PROMPT))
+    with pytest.raises(ValueError, match="unknown sampler"):
+        next(make_gen(parts, sampler="euler").stream(PROMPT))
+    with pytest.raises(ValueError, match="unknown cache policy"):
+        next(make_gen(parts, policy="lru9").stream(PROMPT))
+    with pytest.raises(ValueError, match="frames in flight"):
+        next(
+            make_gen(
+                parts, sampler="rolling", policy_args={"sink_blocks": 1, "window_blocks": 4}
+            ).stream(PROMPT)
+        )
+
+
+def test_video_to_video_frames_and_bad_input(parts):
+    gen = make_gen(parts)
+    rng = np.random.default_rng(0)
+    src = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(9)]
+    out = list(gen.stylize(src, PROMPT))
+    assert len(out) == 9 and out[0].shape == (32, 32, 3)
+    gen.engine.cache.check_invariants()
+    nan = np.full((32, 32, 3), np.nan, np.float32)
+    with pytest.raises(ValueError, match="finite"):
+        list(gen.stylize([nan], PROMPT))
+    # Static input: the similarity filter skips most frames, output keeps one frame per input.
+    still = [src[0]] * 12
+    assert len(list(make_gen(parts).stylize(still, PROMPT))) >= 11
+
+
+def test_motion_level_and_similarity_filter():
+    x = torch.zeros(1, 3, 3, 4, 4)
+    assert motion_level(x) == 0.0
+    x[:, :, 2] = 0.1  # rms step of 0.1 -> d = 0.5
+    assert motion_level(x) == pytest.approx(0.5)
+    x[:, :, 2] = 1.0
+    assert motion_level(x) == 1.0
+    f = SimilarityFilter(0.98, max_skipped=3, seed=0)
+    frame = np.full((4, 4, 3), 100, np.uint8)
+    decisions = [f.skip(frame) for _ in range(9)]
+    assert decisions == [False, True, True, True, False, True, True, True, False]
+    other = np.zeros((4, 4, 3), np.uint8)
+    other[0, 0] = 255
+    assert f.skip(other) is False  # dissimilar frames are always processed
+
+
+def test_wan_vae_codec_streams_like_a_full_decode():
+    from streamrt.models.generator_files import tiny_random_parts as parts_fn
+
+    transformer, text, codec = parts_fn(VOCAB, codec="wan_vae")
+    z = torch.randn(1, 4, 5, 8, 8)
+    with torch.no_grad():
+        full = codec.vae.decode(z).sample
+    dec = codec.decoder()
+    streamed = torch.cat(
+        [dec.decode(z[:, :, :1]), dec.decode(z[:, :, 1:3]), dec.decode(z[:, :, 3:])], dim=2
+    )
+    assert torch.allclose(full, streamed, atol=1e-6)
+    gen = StreamGenerator(GenEngine(transformer, text, codec, GenConfig(**SMALL)))
+    frames = list(gen.stream(PROMPT, num_frames=4))
+    assert frames[0].shape == (32, 32, 3)
