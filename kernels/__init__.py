@@ -5,7 +5,23 @@ xformers, flash-attn, Triton) are chosen here, behind one gate, so the rest of t
 runtime never imports them directly.
 """
 
-from streamrt.kernels.attention import sdpa
+from streamrt.kernels.attention import (
+    BACKENDS,
+    attend,
+    available_backends,
+    sdpa,
+    set_attention_backend,
+)
 from streamrt.kernels.rope import apply_rope, apply_wan_rope, rope_frequencies, wan_rope_cos_sin
 
-__all__ = ["apply_rope", "apply_wan_rope", "rope_frequencies", "sdpa", "wan_rope_cos_sin"]
+__all__ = [
+    "BACKENDS",
+    "apply_rope",
+    "apply_wan_rope",
+    "attend",
+    "available_backends",
+    "rope_frequencies",
+    "sdpa",
+    "set_attention_backend",
+    "wan_rope_cos_sin",
+]

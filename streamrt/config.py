@@ -138,6 +138,9 @@ class GenConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Compute dtype of the transformer and the KV cache."""
 
+    attention: Literal["sdpa", "flex", "xformers", "flash"] = "sdpa"
+    """Attention backend (streamrt.kernels); sdpa is the reference the others match."""
+
     device: str | None = None
     """Device for the models; None: CUDA if available, else CPU."""
 

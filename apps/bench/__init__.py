@@ -49,4 +49,8 @@ def run_bench(args: argparse.Namespace) -> int:
         from streamrt.apps.bench.cache import bench_cache
 
         return bench_cache(args)
+    if args.suite == "gen":
+        from streamrt.apps.bench.gen import bench_gen
+
+        return bench_gen(args)
     raise SystemExit(f"unknown bench suite {args.suite!r}")

@@ -28,7 +28,7 @@ import torch
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
 from streamrt.cache import AttentionPlan, Sequence
-from streamrt.kernels import apply_wan_rope, sdpa, wan_rope_cos_sin
+from streamrt.kernels import apply_wan_rope, attend, wan_rope_cos_sin
 
 
 @dataclass
@@ -131,9 +131,9 @@ class StreamingSelfAttention:
             keys.append(apply_wan_rope(k.to(query.dtype), k_cos, k_sin))
             values.append(v.to(query.dtype))
         if len({k.shape[0] for k in keys}) == 1:  # same layout: one batched call
-            out = sdpa(torch.stack(queries), torch.stack(keys), torch.stack(values))
+            out = attend(torch.stack(queries), torch.stack(keys), torch.stack(values))
         else:
-            out = torch.stack([sdpa(q, k, v) for q, k, v in zip(queries, keys, values)])
+            out = torch.stack([attend(q, k, v) for q, k, v in zip(queries, keys, values)])
         if ctx.scores is not None:
             ctx.scores[self.layer] = _key_importance(queries, keys)
         out = out.flatten(2, 3).type_as(query)
@@ -169,7 +169,7 @@ class CachedCrossAttention:
             if per_layer is not None:
                 per_layer[self.layer] = kv
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        out = sdpa(query, *kv).flatten(2, 3).type_as(query)
+        out = attend(query, *kv).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
 

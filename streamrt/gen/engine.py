@@ -11,6 +11,7 @@ import torch
 from streamrt.cache import CacheManager, KVSpec, Sequence
 from streamrt.config import CacheConfig, GenConfig
 from streamrt.gen.attention import attach_streaming
+from streamrt.kernels import set_attention_backend
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,6 +43,7 @@ class GenEngine:
         self.text_encoder = text_encoder
         self.codec = codec
         self.state = attach_streaming(self.transformer)
+        set_attention_backend(config.attention)
         tcfg = transformer.config
         self.spec = KVSpec(
             len(transformer.blocks),

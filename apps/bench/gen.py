@@ -1,0 +1,151 @@
+"""`streamrt bench gen`: streaming generation speed against baselines measured in the same run.
+
+    rolling cache vs recompute   per chunk, the no-cache baseline re-runs the model over the
+                                 kept window (clean, t=0) plus the new chunk at every step
+    stream batch vs sequential   the same denoising work batched across chunks in flight
+    frame 20k vs frame 200       per-chunk cost late in an endless stream vs early
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamrt.apps.bench import print_table, write_json
+from streamrt.config import GenConfig
+
+
+def _generator(args: argparse.Namespace, **overrides: Any):
+    from streamrt.apps.generate import load_generator
+
+    base = {"policy": "sink_window", "policy_args": {"sink_blocks": 3, "window_blocks": args.window - 3}}
+    return load_generator(args.model, args.config, {**base, **overrides})
+
+
+def _time_chunks(stream, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        stream.next_latents()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _cached(args: argparse.Namespace) -> dict[str, Any]:
+    gen = _generator(args)
+    cfg = gen.engine.config
+    t0 = time.perf_counter()
+    stream = gen.engine.open_stream("a red circle moving right on a dark background", cfg)
+    first = stream.next_frames()
+    ttff = time.perf_counter() - t0
+    times = _time_chunks(stream, args.chunks)  # window is full after the first few chunks
+    per_frame = np.array(times) / cfg.chunk_frames
+    t1 = time.perf_counter()
+    frames = sum(len(stream.next_frames()) for _ in range(args.chunks))
+    fps = frames / (time.perf_counter() - t1)
+    stream.close()
+    return {"gen": gen, "ttff": ttff, "fps": fps, "p50": np.percentile(per_frame, 50),
+            "p99": np.percentile(per_frame, 99), "chunk_s": float(np.median(times)), "first": first}
+
+
+def _recompute_chunk_seconds(gen, args: argparse.Namespace) -> float:
+    """No KV cache: every step re-runs the model over [window frames (t=0) | chunk (t)]."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    engine = gen.engine
+    cfg = engine.config
+    model = engine.transformer
+    c, h, w = engine.latent_shape(cfg.height, cfg.width)
+    f = cfg.chunk_frames
+    window = args.window - f
+    p = model.config.patch_size
+    tpf = (h // p[1]) * (w // p[2])
+    chunk_of = torch.cat([torch.zeros(window * tpf, dtype=torch.long), torch.ones(f * tpf, dtype=torch.long)])
+    mask = chunk_of[:, None] >= chunk_of[None, :]  # block-causal: the window never sees the chunk
+
+    class Masked(WanAttnProcessor):
+        def __call__(self, attn, hs, ehs=None, attention_mask=None, rotary_emb=None):
+            return super().__call__(attn, hs, ehs, mask if ehs is None else None, rotary_emb)
+
+    saved = dict(model.attn_processors)
+    model.set_attn_processor(Masked())
+    x = torch.randn(1, c, window + f, h, w)
+    text = engine.encode_prompt("a red circle moving right on a dark background")
+    steps = len(cfg.timesteps)
+    t = torch.zeros(1, (window + f) * tpf)
+    try:
+        with torch.no_grad():
+            model(x, t, text, return_dict=False)  # warm-up
+            times = []
+            for _ in range(args.chunks):
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    model(x, t, text, return_dict=False)
+                times.append(time.perf_counter() - t0)
+    finally:
+        model.set_attn_processor(saved)
+    return float(np.median(times))
+
+
+def _flop_ratio(cfg: GenConfig, window: int) -> float:
+    """Token-linear work of recompute over cached per chunk (attention cost aside)."""
+    f, steps = cfg.chunk_frames, len(cfg.timesteps)
+    cached = (steps + (1 if cfg.clean_refresh else 0)) * f
+    return steps * (window) / cached
+
+
+def _batch_vs_sequential(args: argparse.Namespace) -> tuple[float, float]:
+    out = []
+    for sampler in ("chunkwise", "stream_batch"):
+        gen = _generator(args, sampler=sampler, clean_refresh=False)
+        stream = gen.engine.open_stream("a red circle moving right on a dark background", gen.engine.config)
+        _time_chunks(stream, len(gen.engine.config.timesteps) + 2)  # warm-up fills the window
+        out.append(float(np.median(_time_chunks(stream, args.chunks))))
+        stream.close()
+    return out[0], out[1]
+
+
+def _late_vs_early(args: argparse.Namespace) -> tuple[float, float]:
+    gen = _generator(args)
+    cfg = gen.engine.config
+    stream = gen.engine.open_stream("a red circle moving right on a dark background", cfg)
+    while stream.seqs[0].next_index < 200:
+        stream.next_latents()
+    early = float(np.median(_time_chunks(stream, args.chunks)))
+    while stream.seqs[0].next_index < args.long_frames:
+        stream.next_latents()
+    late = float(np.median(_time_chunks(stream, args.chunks)))
+    stream.close()
+    return early, late
+
+
+def bench_gen(args: argparse.Namespace) -> int:
+    torch.manual_seed(0)
+    cached = _cached(args)
+    gen = cached.pop("gen")
+    cfg = gen.engine.config
+    recompute = _recompute_chunk_seconds(gen, args)
+    speedup = recompute / cached["chunk_s"]
+    flops = _flop_ratio(cfg, args.window)
+    seq_s, batch_s = _batch_vs_sequential(args)
+    early, late = _late_vs_early(args)
+    rows = [
+        {"measure": "FPS (rolling cache)", "value": cached["fps"]},
+        {"measure": "time to first frame (s)", "value": cached["ttff"]},
+        {"measure": "per-frame p50 / p99 (ms)", "value": f"{cached['p50'] * 1e3:.1f} / {cached['p99'] * 1e3:.1f}"},
+        {"measure": "cache vs recompute speedup", "value": speedup, "aim": f">= {0.8 * flops:.2f} (0.8 x FLOP ratio {flops:.2f})"},
+        {"measure": "stream batch vs sequential", "value": seq_s / batch_s, "aim": ">= 1.3"},
+        {"measure": f"cost at frame {args.long_frames} / frame 200", "value": late / early, "aim": "<= 1.05"},
+    ]
+    device = str(gen.engine.device) + (f" ({torch.cuda.get_device_name()})" if gen.engine.device.type == "cuda" else "")
+    print_table(f"bench gen: {args.model} {cfg.width}x{cfg.height}, chunk {cfg.chunk_frames}, "
+                f"{len(cfg.timesteps)} steps, window {args.window}, {device}", rows, ["measure", "value", "aim"])
+    write_json(args.json, {"suite": "gen", "model": args.model, "device": device,
+                           "config": dataclasses.asdict(cfg), "window": args.window,
+                           "rows": [{k: (float(v) if isinstance(v, np.floating) else v) for k, v in r.items()} for r in rows]})
+    return 0
