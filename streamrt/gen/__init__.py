@@ -1,0 +1,5 @@
+"""Streaming generation: causal video diffusion on rolling KV caches."""
+
+from streamrt.gen.generator import StreamGenerator
+
+__all__ = ["StreamGenerator"]
