@@ -49,10 +49,7 @@ class Sampler(ABC):
         """The next finished chunk of clean latents, `[1, C, F, h, w]`."""
 
     def _finish(self, chunk: _InFlight, x0: torch.Tensor) -> torch.Tensor:
-        s = self.stream
-        if s.config.clean_refresh:
-            s.forward([chunk.blocks], x0, torch.zeros(1, x0.shape[2]), causal=True)
-        s.remember_clean(chunk.blocks, x0)
+        self.stream.finish_chunk(chunk.blocks, x0)
         return x0
 
 

@@ -47,6 +47,7 @@ class GenStream:
         self.decoder = engine.codec.decoder()
         self.source: Callable[[], tuple[torch.Tensor, list[float]]] | None = None
         self.clean: list[tuple[list[int], torch.Tensor]] = []
+        self.last_rows: list = []
         self.stats = {
             "chunks": 0,
             "frames": 0,
@@ -113,7 +114,12 @@ class GenStream:
         return blocks[0]
 
     def forward(
-        self, write: list[list[int]], x: torch.Tensor, t: torch.Tensor, causal: bool = False
+        self,
+        write: list[list[int]],
+        x: torch.Tensor,
+        t: torch.Tensor,
+        causal: bool = False,
+        scores: dict | None = None,
     ) -> torch.Tensor:
         """Velocity for latents `x` `[B, C, F, h, w]` whose frames go to blocks `write[b]`.
 
@@ -130,12 +136,28 @@ class GenStream:
             x, t = torch.cat([x, x]), torch.cat([t, t])
         key = (self.text_id, b, self.guided)
         with torch.no_grad(), e.lock:
-            v = streaming_forward(e.transformer, e.state, rows, x, t, torch.cat(embeds), key)
+            v = streaming_forward(
+                e.transformer, e.state, rows, x, t, torch.cat(embeds), key, scores
+            )
         self.stats["forwards"] += 1
+        self.last_rows = rows
         if self.guided:
             v_c, v_u = v.chunk(2)
             v = v_u + self.config.guidance_scale * (v_c - v_u)
         return v
+
+    def finish_chunk(self, blocks: list[int], x0: torch.Tensor) -> None:
+        """A chunk is done: clean t=0 refresh of its K/V (if configured), policy hooks."""
+        policies = [seq.policy for seq in self.seqs]
+        scores: dict | None = {} if any(p.needs_scores for p in policies) else None
+        if self.config.clean_refresh:
+            self.forward([blocks], x0, torch.zeros(1, x0.shape[2]), causal=True, scores=scores)
+            if scores is not None:
+                for r, seq in enumerate(self.seqs):
+                    seq.policy.observe_scores(seq, self.last_rows[r].plan, scores, row=r)
+        for seq in self.seqs:
+            seq.policy.after_write(seq, blocks)
+        self.remember_clean(blocks, x0)
 
     def remember_clean(self, blocks: list[int], x0: torch.Tensor) -> None:
         """Keep a finished chunk's clean latents while its blocks are cached (for re-cache)."""

@@ -274,7 +274,7 @@ def test_bad_input_messages():
     with pytest.raises(ValueError, match="already registered"):
         mgr.register("a", SMALL)
     with pytest.raises(
-        ValueError, match="unknown cache policy 'lru2'; choose one of: .*full.*sink_window"
+        ValueError, match=r"unknown cache policy 'lru2'; choose one of: .*full.*sink_window"
     ):
         mgr.open_sequence("a", "lru2")
     with pytest.raises(ValueError, match="bad arguments"):

@@ -5,12 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from streamrt.cache.policies.base import CachePolicy, contiguous_plan
+from streamrt.cache.policies.deep_sink import DeepSinkPolicy
+from streamrt.cache.policies.ema_sink import EmaSinkPolicy
 from streamrt.cache.policies.full import FullPolicy
+from streamrt.cache.policies.participative import DeepSinkParticipativePolicy, ParticipativePolicy
 from streamrt.cache.policies.sink_window import SinkWindowPolicy
 
 POLICIES: dict[str, type[CachePolicy]] = {
     FullPolicy.name: FullPolicy,
     SinkWindowPolicy.name: SinkWindowPolicy,
+    DeepSinkPolicy.name: DeepSinkPolicy,
+    EmaSinkPolicy.name: EmaSinkPolicy,
+    ParticipativePolicy.name: ParticipativePolicy,
+    DeepSinkParticipativePolicy.name: DeepSinkParticipativePolicy,
 }
 
 
@@ -31,7 +38,11 @@ def make_policy(name: str | CachePolicy, **kwargs: Any) -> CachePolicy:
 __all__ = [
     "POLICIES",
     "CachePolicy",
+    "DeepSinkParticipativePolicy",
+    "DeepSinkPolicy",
+    "EmaSinkPolicy",
     "FullPolicy",
+    "ParticipativePolicy",
     "SinkWindowPolicy",
     "contiguous_plan",
     "make_policy",

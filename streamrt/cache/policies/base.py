@@ -47,6 +47,19 @@ class CachePolicy(ABC):
     def on_evict(self, seq: Sequence, index: int) -> None:  # noqa: B027 - optional hook
         """Called after a block left the device (dropped or offloaded)."""
 
+    def after_write(self, seq: Sequence, indices: list[int]) -> None:  # noqa: B027 - optional hook
+        """Called by the engine once per chunk, after the final (clean, t = 0) K/V of device
+        blocks `indices` are written and before the next append (adaptive sinks compare
+        the new frames with the sink here). Never called for noisy intermediate writes."""
+
+    needs_scores: bool = False
+    """True if the engine should collect query-key importance for `observe_scores`."""
+
+    def observe_scores(  # noqa: B027 - optional hook
+        self, seq: Sequence, plan: AttentionPlan, scores: dict, row: int = 0
+    ) -> None:
+        """Receive per-layer `[rows, plan.num_tokens]` importance of one forward (row `row`)."""
+
 
 def contiguous_plan(seq: Sequence, indices: list[int], start: int = 0) -> AttentionPlan:
     """Lay `indices` at consecutive positions from `start`; the query follows them.
