@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from streamrt.cache import CacheManager, KVSpec  # noqa: E402
-from streamrt.config import CacheConfig, StreamrtConfig, load_config  # noqa: E402
+from streamrt.cache import CacheManager, KVSpec
+from streamrt.config import CacheConfig, StreamrtConfig, load_config
 
 _LAZY = {"StreamGenerator": "streamrt.gen.generator", "VideoQA": "streamrt.qa"}
 

@@ -146,6 +146,60 @@ class GenConfig:
 
 
 @dataclass
+class QAConfig:
+    """A streaming video QA session (ReKV memory on the cache manager)."""
+
+    system_prompt: str = ""
+    """Text prefilled once at the start of a session; its tokens are the attention sink."""
+
+    question_template: str = "{question}"
+    """How a question is put to the model; `{question}` is replaced by the user's text."""
+
+    window_frames: int = 8
+    """Frames (blocks) a new frame attends to, itself included, after the sink."""
+
+    retrieve_frames: int = 8
+    """Frames retrieved per layer for a question (ReKV's r); all of them if fewer exist."""
+
+    group_frames: int = 1
+    """Retrieve frames in groups of this many consecutive frames (ReKV's b)."""
+
+    retrieval: Literal["internal", "external"] = "internal"
+    """internal: question queries . block summary keys, per layer (ReKV); external: cosine
+    of the question's mean token embedding and each frame's mean visual embedding."""
+
+    per_layer: bool = True
+    """Each layer selects its own frames (ReKV); False: one selection from summed scores."""
+
+    max_new_tokens: int = 16
+    """Default answer length in tokens (greedy decoding stops earlier at end-of-sequence)."""
+
+    fps: float = 1.0
+    """Frame rate assumed for frames fed without a timestamp."""
+
+    resize: bool = False
+    """Resize frames of another size to the model's input size instead of refusing them."""
+
+    session: str = "default"
+    """Name of the session's sequence; a `memory_dir` may hold several sessions."""
+
+    device_bytes: int | str = "256MiB"
+    """Device-tier budget of the session's own cache manager (ignored with a shared one)."""
+
+    host_bytes: int | str = "1GiB"
+    """Host-tier budget of the session's own cache manager."""
+
+    disk_bytes: int | str | None = None
+    """Disk-tier budget under `memory_dir`; None: limited only by the disk."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Compute dtype of the model and of the KV blocks."""
+
+    device: str | None = None
+    """Device for the model; None: CUDA if available, else CPU."""
+
+
+@dataclass
 class BenchConfig:
     """Defaults of `streamrt bench`."""
 
@@ -165,6 +219,9 @@ class StreamrtConfig:
 
     gen: GenConfig = field(default_factory=GenConfig)
     """Streaming generation."""
+
+    qa: QAConfig = field(default_factory=QAConfig)
+    """Streaming video question answering."""
 
     bench: BenchConfig = field(default_factory=BenchConfig)
     """Benchmarks."""
