@@ -69,13 +69,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--ops", type=int, default=100_000, help="allocate+free pairs per measurement"
     )
     cache.add_argument("--disk-dir", help="directory for the disk tier (default: a temp dir)")
-    gen_b = bench_sub.add_parser("gen", help="streaming generation FPS vs recompute / batch / long streams")
+    gen_b = bench_sub.add_parser(
+        "gen", help="streaming generation FPS vs recompute / batch / long streams"
+    )
     gen_b.add_argument("--model", default="tiny-random", help="generator directory or tiny-random")
     gen_b.add_argument("--config", help="YAML preset")
     gen_b.add_argument("--window", type=int, default=15, help="kept frames incl. 3 sink frames")
     gen_b.add_argument("--chunks", type=int, default=10, help="chunks timed per measurement")
-    gen_b.add_argument("--long-frames", type=int, default=20_000, help="frame index of the late measurement")
+    gen_b.add_argument(
+        "--long-frames", type=int, default=20_000, help="frame index of the late measurement"
+    )
     gen_b.add_argument("--json", metavar="PATH")
+    q = bench_sub.add_parser(
+        "quality", help="long rollouts per cache policy: adherence, dynamics, drift, copying"
+    )
+    q.add_argument("--model", default="assets/tiny-world")
+    q.add_argument("--config", help="YAML preset")
+    q.add_argument("--window", type=int, default=12, help="cache budget in latent frames")
+    q.add_argument("--clip-frames", type=int, default=24, help="training clip length (1x)")
+    q.add_argument("--prompts", type=int, default=4, help="how many of the fixed prompts")
+    q.add_argument(
+        "--plot", default="bench-quality.png", help="PNG of the metrics over time ('' for none)"
+    )
+    q.add_argument("--json", metavar="PATH")
     bench.set_defaults(func=_cmd_bench)
 
     config = sub.add_parser("config", help="print the effective configuration (defaults + preset)")

@@ -49,6 +49,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from streamrt.apps.bench.cache import bench_cache
 
         return bench_cache(args)
+    if args.suite == "quality":
+        from streamrt.apps.bench.quality import bench_quality
+
+        return bench_quality(args)
     if args.suite == "gen":
         from streamrt.apps.bench.gen import bench_gen
 

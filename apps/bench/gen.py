@@ -1,9 +1,9 @@
 """`streamrt bench gen`: streaming generation speed against baselines measured in the same run.
 
-    rolling cache vs recompute   per chunk, the no-cache baseline re-runs the model over the
-                                 kept window (clean, t=0) plus the new chunk at every step
-    stream batch vs sequential   the same denoising work batched across chunks in flight
-    frame 20k vs frame 200       per-chunk cost late in an endless stream vs early
+rolling cache vs recompute   per chunk, the no-cache baseline re-runs the model over the
+                             kept window (clean, t=0) plus the new chunk at every step
+stream batch vs sequential   the same denoising work batched across chunks in flight
+frame 20k vs frame 200       per-chunk cost late in an endless stream vs early
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from streamrt.config import GenConfig
 def _generator(args: argparse.Namespace, **overrides: Any):
     from streamrt.apps.generate import load_generator
 
-    base = {"policy": "sink_window", "policy_args": {"sink_blocks": 3, "window_blocks": args.window - 3}}
+    base = {
+        "policy": "sink_window",
+        "policy_args": {"sink_blocks": 3, "window_blocks": args.window - 3},
+    }
     return load_generator(args.model, args.config, {**base, **overrides})
 
 
@@ -49,8 +52,15 @@ def _cached(args: argparse.Namespace) -> dict[str, Any]:
     frames = sum(len(stream.next_frames()) for _ in range(args.chunks))
     fps = frames / (time.perf_counter() - t1)
     stream.close()
-    return {"gen": gen, "ttff": ttff, "fps": fps, "p50": np.percentile(per_frame, 50),
-            "p99": np.percentile(per_frame, 99), "chunk_s": float(np.median(times)), "first": first}
+    return {
+        "gen": gen,
+        "ttff": ttff,
+        "fps": fps,
+        "p50": np.percentile(per_frame, 50),
+        "p99": np.percentile(per_frame, 99),
+        "chunk_s": float(np.median(times)),
+        "first": first,
+    }
 
 
 def _recompute_chunk_seconds(gen, args: argparse.Namespace) -> float:
@@ -65,7 +75,9 @@ def _recompute_chunk_seconds(gen, args: argparse.Namespace) -> float:
     window = args.window - f
     p = model.config.patch_size
     tpf = (h // p[1]) * (w // p[2])
-    chunk_of = torch.cat([torch.zeros(window * tpf, dtype=torch.long), torch.ones(f * tpf, dtype=torch.long)])
+    chunk_of = torch.cat(
+        [torch.zeros(window * tpf, dtype=torch.long), torch.ones(f * tpf, dtype=torch.long)]
+    )
     mask = chunk_of[:, None] >= chunk_of[None, :]  # block-causal: the window never sees the chunk
 
     class Masked(WanAttnProcessor):
@@ -103,7 +115,9 @@ def _batch_vs_sequential(args: argparse.Namespace) -> tuple[float, float]:
     out = []
     for sampler in ("chunkwise", "stream_batch"):
         gen = _generator(args, sampler=sampler, clean_refresh=False)
-        stream = gen.engine.open_stream("a red circle moving right on a dark background", gen.engine.config)
+        stream = gen.engine.open_stream(
+            "a red circle moving right on a dark background", gen.engine.config
+        )
         _time_chunks(stream, len(gen.engine.config.timesteps) + 2)  # warm-up fills the window
         out.append(float(np.median(_time_chunks(stream, args.chunks))))
         stream.close()
@@ -137,15 +151,43 @@ def bench_gen(args: argparse.Namespace) -> int:
     rows = [
         {"measure": "FPS (rolling cache)", "value": cached["fps"]},
         {"measure": "time to first frame (s)", "value": cached["ttff"]},
-        {"measure": "per-frame p50 / p99 (ms)", "value": f"{cached['p50'] * 1e3:.1f} / {cached['p99'] * 1e3:.1f}"},
-        {"measure": "cache vs recompute speedup", "value": speedup, "aim": f">= {0.8 * flops:.2f} (0.8 x FLOP ratio {flops:.2f})"},
+        {
+            "measure": "per-frame p50 / p99 (ms)",
+            "value": f"{cached['p50'] * 1e3:.1f} / {cached['p99'] * 1e3:.1f}",
+        },
+        {
+            "measure": "cache vs recompute speedup",
+            "value": speedup,
+            "aim": f">= {0.8 * flops:.2f} (0.8 x FLOP ratio {flops:.2f})",
+        },
         {"measure": "stream batch vs sequential", "value": seq_s / batch_s, "aim": ">= 1.3"},
-        {"measure": f"cost at frame {args.long_frames} / frame 200", "value": late / early, "aim": "<= 1.05"},
+        {
+            "measure": f"cost at frame {args.long_frames} / frame 200",
+            "value": late / early,
+            "aim": "<= 1.05",
+        },
     ]
-    device = str(gen.engine.device) + (f" ({torch.cuda.get_device_name()})" if gen.engine.device.type == "cuda" else "")
-    print_table(f"bench gen: {args.model} {cfg.width}x{cfg.height}, chunk {cfg.chunk_frames}, "
-                f"{len(cfg.timesteps)} steps, window {args.window}, {device}", rows, ["measure", "value", "aim"])
-    write_json(args.json, {"suite": "gen", "model": args.model, "device": device,
-                           "config": dataclasses.asdict(cfg), "window": args.window,
-                           "rows": [{k: (float(v) if isinstance(v, np.floating) else v) for k, v in r.items()} for r in rows]})
+    device = str(gen.engine.device) + (
+        f" ({torch.cuda.get_device_name()})" if gen.engine.device.type == "cuda" else ""
+    )
+    print_table(
+        f"bench gen: {args.model} {cfg.width}x{cfg.height}, chunk {cfg.chunk_frames}, "
+        f"{len(cfg.timesteps)} steps, window {args.window}, {device}",
+        rows,
+        ["measure", "value", "aim"],
+    )
+    write_json(
+        args.json,
+        {
+            "suite": "gen",
+            "model": args.model,
+            "device": device,
+            "config": dataclasses.asdict(cfg),
+            "window": args.window,
+            "rows": [
+                {k: (float(v) if isinstance(v, np.floating) else v) for k, v in r.items()}
+                for r in rows
+            ],
+        },
+    )
     return 0
