@@ -125,6 +125,11 @@ class GenConfig:
     negative_prompt: str = ""
     """Prompt of the unconditional branch when guidance is on."""
 
+    rcfg: bool = False
+    """Residual CFG (StreamDiffusion's self-negative): with guidance on, the noise that made
+    the current latents stands in for the unconditional prediction, so guidance costs no
+    extra forward and no second cache."""
+
     similarity_threshold: float = 0.98
     """Video-to-video: input frames this similar (cosine) to the last processed one are
     skipped with probability max(0, 1 - (1 - cos) / (1 - threshold)) (StreamDiffusion)."""

@@ -34,6 +34,8 @@ class _InFlight:
     """Cache blocks of its frames."""
     sigmas: list[float]
     """This chunk's own schedule (video-to-video chunks start lower)."""
+    noise: torch.Tensor
+    """The eps that made `x` (residual CFG uses it as the unconditional prediction)."""
 
 
 class Sampler(ABC):
@@ -60,13 +62,14 @@ class ChunkwiseSampler(Sampler):
 
     def next_chunk(self) -> torch.Tensor:
         s = self.stream
-        x, sigmas = s.initial_latents()
-        chunk = _InFlight(x, 0, s.append_chunk(), sigmas)
+        x, sigmas, eps = s.initial_latents()
+        chunk = _InFlight(x, 0, s.append_chunk(), sigmas, eps)
         for i, sigma in enumerate(sigmas):
             t = torch.full((1, x.shape[2]), sigma * 1000.0)
-            x0 = predict_x0(x, s.forward([chunk.blocks], x, t), sigma)
+            x0 = predict_x0(x, s.forward([chunk.blocks], x, t, noise=eps), sigma)
             if i + 1 < len(sigmas):
-                x = renoise(x0, s.noise(x.shape), sigmas[i + 1])
+                eps = s.noise(x.shape)
+                x = renoise(x0, eps, sigmas[i + 1])
         return self._finish(chunk, x0)
 
 
@@ -82,8 +85,8 @@ class _WindowSampler(Sampler):
     def next_chunk(self) -> torch.Tensor:
         s = self.stream
         while True:
-            x, sigmas = s.initial_latents()
-            self.window.append(_InFlight(x, 0, s.append_chunk(), sigmas))
+            x, sigmas, eps = s.initial_latents()
+            self.window.append(_InFlight(x, 0, s.append_chunk(), sigmas, eps))
             x0s = self._denoise_window()
             finished = None
             for chunk, x0 in zip(list(self.window), x0s):
@@ -92,7 +95,8 @@ class _WindowSampler(Sampler):
                     self.window.remove(chunk)
                 else:
                     chunk.level += 1
-                    chunk.x = renoise(x0, s.noise(x0.shape), chunk.sigmas[chunk.level])
+                    chunk.noise = s.noise(x0.shape)
+                    chunk.x = renoise(x0, chunk.noise, chunk.sigmas[chunk.level])
             if finished is not None:
                 return self._finish(*finished)
 
@@ -115,7 +119,8 @@ class RollingSampler(_WindowSampler):
         f = self.window[0].x.shape[2]
         sig = torch.tensor(self._sigmas()).repeat_interleave(f)
         blocks = [b for c in self.window for b in c.blocks]
-        v = s.forward([blocks], x, (sig * 1000.0)[None])
+        noise = torch.cat([c.noise for c in self.window], dim=2)
+        v = s.forward([blocks], x, (sig * 1000.0)[None], noise=noise)
         x0 = predict_x0(x, v, sig.view(1, 1, -1, 1, 1).to(x))
         return list(x0.split(f, dim=2))
 
@@ -131,7 +136,8 @@ class StreamBatchSampler(_WindowSampler):
         f = x.shape[2]
         sig = torch.tensor(self._sigmas())
         t = (sig * 1000.0)[:, None].expand(-1, f)
-        v = s.forward([c.blocks for c in self.window], x, t, causal=True)
+        noise = torch.cat([c.noise for c in self.window], dim=0)
+        v = s.forward([c.blocks for c in self.window], x, t, causal=True, noise=noise)
         x0 = predict_x0(x, v, sig.view(-1, 1, 1, 1, 1).to(x))
         return list(x0.split(1, dim=0))
 

@@ -38,14 +38,16 @@ class GenStream:
         self.tokens_per_frame = (h // p[1]) * (w // p[2])
         self.sigmas = shifted_sigmas(config.timesteps, config.shift)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.guided = config.guidance_scale != 1.0
+        # Two-branch CFG runs a second (unconditional) sequence; RCFG needs none.
+        self.rcfg = config.guidance_scale != 1.0 and config.rcfg
+        self.guided = config.guidance_scale != 1.0 and not config.rcfg
         self.seqs = [engine.open_sequence(f"{stream_id}-c", config)]
         if self.guided:
             self.seqs.append(engine.open_sequence(f"{stream_id}-u", config))
         self._check_capacity()
         self.sampler = make_sampler(config.sampler, self)
         self.decoder = engine.codec.decoder()
-        self.source: Callable[[], tuple[torch.Tensor, list[float]]] | None = None
+        self.source: Callable[[], tuple[torch.Tensor, list[float], torch.Tensor]] | None = None
         self.clean: list[tuple[list[int], torch.Tensor]] = []
         self.last_rows: list = []
         self.stats = {
@@ -98,11 +100,13 @@ class GenStream:
             self.engine.device, self.engine.dtype
         )
 
-    def initial_latents(self) -> tuple[torch.Tensor, list[float]]:
-        """Pure noise and the full schedule (text-to-video), or the video-to-video source's."""
+    def initial_latents(self) -> tuple[torch.Tensor, list[float], torch.Tensor]:
+        """`(latents, schedule, eps)`: pure noise and the full schedule (text-to-video), or
+        the video-to-video source's noised input."""
         if self.source is not None:
             return self.source()
-        return self.noise((1, *self._chunk_shape())), self.sigmas
+        eps = self.noise((1, *self._chunk_shape()))
+        return eps, self.sigmas, eps
 
     def _chunk_shape(self) -> tuple[int, ...]:
         c, h, w = self.latent_shape
@@ -120,11 +124,13 @@ class GenStream:
         t: torch.Tensor,
         causal: bool = False,
         scores: dict | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity for latents `x` `[B, C, F, h, w]` whose frames go to blocks `write[b]`.
 
         With guidance, every row runs twice (conditional, unconditional sequence) in one
-        batch and the result is `v_u + g * (v_c - v_u)`.
+        batch and the result is `v_u + g * (v_c - v_u)`. With RCFG, `noise` (the eps that
+        made `x`) is the unconditional prediction instead (see `_rcfg`).
         """
         e = self.engine
         b = x.shape[0]
@@ -144,7 +150,23 @@ class GenStream:
         if self.guided:
             v_c, v_u = v.chunk(2)
             v = v_u + self.config.guidance_scale * (v_c - v_u)
+        elif self.rcfg and noise is not None:
+            v = self._rcfg(x, t, v, noise)
         return v
+
+    def _rcfg(
+        self, x: torch.Tensor, t: torch.Tensor, v: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """Self-negative residual CFG in noise space, mapped back to a velocity.
+
+        eps_c = x + (1 - sigma) v          (the model's noise estimate)
+        eps_g = noise + g (eps_c - noise)  (the stored noise as "unconditional")
+        v_g   = eps_g - x0_c,  x0_c = x - sigma v
+        """
+        sigma = (t.to(x) / 1000.0)[:, None, :, None, None]
+        eps_c = x + (1 - sigma) * v
+        eps_g = noise + self.config.guidance_scale * (eps_c - noise)
+        return eps_g - (x - sigma * v)
 
     def finish_chunk(self, blocks: list[int], x0: torch.Tensor) -> None:
         """A chunk is done: clean t=0 refresh of its K/V (if configured), policy hooks."""

@@ -93,7 +93,7 @@ class VideoToVideo:
             frame = np.clip(frame, 0, 255).astype(np.uint8)
         return frame
 
-    def _source(self) -> tuple[torch.Tensor, list[float]]:
+    def _source(self) -> tuple[torch.Tensor, list[float], torch.Tensor]:
         """Initial latents of the next chunk: the input, noised by the motion-aware strength."""
         s = self.stream
         if not self.chunks:
@@ -108,7 +108,7 @@ class VideoToVideo:
         noise = s.noise(latents.shape)
         z = self.strength * noise + (1 - self.strength) * latents
         sigmas = [self.strength] + [x for x in s.sigmas if x < self.strength]
-        return z, sigmas
+        return z, sigmas, noise
 
     def run(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         last_out: np.ndarray | None = None

@@ -240,3 +240,19 @@ def test_presets_build_their_policy_and_sampler():
         cfg = load_config(path).gen
         make_policy(cfg.policy, **cfg.policy_args)
         assert cfg.sampler in SAMPLERS, path
+
+
+def test_rcfg_guides_without_a_second_branch(parts):
+    plain_gen = make_gen(parts, seed=2)
+    plain = np.stack(list(plain_gen.stream(PROMPT, num_frames=6)))
+    gen = make_gen(parts, seed=2, guidance_scale=2.0, rcfg=True)
+    stream = gen.engine.open_stream(PROMPT, gen.engine.config)
+    frames = np.concatenate([stream.next_frames(), stream.next_frames()])
+    assert len(stream.seqs) == 1  # no unconditional cache
+    assert stream.stats["forwards"] == 2 * 5  # and no extra forward: 4 steps + refresh per chunk
+    assert not np.array_equal(frames, plain)
+    # g = 1 makes RCFG the identity.
+    same = np.stack(
+        list(make_gen(parts, seed=2, guidance_scale=1.0, rcfg=True).stream(PROMPT, num_frames=6))
+    )
+    assert np.array_equal(same, plain)
