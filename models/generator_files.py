@@ -35,16 +35,32 @@ def _missing(path: Path, what: str) -> FileNotFoundError:
     )
 
 
-def load_generator_parts(path: Path, manifest: dict[str, Any], cfg: GenConfig):
-    """Transformer, text encoder and codec of a generator directory."""
+PIPELINE_MANIFEST = {"codec": "wan_vae", "text_len": 512, "gen": {}}
+"""How a diffusers Wan pipeline directory (model_index.json) is read: UMT5 prompts of 512
+tokens, the Wan VAE, and streamrt's default generation settings unless a preset says more."""
+
+
+def load_generator_parts(
+    path: Path, manifest: dict[str, Any], cfg: GenConfig, checkpoint: Path | None = None
+):
+    """Transformer, text encoder and codec of a generator (or diffusers Wan pipeline) directory.
+
+    `checkpoint` (a distilled causal generator: Self-Forcing, CausVid, Rolling/Reward
+    Forcing, StreamDiffusionV2 `.pt`, or any layout `load_wan_transformer` reads) replaces
+    the directory's transformer weights; its config comes from `transformer/config.json`.
+    """
     dtype = _DTYPES[cfg.dtype]
     for part in ("transformer", "text_encoder", "tokenizer"):
         if not (path / part).is_dir():
             raise _missing(path / part, f"the {part}")
-    try:
+    # load_wan_transformer raises CheckpointError (a ValueError) naming the file and what
+    # does not match; it never leaves random weights behind.
+    if checkpoint is None:
         transformer = load_wan_transformer(path / "transformer", dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise _missing(path / "transformer", str(exc).splitlines()[0]) from None
+    else:
+        config = json.loads((path / "transformer" / "config.json").read_text())
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        transformer = load_wan_transformer(checkpoint, config=config, dtype=dtype)
     text = TextEncoder.from_pretrained(path, manifest.get("text_len", 16))
     codec_name = manifest.get("codec", "pixel")
     if codec_name == "pixel":

@@ -38,25 +38,35 @@ class StreamGenerator:
         path: str | Path,
         config: str | Path | None = None,
         cache: CacheConfig | None = None,
+        checkpoint: str | Path | None = None,
         **overrides: Any,
     ) -> StreamGenerator:
-        """Load a generator directory (see `save_pretrained`); `overrides` set `GenConfig` fields.
+        """Load a generator; `overrides` set `GenConfig` fields.
 
         Args:
-            path: Directory with `streamrt.json`, `transformer/`, `text_encoder/`, `tokenizer/`.
-            config: Optional YAML preset whose `gen:` section fills the config first.
+            path: A streamrt generator directory (`streamrt.json`, see `save_pretrained`) or a
+                diffusers Wan pipeline directory (`model_index.json`: transformer/,
+                text_encoder/, tokenizer/, vae/), e.g. Wan2.1-T2V-1.3B-Diffusers.
+            config: Optional YAML preset whose `gen:` section fills the config first
+                (e.g. configs/wan-1.3b-self-forcing.yaml).
             cache: Cache budgets (default: `CacheConfig()` on the model's device).
+            checkpoint: Causal generator weights replacing the directory's transformer
+                (Self-Forcing / CausVid / Rolling / Reward Forcing / StreamDiffusionV2 `.pt`).
         """
-        from streamrt.models.generator_files import load_generator_parts
+        from streamrt.models.generator_files import PIPELINE_MANIFEST, load_generator_parts
 
         path = Path(path)
-        manifest = _read_manifest(path)
+        if not (path / MANIFEST).exists() and (path / "model_index.json").exists():
+            manifest = PIPELINE_MANIFEST
+        else:
+            manifest = _read_manifest(path)
         gen_cfg = from_dict(GenConfig, manifest.get("gen", {}), str(path / MANIFEST))
         if config is not None:
             preset = load_config(config)
             gen_cfg = dataclasses.replace(gen_cfg, **_changed(preset.gen))
         gen_cfg = dataclasses.replace(gen_cfg, **overrides)
-        transformer, text_encoder, codec = load_generator_parts(path, manifest, gen_cfg)
+        ckpt = Path(checkpoint) if checkpoint is not None else None
+        transformer, text_encoder, codec = load_generator_parts(path, manifest, gen_cfg, ckpt)
         return cls(GenEngine(transformer, text_encoder, codec, gen_cfg, cache_config=cache))
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -129,8 +139,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     file = path / MANIFEST
     if not file.exists():
         raise FileNotFoundError(
-            f"{path} is not a streamrt generator directory (no {MANIFEST}); build the embedded "
-            "one with `streamrt train gen` or convert a checkpoint"
+            f"{path} is neither a streamrt generator directory (no {MANIFEST}) nor a diffusers "
+            "Wan pipeline (no model_index.json); build the embedded one with `streamrt train gen`"
         )
     try:
         manifest = json.loads(file.read_text())

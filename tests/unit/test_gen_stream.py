@@ -131,7 +131,7 @@ def test_save_and_load_round_trip(parts, tmp_path):
     b = np.stack(list(again.stream(PROMPT, num_frames=6)))
     assert np.array_equal(a, b)
     (tmp_path / "g" / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"broken")
-    with pytest.raises(FileNotFoundError, match="transformer"):
+    with pytest.raises(ValueError, match="transformer"):
         StreamGenerator.from_pretrained(tmp_path / "g")
     with pytest.raises(FileNotFoundError, match=r"streamrt\.json"):
         StreamGenerator.from_pretrained(tmp_path)
@@ -256,3 +256,39 @@ def test_rcfg_guides_without_a_second_branch(parts):
         list(make_gen(parts, seed=2, guidance_scale=1.0, rcfg=True).stream(PROMPT, num_frames=6))
     )
     assert np.array_equal(same, plain)
+
+
+def test_diffusers_pipeline_dir_with_a_causal_checkpoint(tmp_path):
+    """The layout users bring: Wan2.1-T2V-*-Diffusers plus a Self-Forcing-style `.pt`."""
+    import json
+
+    from streamrt.models.wan_checkpoints import save_generator_pt
+
+    transformer, text, codec = tiny_random_parts(VOCAB, codec="wan_vae", seed=0)
+    other, _, _ = tiny_random_parts(VOCAB, codec="wan_vae", seed=1)
+    pipe = tmp_path / "Wan-tiny-Diffusers"
+    transformer.save_pretrained(pipe / "transformer")
+    text.save_pretrained(pipe)
+    codec.vae.save_pretrained(pipe / "vae")
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    save_generator_pt(other, tmp_path / "self_forcing_dmd.pt")
+
+    loaded = StreamGenerator.from_pretrained(
+        pipe, checkpoint=tmp_path / "self_forcing_dmd.pt", **SMALL
+    )
+    direct = StreamGenerator(
+        GenEngine(other, TextEncoderLike(text, 512), codec, GenConfig(**SMALL))
+    )
+    a = np.stack(list(loaded.stream(PROMPT, num_frames=4)))
+    b = np.stack(list(direct.stream(PROMPT, num_frames=4)))
+    assert np.array_equal(a, b)
+    base = np.stack(
+        list(StreamGenerator.from_pretrained(pipe, **SMALL).stream(PROMPT, num_frames=4))
+    )
+    assert not np.array_equal(a, base)  # the checkpoint really replaced the weights
+
+
+def TextEncoderLike(text, text_len):
+    from streamrt.models.text import TextEncoder
+
+    return TextEncoder(text.model, text.tokenizer, text_len)
