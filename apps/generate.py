@@ -23,6 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"generator directory (default assets/tiny-world); '{TINY_RANDOM}' builds an "
         "untrained tiny model for smoke tests",
     )
+    p.add_argument(
+        "--checkpoint",
+        help="causal generator weights (.pt/.safetensors) replacing the model's transformer",
+    )
     p.add_argument("--config", help="YAML preset (configs/*.yaml) filling the gen: section")
     p.add_argument("--policy", help="cache policy (full, sink_window, deep_sink, ema_sink, ...)")
     p.add_argument("--policy-args", help="e.g. sink_blocks=3,window_blocks=18")
@@ -73,7 +77,9 @@ def parse_kv(text: str) -> dict[str, Any]:
     return out
 
 
-def load_generator(model: str, config: str | None, overrides: dict[str, Any]):
+def load_generator(
+    model: str, config: str | None, overrides: dict[str, Any], checkpoint: str | None = None
+):
     from streamrt.gen.generator import StreamGenerator
 
     if model == TINY_RANDOM:
@@ -89,13 +95,13 @@ def load_generator(model: str, config: str | None, overrides: dict[str, Any]):
             GenEngine(*tiny_random_parts(VOCAB), dataclasses.replace(base, **overrides))
         )
     path = Path(model)
-    if not (path / "streamrt.json").exists():
+    if not (path / "streamrt.json").exists() and not (path / "model_index.json").exists():
         raise FileNotFoundError(
             f"no default model yet: {path} holds no streamrt generator. The embedded tiny model "
             "is built by `streamrt train gen`; until it ships, pass --model DIR (a generator "
             f"directory) or --model {TINY_RANDOM} for an untrained smoke test."
         )
-    return StreamGenerator.from_pretrained(path, config=config, **overrides)
+    return StreamGenerator.from_pretrained(path, config=config, checkpoint=checkpoint, **overrides)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from streamrt.models.text import PromptError
 
     try:
-        gen = load_generator(args.model, args.config, overrides_from(args))
+        gen = load_generator(args.model, args.config, overrides_from(args), args.checkpoint)
         cfg = gen.engine.config
         frames = gen.stream(args.prompt, num_frames=args.frames)
         first = next(frames)  # fails here, before any file is written, on a bad prompt or config
