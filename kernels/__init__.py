@@ -12,7 +12,13 @@ from streamrt.kernels.attention import (
     sdpa,
     set_attention_backend,
 )
-from streamrt.kernels.rope import apply_rope, apply_wan_rope, rope_frequencies, wan_rope_cos_sin
+from streamrt.kernels.rope import (
+    apply_rope,
+    apply_wan_rope,
+    rope_frequencies,
+    wan_rope_cos_sin,
+    wan_rope_halves,
+)
 
 __all__ = [
     "BACKENDS",
@@ -24,4 +30,5 @@ __all__ = [
     "sdpa",
     "set_attention_backend",
     "wan_rope_cos_sin",
+    "wan_rope_halves",
 ]

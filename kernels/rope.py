@@ -65,10 +65,21 @@ def wan_rope_cos_sin(
     return out[0], out[1]
 
 
-def apply_wan_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` `[..., tokens, heads, head_dim]` with Wan tables (same math as diffusers)."""
+def wan_rope_halves(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `[..., head_dim // 2]` halves `apply_wan_rope` reads, made contiguous once so a
+    forward's layers all reuse them."""
+    return cos[..., 0::2].contiguous(), sin[..., 1::2].contiguous()
+
+
+def apply_wan_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, halves: bool = False
+) -> torch.Tensor:
+    """Rotate `x` `[..., tokens, heads, head_dim]` with Wan tables (same math as diffusers).
+
+    With `halves`, `cos`/`sin` are already `wan_rope_halves(cos, sin)`.
+    """
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[..., 0::2], sin[..., 1::2]
+    c, s = (cos, sin) if halves else (cos[..., 0::2], sin[..., 1::2])
     out = torch.empty_like(x)
     out[..., 0::2] = x1 * c - x2 * s
     out[..., 1::2] = x1 * s + x2 * c

@@ -28,7 +28,7 @@ import torch
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
 from streamrt.cache import AttentionPlan, Sequence
-from streamrt.kernels import apply_wan_rope, attend, wan_rope_cos_sin
+from streamrt.kernels import apply_wan_rope, attend, wan_rope_cos_sin, wan_rope_halves
 
 
 @dataclass
@@ -66,9 +66,9 @@ class ForwardContext:
             frames = torch.tensor(
                 [s // tokens_per_frame for s in row.plan.starts], dtype=torch.long
             )
-            k_cos, k_sin = wan_rope_cos_sin(rope, frames, h, w)
-            q_cos, q_sin = wan_rope_cos_sin(rope, row.query_frames, h, w)
-            row.rope = (q_cos, q_sin, k_cos, k_sin)
+            k_tab = wan_rope_halves(*wan_rope_cos_sin(rope, frames, h, w))
+            q_tab = wan_rope_halves(*wan_rope_cos_sin(rope, row.query_frames, h, w))
+            row.rope = (*q_tab, *k_tab)
 
 
 @dataclass
@@ -127,8 +127,8 @@ class StreamingSelfAttention:
         for b, row in enumerate(ctx.rows):
             k, v = row.seq.gather(self.layer, row.plan)
             q_cos, q_sin, k_cos, k_sin = row.rope
-            queries.append(apply_wan_rope(query[b], q_cos, q_sin))
-            keys.append(apply_wan_rope(k.to(query.dtype), k_cos, k_sin))
+            queries.append(apply_wan_rope(query[b], q_cos, q_sin, halves=True))
+            keys.append(apply_wan_rope(k.to(query.dtype), k_cos, k_sin, halves=True))
             values.append(v.to(query.dtype))
         if len({k.shape[0] for k in keys}) == 1:  # same layout: one batched call
             out = attend(torch.stack(queries), torch.stack(keys), torch.stack(values))

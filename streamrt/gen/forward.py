@@ -56,9 +56,13 @@ def streaming_forward(
     grid = (height // p_h, width // p_w)
     ctx = ForwardContext(rows, grid, text_key, scores)
     ctx.prepare(transformer.rope, grid[0] * grid[1])
-    timestep = (
-        frame_timesteps.to(latents.device).float().repeat_interleave(grid[0] * grid[1], dim=1)
-    )
+    frame_timesteps = frame_timesteps.to(latents.device).float()
+    if bool((frame_timesteps == frame_timesteps[:, :1]).all()):
+        # One noise level per row: diffusers' 1-D timestep path gives the same modulation,
+        # computed once instead of once per token.
+        timestep = frame_timesteps[:, 0]
+    else:
+        timestep = frame_timesteps.repeat_interleave(grid[0] * grid[1], dim=1)
     state.current = ctx
     try:
         return transformer(latents, timestep, prompt_embeds, return_dict=False)[0]
