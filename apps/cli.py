@@ -21,6 +21,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _cmd_ask(args: argparse.Namespace) -> int:
+    from streamrt.apps.ask import run
+
+    return run(args)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from streamrt.apps.bench import run_bench
 
@@ -55,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a video from a prompt")
     add_arguments(gen)
     gen.set_defaults(func=_cmd_generate)
+
+    from streamrt.apps.ask import add_arguments as ask_arguments
+
+    ask = sub.add_parser("ask", help="ask questions about a video file (streaming video QA memory)")
+    ask_arguments(ask)
+    ask.set_defaults(func=_cmd_ask)
 
     bench = sub.add_parser("bench", help="measure speed against a baseline in the same run")
     bench_sub = bench.add_subparsers(dest="suite", required=True)

@@ -1,0 +1,321 @@
+"""The QA memory: a session's frames as blocks in the one `CacheManager`, plus its index.
+
+    logical blocks:  [ sink 0..S-1 | frame S | frame S+1 | ... ]       one frame = one block
+    device:          [ sink | last W frames ]      (SinkWindowPolicy: a ring of W slots)
+    host / disk:     every older frame, moved down by the manager under its budgets
+
+Keys are stored before RoPE, so any subset of blocks can be laid at consecutive positions
+(`contiguous_plan`). Beside each frame block the memory keeps a small record (timestamp,
+summary key `[L, H_kv * D]`, mean visual embedding) used by retrieval; with a disk tier the
+records are written to `<memory_dir>/<session>.index.pt` (temp file + rename) on `save_index`
+and `close`, and a later process restores the blocks and records together.
+
+Invariant: `records` holds exactly the frame blocks present in the sequence's table
+(blocks dropped by the manager or found corrupt are pruned from it before use).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from streamrt.cache import (
+    DEVICE,
+    DISK,
+    HOST,
+    CacheError,
+    CacheManager,
+    CorruptBlockError,
+    KVSpec,
+    OutOfBlocksError,
+)
+from streamrt.cache.policies import SinkWindowPolicy, contiguous_plan
+from streamrt.cache.sequence import AttentionPlan
+
+INDEX_FORMAT = 1
+CONSUMER = "qa"
+
+
+@dataclass(frozen=True)
+class FrameRecord:
+    """What retrieval knows about one stored frame (its K/V live in the cache manager)."""
+
+    timestamp: float
+    summary: torch.Tensor
+    """Per layer, the mean pre-RoPE key over the frame's tokens, heads concatenated."""
+    embed: torch.Tensor
+    """Mean of the frame's visual token embeddings (external retrieval)."""
+
+
+class QAMemory:
+    """A session's block table, window and frame index on a `CacheManager`.
+
+    Args:
+        manager: The process's cache manager (its disk tier, if any, persists the session).
+        spec: KV layout of one frame block (tokens_per_block = tokens per frame).
+        session: Sequence id; also the name of the index file.
+        sink_tokens: Token ids of the system prompt (the sink); fixes the sink's size.
+        window_frames: Frames a new frame attends to (itself included) after the sink.
+        fingerprint: Model facts a restored memory must match.
+        index_dir: Where the index lives (None: not persistent).
+    """
+
+    def __init__(
+        self,
+        manager: CacheManager,
+        spec: KVSpec,
+        *,
+        session: str,
+        sink_tokens: list[int],
+        window_frames: int,
+        fingerprint: dict[str, Any],
+        index_dir: Path | None,
+    ) -> None:
+        self.manager = manager
+        self.spec = spec
+        self.sink_tokens = list(sink_tokens)
+        self.num_sink = -(-len(sink_tokens) // spec.tokens_per_block)
+        self.fingerprint = {**fingerprint, "sink_tokens": self.sink_tokens}
+        consumer = manager.consumers.get(CONSUMER)
+        if consumer is None:
+            consumer = manager.register(CONSUMER, spec)
+        else:
+            spec.check_compatible(consumer.spec, f"consumer {CONSUMER!r} already registered")
+        self.index_path = None if index_dir is None else index_dir / f"{session}.index.pt"
+        persistent = self.index_path is not None and manager.disk is not None
+        policy = SinkWindowPolicy(sink_blocks=self.num_sink, window_blocks=window_frames)
+        self.seq = manager.open_sequence(consumer, policy, seq_id=session, restore=persistent)
+        self.records: dict[int, FrameRecord] = {}
+        self.counters = {"corrupt_skipped": 0, "missing_on_restore": 0, "lost_on_close": 0}
+        self.restored = False
+        if self.seq.table:
+            self._reconcile(window_frames)
+
+    # ------------------------------------------------------------------ writing
+
+    @property
+    def has_sink(self) -> bool:
+        return all(i in self.seq.table for i in range(self.num_sink))
+
+    def allocate(self, num_tokens: int | None = None) -> int:
+        """A new device block at the end (the ring moves the oldest window frame down)."""
+        return self.seq.append(num_tokens)
+
+    def discard(self, index: int) -> None:
+        """Give back a block whose writing failed, so no garbage is ever served."""
+        if index in self.seq.table:
+            self.seq.free(index)
+        self.records.pop(index, None)
+
+    def write(
+        self, indices: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]
+    ) -> None:
+        """Write pre-RoPE K and V of every layer (`[n_tokens, H, D]` each) into `indices`,
+        padding the last block with zeros (its valid length is the block's `num_tokens`)."""
+        total = len(indices) * self.spec.tokens_per_block
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            pad = total - k.shape[0]
+            if pad:
+                k = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad))
+                v = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, pad))
+            self.seq.write_layer(indices, layer, k, v)
+
+    def commit_frame(self, index: int, timestamp: float, embed: torch.Tensor) -> None:
+        """Record a written frame block (its summary key is computed from the stored keys)."""
+        summary = self.manager.summarize(self.seq, index)
+        self.records[index] = FrameRecord(float(timestamp), summary, embed.float().cpu())
+
+    # ------------------------------------------------------------------ reading
+
+    def window_plan(self, before: int) -> AttentionPlan:
+        """Sink + device-resident frames older than block `before`, laid from position 0."""
+        return contiguous_plan(self.seq, [i for i in self.seq.indices(DEVICE) if i < before])
+
+    def layout(self, frames: list[int]) -> AttentionPlan:
+        """Sink + `frames` (time order) at consecutive positions from 0."""
+        return contiguous_plan(self.seq, [*range(self.num_sink), *frames])
+
+    def gather(self, layer: int, plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-RoPE K and V `[tokens, H, D]` of `layer` over the plan's (device) blocks."""
+        return self.seq.gather(layer, plan)
+
+    def candidates(self, below: int) -> list[int]:
+        """Frame blocks with index < `below` that can be served, in time order."""
+        self._prune()
+        return [i for i in self.records if i < below]
+
+    def fetch(self, frames: list[int]) -> tuple[list[int], list[int]]:
+        """Bring `frames` to the device. Returns (moved up by this call, lost as corrupt).
+
+        A block failing its checksum is dropped by the manager, warned about and counted
+        here; the others are still fetched.
+        """
+        moved = [i for i in frames if self.seq.table[i].tier != DEVICE]
+        lost: list[int] = []
+        pending = list(frames)
+        while pending:
+            try:
+                self.manager.fetch(self.seq, pending)
+                break
+            except OutOfBlocksError as exc:
+                self.release([i for i in moved if i not in lost])
+                raise OutOfBlocksError(
+                    f"cannot bring {len(frames)} frame(s) to the device for this question: {exc}. "
+                    "Raise device_bytes or lower retrieve_frames / window_frames"
+                ) from None
+            except CorruptBlockError as exc:
+                gone = [i for i in pending if i not in self.seq.table]
+                lost += gone
+                for i in gone:
+                    self.records.pop(i, None)
+                self.counters["corrupt_skipped"] += len(gone)
+                warnings.warn(f"skipped corrupt frame block(s) {gone}: {exc}", stacklevel=3)
+                pending = [i for i in pending if i in self.seq.table]
+        return [i for i in moved if i not in lost], lost
+
+    def release(self, frames: list[int]) -> None:
+        """Move frames fetched for a question back to the host (device memory stays bounded)."""
+        for i in frames:  # one at a time, so each may push older host blocks on to disk
+            if i in self.seq.table and self.seq.table[i].tier == DEVICE:
+                self.manager.offload(self.seq, i, HOST)
+
+    def frame_count(self) -> int:
+        self._prune()
+        return len(self.records)
+
+    def tier_counts(self) -> dict[str, int]:
+        return dict(self.seq.counts)
+
+    # ------------------------------------------------------------------ persistence
+
+    def save_index(self) -> None:
+        """Write the frame index next to the disk tier (atomically: temp file + rename)."""
+        if self.index_path is None:
+            return
+        self._persist_sink()
+        self._prune()
+        idx = sorted(self.records)
+        recs = [self.records[i] for i in idx]
+        hidden = recs[0].embed.shape[0] if recs else 0
+        data = {
+            "format": INDEX_FORMAT,
+            "fingerprint": {k: v for k, v in self.fingerprint.items() if k != "sink_tokens"},
+            "sink_tokens": torch.tensor(self.sink_tokens, dtype=torch.long),
+            "index": torch.tensor(idx, dtype=torch.long),
+            "timestamp": torch.tensor([r.timestamp for r in recs], dtype=torch.float64),
+            "summary": torch.stack([r.summary for r in recs]) if recs else torch.zeros(0),
+            "embed": torch.stack([r.embed for r in recs]) if recs else torch.zeros(0, hidden),
+        }
+        tmp = self.index_path.with_name(f".{self.index_path.name}.{os.getpid()}.tmp")
+        torch.save(data, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.index_path)
+
+    def _persist_sink(self) -> None:
+        """Give the sink a clean copy on disk (it never changes after the prefill), so an
+        index saved before a crash still finds it; the sink stays on the device."""
+        if self.manager.disk is None:
+            return
+        table = self.seq.table
+        need = [i for i in range(self.num_sink) if i in table and table[i].disk_key is None]
+        need = [i for i in need if table[i].tier != DISK]
+        if need:
+            self.manager.offload(self.seq, need, DISK)
+            self.manager.fetch(self.seq, need)
+
+    def close(self) -> None:
+        """Persist everything to the disk tier (if any) and free the sequence's memory."""
+        if self.seq.closed:
+            return
+        if self.index_path is None or self.manager.disk is None:
+            self.manager.close_sequence(self.seq)
+            return
+        for i, block in self.seq.items():
+            if block.tier == DISK:
+                continue
+            try:
+                self.manager.offload(self.seq, i, DISK)
+            except CacheError as exc:
+                self.counters["lost_on_close"] += 1
+                warnings.warn(f"frame block {i} could not be saved to disk: {exc}", stacklevel=2)
+        self.save_index()
+        self.manager.close_sequence(self.seq, keep_disk=True)
+
+    def _reconcile(self, window_frames: int) -> None:
+        """Match restored disk blocks with the saved index; bring sink + window back."""
+        data = self._load_index()
+        if data is None:  # blocks without an index cannot be retrieved: start afresh
+            warnings.warn(
+                f"{len(self.seq.table)} block(s) in {self.manager.disk.root} have no readable "
+                f"index {self.index_path.name} (the session was not closed): discarding them",
+                stacklevel=3,
+            )
+            for i in list(self.seq.table):
+                self.seq.free(i)
+            return
+        saved_sink = data["sink_tokens"].tolist()
+        if saved_sink != self.sink_tokens or not self.has_sink:
+            raise CacheError(
+                f"the memory in {self.index_path.parent} was written with another system prompt "
+                "or lost its sink blocks: open it with the same system_prompt, or use a new memory_dir"
+            )
+        for j, i in enumerate(data["index"].tolist()):
+            if i not in self.seq.table:
+                self.counters["missing_on_restore"] += 1
+                continue
+            self.records[i] = FrameRecord(
+                float(data["timestamp"][j]), data["summary"][j], data["embed"][j]
+            )
+        for i in [i for i in self.seq.table if i >= self.num_sink and i not in self.records]:
+            self.seq.free(i)  # written after the index was saved: no summary, not servable
+        if self.counters["missing_on_restore"]:
+            warnings.warn(
+                f"{self.counters['missing_on_restore']} indexed frame block(s) are missing or "
+                "corrupt on disk and will not be served",
+                stacklevel=3,
+            )
+        sink = list(range(self.num_sink))
+        if sink:
+            _, lost = self.fetch(sink)
+            if lost:
+                raise CacheError(
+                    "a sink block of the restored memory is corrupt: use a new memory_dir"
+                )
+        window = sorted(self.records)[-(window_frames - 1) :] if window_frames > 1 else []
+        self.fetch(window)
+        self.restored = True
+
+    def _load_index(self) -> dict[str, Any] | None:
+        if self.index_path is None or not self.index_path.is_file():
+            return None
+        try:
+            data = torch.load(self.index_path, weights_only=True)
+        except Exception as exc:  # a torn or foreign file: say so, serve nothing from it
+            warnings.warn(f"cannot read the QA index {self.index_path}: {exc}", stacklevel=4)
+            return None
+        if data.get("format") != INDEX_FORMAT:
+            raise CacheError(f"{self.index_path}: unknown index format {data.get('format')!r}")
+        saved = data["fingerprint"]
+        ours = {k: v for k, v in self.fingerprint.items() if k != "sink_tokens"}
+        if saved != ours:
+            diffs = [
+                f"{k}: saved {saved.get(k)!r}, model {ours.get(k)!r}"
+                for k in ours
+                if saved.get(k) != ours[k]
+            ]
+            raise CacheError(
+                f"the memory in {self.index_path.parent} was written by another model ("
+                + "; ".join(diffs)
+                + "): open it with that model or use a new memory_dir"
+            )
+        return data
+
+    def _prune(self) -> None:
+        for i in [i for i in self.records if i not in self.seq.table]:
+            del self.records[i]

@@ -1,0 +1,60 @@
+"""ReKV retrieval: score stored frames for a question, pick the top ones per layer.
+
+    internal (ReKV):  q_bar[l] = mean over question tokens of the pre-RoPE queries of
+                      layer l, query heads averaged within each KV-head group -> [H_kv * D];
+                      score[l, i] = q_bar[l] . k_bar[l, i]   (k_bar: the block's summary key)
+    external:         score[i] = cos(mean question token embedding, mean visual embedding
+                      of frame i), the same for every layer
+
+Frames are taken in groups of `group` consecutive frames (a group's score is the mean of
+its members'), best groups first, until `k` frames are chosen; the result is in time order,
+so the chosen frames are laid at consecutive positions in the order they were seen.
+Every layer chooses exactly `k` frames, so all layers attend to contexts of one length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def question_vectors(queries: list[torch.Tensor], num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Per-layer mean pre-RoPE query `[L, H_kv * D]` from `q_proj` outputs `[1, n, H_q * D]`."""
+    rows = []
+    for q in queries:
+        q_bar = q.float().reshape(-1, q.shape[-1]).mean(0)  # [H_q * D]
+        rows.append(q_bar.view(num_kv_heads, -1, head_dim).mean(1).flatten())
+    return torch.stack(rows)
+
+
+def internal_scores(q_vectors: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+    """`[L, N]` scores of N frames with summaries `[N, L, H_kv * D]`."""
+    return torch.einsum("lc,nlc->ln", q_vectors, summaries.float())
+
+
+def external_scores(question_embed: torch.Tensor, frame_embeds: torch.Tensor) -> torch.Tensor:
+    """`[1, N]` cosine scores of frame embeddings `[N, hidden]` against a question `[hidden]`."""
+    q = question_embed.float()[None]
+    return torch.nn.functional.cosine_similarity(frame_embeds.float(), q, dim=-1)[None]
+
+
+def select(scores: torch.Tensor, k: int, group: int = 1) -> list[list[int]]:
+    """Per row of `scores` `[L, N]`, the positions (0..N-1, ascending) of the `k` chosen frames."""
+    n = scores.shape[1]
+    k = min(k, n)
+    if k <= 0:
+        return [[] for _ in range(scores.shape[0])]
+    group = max(1, group)
+    starts = list(range(0, n, group))
+    chosen = []
+    for row in scores:
+        means = torch.stack([row[s : s + group].mean() for s in starts])
+        # Stable order on ties (earlier groups first) keeps selection deterministic.
+        order = sorted(range(len(starts)), key=lambda g: (-means[g].item(), g))
+        picked: list[int] = []
+        for g in order:
+            members = list(range(starts[g], min(starts[g] + group, n)))
+            picked.extend(members[: k - len(picked)])
+            if len(picked) == k:
+                break
+        chosen.append(sorted(picked))
+    return chosen

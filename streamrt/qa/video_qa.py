@@ -1,0 +1,503 @@
+"""`VideoQA`: feed a live stream's frames, ask questions about anything seen so far.
+
+    qa = VideoQA.from_pretrained("path/to/video-llm", memory_dir="mem/")
+    qa.feed(frame)                       # vision tower -> prefill over [sink | window]
+    answer = qa.ask("what color was the circle?")   # any time, from any thread
+    qa.close()                           # blocks + index stay in mem/ for the next process
+
+A frame is encoded once, when it arrives; questions never re-encode the video. Per
+question (ReKV): score every stored frame, fetch the chosen blocks back to the device,
+lay `[sink | chosen frames]` at consecutive positions, prefill the question on top and
+decode greedily. The question's own K/V are transient (a few dozen tokens, dropped after
+the answer); every frame byte lives in the cache manager.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamrt.cache import CacheManager, DiskTierError, KVSpec
+from streamrt.cache.sequence import AttentionPlan
+from streamrt.config import CacheConfig, QAConfig
+from streamrt.qa import retrieval
+from streamrt.qa.context import PlannedCache, capture
+from streamrt.qa.memory import QAMemory
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The answer to one question."""
+
+    text: str
+    """Decoded answer (special tokens removed)."""
+    timestamps: tuple[float, ...]
+    """Timestamps of the frames the answer attended to (union over layers), in time order."""
+    latency_s: float
+    """Wall time from the call to the last decoded token."""
+    token_ids: tuple[int, ...] = ()
+    """The generated token ids."""
+
+
+class VideoQA:
+    """A streaming video QA session on one Video-LLM and one cache manager.
+
+    Args:
+        adapter: A `streamrt.models.vlm.VLMAdapter` (see `from_pretrained`).
+        tokenizer: The model's tokenizer.
+        config: Session settings.
+        memory_dir: Directory for the disk tier and the session index (None: in memory only).
+        manager: A shared cache manager; by default the session makes its own.
+    """
+
+    def __init__(
+        self,
+        adapter: Any,
+        tokenizer: Any,
+        config: QAConfig | None = None,
+        memory_dir: str | Path | None = None,
+        manager: CacheManager | None = None,
+    ) -> None:
+        self.adapter = adapter
+        self.tokenizer = tokenizer
+        self.config = config or QAConfig()
+        cfg = self.config
+        if cfg.window_frames < 1 or cfg.retrieve_frames < 1 or cfg.group_frames < 1:
+            raise ValueError(
+                "window_frames, retrieve_frames and group_frames must be >= 1, got "
+                f"{cfg.window_frames}, {cfg.retrieve_frames}, {cfg.group_frames}"
+            )
+        if cfg.fps <= 0:
+            raise ValueError(f"fps must be > 0, got {cfg.fps}")
+        self.memory_dir = _prepare_dir(memory_dir)
+        if manager is not None and self.memory_dir is not None and manager.disk is None:
+            raise ValueError(
+                "memory_dir needs a disk tier, but the shared cache manager has none: set its "
+                "cache.disk_dir, or let the session make its own manager"
+            )
+        self.manager = manager or CacheManager(
+            CacheConfig(
+                device_bytes=cfg.device_bytes,
+                host_bytes=cfg.host_bytes,
+                disk_bytes=cfg.disk_bytes,
+                disk_dir=None if self.memory_dir is None else str(self.memory_dir / "blocks"),
+                device=str(adapter.device),
+            )
+        )
+        spec = KVSpec(
+            adapter.num_layers,
+            adapter.num_kv_heads,
+            adapter.head_dim,
+            adapter.tokens_per_frame,
+            adapter.dtype,
+        )
+        self.memory = QAMemory(
+            self.manager,
+            spec,
+            session=cfg.session,
+            sink_tokens=self._tokenize(cfg.system_prompt) if cfg.system_prompt else [],
+            window_frames=cfg.window_frames,
+            fingerprint=adapter.fingerprint(),
+            index_dir=self.memory_dir,
+        )
+        self._lock = threading.RLock()
+        self._questions = 0
+        self._last_latency: float | None = None
+        self._closed = False
+        if not self.memory.restored:
+            self._prefill_sink()
+        records = self.memory.records
+        self._committed_below = self.memory.seq.next_index
+        self._next_ts = (
+            (max(r.timestamp for r in records.values()) + 1 / cfg.fps) if records else 0.0
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        memory_dir: str | Path | None = None,
+        *,
+        manager: CacheManager | None = None,
+        **config: Any,
+    ) -> VideoQA:
+        """Load a Video-LLM directory (SmolVLM, LLaVA-OneVision) and open a session.
+
+        `config` keys are `QAConfig` fields. With `memory_dir`, a session saved there by an
+        earlier process is restored (same model and system prompt required).
+        """
+        from transformers import AutoTokenizer
+
+        from streamrt.cache.spec import dtype_from_name
+        from streamrt.models.vlm import load_adapter
+
+        known = {f.name for f in fields(QAConfig)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"unknown QA option(s) {unknown}; known: {', '.join(sorted(known))}")
+        cfg = QAConfig(**config)
+        adapter = load_adapter(path, dtype=dtype_from_name(cfg.dtype), device=cfg.device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(adapter, tokenizer, cfg, memory_dir=memory_dir, manager=manager)
+
+    # ------------------------------------------------------------------ public API
+
+    def feed(
+        self,
+        frames: Any,
+        timestamp: float | SequenceABC[float] | None = None,
+    ) -> int:
+        """Encode one frame `[H, W, 3]` or several `[N, H, W, 3]` (uint8, or float in [0, 1]).
+
+        `timestamp`: seconds of the (first) frame; None continues at `config.fps`.
+        Returns the number of frames stored.
+        """
+        self._check_open()
+        batch = self._check_frames(frames)
+        stamps = self._timestamps(batch.shape[0], timestamp)
+        embeds = self.adapter.encode_frames(self.adapter.pixels(batch))  # one vision batch
+        for frame_embeds, t in zip(embeds, stamps):
+            with self._lock:
+                self._check_open()
+                self._feed_one(frame_embeds, t)
+        return batch.shape[0]
+
+    def ask(self, question: str, max_new_tokens: int | None = None) -> Answer:
+        """Answer `question` from the frames fed before this call (safe from another thread)."""
+        start = time.perf_counter()
+        # 1. Check inputs; frames committed after this point are not part of the answer.
+        cutoff = self._committed_below
+        ids = self._question_ids(question)
+        max_new = self.config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if max_new < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+        with self._lock:
+            self._check_open()
+            # 2-3. Retrieve frames and fetch their blocks back to the device.
+            chosen, moved = self._retrieve_and_fetch(ids, cutoff)
+            try:
+                # 4. Prefill the question on [sink | chosen] and decode greedily.
+                tokens = self._generate(ids, [self.memory.layout(c) for c in chosen], max_new)
+            finally:
+                # 5. Frames fetched for this question leave the device again.
+                self.memory.release(moved)
+            used = sorted(set().union(*map(set, chosen)))
+            stamps = tuple(self.memory.records[i].timestamp for i in used)
+            self._questions += 1
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        self._last_latency = time.perf_counter() - start
+        return Answer(text, stamps, self._last_latency, tuple(tokens))
+
+    @torch.no_grad()
+    def question_logits(self, question: str) -> torch.Tensor:
+        """Logits `[n, vocab]` over the question's tokens on the retrieved context (for
+        exactness tests and evaluation; `ask` decodes from the last row)."""
+        ids = self._question_ids(question)
+        with self._lock:
+            chosen, moved = self._retrieve_and_fetch(ids, self._committed_below)
+            try:
+                logits, _ = self._prefill(ids, [self.memory.layout(c) for c in chosen])
+            finally:
+                self.memory.release(moved)
+        return logits
+
+    def stats(self) -> dict[str, Any]:
+        """Frames stored per tier, questions answered, skipped/missing blocks, cache stats."""
+        with self._lock:
+            return {
+                "frames": self.memory.frame_count(),
+                "questions": self._questions,
+                "tokens_per_frame": self.adapter.tokens_per_frame,
+                "blocks_per_tier": self.memory.tier_counts(),
+                "last_latency_s": self._last_latency,
+                **self.memory.counters,
+                "cache": self.manager.stats(),
+            }
+
+    def save(self) -> None:
+        """Write the frame index now (with `memory_dir`), so a crash keeps the frames
+        already on disk retrievable; `close` does this and also saves every other frame."""
+        with self._lock:
+            self._check_open()
+            self.memory.save_index()
+
+    def close(self) -> None:
+        """Save the session (with `memory_dir`) and free its memory. Idempotent."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self.memory.close()
+
+    def __enter__(self) -> VideoQA:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ steps
+
+    def _prefill_sink(self) -> None:
+        ids = self.memory.sink_tokens
+        if not ids:
+            return
+        tpb = self.memory.spec.tokens_per_block
+        blocks = [
+            self.memory.allocate(min(tpb, len(ids) - j * tpb)) for j in range(self.memory.num_sink)
+        ]
+        try:
+            empty = AttentionPlan((), (), (), 0)
+            text = self.adapter.text_positions(len(ids))
+            _, keys, values = self._run(self.adapter.embed_text(ids), self._contexts([empty]), text)
+            self.memory.write(blocks, keys, values)
+        except BaseException:
+            for b in blocks:
+                self.memory.discard(b)
+            raise
+
+    def _feed_one(self, frame_embeds: torch.Tensor, timestamp: float) -> None:
+        index = self.memory.allocate()
+        try:
+            plan = self.memory.window_plan(before=index)
+            _, end = self._layout(plan)
+            frame = self.adapter.frame_positions() + end
+            _, keys, values = self._run(frame_embeds, self._contexts([plan]), frame)
+            self.memory.write([index], keys, values)
+            self.memory.commit_frame(index, timestamp, frame_embeds.mean(0))
+        except BaseException:
+            self.memory.discard(index)
+            raise
+        self._committed_below = index + 1
+
+    def _retrieve_and_fetch(self, ids: list[int], cutoff: int) -> tuple[list[list[int]], list[int]]:
+        """Per-layer chosen frames (time order), fetched; and those this call moved up."""
+        frames = self.memory.candidates(cutoff)
+        if not frames and cutoff > self.memory.num_sink:
+            raise ValueError(
+                "every frame fed so far was dropped (the host and disk tiers had no room): "
+                "raise host_bytes or give the session a memory_dir"
+            )
+        if not frames:
+            raise ValueError("no frames have been fed yet: feed at least one frame before asking")
+        moved: list[int] = []
+        while True:
+            chosen = self._select(ids, frames, cutoff)
+            union = sorted(set().union(*map(set, chosen)))
+            up, lost = self.memory.fetch(union)
+            moved += up
+            if not lost:
+                return chosen, moved
+            frames = [f for f in frames if f not in lost]
+            if not frames:
+                self.memory.release(moved)
+                raise ValueError(
+                    "every stored frame failed its checksum: nothing left to answer from"
+                )
+
+    def _select(self, ids: list[int], frames: list[int], cutoff: int) -> list[list[int]]:
+        cfg, n_layers = self.config, self.adapter.num_layers
+        recs = [self.memory.records[i] for i in frames]
+        if cfg.retrieval == "external":
+            q = self.adapter.embed_text(ids).float().mean(0).cpu()
+            scores = retrieval.external_scores(q, torch.stack([r.embed for r in recs]))
+        else:
+            plan = self.memory.window_plan(before=cutoff)
+            _, end = self._layout(plan)
+            with capture(self.adapter.attention_modules(), ("q_proj",)) as got:
+                self.adapter.forward(
+                    self.adapter.embed_text(ids),
+                    self.adapter.text_positions(len(ids)) + end,
+                    PlannedCache(self._contexts([plan])),
+                )
+            q = retrieval.question_vectors(
+                got["q_proj"], self.adapter.num_kv_heads, self.adapter.head_dim
+            )
+            scores = retrieval.internal_scores(q.cpu(), torch.stack([r.summary for r in recs]))
+            if not cfg.per_layer:
+                scores = scores.sum(0, keepdim=True)
+        picks = retrieval.select(scores, cfg.retrieve_frames, cfg.group_frames)
+        if len(picks) == 1:
+            picks = picks * n_layers
+        return [[frames[p] for p in row] for row in picks]
+
+    def _generate(self, ids: list[int], plans: list[AttentionPlan], max_new: int) -> list[int]:
+        logits, cache = self._prefill(ids, plans)
+        pos = self._layout(plans[0])[1] + len(ids)
+        eos = self.tokenizer.eos_token_id
+        tokens: list[int] = []
+        while True:
+            tok = int(logits[-1].argmax())
+            if tok == eos:
+                break
+            tokens.append(tok)
+            if len(tokens) == max_new:
+                break
+            hidden = self.adapter.forward(
+                self.adapter.embed_text([tok]), self.adapter.text_positions(1) + pos, cache
+            )
+            logits = self.adapter.logits(hidden)
+            pos += 1
+        return tokens
+
+    def _prefill(
+        self, ids: list[int], plans: list[AttentionPlan]
+    ) -> tuple[torch.Tensor, PlannedCache]:
+        cache = PlannedCache(self._contexts(plans))
+        text = self.adapter.text_positions(len(ids)) + self._layout(plans[0])[1]
+        hidden = self.adapter.forward(self.adapter.embed_text(ids), text, cache)
+        return self.adapter.logits(hidden), cache
+
+    def _run(
+        self,
+        embeds: torch.Tensor,
+        contexts: list[tuple[torch.Tensor, torch.Tensor]],
+        positions: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Prefill `embeds` on `contexts`; return hidden states and the new tokens' pre-RoPE
+        K and V per layer (`[n, H_kv, D]`), ready for the cache manager."""
+        a = self.adapter
+        with capture(a.attention_modules()) as got:
+            hidden = a.forward(embeds, positions, PlannedCache(contexts))
+        shape = (embeds.shape[0], a.num_kv_heads, a.head_dim)
+        keys = [k.reshape(shape) for k in got["k_proj"]]
+        values = [v.reshape(shape) for v in got["v_proj"]]
+        return hidden, keys, values
+
+    def _contexts(self, plans: list[AttentionPlan]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the plan's K (rotated at the plan's positions) and V, `[1, H, P, D]`.
+        One plan is used for every layer."""
+        a = self.adapter
+        if len(plans) == 1:
+            plans = plans * a.num_layers
+        out = []
+        for layer, plan in enumerate(plans):
+            if not plan.indices:
+                empty = torch.zeros(
+                    1, a.num_kv_heads, 0, a.head_dim, dtype=a.dtype, device=a.device
+                )
+                out.append((empty, empty))
+                continue
+            k, v = self.memory.gather(layer, plan)
+            positions, _ = self._layout(plan)
+            out.append((a.rotate(k, positions), v.to(a.dtype).transpose(0, 1)[None]))
+        return out
+
+    def _layout(self, plan: AttentionPlan) -> tuple[torch.Tensor, int]:
+        """RoPE positions `[tokens, rope_axes]` of the plan's blocks laid one after another
+        from 0, and the first free position after them (where new tokens go).
+
+            sink text    t t t t t t t        each token one position further (all axes)
+            frame        (s, s+row, s+col)    M-RoPE: one temporal step, a spatial grid
+                         s, s+1, ..., s+T-1   1-D RoPE: like text
+            next block   s + span             span = max offset + 1 (T for 1-D RoPE)
+
+        This is the stock models' own rule (e.g. Qwen2-VL `get_rope_index`): a retrieved
+        frame moved to a new place keeps its token offsets, every axis shifted alike.
+        """
+        a = self.adapter
+        frame = a.frame_positions()
+        frame_span = int(frame.max()) + 1
+        parts, pos = [], 0
+        for index, n in zip(plan.indices, plan.lengths):
+            if index < self.memory.num_sink:
+                parts.append(a.text_positions(n) + pos)
+                pos += n
+            else:
+                parts.append(frame[:n] + pos)
+                pos += frame_span
+        if not parts:
+            return torch.zeros(0, a.rope_axes, dtype=torch.long), 0
+        return torch.cat(parts), pos
+
+    # ------------------------------------------------------------------ input checks
+
+    def _tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _question_ids(self, question: Any) -> list[int]:
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"the question must be non-empty text, got {question!r}")
+        ids = self._tokenize(self.config.question_template.format(question=question.strip()))
+        if not ids:
+            raise ValueError(f"the question {question!r} has no tokens for this tokenizer")
+        return ids
+
+    def _check_frames(self, frames: Any) -> torch.Tensor:
+        """Frames as float `[N, H, W, 3]` in [0, 1] at the model's size, or a clear error."""
+        t = frames if isinstance(frames, torch.Tensor) else torch.as_tensor(np.asarray(frames))
+        if t.ndim == 3:
+            t = t[None]
+        h, w = self.adapter.image_size
+        if t.ndim != 4 or t.shape[-1] != 3 or t.shape[0] == 0:
+            raise ValueError(
+                f"frames must be RGB [H, W, 3] or [N, H, W, 3] (model size {h}x{w}), got shape "
+                f"{tuple(t.shape)}"
+            )
+        if t.dtype == torch.uint8:
+            x = t.float() / 255.0
+        elif t.is_floating_point():
+            x = t.float()
+            if not torch.isfinite(x).all():
+                raise ValueError("frames contain NaN or infinite values")
+            if x.min() < 0 or x.max() > 1:
+                raise ValueError(
+                    f"float frames must lie in [0, 1], got [{x.min():.3g}, {x.max():.3g}]"
+                )
+        else:
+            raise ValueError(f"frames must be uint8 or float in [0, 1], got dtype {t.dtype}")
+        if tuple(x.shape[1:3]) != (h, w):
+            if not self.config.resize:
+                raise ValueError(
+                    f"frames are {x.shape[1]}x{x.shape[2]} but the model takes {h}x{w}: resize "
+                    "them or open the session with resize=True"
+                )
+            x = (
+                torch.nn.functional.interpolate(
+                    x.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", antialias=True
+                )
+                .permute(0, 2, 3, 1)
+                .clamp(0, 1)
+            )
+        return x
+
+    def _timestamps(self, n: int, timestamp: Any) -> list[float]:
+        step = 1.0 / self.config.fps
+        if timestamp is None:
+            stamps = [self._next_ts + k * step for k in range(n)]
+        elif isinstance(timestamp, (int, float)):
+            stamps = [float(timestamp) + k * step for k in range(n)]
+        else:
+            stamps = [float(t) for t in timestamp]
+            if len(stamps) != n:
+                raise ValueError(f"got {len(stamps)} timestamps for {n} frames")
+        if not all(math.isfinite(t) for t in stamps):
+            raise ValueError(f"timestamps must be finite numbers, got {stamps}")
+        self._next_ts = stamps[-1] + step
+        return stamps
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this VideoQA session is closed; open a new one")
+
+
+def _prepare_dir(memory_dir: str | Path | None) -> Path | None:
+    if memory_dir is None:
+        return None
+    path = Path(memory_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe.{threading.get_ident()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise DiskTierError(
+            f"memory_dir {path} is not a writable directory ({exc}): choose another memory_dir"
+        ) from None
+    return path
