@@ -17,4 +17,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'streamrt' has no attribute {name!r}")
 
 
-__all__ = ["CacheConfig", "CacheManager", "KVSpec", "StreamGenerator", "StreamrtConfig", "__version__", "load_config"]
+__all__ = [
+    "CacheConfig",
+    "CacheManager",
+    "KVSpec",
+    "StreamGenerator",
+    "StreamrtConfig",
+    "__version__",
+    "load_config",
+]

@@ -17,7 +17,9 @@ class MaskedWanProcessor(WanAttnProcessor):
         super().__init__()
         self.mask = mask
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
+    ):
         return super().__call__(attn, hidden_states, encoder_hidden_states, self.mask, rotary_emb)
 
 
@@ -53,7 +55,9 @@ def streamed_forward(model, x, frame_t, text, chunk, policy="full", **policy_arg
             rows = chunk_rows([seq], [write], tpf)
             sl = slice(start, start + chunk)
             outs.append(
-                streaming_forward(model, state, rows, x[:, :, sl], frame_t[:, sl], text, text_key="p")
+                streaming_forward(
+                    model, state, rows, x[:, :, sl], frame_t[:, sl], text, text_key="p"
+                )
             )
     detach_streaming(model)
     mgr.check_invariants()
@@ -83,6 +87,8 @@ def test_window_that_drops_frames_differs_from_full_attention():
     text = torch.randn(1, 5, 16)
     frame_t = torch.full((1, 6), 500)
     ref = reference_forward(model, x, frame_t, text, 1)
-    got, _ = streamed_forward(model, x, frame_t, text, 1, "sink_window", sink_blocks=0, window_blocks=2)
+    got, _ = streamed_forward(
+        model, x, frame_t, text, 1, "sink_window", sink_blocks=0, window_blocks=2
+    )
     assert (got[:, :, :2] - ref[:, :, :2]).abs().max() <= 1e-5  # identical while nothing dropped
     assert (got[:, :, 3:] - ref[:, :, 3:]).abs().max() > 1e-4
