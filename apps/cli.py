@@ -104,6 +104,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot", default="bench-quality.png", help="PNG of the metrics over time ('' for none)"
     )
     q.add_argument("--json", metavar="PATH")
+    qa_b = bench_sub.add_parser(
+        "qa", help="video QA memory: encode FPS, answer latency vs re-prefill, needle accuracy"
+    )
+    qa_b.add_argument("--model", default="tiny-random", help="Video-LLM directory or tiny-random")
+    qa_b.add_argument(
+        "--max-frames", type=int, default=3600, help="stream length at 1 fps (default 1 h)"
+    )
+    qa_b.add_argument("--window", type=int, default=8, help="frames in the local window")
+    qa_b.add_argument("--retrieve", type=int, help="frames retrieved per layer (default: window)")
+    qa_b.add_argument("--max-new-tokens", type=int, default=8, help="answer length in tokens")
+    qa_b.add_argument("--repeats", type=int, default=3, help="best of N (default 3)")
+    qa_b.add_argument(
+        "--baseline-max-frames",
+        type=int,
+        default=3600,
+        help="measure re-prefill up to this many frames, extrapolate beyond",
+    )
+    qa_b.add_argument("--trials", type=int, default=20, help="needle trials per scale (0: none)")
+    qa_b.add_argument(
+        "--needle-scales",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 10, 100],
+        help="needle stream lengths in windows (default 1,10,100)",
+    )
+    qa_b.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    qa_b.add_argument("--json", metavar="PATH")
     bench.set_defaults(func=_cmd_bench)
 
     config = sub.add_parser("config", help="print the effective configuration (defaults + preset)")

@@ -31,6 +31,9 @@ class PixelCodec:
     spatial = 1
     temporal = 1
 
+    def frames_needed(self, latent_frames: int) -> int:
+        return latent_frames
+
     def encoder(self) -> PixelCodec:
         return self
 
@@ -64,12 +67,49 @@ class WanVAECodec:
     def decoder(self) -> _StreamDecoder:
         return _StreamDecoder(self)
 
-    def encoder(self):
-        # Partial: a causal streaming encode (first frame alone, then groups of `temporal`)
-        # is not written yet, so video-to-video needs the pixel codec for now.
-        raise NotImplementedError(
-            "video-to-video with a Wan VAE codec is not supported yet (streaming encode)"
-        )
+    def encoder(self) -> _StreamEncoder:
+        return _StreamEncoder(self)
+
+
+class _StreamEncoder:
+    """Encodes frames as they arrive (video-to-video), keeping the encoder's causal state.
+
+    Wan's VAE encodes the first frame alone, then groups of `temporal` frames, so the first
+    chunk of F latent frames takes `1 + temporal * (F - 1)` frames and later ones
+    `temporal * F`; the decoder gives back the same counts, one output frame per input.
+    Latents are the posterior mean, normalised as Wan's pipeline does.
+    """
+
+    def __init__(self, codec: WanVAECodec) -> None:
+        self.codec = codec
+        self.feat_map = [None] * codec.vae._cached_conv_counts["encoder"]
+        self.first = True
+
+    def frames_needed(self, latent_frames: int) -> int:
+        t = self.codec.temporal
+        return 1 + t * (latent_frames - 1) if self.first else t * latent_frames
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae, c = self.codec.vae, self.codec
+        x = pixels
+        if vae.config.patch_size is not None:
+            from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
+
+            x = patchify(x, patch_size=vae.config.patch_size)
+        groups = []
+        if self.first:
+            groups.append(x[:, :, :1])
+            x = x[:, :, 1:]
+            self.first = False
+        groups += list(x.split(c.temporal, dim=2))
+        outs = [
+            vae.encoder(g, feat_cache=self.feat_map, feat_idx=[0]) for g in groups if g.shape[2]
+        ]
+        mu = vae.quant_conv(torch.cat(outs, dim=2))[:, : c.latent_channels]
+        if c.mean is not None and c.std is not None:
+            mu = (mu - c.mean.to(mu)) / c.std.to(mu)
+        return mu
 
 
 class _StreamDecoder:

@@ -57,4 +57,8 @@ def run_bench(args: argparse.Namespace) -> int:
         from streamrt.apps.bench.gen import bench_gen
 
         return bench_gen(args)
+    if args.suite == "qa":
+        from streamrt.apps.bench.qa import bench_qa
+
+        return bench_qa(args)
     raise SystemExit(f"unknown bench suite {args.suite!r}")

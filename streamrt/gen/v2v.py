@@ -68,7 +68,6 @@ class VideoToVideo:
     def __init__(self, stream: GenStream) -> None:
         self.stream = stream
         cfg = stream.config
-        self.frames_per_chunk = cfg.chunk_frames * stream.engine.codec.temporal
         self.filter = SimilarityFilter(cfg.similarity_threshold, cfg.max_skipped_frames, cfg.seed)
         self.strength = cfg.v2v_strength
         self.pending: list[np.ndarray] = []
@@ -110,6 +109,12 @@ class VideoToVideo:
         sigmas = [self.strength] + [x for x in s.sigmas if x < self.strength]
         return z, sigmas, noise
 
+    def _frames_for_next_chunk(self) -> int:
+        f = self.stream.config.chunk_frames
+        if not self.chunks:
+            return self.encoder.frames_needed(f)
+        return self.stream.engine.codec.temporal * f  # only the very first chunk is shorter
+
     def run(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         last_out: np.ndarray | None = None
         for i, frame in enumerate(frames):
@@ -118,7 +123,8 @@ class VideoToVideo:
                 yield last_out
                 continue
             self.pending.append(frame)
-            if len(self.pending) < self.frames_per_chunk:
+            # Chunks the sampler has not taken yet count too (window samplers fill up first).
+            if len(self.pending) < self._frames_for_next_chunk():
                 continue
             self.chunks.append(frames_to_tensor(np.stack(self.pending)))
             self.pending = []

@@ -292,3 +292,43 @@ def TextEncoderLike(text, text_len):
     from streamrt.models.text import TextEncoder
 
     return TextEncoder(text.model, text.tokenizer, text_len)
+
+
+def test_wan_vae_streaming_encode_and_video_to_video():
+    from diffusers import AutoencoderKLWan
+
+    from streamrt.models.codec import WanVAECodec
+
+    transformer, text, _ = tiny_random_parts(VOCAB, codec="wan_vae")
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(  # Wan's topology (4x time, 8x space), tiny widths
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        attn_scales=[],
+        latents_mean=[0.1, -0.2, 0.0, 0.3],
+        latents_std=[1.5, 0.5, 1.0, 2.0],
+    ).eval()
+    codec = WanVAECodec(vae)
+    t = codec.temporal
+    assert (t, codec.spatial) == (4, 8)
+    enc = codec.encoder()
+    first_n, rest_n = enc.frames_needed(3), t * 3
+    assert first_n == 1 + t * 2
+    frames = torch.rand(1, 3, first_n + rest_n, 32, 32) * 2 - 1
+    with torch.no_grad():
+        full = (codec.vae.encode(frames).latent_dist.mode() - codec.mean) / codec.std
+    first = enc.encode(frames[:, :, :first_n])
+    assert enc.frames_needed(3) == rest_n
+    rest = enc.encode(frames[:, :, first_n:])
+    assert first.shape[2] == 3 and rest.shape[2] == 3
+    torch.testing.assert_close(torch.cat([first, rest], dim=2), full, atol=1e-5, rtol=1e-5)
+    gen = StreamGenerator(
+        GenEngine(transformer, text, codec, GenConfig(**{**SMALL, "height": 32, "width": 32}))
+    )
+    rng = np.random.default_rng(0)
+    src = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(first_n + rest_n)]
+    out = list(gen.stylize(src, PROMPT))
+    assert len(out) == len(src) and out[0].shape == (32, 32, 3)  # one output frame per input
