@@ -58,6 +58,9 @@ def check_invariants(mgr: CacheManager) -> None:
                 problems.append(
                     f"{seq.seq_id}: {tier} count {seq.counts[tier]} != {counts[tier]} in table"
                 )
+        device = {i for i, b in seq.table.items() if b.tier == DEVICE}
+        if device != seq._device:
+            problems.append(f"{seq.seq_id}: device index set out of date")
         for index, block in seq.table.items():
             refs[id(block)] += 1
             if block.owner != seq.consumer.name:

@@ -167,8 +167,7 @@ class CacheManager(TierMoves):
         case a later `open_sequence(..., restore=True)` finds them again."""
         with self._lock:
             for index in list(seq.table):
-                block = seq.table.pop(index)
-                seq.counts[block.tier] -= 1
+                block = seq._pop(index)
                 if keep_disk and block.tier == DISK:
                     block.ref_cnt -= 1
                     seq.consumer.used_blocks[DISK] -= 1
@@ -210,8 +209,7 @@ class CacheManager(TierMoves):
             block.owner, block.seq_id, block.index = seq.consumer.name, seq.seq_id, index
             block.position, block.num_tokens = seq.next_position, n
             block.last_access = seq.last_access = next(self._tick)
-            seq.table[index] = block
-            seq.counts[DEVICE] += 1
+            seq._put(index, block)
             seq.next_index += 1
             seq.next_position += n
             self.counters["appends"] += 1
@@ -331,8 +329,7 @@ class CacheManager(TierMoves):
 
     def _unlink(self, seq: Sequence, index: int) -> None:
         """Remove a block from `seq`'s table and give its memory back."""
-        block = seq.table.pop(index)
-        seq.counts[block.tier] -= 1
+        block = seq._pop(index)
         self._release(seq.consumer, block)
 
     def _release(self, consumer: Consumer, block: KVBlock, keep_file: bool = False) -> None:
@@ -478,8 +475,7 @@ class CacheManager(TierMoves):
                 seq.consumer.used_blocks[DEVICE] += 1
             pool.touch(block)
             index = seq.next_index
-            seq.table[index] = block
-            seq.counts[DEVICE] += 1
+            seq._put(index, block)
             seq.next_index += 1
             seq.next_position += block.num_tokens
             return index

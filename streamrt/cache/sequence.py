@@ -76,6 +76,9 @@ class Sequence:
         self.next_position = 0
         self.num_dropped = 0
         self.counts = {DEVICE: 0, HOST: 0, DISK: 0}
+        # Device-resident indices, kept apart so the hot path never scans a long table
+        # (a QA session keeps hours of frames on host and disk).
+        self._device: set[int] = set()
         self.last_access = 0
         self.closed = False
 
@@ -89,10 +92,35 @@ class Sequence:
 
     def items(self, tier: str | None = None) -> list[tuple[int, KVBlock]]:
         """`(logical index, block)` pairs in time order, optionally only those in `tier`."""
+        if tier == DEVICE:
+            return [(i, self.table[i]) for i in sorted(self._device)]
         return [(i, b) for i, b in self.table.items() if tier is None or b.tier == tier]
 
     def indices(self, tier: str | None = None) -> list[int]:
+        """Logical indices in time order, optionally only those in `tier`."""
+        if tier == DEVICE:
+            return sorted(self._device)
         return [i for i, b in self.table.items() if tier is None or b.tier == tier]
+
+    def _put(self, index: int, block: KVBlock) -> None:
+        """Set table entry `index` (the manager's only way in; keeps counts exact)."""
+        old = self.table.get(index)
+        if old is not None:
+            self._forget(index, old)
+        self.table[index] = block
+        self.counts[block.tier] += 1
+        if block.tier == DEVICE:
+            self._device.add(index)
+
+    def _pop(self, index: int) -> KVBlock:
+        block = self.table.pop(index)
+        self._forget(index, block)
+        return block
+
+    def _forget(self, index: int, block: KVBlock) -> None:
+        self.counts[block.tier] -= 1
+        if block.tier == DEVICE:
+            self._device.discard(index)
 
     def num_resident(self, tier: str = DEVICE) -> int:
         """Blocks of this sequence in `tier` (kept as a counter by the manager)."""

@@ -92,9 +92,7 @@ class TierMoves:
         # A disk file stays as the clean backing copy of a fetched block: it moves with the
         # block, so offloading it again writes nothing (until a writable view dirties it).
         new.disk_key = new.disk_key or old.disk_key
-        seq.table[index] = new
-        seq.counts[old.tier] -= 1
-        seq.counts[tier] += 1
+        seq._put(index, new)
         if old.tier == DISK:
             old.ref_cnt -= 1
         else:
@@ -142,8 +140,7 @@ class TierMoves:
             return Transfer(None, dst.numel() * dst.element_size())
         except CorruptBlockError:
             # The store already quarantined the file; the block is gone from this sequence.
-            seq.table.pop(index)
-            seq.counts[DISK] -= 1
+            seq._pop(index)
             seq.consumer.used_blocks[DISK] -= 1
             seq.num_dropped += 1
             self.counters["corrupt_blocks"] += 1
@@ -167,8 +164,7 @@ class TierMoves:
             )
             block.position, block.num_tokens = entry.meta["position"], entry.meta["num_tokens"]
             block.importance = entry.meta.get("importance", 0.0)
-            seq.table[block.index] = block
-            seq.counts[DISK] += 1
+            seq._put(block.index, block)
             seq.consumer.used_blocks[DISK] += 1
             seq.next_index = max(seq.next_index, block.index + 1)
             seq.next_position = max(seq.next_position, block.position + block.num_tokens)

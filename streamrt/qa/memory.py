@@ -52,6 +52,36 @@ class FrameRecord:
     """Mean of the frame's visual token embeddings (external retrieval)."""
 
 
+class RowBank:
+    """Rows of equal shape in one growing tensor, found by key.
+
+    Retrieval scores every stored frame per question; stacking thousands of small tensors
+    each time would make answer latency grow with the stream. Rows of removed keys stay
+    unreferenced (as many as the session ever stored, like the index itself).
+    """
+
+    def __init__(self) -> None:
+        self.data: torch.Tensor | None = None
+        self.rows: dict[int, int] = {}
+        self.size = 0
+
+    def add(self, key: int, row: torch.Tensor) -> None:
+        if self.data is None:
+            self.data = torch.empty((64, *row.shape), dtype=row.dtype)
+        elif self.size == self.data.shape[0]:
+            self.data = torch.cat([self.data, torch.empty_like(self.data)])
+        self.data[self.size] = row
+        self.rows[key] = self.size
+        self.size += 1
+
+    def take(self, keys: list[int]) -> torch.Tensor:
+        """Rows of `keys`, stacked in that order."""
+        assert self.data is not None
+        return self.data.index_select(
+            0, torch.tensor([self.rows[k] for k in keys], dtype=torch.long)
+        )
+
+
 class QAMemory:
     """A session's block table, window and frame index on a `CacheManager`.
 
@@ -91,6 +121,8 @@ class QAMemory:
         policy = SinkWindowPolicy(sink_blocks=self.num_sink, window_blocks=window_frames)
         self.seq = manager.open_sequence(consumer, policy, seq_id=session, restore=persistent)
         self.records: dict[int, FrameRecord] = {}
+        self.summaries = RowBank()
+        self.embeds = RowBank()
         self.counters = {"corrupt_skipped": 0, "missing_on_restore": 0, "lost_on_close": 0}
         self.restored = False
         if self.seq.table:
@@ -128,7 +160,12 @@ class QAMemory:
     def commit_frame(self, index: int, timestamp: float, embed: torch.Tensor) -> None:
         """Record a written frame block (its summary key is computed from the stored keys)."""
         summary = self.manager.summarize(self.seq, index)
-        self.records[index] = FrameRecord(float(timestamp), summary, embed.float().cpu())
+        self._record(index, FrameRecord(float(timestamp), summary, embed.float().cpu()))
+
+    def _record(self, index: int, record: FrameRecord) -> None:
+        self.records[index] = record
+        self.summaries.add(index, record.summary)
+        self.embeds.add(index, record.embed)
 
     # ------------------------------------------------------------------ reading
 
@@ -269,8 +306,8 @@ class QAMemory:
             if i not in self.seq.table:
                 self.counters["missing_on_restore"] += 1
                 continue
-            self.records[i] = FrameRecord(
-                float(data["timestamp"][j]), data["summary"][j], data["embed"][j]
+            self._record(
+                i, FrameRecord(float(data["timestamp"][j]), data["summary"][j], data["embed"][j])
             )
         for i in [i for i in self.seq.table if i >= self.num_sink and i not in self.records]:
             self.seq.free(i)  # written after the index was saved: no summary, not servable

@@ -39,20 +39,24 @@ def external_scores(question_embed: torch.Tensor, frame_embeds: torch.Tensor) ->
 
 def select(scores: torch.Tensor, k: int, group: int = 1) -> list[list[int]]:
     """Per row of `scores` `[L, N]`, the positions (0..N-1, ascending) of the `k` chosen frames."""
-    n = scores.shape[1]
+    rows, n = scores.shape
     k = min(k, n)
     if k <= 0:
-        return [[] for _ in range(scores.shape[0])]
+        return [[] for _ in range(rows)]
     group = max(1, group)
-    starts = list(range(0, n, group))
+    num_groups = -(-n // group)
+    pad = num_groups * group - n
+    sums = torch.nn.functional.pad(scores.float(), (0, pad)).view(rows, num_groups, group).sum(-1)
+    sizes = torch.full((num_groups,), float(group))
+    sizes[-1] = group - pad
+    # A stable sort keeps earlier groups first on ties: selection is deterministic.
+    order = torch.sort(-(sums / sizes), dim=1, stable=True).indices.tolist()
+    need = -(-k // group) + 1  # enough groups to cover k frames, whatever the last one's size
     chosen = []
-    for row in scores:
-        means = torch.stack([row[s : s + group].mean() for s in starts])
-        # Stable order on ties (earlier groups first) keeps selection deterministic.
-        order = sorted(range(len(starts)), key=lambda g: (-means[g].item(), g))
+    for row in order:
         picked: list[int] = []
-        for g in order:
-            members = list(range(starts[g], min(starts[g] + group, n)))
+        for g in row[:need]:
+            members = range(g * group, min(g * group + group, n))
             picked.extend(members[: k - len(picked)])
             if len(picked) == k:
                 break

@@ -303,10 +303,9 @@ class VideoQA:
 
     def _select(self, ids: list[int], frames: list[int], cutoff: int) -> list[list[int]]:
         cfg, n_layers = self.config, self.adapter.num_layers
-        recs = [self.memory.records[i] for i in frames]
         if cfg.retrieval == "external":
             q = self.adapter.embed_text(ids).float().mean(0).cpu()
-            scores = retrieval.external_scores(q, torch.stack([r.embed for r in recs]))
+            scores = retrieval.external_scores(q, self.memory.embeds.take(frames))
         else:
             plan = self.memory.window_plan(before=cutoff)
             _, end = self._layout(plan)
@@ -319,7 +318,7 @@ class VideoQA:
             q = retrieval.question_vectors(
                 got["q_proj"], self.adapter.num_kv_heads, self.adapter.head_dim
             )
-            scores = retrieval.internal_scores(q.cpu(), torch.stack([r.summary for r in recs]))
+            scores = retrieval.internal_scores(q.cpu(), self.memory.summaries.take(frames))
             if not cfg.per_layer:
                 scores = scores.sum(0, keepdim=True)
         picks = retrieval.select(scores, cfg.retrieve_frames, cfg.group_frames)
