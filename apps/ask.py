@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 TINY_RANDOM = "tiny-random"
 DEFAULT_MODEL = "assets/tiny-vqa"
 

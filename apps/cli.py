@@ -12,11 +12,17 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from streamrt.apps.generate import run
+
+    return run(args)
+
+
+def _cmd_stream(args: argparse.Namespace) -> int:
+    from streamrt.apps.stream import run
 
     return run(args)
 
@@ -61,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a video from a prompt")
     add_arguments(gen)
     gen.set_defaults(func=_cmd_generate)
+
+    from streamrt.apps.stream import add_arguments as stream_arguments
+
+    st = sub.add_parser(
+        "stream", help="live video-to-video: file/rtmp/webcam/world:// in, mp4/rtmp out"
+    )
+    stream_arguments(st)
+    st.set_defaults(func=_cmd_stream)
 
     from streamrt.apps.ask import add_arguments as ask_arguments
 

@@ -13,6 +13,8 @@ output frame, so the output keeps the input's frame count and timing.
 
 from __future__ import annotations
 
+import contextlib
+from collections import deque
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -75,7 +77,7 @@ class VideoToVideo:
         self.last_pixels: torch.Tensor | None = None
         self.encoder = stream.engine.codec.encoder()
         stream.source = self._source
-        self.shape: tuple[int, ...] | None = None
+        self.last_out: np.ndarray | None = None
 
     def _check(self, frame: np.ndarray, index: int) -> np.ndarray:
         frame = np.asarray(frame)
@@ -116,21 +118,54 @@ class VideoToVideo:
         return self.stream.engine.codec.temporal * f  # only the very first chunk is shorter
 
     def run(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        last_out: np.ndarray | None = None
+        """One output frame per input frame, in input order.
+
+        Each input takes a slot: "gen" (its restyled frame, which arrives a chunk later) or
+        "repeat" (skipped by the similarity filter: the output before it is shown again).
+        When the input ends, the last frame is repeated to complete the open chunks, and
+        the extra outputs are dropped.
+        """
+        slots: deque[str] = deque()
+        produced: deque[np.ndarray] = deque()
+        last_in: np.ndarray | None = None
         for i, frame in enumerate(frames):
             frame = self._check(frame, i)
-            if self.filter.skip(frame) and last_out is not None:
-                yield last_out
-                continue
-            self.pending.append(frame)
-            # Chunks the sampler has not taken yet count too (window samplers fill up first).
-            if len(self.pending) < self._frames_for_next_chunk():
-                continue
-            self.chunks.append(frames_to_tensor(np.stack(self.pending)))
-            self.pending = []
-            try:
-                out = self.stream.next_frames()
-            except NeedInput:
-                continue  # a window sampler is still filling up
-            yield from out
-            last_out = out[-1]
+            if last_in is not None and self.filter.skip(frame):
+                slots.append("repeat")
+            else:
+                slots.append("gen")
+                last_in = frame
+                self._push(frame, produced)
+            yield from self._drain(slots, produced)
+        # Pad with the last frame; window samplers need several chunks to finish theirs.
+        for _ in range(self._flush_limit()):
+            if "gen" not in slots or last_in is None:
+                break
+            self._push(last_in, produced)
+            yield from self._drain(slots, produced)
+
+    def _push(self, frame: np.ndarray, produced: deque[np.ndarray]) -> None:
+        self.pending.append(frame)
+        # Chunks the sampler has not taken yet count too (window samplers fill up first).
+        if len(self.pending) < self._frames_for_next_chunk():
+            return
+        self.chunks.append(frames_to_tensor(np.stack(self.pending)))
+        self.pending = []
+        with contextlib.suppress(NeedInput):  # a window sampler may still be filling up
+            produced.extend(self.stream.next_frames())
+
+    def _drain(self, slots: deque[str], produced: deque[np.ndarray]) -> Iterator[np.ndarray]:
+        while slots:
+            if slots[0] == "gen":
+                if not produced:
+                    return
+                self.last_out = produced.popleft()
+            elif self.last_out is None:
+                return
+            slots.popleft()
+            yield self.last_out
+
+    def _flush_limit(self) -> int:
+        cfg = self.stream.config
+        chunk = cfg.chunk_frames * self.stream.engine.codec.temporal
+        return chunk * (len(self.stream.sigmas) + 2)

@@ -64,3 +64,88 @@ def test_bench_cache_writes_json(tmp_path):
     assert all(r["bit-exact"] for r in data["moves"]) and len(data["moves"]) == 4
     assert all(r["GB/s"] > 0 and r["ratio"] > 0 for r in data["moves"])
     assert "block allocation" in proc.stdout
+
+
+def test_stream_world_source_to_mp4_and_back(tmp_path, capsys):
+    from streamrt.io.sinks import read_video
+
+    out = tmp_path / "styled.mp4"
+    rc = main(
+        [
+            "stream",
+            "--input",
+            "world://seed=3",
+            "--output",
+            str(out),
+            "--prompt",
+            "a purple triangle moving up on a light background",
+            "--frames",
+            "10",
+            "--model",
+            "tiny-random",
+            "--size",
+            "32x32",
+            "--policy-args",
+            "sink_blocks=1,window_blocks=12",
+        ]
+    )
+    assert rc == 0
+    video = read_video(out)
+    assert video.shape == (10, 32, 32, 3)  # one output frame per input frame, flushed at the end
+    rc = main(
+        [
+            "stream",
+            "--input",
+            str(out),
+            "--output",
+            str(tmp_path / "again.mp4"),
+            "--prompt",
+            "a red circle moving up on a light background",
+            "--model",
+            "tiny-random",
+            "--size",
+            "32x32",
+            "--policy-args",
+            "sink_blocks=1,window_blocks=12",
+        ]
+    )
+    assert rc == 0 and read_video(tmp_path / "again.mp4").shape[0] == 10
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "stream",
+                "--input",
+                str(tmp_path / "nope.mp4"),
+                "--output",
+                str(tmp_path / "x.mp4"),
+                "--prompt",
+                "a red circle",
+                "--model",
+                "tiny-random",
+            ]
+        )
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_corrupt_input_file_fails_with_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
+    rc = main(
+        [
+            "stream",
+            "--input",
+            str(bad),
+            "--output",
+            str(tmp_path / "x.mp4"),
+            "--prompt",
+            "a red circle moving up on a light background",
+            "--model",
+            "tiny-random",
+        ]
+    )
+    assert rc == 2
+    assert "cannot open input" in capsys.readouterr().err

@@ -332,3 +332,16 @@ def test_wan_vae_streaming_encode_and_video_to_video():
     src = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(first_n + rest_n)]
     out = list(gen.stylize(src, PROMPT))
     assert len(out) == len(src) and out[0].shape == (32, 32, 3)  # one output frame per input
+
+
+@pytest.mark.parametrize("sampler", ["chunkwise", "stream_batch"])
+def test_video_to_video_keeps_frame_count_and_order(parts, sampler):
+    gen = make_gen(parts, sampler=sampler, similarity_threshold=0.9)  # copies always skip
+    rng = np.random.default_rng(1)
+    moving = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(7)]
+    src = moving[:4] + [moving[3]] * 3 + moving[4:]  # a still stretch in the middle, 10 frames
+    out = list(gen.stylize(src, PROMPT))
+    assert len(out) == len(src)  # the partial last chunk is flushed too
+    # The still stretch repeats the output of the frame before it, in place.
+    assert all(np.array_equal(out[k], out[3]) for k in (4, 5, 6))
+    assert not np.array_equal(out[7], out[3]) and not np.array_equal(out[2], out[3])
