@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen_b.add_argument(
         "--long-frames", type=int, default=20_000, help="frame index of the late measurement"
     )
+    gen_b.add_argument(
+        "--long-size", default="32x32", help="frame size of the long-stream measurement"
+    )
+    gen_b.add_argument(
+        "--threads", type=int, help="torch threads (1 is steadier on a shared machine)"
+    )
     gen_b.add_argument("--json", metavar="PATH")
     q = bench_sub.add_parser(
         "quality", help="long rollouts per cache policy: adherence, dynamics, drift, copying"
