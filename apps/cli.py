@@ -27,6 +27,12 @@ def _cmd_stream(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from streamrt.apps.train import run
+
+    return run(args)
+
+
 def _cmd_ask(args: argparse.Namespace) -> int:
     from streamrt.apps.ask import run
 
@@ -75,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stream_arguments(st)
     st.set_defaults(func=_cmd_stream)
+
+    from streamrt.apps.train import add_arguments as train_arguments
+
+    tr = sub.add_parser("train", help="train the embedded tiny models (train gen ...)")
+    train_arguments(tr)
+    tr.set_defaults(func=_cmd_train)
 
     from streamrt.apps.ask import add_arguments as ask_arguments
 

@@ -98,6 +98,11 @@ class GenConfig:
     chunk_frames: int = 3
     """Latent frames generated per chunk (3 in Self-Forcing, 1 in StreamDiffusionV2)."""
 
+    renoise: Literal["fresh", "predicted"] = "fresh"
+    """Between steps, re-noise the x0 estimate with fresh noise (distilled few-step models:
+    Self-Forcing, CausVid) or with the model's own noise estimate `x0 + v` (a deterministic
+    flow-matching Euler step, for models trained without distillation)."""
+
     clean_refresh: bool = True
     """After a chunk is finished, rewrite its K/V with one forward at t=0 on the clean frames."""
 

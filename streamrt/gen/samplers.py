@@ -66,9 +66,10 @@ class ChunkwiseSampler(Sampler):
         chunk = _InFlight(x, 0, s.append_chunk(), sigmas, eps)
         for i, sigma in enumerate(sigmas):
             t = torch.full((1, x.shape[2]), sigma * 1000.0)
-            x0 = predict_x0(x, s.forward([chunk.blocks], x, t, noise=eps), sigma)
+            v = s.forward([chunk.blocks], x, t, noise=eps)
+            x0 = predict_x0(x, v, sigma)
             if i + 1 < len(sigmas):
-                eps = s.noise(x.shape)
+                eps = s.next_noise(x0, v)
                 x = renoise(x0, eps, sigmas[i + 1])
         return self._finish(chunk, x0)
 
@@ -87,22 +88,22 @@ class _WindowSampler(Sampler):
         while True:
             x, sigmas, eps = s.initial_latents()
             self.window.append(_InFlight(x, 0, s.append_chunk(), sigmas, eps))
-            x0s = self._denoise_window()
+            outs = self._denoise_window()
             finished = None
-            for chunk, x0 in zip(list(self.window), x0s):
+            for chunk, (x0, vel) in zip(list(self.window), outs):
                 if chunk.level + 1 == len(chunk.sigmas):
                     finished = (chunk, x0)
                     self.window.remove(chunk)
                 else:
                     chunk.level += 1
-                    chunk.noise = s.noise(x0.shape)
+                    chunk.noise = s.next_noise(x0, vel)
                     chunk.x = renoise(x0, chunk.noise, chunk.sigmas[chunk.level])
             if finished is not None:
                 return self._finish(*finished)
 
     @abstractmethod
-    def _denoise_window(self) -> list[torch.Tensor]:
-        """One forward over every chunk in flight; x0 estimate of each, oldest first."""
+    def _denoise_window(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One forward over every chunk in flight; (x0 estimate, velocity) of each, oldest first."""
 
     def _sigmas(self) -> list[float]:
         return [c.sigmas[c.level] for c in self.window]
@@ -113,7 +114,7 @@ class RollingSampler(_WindowSampler):
 
     name = "rolling"
 
-    def _denoise_window(self) -> list[torch.Tensor]:
+    def _denoise_window(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         s = self.stream
         x = torch.cat([c.x for c in self.window], dim=2)
         f = self.window[0].x.shape[2]
@@ -122,7 +123,7 @@ class RollingSampler(_WindowSampler):
         noise = torch.cat([c.noise for c in self.window], dim=2)
         v = s.forward([blocks], x, (sig * 1000.0)[None], noise=noise)
         x0 = predict_x0(x, v, sig.view(1, 1, -1, 1, 1).to(x))
-        return list(x0.split(f, dim=2))
+        return list(zip(x0.split(f, dim=2), v.split(f, dim=2)))
 
 
 class StreamBatchSampler(_WindowSampler):
@@ -130,7 +131,7 @@ class StreamBatchSampler(_WindowSampler):
 
     name = "stream_batch"
 
-    def _denoise_window(self) -> list[torch.Tensor]:
+    def _denoise_window(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         s = self.stream
         x = torch.cat([c.x for c in self.window], dim=0)
         f = x.shape[2]
@@ -139,7 +140,7 @@ class StreamBatchSampler(_WindowSampler):
         noise = torch.cat([c.noise for c in self.window], dim=0)
         v = s.forward([c.blocks for c in self.window], x, t, causal=True, noise=noise)
         x0 = predict_x0(x, v, sig.view(-1, 1, 1, 1, 1).to(x))
-        return list(x0.split(1, dim=0))
+        return list(zip(x0.split(1, dim=0), v.split(1, dim=0)))
 
 
 SAMPLERS: dict[str, type[Sampler]] = {

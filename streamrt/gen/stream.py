@@ -100,6 +100,12 @@ class GenStream:
             self.engine.device, self.engine.dtype
         )
 
+    def next_noise(self, x0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Noise for the next re-noise: fresh, or the model's own estimate `x0 + v`."""
+        if self.config.renoise == "predicted":
+            return x0 + v
+        return self.noise(x0.shape)
+
     def initial_latents(self) -> tuple[torch.Tensor, list[float], torch.Tensor]:
         """`(latents, schedule, eps)`: pure noise and the full schedule (text-to-video), or
         the video-to-video source's noised input."""

@@ -345,3 +345,24 @@ def test_video_to_video_keeps_frame_count_and_order(parts, sampler):
     # The still stretch repeats the output of the frame before it, in place.
     assert all(np.array_equal(out[k], out[3]) for k in (4, 5, 6))
     assert not np.array_equal(out[7], out[3]) and not np.array_equal(out[2], out[3])
+
+
+def test_predicted_renoise_is_an_euler_step():
+    """renoise="predicted" re-noises with the model's own noise estimate: a flow-matching Euler step."""
+    from streamrt.gen.schedule import predict_x0, renoise
+
+    torch.manual_seed(0)
+    x, v = torch.randn(1, 3, 2, 4, 4), torch.randn(1, 3, 2, 4, 4)
+    sigma, nxt = 0.9375, 0.8333
+    x0 = predict_x0(x, v, sigma)
+    torch.testing.assert_close(renoise(x0, x0 + v, nxt), x + (nxt - sigma) * v)
+
+
+def test_predicted_renoise_draws_no_noise_between_steps(parts):
+    gen = make_gen(parts, renoise="predicted")
+    stream = gen.engine.open_stream(PROMPT, gen.engine.config)
+    state = stream.generator.get_state()
+    stream.next_latents()
+    draws = torch.Generator().set_state(state)
+    torch.randn((1, *stream._chunk_shape()), generator=draws)  # only the chunk's initial noise
+    assert torch.equal(draws.get_state(), stream.generator.get_state())

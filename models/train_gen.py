@@ -1,0 +1,725 @@
+"""Training of the embedded tiny text-to-video model on the procedural world.
+
+Diffusion forcing under the engine's block-causal attention: a clip of F frames is cut
+into chunks of C frames (the streams' `chunk_frames`); every chunk gets its own noise
+level, some chunks are left clean (sigma 0, like the K/V the engine's clean refresh
+writes), and chunk i attends to chunks <= i only, exactly what the cache gives a stream.
+
+    frames       | f0 f1 f2 | f3 f4 f5 | f6 f7 f8 |
+    sigma        |   0.0    |   0.71   |   0.32   |      one per chunk, 0 = clean context
+    sees         |  c0      |  c0 c1   | c0 c1 c2 |      block-causal mask
+    loss         |   --     |   MSE(v_pred, eps - x0) on noisy chunks only
+
+x_t = (1 - sigma) * x0 + sigma * eps and the model predicts v = eps - x0 (schedule.py).
+
+Why "openings": the engine's samplers re-noise each x0 estimate with fresh noise, which
+suits distilled few-step models; an MSE-trained model's estimate at high noise is the
+mean over everything the prompt allows, so a randomly placed object fades into the
+background. Half the clips are therefore their caption's opening (the world drawn with a
+fixed seed: where the objects start is a function of the prompt) and may start noisy;
+the other half are random scenes whose first chunk is clean context, which teaches
+motion everywhere in the frame without asking the model to guess a layout.
+Measured limit (assets/tiny-world/TRAINING.md): Wan has no absolute position embedding
+(RoPE only), so from pure noise it cannot tell where "the opening's place" is, and the
+shipped model still draws the prompted background without the object.
+The transformer stays the stock diffusers class: the mask enters through a subclass of
+diffusers' own attention processor, so the trained model streams chunk by chunk in
+`GenEngine` with the same attention it was trained under.
+
+    cfg = TrainGenConfig(steps=3000)
+    train(cfg, work_dir="build/train-gen", output="assets/tiny-world")
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+from streamrt.config import CacheConfig, GenConfig
+from streamrt.models.generator_files import tiny_random_parts
+from streamrt.world import (
+    COLORS,
+    VOCAB,
+    WorldConfig,
+    make_clip,
+    parse_caption,
+    random_caption,
+    render_background,
+)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainGenConfig:
+    """One training run of the tiny text-to-video model (defaults: the shipped model)."""
+
+    steps: int = 3000
+    """Optimizer steps; the learning rate decays over exactly these."""
+
+    batch_size: int = 8
+    """Clips per step."""
+
+    num_frames: int = 9
+    """Frames per training clip (a multiple of `chunk_frames`); the longest context the
+    model learns to use, so streams keep at most this many frames (`window_blocks`)."""
+
+    chunk_frames: int = 3
+    """Frames per chunk: the unit of noise levels and of the causal mask."""
+
+    lr: float = 2e-3
+    """Peak AdamW learning rate."""
+
+    warmup_steps: int = 100
+    """Linear warm-up from 0 to `lr`; then cosine decay to `lr * min_lr_ratio`."""
+
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of `lr`."""
+
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+
+    ema_decay: float = 0.998
+    """Decay of the weight average that is exported (ramped up over the first steps)."""
+
+    clean_prob: float = 0.3
+    """Chance that a chunk is clean context (sigma 0, no loss)."""
+
+    sigma_shift: float = 3.0
+    """Noise levels are `shift*u / (1 + (shift-1)*u)`, u uniform: more weight on high noise."""
+
+    start_prob: float = 0.5
+    """Chance that a clip is its caption's opening: the world drawn with `layout_seed`, so
+    the first chunk is a function of the prompt. Other clips are random scenes whose first
+    chunk is always clean context (from text alone their layout cannot be known)."""
+
+    layout_seed: int = 0
+    """World seed of the openings (where a prompt's objects start, their size and pace)."""
+
+    caption_dropout: float = 0.1
+    """Chance that a clip's caption is replaced by "" (enables classifier-free guidance)."""
+
+    max_objects: int = 2
+    """Most objects per training scene (at least one)."""
+
+    text_len: int = 16
+    """Prompt tokens (captions of two objects fit)."""
+
+    model: dict[str, Any] = field(
+        default_factory=lambda: {
+            "num_layers": 3,
+            "num_attention_heads": 6,
+            "attention_head_dim": 32,
+            "ffn_dim": 384,
+        }
+    )
+    """`WanTransformer3DModel` overrides of `tiny_random_parts` (pixel codec, patch 1x8x8).
+    The width (heads x head_dim) must be >= 192, the values in one 8x8x3 patch: a narrower
+    model cannot see or remove part of each patch's noise, and it stays in every frame."""
+
+    seed: int = 0
+    """Seeds the initial weights, the clips and the noise of every step (resumable exactly)."""
+
+    checkpoint_every: int = 100
+    """Steps between checkpoints (also exports the generator and redraws the loss curve)."""
+
+    log_every: int = 10
+    """Steps between log lines."""
+
+    max_minutes: float | None = None
+    """Time budget of the run (training time, summed over resumes): the run ends and the
+    learning rate finishes its decay when either this or `steps` runs out."""
+
+    compile: bool = True
+    """`torch.compile` the training forward (about 1.3x faster on CPU after ~10 s)."""
+
+    threads: int = 2
+    """torch intra-op threads."""
+
+    def __post_init__(self) -> None:
+        if self.num_frames % self.chunk_frames:
+            raise ValueError(
+                f"num_frames ({self.num_frames}) must be a multiple of chunk_frames "
+                f"({self.chunk_frames})"
+            )
+        if not 0.0 <= self.clean_prob < 1.0:
+            raise ValueError(f"clean_prob must lie in [0, 1), got {self.clean_prob}")
+
+
+# ---------------------------------------------------------------------- attention mask
+
+
+class MaskedWanProcessor(WanAttnProcessor):
+    """diffusers' Wan self-attention processor with a fixed attention mask (the Wan block
+    passes None, so the mask is given here)."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.mask = mask
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
+    ):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, self.mask, rotary_emb)
+
+
+def block_causal_mask(num_frames: int, chunk_frames: int, tokens_per_frame: int) -> torch.Tensor:
+    """`[L, L]` bool, True where query token may see key token: same or older chunk."""
+    chunk = torch.arange(num_frames * tokens_per_frame) // tokens_per_frame // chunk_frames
+    return chunk[:, None] >= chunk[None, :]
+
+
+def apply_block_causal(transformer: torch.nn.Module, mask: torch.Tensor) -> None:
+    """Self-attention of every block under `mask`; cross-attention stays diffusers' own."""
+    n = len(transformer.blocks)
+    transformer.set_attn_processor(
+        {f"blocks.{i}.attn1.processor": MaskedWanProcessor(mask) for i in range(n)}
+        | {f"blocks.{i}.attn2.processor": WanAttnProcessor() for i in range(n)}
+    )
+
+
+# ---------------------------------------------------------------------- data
+
+
+def world_config(cfg: TrainGenConfig) -> WorldConfig:
+    """Scenes for text-to-video: every object visible all clip long, wrapping at the edges."""
+    return WorldConfig(
+        late_entry_prob=0.0,
+        early_exit_prob=0.0,
+        boundary="wrap",
+        max_objects=cfg.max_objects,
+        qa_per_kind=0,
+    )
+
+
+def sample_batch(cfg: TrainGenConfig, step: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Clips of step `step`: frames `[B, 3, F, 64, 64]` in [-1, 1], captions, and which
+    clips are openings (`[B]` bool, see `TrainGenConfig.start_prob`).
+
+    Seeds depend only on (`cfg.seed`, `step`), so a resumed run sees the same data.
+    """
+    rng = np.random.default_rng((cfg.seed, step))
+    world = world_config(cfg)
+    frames, captions, starts = [], [], []
+    for seed in rng.integers(0, 2**31, size=cfg.batch_size):
+        start = bool(rng.random() < cfg.start_prob)
+        if start:
+            clip = make_clip(cfg.layout_seed, cfg.num_frames, world, random_caption(rng, world))
+        else:
+            clip = make_clip(int(seed), cfg.num_frames, world)
+        frames.append(torch.from_numpy(clip.frames))
+        drop = rng.random() < cfg.caption_dropout
+        captions.append("" if drop else clip.caption)
+        starts.append(start)
+    x = torch.stack(frames).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+    return x, captions, torch.tensor(starts)
+
+
+def sample_sigmas(cfg: TrainGenConfig, starts: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per-frame noise levels `[B, F]`, constant within a chunk; 0 marks clean context.
+
+    The first chunk of a clip that is not an opening is always clean; every clip keeps
+    at least one noisy chunk (its last, if the draw left none).
+    """
+    batch, chunks = len(starts), cfg.num_frames // cfg.chunk_frames
+    u = torch.rand(batch, chunks, generator=gen)
+    s = cfg.sigma_shift
+    sigma = s * u / (1 + (s - 1) * u)
+    clean = torch.rand(batch, chunks, generator=gen) < cfg.clean_prob
+    clean[:, 0] |= ~starts
+    clean[clean.all(dim=1), -1] = False
+    sigma = sigma.masked_fill(clean, 0.0)
+    return sigma.repeat_interleave(cfg.chunk_frames, dim=1)
+
+
+def encode_captions(text_encoder, captions: list[str]) -> torch.Tensor:
+    """`TextEncoder.encode` with gradients: `[B, text_len, dim]`, padding zeroed."""
+    batch = text_encoder.tokenizer(
+        captions,
+        padding="max_length",
+        max_length=text_encoder.text_len,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
+    )
+    hidden = text_encoder.model(batch.input_ids, batch.attention_mask).last_hidden_state
+    return hidden * batch.attention_mask[..., None].to(hidden.dtype)
+
+
+# ---------------------------------------------------------------------- loss
+
+
+def flow_matching_loss(
+    transformer,
+    text_encoder,
+    x0: torch.Tensor,
+    captions: list[str],
+    starts: torch.Tensor,
+    cfg: TrainGenConfig,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Mean squared velocity error over the noisy frames of a batch (mask already applied)."""
+    _, _, _, h, w = x0.shape
+    p = transformer.config.patch_size
+    tokens_per_frame = (h // p[1]) * (w // p[2])
+    sigma = sample_sigmas(cfg, starts, gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    s = sigma[:, None, :, None, None]
+    x_t = (1 - s) * x0 + s * eps
+    timestep = (sigma * 1000.0).repeat_interleave(tokens_per_frame, dim=1)
+    v = transformer(x_t, timestep, encode_captions(text_encoder, captions), return_dict=False)[0]
+    per_frame = (v - (eps - x0)).pow(2).mean(dim=(1, 3, 4))
+    noisy = (sigma > 0).float()
+    return (per_frame * noisy).sum() / noisy.sum()
+
+
+def progress(cfg: TrainGenConfig, step: int, seconds: float) -> float:
+    """How far the run is, 0..1: steps done, or time spent if a time budget runs out first."""
+    done = step / cfg.steps
+    if cfg.max_minutes is not None:
+        done = max(done, seconds / (60.0 * cfg.max_minutes))
+    return min(1.0, done)
+
+
+def lr_at(cfg: TrainGenConfig, step: int, seconds: float = 0.0) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay over the rest of the run."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    start = cfg.warmup_steps / cfg.steps
+    frac = (progress(cfg, step, seconds) - start) / max(1e-9, 1.0 - start)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, frac))))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+# ---------------------------------------------------------------------- state
+
+
+@dataclass
+class TrainState:
+    """Everything a run needs to continue: models, their average, optimizer, losses."""
+
+    cfg: TrainGenConfig
+    transformer: torch.nn.Module
+    text_encoder: Any
+    """`streamrt.models.text.TextEncoder`; its model trains with the transformer."""
+    codec: Any
+    ema: dict[str, torch.Tensor]
+    """Average of the trainable weights ("transformer.*", "text.*"): what gets exported."""
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    """Training wall time summed over invocations."""
+    compiled: Callable | None = None
+    """`torch.compile` of the transformer (same weights), used for the training forward."""
+
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [("transformer." + n, p) for n, p in self.transformer.named_parameters()] + [
+            ("text." + n, p) for n, p in self.text_encoder.model.named_parameters()
+        ]
+
+
+def new_state(cfg: TrainGenConfig) -> TrainState:
+    transformer, text_encoder, codec = tiny_random_parts(
+        VOCAB, cfg.text_len, codec="pixel", seed=cfg.seed, **cfg.model
+    )
+    state = TrainState(cfg, transformer, text_encoder, codec, {}, None)  # type: ignore[arg-type]
+    params = [p for _, p in state.named_parameters()]
+    state.optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay
+    )
+    state.ema = {n: p.detach().clone() for n, p in state.named_parameters()}
+    return state
+
+
+def save_checkpoint(state: TrainState, path: Path) -> None:
+    """Write `path` atomically (temp file + rename): a run stopped mid-write keeps the last."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {
+        "config": dataclasses.asdict(state.cfg),
+        "step": state.step,
+        "losses": state.losses,
+        "seconds": state.seconds,
+        "transformer": state.transformer.state_dict(),
+        "text": state.text_encoder.model.state_dict(),
+        "ema": state.ema,
+        "optimizer": state.optimizer.state_dict(),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, cfg: TrainGenConfig | None = None) -> TrainState:
+    """A state from `path`; `cfg` (e.g. more steps) replaces the saved config if given."""
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    state = new_state(cfg or TrainGenConfig(**blob["config"]))
+    state.transformer.load_state_dict(blob["transformer"])
+    state.text_encoder.model.load_state_dict(blob["text"])
+    state.optimizer.load_state_dict(blob["optimizer"])
+    state.ema = blob["ema"]
+    state.step, state.losses, state.seconds = blob["step"], blob["losses"], blob["seconds"]
+    return state
+
+
+def _update_ema(state: TrainState) -> None:
+    decay = min(state.cfg.ema_decay, (1 + state.step) / (10 + state.step))
+    with torch.no_grad():
+        for name, p in state.named_parameters():
+            state.ema[name].lerp_(p.detach(), 1 - decay)
+
+
+# ---------------------------------------------------------------------- loop
+
+
+def train_step(state: TrainState) -> float:
+    """One optimizer step on the clips of `state.step`; returns the loss."""
+    cfg = state.cfg
+    x0, captions, starts = sample_batch(cfg, state.step)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr_at(cfg, state.step, state.seconds)
+    model = state.transformer if state.compiled is None else state.compiled
+    loss = flow_matching_loss(model, state.text_encoder, x0, captions, starts, cfg, gen)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for _, p in state.named_parameters()], cfg.grad_clip)
+    state.optimizer.step()
+    state.step += 1
+    _update_ema(state)
+    state.losses.append(loss.item())
+    return state.losses[-1]
+
+
+def train(
+    cfg: TrainGenConfig,
+    work_dir: str | Path | None,
+    output: str | Path | None = None,
+    resume: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainState:
+    """Train until `cfg.steps` or `cfg.max_minutes` run out, checkpointing to `work_dir`.
+
+    Every checkpoint also exports the averaged weights as a generator directory to
+    `output` (if given) and redraws `output/loss.png`, so a run stopped at any point
+    leaves a usable model behind.
+    """
+    import streamrt.gen.generator  # noqa: F401  (loaded now: exports must not fail late)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, work_dir, output, resume, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainGenConfig, work_dir, output, resume: bool, log: Callable) -> TrainState:
+    ckpt = None if work_dir is None else Path(work_dir) / CHECKPOINT
+    resuming = resume and ckpt is not None and ckpt.exists()
+    state = load_checkpoint(ckpt, cfg) if resuming else new_state(cfg)
+    if state.step:
+        log(f"resumed from {ckpt} at step {state.step}")
+    world, patch = world_config(cfg), state.transformer.config.patch_size
+    tokens_per_frame = (world.height // patch[1]) * (world.width // patch[2])
+    apply_block_causal(
+        state.transformer, block_causal_mask(cfg.num_frames, cfg.chunk_frames, tokens_per_frame)
+    )
+    state.transformer.train()
+    state.text_encoder.model.eval()  # no dropout; its weights still train
+    if cfg.compile:
+        state.compiled = torch.compile(state.transformer)
+    last = time.perf_counter()
+    while progress(cfg, state.step, state.seconds) < 1.0:
+        train_step(state)
+        now = time.perf_counter()
+        state.seconds += now - last
+        last = now
+        if state.step % cfg.log_every == 0:
+            recent = state.losses[-cfg.log_every :]
+            log(
+                f"step {state.step}/{cfg.steps} loss {sum(recent) / len(recent):.4f} "
+                f"lr {lr_at(cfg, state.step - 1, state.seconds):.2e} "
+                f"{state.seconds / 60:.1f} min"
+            )
+        done = progress(cfg, state.step, state.seconds) >= 1.0
+        if state.step % cfg.checkpoint_every == 0 or done:
+            checkpoint(state, ckpt, output, log)
+            last = time.perf_counter()  # export time is not training time
+    log(f"finished at step {state.step} after {state.seconds / 60:.1f} min of training")
+    state.transformer.eval()
+    return state
+
+
+def checkpoint(
+    state: TrainState, ckpt: Path | None, output: str | Path | None, log: Callable = print
+) -> None:
+    """Save the state, then export; a failed export is reported and training goes on
+    (the checkpoint holds everything, and the next one exports again)."""
+    if ckpt is not None:
+        save_checkpoint(state, ckpt)
+    if output is None:
+        return
+    try:
+        export_generator(state, output)
+        plot_losses(state.losses, Path(output) / "loss.png")
+    except Exception as exc:  # the run must outlive a broken export
+        log(f"export to {output} failed at step {state.step}: {type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------------- export
+
+
+def default_gen_config(cfg: TrainGenConfig, **overrides: Any) -> GenConfig:
+    """Stream settings matching training: chunks of `chunk_frames`, a sliding window of
+    `num_frames` frames (the longest context seen in training), no attention sink."""
+    base = GenConfig(
+        chunk_frames=cfg.chunk_frames,
+        fps=8,  # the world's rate: objects move at their captioned pace
+        policy="sink_window",
+        policy_args={"sink_blocks": 0, "window_blocks": cfg.num_frames},
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def export_generator(
+    state: TrainState, output: str | Path, gen_config: GenConfig | None = None
+) -> None:
+    """Write the averaged weights as a generator directory (`StreamGenerator.save_pretrained`).
+
+    An existing manifest's `gen` settings are kept (they are tuned after training).
+    """
+    from streamrt.gen.engine import GenEngine
+    from streamrt.gen.generator import MANIFEST, StreamGenerator
+
+    output = Path(output)
+    if gen_config is None:
+        gen_config = default_gen_config(state.cfg)
+        manifest = output / MANIFEST
+        if manifest.exists():
+            saved = json.loads(manifest.read_text()).get("gen", {})
+            gen_config = dataclasses.replace(gen_config, **saved)
+    transformer = copy.deepcopy(state.transformer)
+    text_encoder = copy.deepcopy(state.text_encoder)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            p.copy_(state.ema["transformer." + name])
+        for name, p in text_encoder.model.named_parameters():
+            p.copy_(state.ema["text." + name])
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    transformer.set_attn_processor(WanAttnProcessor())
+    engine = GenEngine(
+        transformer, text_encoder, state.codec, gen_config, cache_config=small_cache()
+    )
+    StreamGenerator(engine).save_pretrained(output)
+
+
+def small_cache() -> CacheConfig:
+    """Cache budgets for a tiny model at 64x64 (one block is 256 KiB)."""
+    return CacheConfig(device_bytes="64MiB", host_bytes="4MiB", device="cpu")
+
+
+def plot_losses(losses: list[float], path: Path, size: tuple[int, int] = (720, 420)) -> None:
+    """Loss per step (grey) and its running average (blue) on a log axis, drawn with OpenCV."""
+    import cv2
+
+    if not losses:
+        return
+    w, h = size
+    left, right, top, bottom = 70, 20, 30, 45
+    img = np.full((h, w, 3), 255, np.uint8)
+    y = np.log10(np.maximum(np.asarray(losses, dtype=np.float64), 1e-6))
+    k = max(1, len(y) // 40)  # trailing mean over 2.5 % of the run
+    csum = np.concatenate([[0.0], np.cumsum(y)])
+    lo_idx = np.maximum(0, np.arange(len(y)) - k + 1)
+    smooth = (csum[1:] - csum[lo_idx]) / (np.arange(len(y)) + 1 - lo_idx)
+    lo, hi = math.floor(y.min() * 4) / 4, math.ceil(y.max() * 4) / 4
+    hi = max(hi, lo + 0.25)
+
+    def to_px(i: np.ndarray, v: np.ndarray) -> np.ndarray:
+        px = left + (w - left - right) * i / max(1, len(y) - 1)
+        py = top + (h - top - bottom) * (hi - v) / (hi - lo)
+        return np.stack([px, py], axis=1).astype(np.int32)
+
+    idx = np.arange(len(y))
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for tick in np.arange(lo, hi + 1e-9, 0.25):
+        py = int(to_px(np.array([0]), np.array([tick]))[0, 1])
+        cv2.line(img, (left, py), (w - right, py), (225, 225, 225), 1)
+        cv2.putText(img, f"{10**tick:.3g}", (5, py + 4), font, 0.4, (60, 60, 60), 1)
+    for frac in np.linspace(0, 1, 6):
+        px = int(left + (w - left - right) * frac)
+        cv2.putText(img, f"{round(frac * len(y))}", (px - 10, h - 25), font, 0.4, (60, 60, 60))
+    cv2.polylines(img, [to_px(idx, y)], False, (200, 200, 200), 1, cv2.LINE_AA)
+    cv2.polylines(img, [to_px(idx, smooth)], False, (200, 90, 20), 2, cv2.LINE_AA)
+    cv2.rectangle(img, (left, top), (w - right, h - bottom), (0, 0, 0), 1)
+    last = min(len(losses), 100)
+    final = float(np.mean(losses[-last:]))
+    title = f"flow-matching loss per step (mean of the last {last}: {final:.4f})"
+    cv2.putText(img, title, (left, 20), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(img, "step", (w // 2, h - 8), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), img)
+
+
+# ---------------------------------------------------------------------- quality
+
+
+EVAL_PROMPTS: tuple[str, ...] = (
+    "a red circle moving right on a dark background",
+    "a blue square moving up on a light background",
+    "a green triangle moving left on a striped background",
+    "a yellow circle moving down on a checkered background",
+    "an orange square moving right on a light background",
+    "a purple triangle moving up on a dark background",
+    "a cyan circle moving left on a dark background",
+    "a red square moving down on a striped background",
+)
+"""One object each: every colour, direction, shape and background at least once."""
+
+
+def colour_mask(frames: np.ndarray, color: str, tol: float = 60.0) -> np.ndarray:
+    """`[T, H, W]` bool: pixels within RGB distance `tol` of the palette colour `color`,
+    opened with a 3x3 square so isolated specks (noise) do not count."""
+    import cv2
+
+    ref = np.asarray(COLORS[color], dtype=np.float32)
+    near = (np.linalg.norm(frames.astype(np.float32) - ref, axis=-1) < tol).astype(np.uint8)
+    kernel = np.ones((3, 3), np.uint8)
+    return np.stack([cv2.morphologyEx(m, cv2.MORPH_OPEN, kernel) for m in near]).astype(bool)
+
+
+def prompt_scores(frames: np.ndarray, caption: str, min_pixels: int = 12) -> dict[str, float]:
+    """How well `frames` `[T, H, W, 3]` show the caption's first object.
+
+    present: fraction of frames with >= `min_pixels` pixels of its colour.
+    area: mean fraction of pixels of its colour (a 9-15 px shape covers 1.5-4 %).
+    direction: fraction of consecutive present frames whose colour centroid moves the
+        captioned way (circular means, so wrapping at the edge is no jump).
+    speed: mean centroid step along the captioned axis, pixels per frame, signed.
+    background: distance of the frames' mean colour from the captioned background's,
+        mean over RGB, 0..1 (0: right brightness and tint; dark vs light is 0.8).
+    """
+    description = parse_caption(caption)
+    obj = description.objects[0]
+    mask = colour_mask(frames, obj.color)
+    t, h, w = mask.shape
+    counts = mask.reshape(t, -1).sum(axis=1)
+    present = counts >= min_pixels
+    horizontal = obj.direction in ("left", "right")
+    sign = 1.0 if obj.direction in ("right", "down") else -1.0
+    extent = w if horizontal else h
+    profiles = mask.sum(axis=1 if horizontal else 2)  # [T, extent]: pixels per column / row
+    angles = np.arange(extent) * 2 * np.pi / extent
+    centre = np.arctan2(profiles @ np.sin(angles), profiles @ np.cos(angles)) * extent / (2 * np.pi)
+    both = present[1:] & present[:-1]
+    steps = ((np.diff(centre) + extent / 2) % extent - extent / 2)[both] * sign
+    background = render_background(description.background, h, w).reshape(-1, 3).mean(axis=0)
+    tint = frames.reshape(-1, 3).mean(axis=0)
+    return {
+        "present": float(present.mean()),
+        "area": float(counts.mean() / (h * w)),
+        "direction": float((steps > 0).mean()) if steps.size else 0.0,
+        "speed": float(steps.mean()) if steps.size else 0.0,
+        "background": float(np.abs(tint - background).mean() / 255.0),
+    }
+
+
+def score_generator(
+    generator, prompts: tuple[str, ...] = EVAL_PROMPTS, num_frames: int = 48, **overrides: Any
+) -> dict[str, float]:
+    """Mean `prompt_scores` over `prompts` of `num_frames`-frame streams; "score" is the mean
+    of present * direction (colour shown and moving the captioned way) less the background
+    error (so specks from strong guidance do not beat a clean frame)."""
+    rows = []
+    for prompt in prompts:
+        frames = np.stack(list(generator.stream(prompt, num_frames=num_frames, **overrides)))
+        rows.append(prompt_scores(frames, prompt))
+    return _summary(rows)
+
+
+def _summary(rows: list[dict[str, float]]) -> dict[str, float]:
+    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    out["score"] = float(np.mean([r["present"] * r["direction"] for r in rows]))
+    out["score"] -= out["background"]
+    return out
+
+
+def reference_scores(prompts: tuple[str, ...] = EVAL_PROMPTS, num_frames: int = 48):
+    """`score_generator`'s numbers on the world's own clips (the ceiling of the metric)."""
+    world = world_config(TrainGenConfig())
+    rows = [
+        prompt_scores(make_clip(i, num_frames, world, p).frames, p) for i, p in enumerate(prompts)
+    ]
+    return _summary(rows)
+
+
+def _steps(n: int) -> list[int]:
+    return [round(1000 - i * 1000 / n) for i in range(n)]
+
+
+SWEEP: tuple[dict[str, Any], ...] = (
+    *({"timesteps": _steps(n), "shift": s} for n in (4, 8) for s in (1.0, 2.0, 3.0, 5.0)),
+    {"timesteps": [1000, 500, 250, 100], "shift": 1.0},
+    {"timesteps": [1000, 750, 500, 250, 125, 50], "shift": 1.0},
+)
+"""First stage of `tune_sampler`: step count x shift, and schedules that end at low noise
+(an undistilled model leaves noise of about 0.6 sigma of the last step in its estimate)."""
+
+
+def tune_sampler(
+    path: str | Path,
+    prompts: tuple[str, ...] = EVAL_PROMPTS,
+    num_frames: int = 48,
+    sweep: tuple[dict[str, Any], ...] = SWEEP,
+    log: Callable = print,
+) -> dict[str, Any]:
+    """Pick the stream settings that score best on `prompts` and write them to the manifest.
+
+    Stage 1 sweeps `SWEEP`; stage 2 tries guidance and the attention sink on the winner.
+    Returns the chosen overrides (also written into `path/streamrt.json`).
+    """
+    from streamrt.gen.generator import StreamGenerator
+
+    gen = StreamGenerator.from_pretrained(path, cache=small_cache())
+    log(f"reference (world clips): {_fmt(reference_scores(prompts, num_frames))}")
+    args = gen.engine.config.policy_args
+    kept = args.get("sink_blocks", 0) + args["window_blocks"]  # frames seen in training
+    # Every candidate starts from the untuned settings, whatever an earlier tuning wrote.
+    base = {"guidance_scale": 1.0, "policy_args": {"sink_blocks": 0, "window_blocks": kept}}
+
+    def run(settings: dict[str, Any]) -> float:
+        scores = score_generator(gen, prompts, num_frames, **{**base, **settings})
+        log(f"{settings}: {_fmt(scores)}")
+        return scores["score"]
+
+    best = max(sweep, key=run)
+    stage2 = [
+        best,
+        {**best, "guidance_scale": 2.0},
+        {**best, "guidance_scale": 4.0},
+        {**best, "policy_args": {"sink_blocks": 3, "window_blocks": kept - 3}},
+    ]
+    best = {**base, **max(stage2, key=run)}
+    StreamGenerator.from_pretrained(path, cache=small_cache(), **best).save_pretrained(path)
+    return best
+
+
+def _fmt(scores: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.3f}" for k, v in scores.items())

@@ -1,0 +1,207 @@
+"""`streamrt train gen`: the diffusion-forcing loop on tiny configs, and the shipped model."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from streamrt.cache import CacheManager, KVSpec
+from streamrt.gen.attention import attach_streaming, detach_streaming
+from streamrt.gen.forward import chunk_rows, streaming_forward
+from streamrt.models import train_gen
+from streamrt.models.train_gen import (
+    TrainGenConfig,
+    apply_block_causal,
+    block_causal_mask,
+    load_checkpoint,
+    new_state,
+    prompt_scores,
+    sample_sigmas,
+    save_checkpoint,
+    train,
+    train_step,
+    world_config,
+)
+from streamrt.world import make_clip
+
+ASSET = Path(__file__).resolve().parents[2] / "assets" / "tiny-world"
+TINY_MODEL = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 24, "ffn_dim": 32}
+
+
+def tiny_cfg(**overrides) -> TrainGenConfig:
+    base = {
+        "steps": 60,
+        "batch_size": 4,
+        "num_frames": 6,
+        "lr": 5e-3,
+        "warmup_steps": 5,
+        "model": TINY_MODEL,
+        "compile": False,
+        "threads": 1,
+        "log_every": 1000,
+        "checkpoint_every": 1000,
+    }
+    return TrainGenConfig(**{**base, **overrides})
+
+
+def test_block_causal_mask_lets_a_chunk_see_itself_and_older_chunks():
+    mask = block_causal_mask(num_frames=4, chunk_frames=2, tokens_per_frame=1)
+    assert mask.int().tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
+
+
+def test_sigmas_are_per_chunk_and_only_openings_start_noisy():
+    cfg = tiny_cfg(num_frames=9, clean_prob=0.5)
+    starts = torch.arange(256) % 2 == 0
+    sigma = sample_sigmas(cfg, starts, torch.Generator().manual_seed(0))
+    chunks = sigma.view(256, 3, 3)
+    assert (chunks == chunks[..., :1]).all()
+    clean = chunks[..., 0] == 0
+    assert clean[~starts, 0].all()  # a random scene's layout comes from clean context
+    assert 0.3 < clean[starts, 0].float().mean() < 0.6
+    assert (~clean).any(dim=1).all()
+    assert sigma.max() <= 1.0
+
+
+def test_openings_are_a_function_of_the_caption():
+    cfg = tiny_cfg(batch_size=16, start_prob=0.5)
+    x, captions, starts = train_gen.sample_batch(cfg, 0)
+    assert 0 < starts.sum() < 16
+    world = world_config(cfg)
+    for clip, caption, start in zip(x, captions, starts):
+        if start and caption:
+            again = make_clip(cfg.layout_seed, cfg.num_frames, world, caption).frames
+            assert torch.equal(clip, torch.from_numpy(again).permute(3, 0, 1, 2) / 127.5 - 1.0)
+
+
+def test_masked_training_forward_equals_the_engines_chunkwise_stream():
+    """What training optimises is what the engine runs: chunk by chunk through the cache."""
+    cfg = tiny_cfg()
+    state = new_state(cfg)
+    model = state.transformer
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 6, 16, 16)  # 2x2 patches of 8: 4 tokens per frame
+    frame_t = torch.tensor([[0.0, 0.0, 0.0, 700.0, 700.0, 700.0]])
+    text = torch.randn(1, 16, 32)
+    apply_block_causal(model, block_causal_mask(6, 3, 4))
+    with torch.no_grad():
+        ref = model(x, frame_t.repeat_interleave(4, dim=1), text, return_dict=False)[0]
+    spec = KVSpec(1, 2, 24, 4)
+    mgr = CacheManager(device_bytes=1 << 20, host_bytes=1 << 20)
+    mgr.register("gen", spec, offload=False)
+    seq = mgr.open_sequence("gen", "full")
+    stream_state = attach_streaming(model)
+    outs = []
+    with torch.no_grad():
+        for start in (0, 3):
+            rows = chunk_rows([seq], [[seq.append() for _ in range(3)]], 4)
+            sl = slice(start, start + 3)
+            outs.append(
+                streaming_forward(model, stream_state, rows, x[:, :, sl], frame_t[:, sl], text)
+            )
+    detach_streaming(model)
+    assert (torch.cat(outs, dim=2) - ref).abs().max() < 1e-5
+    assert ref.abs().mean() > 1e-2
+
+
+def test_training_lowers_the_loss():
+    state = train(tiny_cfg(), work_dir=None, output=None, log=lambda _: None)
+    first, last = np.mean(state.losses[:10]), np.mean(state.losses[-10:])
+    assert state.step == 60
+    # Measured with this seed: 1.404 -> 1.000 (0.71x); with lr 0: 1.719 -> 1.713 (1.00x).
+    assert last < 0.8 * first, (first, last)
+
+
+def test_checkpoint_round_trip_resumes_exactly(tmp_path):
+    cfg = tiny_cfg(steps=3)
+    straight = new_state(cfg)
+    for _ in range(3):
+        train_step(straight)
+    resumed = new_state(cfg)
+    for _ in range(2):
+        train_step(resumed)
+    save_checkpoint(resumed, tmp_path / "c.pt")
+    loaded = load_checkpoint(tmp_path / "c.pt")
+    assert loaded.step == 2 and loaded.losses == resumed.losses
+    assert loaded.cfg == cfg
+    train_step(loaded)
+    assert loaded.losses == pytest.approx(straight.losses, rel=1e-6)
+    for (name, a), (_, b) in zip(loaded.named_parameters(), straight.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    for name, a in loaded.ema.items():
+        assert torch.allclose(a, straight.ema[name], atol=1e-6), name
+
+
+def test_train_exports_a_loadable_generator_and_loss_curve(tmp_path):
+    from streamrt.gen.generator import StreamGenerator
+
+    out = tmp_path / "gen"
+    cfg = tiny_cfg(steps=2, batch_size=1)
+    train(cfg, tmp_path / "work", out, log=lambda _: None)
+    assert (tmp_path / "work" / train_gen.CHECKPOINT).exists()
+    assert (out / "loss.png").stat().st_size > 0
+    gen = StreamGenerator.from_pretrained(out, cache=train_gen.small_cache())
+    cfg_gen = gen.engine.config
+    assert cfg_gen.chunk_frames == 3
+    assert cfg_gen.policy_args == {"sink_blocks": 0, "window_blocks": 6}
+    frames = list(gen.stream("a red circle moving right on a dark background", num_frames=9))
+    assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
+
+
+def test_tune_sampler_writes_the_best_settings_into_the_manifest(tmp_path):
+    from streamrt.gen.generator import StreamGenerator
+
+    train(tiny_cfg(steps=1, batch_size=1), None, tmp_path, log=lambda _: None)
+    sweep = ({"timesteps": [1000, 500], "shift": 1.0}, {"timesteps": [1000], "shift": 2.0})
+    caption = "a red circle moving right on a dark background"
+    best = train_gen.tune_sampler(tmp_path, (caption,), 6, sweep, log=lambda _: None)
+    assert {"timesteps", "shift"} <= best.keys()
+    cfg = StreamGenerator.from_pretrained(tmp_path, cache=train_gen.small_cache()).engine.config
+    for key, value in best.items():
+        assert getattr(cfg, key) == value
+
+
+def test_prompt_scores_see_colour_and_direction_of_a_world_clip():
+    caption = "a red circle moving right on a dark background"
+    clip = make_clip(1, 24, world_config(TrainGenConfig()), caption)
+    right = prompt_scores(clip.frames, caption)
+    left = prompt_scores(clip.frames, caption.replace("right", "left"))
+    blue = prompt_scores(clip.frames, caption.replace("red", "blue"))
+    assert right["present"] > 0.7 and 0.01 < right["area"] < 0.05
+    assert right["direction"] == 1.0 and right["speed"] > 0.5
+    assert left["direction"] == 0.0
+    assert blue["present"] == 0.0
+    noise = np.random.default_rng(0).integers(0, 256, (24, 64, 64, 3), dtype=np.uint8)
+    assert prompt_scores(noise, caption)["present"] == 0.0  # specks are not a shape
+
+
+shipped = pytest.mark.skipif(
+    not (ASSET / "streamrt.json").exists(), reason="no shipped tiny-world model"
+)
+
+
+def shipped_rollout(caption: str, num_frames: int = 12) -> np.ndarray:
+    from streamrt.gen.generator import StreamGenerator
+
+    gen = StreamGenerator.from_pretrained(ASSET, cache=train_gen.small_cache())
+    return np.stack(list(gen.stream(caption, num_frames=num_frames)))
+
+
+@shipped
+def test_shipped_model_draws_the_prompted_background():
+    dark = shipped_rollout("a red circle moving right on a dark background")
+    light = shipped_rollout("a blue square moving up on a light background")
+    # Measured on the shipped model: mean level 18.5 and 215.1 (the world's: 20 and 220),
+    # background error 0.006 (dark vs light would be 0.8).
+    assert dark.mean() < 60 and light.mean() > 170, (dark.mean(), light.mean())
+    assert prompt_scores(dark, "a red circle moving right on a dark background")["background"] < 0.1
+
+
+@shipped
+@pytest.mark.xfail(strict=True, reason="the shipped model draws no object yet (TRAINING.md)")
+def test_shipped_model_draws_the_prompted_colour():
+    caption = "a red circle moving right on a dark background"
+    scores = prompt_scores(shipped_rollout(caption), caption)
+    # Measured on the shipped model: present 0.0 (the world's own clips: 0.86). The bar
+    # a model that draws objects should pass; strict, so passing flags the xfail to remove.
+    assert scores["present"] >= 0.5, scores
