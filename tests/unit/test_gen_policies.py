@@ -6,6 +6,7 @@ import itertools
 import pytest
 import test_gen_exactness as exactness
 import torch
+from test_cache_policies import _attend_through_cache
 from test_gen_exactness import streamed_forward
 
 from conftest import SMALL, make_manager
@@ -25,14 +26,6 @@ def _open(policy, device_blocks=16, **args):
 
 def _contiguous(n):
     return tuple(j * T for j in range(n))
-
-
-def _attend_through_cache(seq, q, layer):
-    plan = seq.plan()
-    k, v = seq.gather(layer, plan)
-    k = apply_rope(k, plan.token_positions())
-    qpos = torch.arange(plan.query_start, plan.query_start + q.shape[0])
-    return sdpa(apply_rope(q, qpos), k, v)
 
 
 def _reference_attention(blocks, q, layer):
