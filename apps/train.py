@@ -55,7 +55,7 @@ def config_from(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from streamrt.models import train_gen
+    from streamrt.models import train_gen, train_gen_eval
 
     if args.what != "gen":
         console.print(f"[red]error:[/] nothing to train called {args.what!r}")
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         train_gen.train(cfg, args.work_dir, args.output, resume=not args.fresh, log=console.print)
         console.print(f"wrote {args.output} (checkpoint in {args.work_dir})")
     if args.tune or args.tune_only:
-        best = train_gen.tune_sampler(args.output, log=console.print)
+        best = train_gen_eval.tune_sampler(args.output, log=console.print)
         console.print(f"best sampler settings, written to {args.output}: {best}")
     return 0
 

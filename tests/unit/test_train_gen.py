@@ -9,20 +9,20 @@ import torch
 from streamrt.cache import CacheManager, KVSpec
 from streamrt.gen.attention import attach_streaming, detach_streaming
 from streamrt.gen.forward import chunk_rows, streaming_forward
-from streamrt.models import train_gen
+from streamrt.models import train_gen, train_gen_eval
 from streamrt.models.train_gen import (
     TrainGenConfig,
     apply_block_causal,
     block_causal_mask,
     load_checkpoint,
     new_state,
-    prompt_scores,
     sample_sigmas,
     save_checkpoint,
     train,
     train_step,
     world_config,
 )
+from streamrt.models.train_gen_eval import prompt_scores
 from streamrt.world import make_clip
 
 ASSET = Path(__file__).resolve().parents[2] / "assets" / "tiny-world"
@@ -154,7 +154,7 @@ def test_tune_sampler_writes_the_best_settings_into_the_manifest(tmp_path):
     train(tiny_cfg(steps=1, batch_size=1), None, tmp_path, log=lambda _: None)
     sweep = ({"timesteps": [1000, 500], "shift": 1.0}, {"timesteps": [1000], "shift": 2.0})
     caption = "a red circle moving right on a dark background"
-    best = train_gen.tune_sampler(tmp_path, (caption,), 6, sweep, log=lambda _: None)
+    best = train_gen_eval.tune_sampler(tmp_path, (caption,), 6, sweep, log=lambda _: None)
     assert {"timesteps", "shift"} <= best.keys()
     cfg = StreamGenerator.from_pretrained(tmp_path, cache=train_gen.small_cache()).engine.config
     for key, value in best.items():
