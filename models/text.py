@@ -79,8 +79,13 @@ class TextEncoder:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Checked prompts to embeddings `[B, text_len, dim]` (inference)."""
         for p in prompts:
             self.check(p)
+        return self.embed(prompts)
+
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        """Embeddings `[B, text_len, dim]` with padding zeroed; keeps gradients (training)."""
         batch = self.tokenizer(
             prompts,
             padding="max_length",

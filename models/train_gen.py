@@ -49,6 +49,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from streamrt.config import CacheConfig, GenConfig
 from streamrt.models.generator_files import tiny_random_parts
+from streamrt.models.wan import apply_block_causal, block_causal_mask
 from streamrt.world import (
     VOCAB,
     WorldConfig,
@@ -158,38 +159,6 @@ class TrainGenConfig:
             raise ValueError(f"clean_prob must lie in [0, 1), got {self.clean_prob}")
 
 
-# ---------------------------------------------------------------------- attention mask
-
-
-class MaskedWanProcessor(WanAttnProcessor):
-    """diffusers' Wan self-attention processor with a fixed attention mask (the Wan block
-    passes None, so the mask is given here)."""
-
-    def __init__(self, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.mask = mask
-
-    def __call__(
-        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
-    ):
-        return super().__call__(attn, hidden_states, encoder_hidden_states, self.mask, rotary_emb)
-
-
-def block_causal_mask(num_frames: int, chunk_frames: int, tokens_per_frame: int) -> torch.Tensor:
-    """`[L, L]` bool, True where query token may see key token: same or older chunk."""
-    chunk = torch.arange(num_frames * tokens_per_frame) // tokens_per_frame // chunk_frames
-    return chunk[:, None] >= chunk[None, :]
-
-
-def apply_block_causal(transformer: torch.nn.Module, mask: torch.Tensor) -> None:
-    """Self-attention of every block under `mask`; cross-attention stays diffusers' own."""
-    n = len(transformer.blocks)
-    transformer.set_attn_processor(
-        {f"blocks.{i}.attn1.processor": MaskedWanProcessor(mask) for i in range(n)}
-        | {f"blocks.{i}.attn2.processor": WanAttnProcessor() for i in range(n)}
-    )
-
-
 # ---------------------------------------------------------------------- data
 
 
@@ -244,20 +213,6 @@ def sample_sigmas(cfg: TrainGenConfig, starts: torch.Tensor, gen: torch.Generato
     return sigma.repeat_interleave(cfg.chunk_frames, dim=1)
 
 
-def encode_captions(text_encoder, captions: list[str]) -> torch.Tensor:
-    """`TextEncoder.encode` with gradients: `[B, text_len, dim]`, padding zeroed."""
-    batch = text_encoder.tokenizer(
-        captions,
-        padding="max_length",
-        max_length=text_encoder.text_len,
-        truncation=True,
-        add_special_tokens=True,
-        return_tensors="pt",
-    )
-    hidden = text_encoder.model(batch.input_ids, batch.attention_mask).last_hidden_state
-    return hidden * batch.attention_mask[..., None].to(hidden.dtype)
-
-
 # ---------------------------------------------------------------------- loss
 
 
@@ -279,7 +234,7 @@ def flow_matching_loss(
     s = sigma[:, None, :, None, None]
     x_t = (1 - s) * x0 + s * eps
     timestep = (sigma * 1000.0).repeat_interleave(tokens_per_frame, dim=1)
-    v = transformer(x_t, timestep, encode_captions(text_encoder, captions), return_dict=False)[0]
+    v = transformer(x_t, timestep, text_encoder.embed(captions), return_dict=False)[0]
     per_frame = (v - (eps - x0)).pow(2).mean(dim=(1, 3, 4))
     noisy = (sigma > 0).float()
     return (per_frame * noisy).sum() / noisy.sum()
@@ -518,7 +473,6 @@ def export_generator(
             p.copy_(state.ema["transformer." + name])
         for name, p in text_encoder.model.named_parameters():
             p.copy_(state.ema["text." + name])
-    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
     transformer.set_attn_processor(WanAttnProcessor())
     engine = GenEngine(

@@ -65,7 +65,7 @@ def _cached(args: argparse.Namespace) -> dict[str, Any]:
 
 def _recompute_chunk_seconds(gen, args: argparse.Namespace) -> float:
     """No KV cache: every step re-runs the model over [window frames (t=0) | chunk (t)]."""
-    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+    from streamrt.models.wan import apply_block_causal
 
     engine = gen.engine
     cfg = engine.config
@@ -80,12 +80,8 @@ def _recompute_chunk_seconds(gen, args: argparse.Namespace) -> float:
     )
     mask = chunk_of[:, None] >= chunk_of[None, :]  # block-causal: the window never sees the chunk
 
-    class Masked(WanAttnProcessor):
-        def __call__(self, attn, hs, ehs=None, attention_mask=None, rotary_emb=None):
-            return super().__call__(attn, hs, ehs, mask if ehs is None else None, rotary_emb)
-
     saved = dict(model.attn_processors)
-    model.set_attn_processor(Masked())
+    apply_block_causal(model, mask)
     x = torch.randn(1, c, window + f, h, w)
     text = engine.encode_prompt("a red circle moving right on a dark background")
     steps = len(cfg.timesteps)

@@ -2,40 +2,17 @@
 
 import pytest
 import torch
-from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from streamrt.cache import CacheManager, KVSpec
 from streamrt.gen.attention import attach_streaming, detach_streaming
 from streamrt.gen.forward import chunk_rows, streaming_forward
-from streamrt.models.wan import build_wan, tiny_wan_config
-
-
-class MaskedWanProcessor(WanAttnProcessor):
-    """The stock diffusers processor, given an attention mask (the block passes None)."""
-
-    def __init__(self, mask):
-        super().__init__()
-        self.mask = mask
-
-    def __call__(
-        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
-    ):
-        return super().__call__(attn, hidden_states, encoder_hidden_states, self.mask, rotary_emb)
-
-
-def block_causal_mask(num_frames, chunk, tokens_per_frame):
-    chunk_of = torch.arange(num_frames * tokens_per_frame) // tokens_per_frame // chunk
-    return chunk_of[:, None] >= chunk_of[None, :]
+from streamrt.models.wan import apply_block_causal, block_causal_mask, build_wan, tiny_wan_config
 
 
 def reference_forward(model, x, frame_t, text, chunk):
     _, _, f, h, w = x.shape
     tpf = (h // 2) * (w // 2)
-    mask = block_causal_mask(f, chunk, tpf)
-    model.set_attn_processor(
-        {f"blocks.{i}.attn1.processor": MaskedWanProcessor(mask) for i in range(len(model.blocks))}
-        | {f"blocks.{i}.attn2.processor": WanAttnProcessor() for i in range(len(model.blocks))}
-    )
+    apply_block_causal(model, block_causal_mask(f, chunk, tpf))
     with torch.no_grad():
         return model(x, frame_t.repeat_interleave(tpf, dim=1).float(), text, return_dict=False)[0]
 
