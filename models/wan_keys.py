@@ -161,6 +161,15 @@ def _transformer_key_to_original(key: str) -> str:
     return head + part[0] + part[1]
 
 
+def _invert(state_dict: StateDict, to_original, to_diffusers, what: str) -> StateDict:
+    """Rename diffusers keys to original ones, checked against diffusers' own converter."""
+    names = {to_original(k): k for k in state_dict}
+    if len(names) != len(state_dict):
+        raise CheckpointError(f"two diffusers keys of the {what} map to the same original key")
+    _check_round_trip(names, to_diffusers, what)
+    return {old: state_dict[new] for old, new in names.items()}
+
+
 def _check_round_trip(
     original_keys: dict[str, str], forward: Callable[[dict], dict], what: str
 ) -> None:
@@ -186,11 +195,9 @@ def diffusers_to_original_wan(state_dict: Mapping[str, torch.Tensor]) -> StateDi
     Raises:
         CheckpointError: if some key would not convert back to itself.
     """
-    names = {_transformer_key_to_original(k): k for k in state_dict}
-    if len(names) != len(state_dict):
-        raise CheckpointError("two diffusers keys map to the same original Wan key")
-    _check_round_trip(names, original_to_diffusers_wan, "Wan transformer")
-    return {old: state_dict[new] for old, new in names.items()}
+    return _invert(
+        state_dict, _transformer_key_to_original, original_to_diffusers_wan, "Wan transformer"
+    )
 
 
 # ---------------------------------------------------------------- VAE keys
@@ -244,11 +251,7 @@ def diffusers_to_original_wan_vae(state_dict: Mapping[str, torch.Tensor]) -> Sta
     Raises:
         CheckpointError: if some key would not convert back to itself.
     """
-    names = {_vae_key_to_original(k): k for k in state_dict}
-    if len(names) != len(state_dict):
-        raise CheckpointError("two diffusers VAE keys map to the same original key")
-    _check_round_trip(names, convert_wan_vae_to_diffusers, "Wan VAE")
-    return {old: state_dict[new] for old, new in names.items()}
+    return _invert(state_dict, _vae_key_to_original, convert_wan_vae_to_diffusers, "Wan VAE")
 
 
 def detect_vae_layout(keys: Iterable[str]) -> Layout:
