@@ -1,7 +1,7 @@
 """Latent codecs: pixels <-> what the transformer denoises, frame by frame as a stream.
 
-`PixelCodec` is the identity (latents are frames in [-1, 1]; tiny models run in pixel
-space). `WanVAECodec` wraps diffusers' `AutoencoderKLWan` and decodes chunk by chunk with
+`PixelCodec` works in pixel space (latents are frames in [-1, 1], optionally averaged
+over `spatial` x `spatial` pixels; the tiny models run on it). `WanVAECodec` wraps diffusers' `AutoencoderKLWan` and decodes chunk by chunk with
 the decoder's causal conv cache kept per stream, so a streamed decode equals one decode of
 the whole video.
 """
@@ -25,11 +25,21 @@ def tensor_to_frames(x: torch.Tensor) -> np.ndarray:
 
 
 class PixelCodec:
-    """Identity codec: 3 latent channels, no spatial or temporal compression."""
+    """Pixel-space codec: 3 latent channels, no temporal compression, and an optional
+    spatial factor `spatial` (a latent pixel is the mean of `spatial` x `spatial` pixels;
+    decoding upsamples bilinearly). `spatial=1` is the identity.
+
+    The factor is the tiny models' "VAE": it shrinks what the transformer must denoise
+    (a 4x4 patch of a 2x latent is 48 values instead of the 192 of an 8x8 pixel patch).
+    """
 
     latent_channels = 3
-    spatial = 1
     temporal = 1
+
+    def __init__(self, spatial: int = 1) -> None:
+        if int(spatial) != spatial or spatial < 1:
+            raise ValueError(f"PixelCodec spatial factor must be a positive integer, got {spatial}")
+        self.spatial = int(spatial)
 
     def frames_needed(self, latent_frames: int) -> int:
         return latent_frames
@@ -41,9 +51,18 @@ class PixelCodec:
         return self
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        return frames
+        """`[B, 3, F, H, W]` frames in [-1, 1] -> `[B, 3, F, H/s, W/s]` latents."""
+        if self.spatial == 1:
+            return frames
+        s = self.spatial
+        return torch.nn.functional.avg_pool3d(frames, (1, s, s))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.spatial > 1:
+            s = self.spatial
+            latents = torch.nn.functional.interpolate(
+                latents, scale_factor=(1, s, s), mode="trilinear", align_corners=False
+            )
         return latents.clamp(-1, 1)
 
 

@@ -1,6 +1,7 @@
 """Generator directories: save and load the parts a `StreamGenerator` needs.
 
 streamrt.json     {"format": "streamrt-generator", "codec": "pixel" | "wan_vae",
+                   "codec_spatial": s (pixel codec only, default 1),
                    "text_len": N, "gen": {GenConfig fields}}
 transformer/      diffusers WanTransformer3DModel (save_pretrained)
 text_encoder/     transformers UMT5EncoderModel
@@ -10,6 +11,7 @@ vae/              diffusers AutoencoderKLWan (codec "wan_vae" only)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -24,15 +26,37 @@ from streamrt.models.codec import PixelCodec, WanVAECodec
 from streamrt.models.text import TextEncoder, word_tokenizer
 from streamrt.models.wan import build_wan, tiny_wan_config
 from streamrt.models.wan_checkpoints import load_wan_transformer, load_wan_vae
+from streamrt.models.wan_keys import CheckpointError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+REBUILD = "rebuild the model directory (`streamrt train gen` for the embedded one) or restore it"
+
+
 def _missing(path: Path, what: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"{path} is missing or unreadable ({what}); rebuild the model directory "
-        "(`streamrt train gen` for the embedded one) or restore the file"
-    )
+    return FileNotFoundError(f"{path} is missing or unreadable ({what}); {REBUILD}")
+
+
+class ModelFileError(CheckpointError):
+    """A part of a generator directory exists but cannot be read (corrupt, truncated)."""
+
+
+@contextlib.contextmanager
+def _reading(parts: list[Path], what: str):
+    """Re-raise any failure to read the directories `parts` as a `ModelFileError` naming
+    the file (when the error does) or every file in them."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        files = [str(f) for part in parts if part.is_dir() for f in sorted(part.iterdir())]
+        named = next((f for f in files if f in str(exc)), None) or ", ".join(files) or parts[0]
+        raise ModelFileError(
+            f"{named}: cannot read the {what} ({type(exc).__name__}: {exc}); the file is "
+            f"corrupt or truncated: {REBUILD}"
+        ) from exc
 
 
 PIPELINE_MANIFEST = {"codec": "wan_vae", "text_len": 512, "gen": {}}
@@ -55,18 +79,21 @@ def load_generator_parts(
             raise _missing(path / part, f"the {part}")
     # load_wan_transformer raises CheckpointError (a ValueError) naming the file and what
     # does not match; it never leaves random weights behind.
-    if checkpoint is None:
-        transformer = load_wan_transformer(path / "transformer", dtype=dtype)
-    else:
-        config = json.loads((path / "transformer" / "config.json").read_text())
-        config = {k: v for k, v in config.items() if not k.startswith("_")}
-        transformer = load_wan_transformer(checkpoint, config=config, dtype=dtype)
-    text = TextEncoder.from_pretrained(path, manifest.get("text_len", 16))
+    with _reading([path / "transformer"], "transformer"):
+        if checkpoint is None:
+            transformer = load_wan_transformer(path / "transformer", dtype=dtype)
+        else:
+            config = json.loads((path / "transformer" / "config.json").read_text())
+            config = {k: v for k, v in config.items() if not k.startswith("_")}
+            transformer = load_wan_transformer(checkpoint, config=config, dtype=dtype)
+    with _reading([path / "text_encoder", path / "tokenizer"], "text encoder or tokenizer"):
+        text = TextEncoder.from_pretrained(path, manifest.get("text_len", 16))
     codec_name = manifest.get("codec", "pixel")
     if codec_name == "pixel":
-        codec = PixelCodec()
+        codec = PixelCodec(manifest.get("codec_spatial", 1))
     elif codec_name == "wan_vae":
-        codec = WanVAECodec(load_wan_vae(path / "vae"))
+        with _reading([path / "vae"], "VAE"):
+            codec = WanVAECodec(load_wan_vae(path / "vae"))
     else:
         raise ValueError(f"{path}/streamrt.json: unknown codec {codec_name!r} (pixel, wan_vae)")
     return transformer, text, codec
@@ -84,6 +111,7 @@ def save_generator_parts(path: Path, engine, manifest_name: str, fmt: str) -> No
         "format": fmt,
         "version": 1,
         "codec": codec,
+        **({"codec_spatial": engine.codec.spatial} if codec == "pixel" else {}),
         "text_len": engine.text_encoder.text_len,
         "gen": _jsonable(dataclasses.asdict(engine.config)),
     }
@@ -95,11 +123,17 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def tiny_random_parts(
-    vocab: list[str], text_len: int = 16, codec: str = "pixel", seed: int = 0, **wan: Any
+    vocab: list[str],
+    text_len: int = 16,
+    codec: str = "pixel",
+    seed: int = 0,
+    spatial: int = 1,
+    **wan: Any,
 ):
     """Randomly initialised tiny parts (for tests and as the untrained start of training).
 
-    Pixel codec: 3 channels, patch 8 (64 tokens per 64x64 frame); "wan_vae": a tiny
+    Pixel codec: 3 channels averaged over `spatial` x `spatial` pixels, patch 8/`spatial`
+    (64 tokens per 64x64 frame either way); "wan_vae": a tiny
     `AutoencoderKLWan` with 4 latent channels, 2x spatial and temporal compression.
     """
     tokenizer = word_tokenizer(vocab, text_len)
@@ -117,8 +151,9 @@ def tiny_random_parts(
         torch.manual_seed(seed)
         encoder = UMT5EncoderModel(enc_cfg)
     if codec == "pixel":
-        codec_obj = PixelCodec()
-        defaults = {"in_channels": 3, "out_channels": 3, "patch_size": (1, 8, 8)}
+        codec_obj = PixelCodec(spatial)
+        side = max(1, 8 // spatial)
+        defaults = {"in_channels": 3, "out_channels": 3, "patch_size": (1, side, side)}
     else:
         with torch.random.fork_rng():
             torch.manual_seed(seed + 1)

@@ -12,16 +12,15 @@ writes), and chunk i attends to chunks <= i only, exactly what the cache gives a
 
 x_t = (1 - sigma) * x0 + sigma * eps and the model predicts v = eps - x0 (schedule.py).
 
-Why "openings": the engine's samplers re-noise each x0 estimate with fresh noise, which
-suits distilled few-step models; an MSE-trained model's estimate at high noise is the
-mean over everything the prompt allows, so a randomly placed object fades into the
-background. Half the clips are therefore their caption's opening (the world drawn with a
-fixed seed: where the objects start is a function of the prompt) and may start noisy;
-the other half are random scenes whose first chunk is clean context, which teaches
-motion everywhere in the frame without asking the model to guess a layout.
-Measured limit (assets/tiny-world/TRAINING.md): Wan has no absolute position embedding
-(RoPE only), so from pure noise it cannot tell where "the opening's place" is, and the
-shipped model still draws the prompted background without the object.
+What makes the objects learnable on two CPU cores (assets/tiny-world/TRAINING.md has
+the measurements): (1) the transformer denoises a 2x-downsampled pixel latent
+(`PixelCodec(spatial=2)`, 48 values per 4x4 patch instead of 192 per 8x8), (2) the loss
+weighs object pixels `object_weight` times more (a shape covers 1.5-4 % of a frame, so
+an unweighted MSE is met by drawing the background alone), (3) every chunk, the first
+included, is learnt from noise on random scenes, and streams sample with the
+deterministic step (`renoise: predicted`): Wan has no absolute position embedding, so
+where an object appears must come from the initial noise, which a fresh-noise
+re-noise (Self-Forcing's loop, for distilled models) throws away at every step.
 The transformer stays the stock diffusers class: the mask enters through a subclass of
 diffusers' own attention processor, so the trained model streams chunk by chunk in
 `GenEngine` with the same attention it was trained under.
@@ -51,10 +50,10 @@ from streamrt.config import CacheConfig, GenConfig
 from streamrt.models.generator_files import tiny_random_parts
 from streamrt.models.wan import apply_block_causal, block_causal_mask
 from streamrt.world import (
+    COLORS,
     VOCAB,
     WorldConfig,
     make_clip,
-    random_caption,
 )
 
 CHECKPOINT = "checkpoint.pt"
@@ -101,13 +100,18 @@ class TrainGenConfig:
     sigma_shift: float = 3.0
     """Noise levels are `shift*u / (1 + (shift-1)*u)`, u uniform: more weight on high noise."""
 
-    start_prob: float = 0.5
-    """Chance that a clip is its caption's opening: the world drawn with `layout_seed`, so
-    the first chunk is a function of the prompt. Other clips are random scenes whose first
-    chunk is always clean context (from text alone their layout cannot be known)."""
+    object_weight: float = 8.0
+    """Extra loss weight of object pixels at the start of the run: a latent pixel's weight
+    is 1 + this x the share of its pixels that show an object (palette colours;
+    backgrounds are grey). It makes the small shapes worth learning early on."""
 
-    layout_seed: int = 0
-    """World seed of the openings (where a prompt's objects start, their size and pace)."""
+    object_weight_final: float = 0.5
+    """Extra object weight at the end of the run, reached linearly. A weighted MSE is met
+    by predicting object colour wherever an object may be, so a large weight draws shapes
+    too big (measured: 15-25 % of the frame instead of 1.5-4 % at weight 8)."""
+
+    codec_spatial: int = 2
+    """Spatial factor of the pixel codec (`PixelCodec(spatial)`); patch side 8 / this."""
 
     caption_dropout: float = 0.1
     """Chance that a clip's caption is replaced by "" (enables classifier-free guidance)."""
@@ -120,15 +124,16 @@ class TrainGenConfig:
 
     model: dict[str, Any] = field(
         default_factory=lambda: {
-            "num_layers": 3,
-            "num_attention_heads": 6,
+            "num_layers": 4,
+            "num_attention_heads": 4,
             "attention_head_dim": 32,
-            "ffn_dim": 384,
+            "ffn_dim": 256,
         }
     )
-    """`WanTransformer3DModel` overrides of `tiny_random_parts` (pixel codec, patch 1x8x8).
-    The width (heads x head_dim) must be >= 192, the values in one 8x8x3 patch: a narrower
-    model cannot see or remove part of each patch's noise, and it stays in every frame."""
+    """`WanTransformer3DModel` overrides of `tiny_random_parts` (patch 1 x 8/s x 8/s).
+    The width (heads x head_dim) must be >= the values in one patch (48 at s = 2, 192 at
+    s = 1): a narrower model cannot see or remove part of each patch's noise, and it
+    stays in every frame (measured at s = 1, width 128)."""
 
     seed: int = 0
     """Seeds the initial weights, the clips and the noise of every step (resumable exactly)."""
@@ -174,40 +179,41 @@ def world_config(cfg: TrainGenConfig) -> WorldConfig:
 
 
 def sample_batch(cfg: TrainGenConfig, step: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """Clips of step `step`: frames `[B, 3, F, 64, 64]` in [-1, 1], captions, and which
-    clips are openings (`[B]` bool, see `TrainGenConfig.start_prob`).
+    """Clips of step `step`: frames `[B, 3, F, 64, 64]` in [-1, 1], captions, and object
+    masks `[B, 1, F, 64, 64]` (1 where a pixel shows a palette colour, i.e. an object).
 
     Seeds depend only on (`cfg.seed`, `step`), so a resumed run sees the same data.
     """
     rng = np.random.default_rng((cfg.seed, step))
     world = world_config(cfg)
-    frames, captions, starts = [], [], []
+    palette = np.array([_pack(np.asarray(c)) for c in COLORS.values()])
+    frames, captions, objects = [], [], []
     for seed in rng.integers(0, 2**31, size=cfg.batch_size):
-        start = bool(rng.random() < cfg.start_prob)
-        if start:
-            clip = make_clip(cfg.layout_seed, cfg.num_frames, world, random_caption(rng, world))
-        else:
-            clip = make_clip(int(seed), cfg.num_frames, world)
+        clip = make_clip(int(seed), cfg.num_frames, world)
         frames.append(torch.from_numpy(clip.frames))
+        objects.append(torch.from_numpy(np.isin(_pack(clip.frames), palette)))
         drop = rng.random() < cfg.caption_dropout
         captions.append("" if drop else clip.caption)
-        starts.append(start)
     x = torch.stack(frames).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
-    return x, captions, torch.tensor(starts)
+    return x, captions, torch.stack(objects).unsqueeze(1).float()
 
 
-def sample_sigmas(cfg: TrainGenConfig, starts: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _pack(rgb: np.ndarray) -> np.ndarray:
+    rgb = rgb.astype(np.int64)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def sample_sigmas(cfg: TrainGenConfig, batch: int, gen: torch.Generator) -> torch.Tensor:
     """Per-frame noise levels `[B, F]`, constant within a chunk; 0 marks clean context.
 
-    The first chunk of a clip that is not an opening is always clean; every clip keeps
-    at least one noisy chunk (its last, if the draw left none).
+    Any chunk, the first included, is clean with probability `clean_prob`; every clip
+    keeps at least one noisy chunk (its last, if the draw left none).
     """
-    batch, chunks = len(starts), cfg.num_frames // cfg.chunk_frames
+    chunks = cfg.num_frames // cfg.chunk_frames
     u = torch.rand(batch, chunks, generator=gen)
     s = cfg.sigma_shift
     sigma = s * u / (1 + (s - 1) * u)
     clean = torch.rand(batch, chunks, generator=gen) < cfg.clean_prob
-    clean[:, 0] |= ~starts
     clean[clean.all(dim=1), -1] = False
     sigma = sigma.masked_fill(clean, 0.0)
     return sigma.repeat_interleave(cfg.chunk_frames, dim=1)
@@ -219,23 +225,31 @@ def sample_sigmas(cfg: TrainGenConfig, starts: torch.Tensor, gen: torch.Generato
 def flow_matching_loss(
     transformer,
     text_encoder,
-    x0: torch.Tensor,
+    codec,
+    frames: torch.Tensor,
+    objects: torch.Tensor,
     captions: list[str],
-    starts: torch.Tensor,
     cfg: TrainGenConfig,
     gen: torch.Generator,
+    object_weight: float | None = None,
 ) -> torch.Tensor:
-    """Mean squared velocity error over the noisy frames of a batch (mask already applied)."""
+    """Object-weighted mean squared velocity error over the noisy frames of a batch, in
+    the codec's latent space (mask already applied); `object_weight` defaults to the
+    config's starting weight."""
+    if object_weight is None:
+        object_weight = cfg.object_weight
+    x0 = codec.encode(frames)
+    weight = 1.0 + object_weight * codec.encode(objects)
     _, _, _, h, w = x0.shape
     p = transformer.config.patch_size
     tokens_per_frame = (h // p[1]) * (w // p[2])
-    sigma = sample_sigmas(cfg, starts, gen)
+    sigma = sample_sigmas(cfg, x0.shape[0], gen)
     eps = torch.randn(x0.shape, generator=gen)
     s = sigma[:, None, :, None, None]
     x_t = (1 - s) * x0 + s * eps
     timestep = (sigma * 1000.0).repeat_interleave(tokens_per_frame, dim=1)
     v = transformer(x_t, timestep, text_encoder.embed(captions), return_dict=False)[0]
-    per_frame = (v - (eps - x0)).pow(2).mean(dim=(1, 3, 4))
+    per_frame = (weight * (v - (eps - x0)).pow(2)).mean(dim=(1, 3, 4))
     noisy = (sigma > 0).float()
     return (per_frame * noisy).sum() / noisy.sum()
 
@@ -288,7 +302,7 @@ class TrainState:
 
 def new_state(cfg: TrainGenConfig) -> TrainState:
     transformer, text_encoder, codec = tiny_random_parts(
-        VOCAB, cfg.text_len, codec="pixel", seed=cfg.seed, **cfg.model
+        VOCAB, cfg.text_len, codec="pixel", seed=cfg.seed, spatial=cfg.codec_spatial, **cfg.model
     )
     state = TrainState(cfg, transformer, text_encoder, codec, {}, None)  # type: ignore[arg-type]
     params = [p for _, p in state.named_parameters()]
@@ -342,12 +356,16 @@ def _update_ema(state: TrainState) -> None:
 def train_step(state: TrainState) -> float:
     """One optimizer step on the clips of `state.step`; returns the loss."""
     cfg = state.cfg
-    x0, captions, starts = sample_batch(cfg, state.step)
+    frames, captions, objects = sample_batch(cfg, state.step)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step)
     for group in state.optimizer.param_groups:
         group["lr"] = lr_at(cfg, state.step, state.seconds)
     model = state.transformer if state.compiled is None else state.compiled
-    loss = flow_matching_loss(model, state.text_encoder, x0, captions, starts, cfg, gen)
+    done = progress(cfg, state.step, state.seconds)
+    weight = cfg.object_weight + (cfg.object_weight_final - cfg.object_weight) * done
+    loss = flow_matching_loss(
+        model, state.text_encoder, state.codec, frames, objects, captions, cfg, gen, weight
+    )
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for _, p in state.named_parameters()], cfg.grad_clip)
@@ -388,7 +406,8 @@ def _train(cfg: TrainGenConfig, work_dir, output, resume: bool, log: Callable) -
     if state.step:
         log(f"resumed from {ckpt} at step {state.step}")
     world, patch = world_config(cfg), state.transformer.config.patch_size
-    tokens_per_frame = (world.height // patch[1]) * (world.width // patch[2])
+    side = state.codec.spatial
+    tokens_per_frame = (world.height // side // patch[1]) * (world.width // side // patch[2])
     apply_block_causal(
         state.transformer, block_causal_mask(cfg.num_frames, cfg.chunk_frames, tokens_per_frame)
     )
@@ -445,6 +464,8 @@ def default_gen_config(cfg: TrainGenConfig, **overrides: Any) -> GenConfig:
         fps=8,  # the world's rate: objects move at their captioned pace
         policy="sink_window",
         policy_args={"sink_blocks": 0, "window_blocks": cfg.num_frames},
+        renoise="predicted",  # not distilled: the deterministic step (module docstring)
+        timesteps=[round(1000 - i * 1000 / 12) for i in range(12)],
     )
     return dataclasses.replace(base, **overrides)
 

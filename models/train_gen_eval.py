@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from streamrt.metrics import adherence, color_mask
 from streamrt.models.train_gen import TrainGenConfig, small_cache, world_config
-from streamrt.world import COLORS, make_clip, parse_caption, render_background
+from streamrt.world import make_clip, parse_caption, render_background
 
 EVAL_PROMPTS: tuple[str, ...] = (
     "a red circle moving right on a dark background",
@@ -33,8 +34,7 @@ def colour_mask(frames: np.ndarray, color: str, tol: float = 60.0) -> np.ndarray
     opened with a 3x3 square so isolated specks (noise) do not count."""
     import cv2
 
-    ref = np.asarray(COLORS[color], dtype=np.float32)
-    near = (np.linalg.norm(frames.astype(np.float32) - ref, axis=-1) < tol).astype(np.uint8)
+    near = color_mask(frames, color, tol).astype(np.uint8)
     kernel = np.ones((3, 3), np.uint8)
     return np.stack([cv2.morphologyEx(m, cv2.MORPH_OPEN, kernel) for m in near]).astype(bool)
 
@@ -84,7 +84,9 @@ def score_generator(
     rows = []
     for prompt in prompts:
         frames = np.stack(list(generator.stream(prompt, num_frames=num_frames, **overrides)))
-        rows.append(prompt_scores(frames, prompt))
+        rows.append(
+            {**prompt_scores(frames, prompt), "adherence": adherence(frames, prompt)["score"]}
+        )
     return _summary(rows)
 
 
@@ -98,9 +100,10 @@ def _summary(rows: list[dict[str, float]]) -> dict[str, float]:
 def reference_scores(prompts: tuple[str, ...] = EVAL_PROMPTS, num_frames: int = 48):
     """`score_generator`'s numbers on the world's own clips (the ceiling of the metric)."""
     world = world_config(TrainGenConfig())
-    rows = [
-        prompt_scores(make_clip(i, num_frames, world, p).frames, p) for i, p in enumerate(prompts)
-    ]
+    rows = []
+    for i, p in enumerate(prompts):
+        frames = make_clip(i, num_frames, world, p).frames
+        rows.append({**prompt_scores(frames, p), "adherence": adherence(frames, p)["score"]})
     return _summary(rows)
 
 
@@ -109,12 +112,15 @@ def _steps(n: int) -> list[int]:
 
 
 SWEEP: tuple[dict[str, Any], ...] = (
-    *({"timesteps": _steps(n), "shift": s} for n in (4, 8) for s in (1.0, 2.0, 3.0, 5.0)),
-    {"timesteps": [1000, 500, 250, 100], "shift": 1.0},
-    {"timesteps": [1000, 750, 500, 250, 125, 50], "shift": 1.0},
+    *(
+        {"renoise": "predicted", "timesteps": _steps(n), "shift": s}
+        for n in (8, 12, 16)
+        for s in (1.0, 3.0, 5.0)
+    ),
+    {"renoise": "fresh", "timesteps": _steps(8), "shift": 3.0},
 )
-"""First stage of `tune_sampler`: step count x shift, and schedules that end at low noise
-(an undistilled model leaves noise of about 0.6 sigma of the last step in its estimate)."""
+"""First stage of `tune_sampler`: the deterministic step at step count x shift, and
+Self-Forcing's fresh re-noise as a control (the model is not distilled)."""
 
 
 def tune_sampler(
@@ -124,7 +130,8 @@ def tune_sampler(
     sweep: tuple[dict[str, Any], ...] = SWEEP,
     log: Callable = print,
 ) -> dict[str, Any]:
-    """Pick the stream settings that score best on `prompts` and write them to the manifest.
+    """Pick the stream settings that score best on `prompts` and write them to the manifest:
+    the highest adherence (`streamrt.metrics`), ties broken by `score`.
 
     Stage 1 sweeps `SWEEP`; stage 2 tries guidance and the attention sink on the winner.
     Returns the chosen overrides (also written into `path/streamrt.json`).
@@ -138,10 +145,10 @@ def tune_sampler(
     # Every candidate starts from the untuned settings, whatever an earlier tuning wrote.
     base = {"guidance_scale": 1.0, "policy_args": {"sink_blocks": 0, "window_blocks": kept}}
 
-    def run(settings: dict[str, Any]) -> float:
+    def run(settings: dict[str, Any]) -> tuple[float, float]:
         scores = score_generator(gen, prompts, num_frames, **{**base, **settings})
         log(f"{settings}: {_fmt(scores)}")
-        return scores["score"]
+        return scores["adherence"], scores["score"]
 
     best = max(sweep, key=run)
     stage2 = [
