@@ -97,9 +97,10 @@ def load_generator(
     path = Path(model)
     if not (path / "streamrt.json").exists() and not (path / "model_index.json").exists():
         raise FileNotFoundError(
-            f"no default model yet: {path} holds no streamrt generator. The embedded tiny model "
-            "is built by `streamrt train gen`; until it ships, pass --model DIR (a generator "
-            f"directory) or --model {TINY_RANDOM} for an untrained smoke test."
+            f"{path} holds no streamrt generator (streamrt.json) and no diffusers Wan pipeline "
+            "(model_index.json). The embedded model (assets/tiny-world) is rebuilt by "
+            "`streamrt train gen`; or pass --model DIR (a generator or pipeline directory), "
+            f"or --model {TINY_RANDOM} for an untrained smoke test."
         )
     return StreamGenerator.from_pretrained(path, config=config, checkpoint=checkpoint, **overrides)
 
@@ -124,16 +125,20 @@ def run(args: argparse.Namespace) -> int:
         TextColumn("{task.fields[fps]:.1f} fps"),
         TimeElapsedColumn(),
     )
-    with (
-        open_sink(args.output, cfg.fps, cfg.width, cfg.height) as sink,
-        Progress(*columns, console=console) as bar,
-    ):
-        task = bar.add_task("frames", total=args.frames, fps=0.0)
-        sink.write(first)
-        bar.update(task, advance=1)
-        for frame in frames:
-            sink.write(frame)
-            bar.update(task, advance=1, fps=stats["frames"] / max(stats["seconds"], 1e-9))
+    try:
+        with (
+            open_sink(args.output, cfg.fps, cfg.width, cfg.height) as sink,
+            Progress(*columns, console=console) as bar,
+        ):
+            task = bar.add_task("frames", total=args.frames, fps=0.0)
+            sink.write(first)
+            bar.update(task, advance=1)
+            for frame in frames:
+                sink.write(frame)
+                bar.update(task, advance=1, fps=stats["frames"] / max(stats["seconds"], 1e-9))
+    except OSError as exc:  # the output could not be opened or broke (disk full, server gone)
+        console.print(f"[red]error:[/] {exc}")
+        return 2
     console.print(
         f"wrote {sink.frames} frames to {args.output}: "
         f"{stats['frames'] / max(stats['seconds'], 1e-9):.1f} fps, first frame after {stats['first_frame_s']:.2f} s"

@@ -59,5 +59,8 @@ def run(args: argparse.Namespace) -> int:
     except SourceError as exc:
         console.print(f"[red]input stopped:[/] {exc} (kept the {written} frames written)")
         return 1
+    except OSError as exc:  # the output could not be opened or broke (disk full, server gone)
+        console.print(f"[red]error:[/] {exc}")
+        return 2
     console.print(f"wrote {written} frames to {args.output}")
     return 0

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
+
+LIVE_PREFIXES = ("rtmp://", "rtsp://", "srt://")
 
 
 class VideoSink:
@@ -26,29 +30,57 @@ class VideoSink:
         self.stream.width, self.stream.height = width, height
         self.stream.pix_fmt = "yuv420p"
         self.stream.options = {"preset": "veryfast", "tune": "zerolatency", "crf": "18"}
+        self.live = self.target.startswith(LIVE_PREFIXES)
+        if self.live:
+            # A viewer joining a live stream starts at the next keyframe: one per second
+            # (x264's default is one per 250 frames, half a minute of waiting at 8 fps).
+            self.stream.codec_context.gop_size = max(1, int(fps))
+        self.fps = fps
+        self._start: float | None = None
         self.frames = 0
 
     def write(self, frame: np.ndarray) -> None:
+        """Encode one frame. A live target is paced at `fps` (like `ffmpeg -re`): a model
+        faster than real time waits, so viewers see the stream at its own rate."""
+        if self.live:
+            now = time.monotonic()
+            if self._start is None:
+                self._start = now
+            due = self._start + self.frames / self.fps
+            if due > now:
+                time.sleep(due - now)
         vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-        for packet in self.stream.encode(vf):
-            self.container.mux(packet)
+        try:
+            for packet in self.stream.encode(vf):
+                self.container.mux(packet)
+        except (OSError, av.error.FFmpegError) as exc:
+            # FFmpeg connects to a URL when it writes the header, i.e. at the first packet.
+            raise OSError(f"cannot write to {self.target}: {exc}") from None
         self.frames += 1
 
     def close(self) -> None:
-        for packet in self.stream.encode():
-            self.container.mux(packet)
-        self.container.close()
+        try:
+            for packet in self.stream.encode():
+                self.container.mux(packet)
+        except (OSError, av.error.FFmpegError) as exc:
+            raise OSError(f"cannot write to {self.target}: {exc}") from None
+        finally:
+            self.container.close()
 
     def __enter__(self) -> VideoSink:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        with contextlib.suppress(OSError):  # keep the first error, not one from flushing
+            self.close()
 
 
 def open_sink(target: str | Path, fps: int, width: int, height: int) -> VideoSink:
     """A sink for `target` (a path such as out.mp4, or rtmp://host/app/key)."""
-    if not str(target).startswith(("rtmp://", "rtsp://", "srt://")):
+    if not str(target).startswith(LIVE_PREFIXES):
         Path(target).parent.mkdir(parents=True, exist_ok=True)
     return VideoSink(target, fps, width, height)
 

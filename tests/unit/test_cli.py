@@ -20,7 +20,7 @@ def test_generate_without_default_model_says_so(tmp_path, capsys):
         ]
     )
     assert rc == 2
-    assert "no default model yet" in capsys.readouterr().err
+    assert "streamrt train gen" in capsys.readouterr().err
     assert not (tmp_path / "o.mp4").exists()
 
 
