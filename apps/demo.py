@@ -1,0 +1,318 @@
+"""`streamrt demo`: the Gradio live demo — text-to-video, webcam stylization, video QA.
+
+    streamrt demo                          # http://127.0.0.1:7860, embedded tiny models
+    streamrt demo --model DIR --port 8000  # a real generator directory
+
+Every browser session gets its own stream on the one shared engine (forwards are
+serialised by the engine's lock, so sessions interleave chunk by chunk). A bad prompt or
+a broken frame fails that session's request with a message; other sessions keep going.
+
+`DemoBackend` holds everything that is not UI, so it is tested without a browser;
+`build_demo` lays the Gradio blocks over it (tests/e2e drive those with headless Chromium).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from streamrt.apps.generate import load_generator
+
+DEFAULT_PROMPT = "a red circle moving right on a dark background"
+QUESTION = "which color appeared first"
+
+
+@dataclass
+class Session:
+    """One browser tab's live state (kept in a `gr.State`)."""
+
+    prompt_switch: str | None = None
+    """A prompt to switch the running stream to at its next chunk (LongLive re-cache)."""
+    frames: int = 0
+    stylizer: LiveStylizer | None = None
+    qa: Any = None
+    """This tab's `VideoQA` memory (opened on the first feed)."""
+    fed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class LiveStylizer:
+    """Push-based video-to-video for frame callbacks (a webcam in a browser).
+
+    `push(frame)` hands a frame to a worker thread that runs `VideoToVideo` over the
+    frames pushed so far; `latest()` is the newest styled frame (None until the first
+    chunk is done). One output per input frame, in order, as the engine makes them.
+    """
+
+    def __init__(self, generator, prompt: str, idle_s: float = 10.0) -> None:
+        from streamrt.gen.v2v import VideoToVideo
+
+        self.idle_s = idle_s
+        """The stream ends (and frees its cache) when no frame came for this long."""
+        self.stream = generator.engine.open_stream(prompt)  # PromptError here, not later
+        cfg = generator.engine.config
+        self.size = (cfg.width, cfg.height)
+        self.inputs: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=64)
+        self.outputs: list[np.ndarray] = []
+        self.error: Exception | None = None
+        self._v2v = VideoToVideo(self.stream)
+        self._worker = threading.Thread(target=self._run, daemon=True)
+        self._worker.start()
+
+    def _frames(self) -> Iterator[np.ndarray]:
+        while True:
+            try:
+                frame = self.inputs.get(timeout=self.idle_s)
+            except queue.Empty:  # the camera stopped (tab closed, recording ended)
+                return
+            if frame is None:
+                return
+            yield frame
+
+    @property
+    def alive(self) -> bool:
+        return self._worker.is_alive()
+
+    def _run(self) -> None:
+        try:
+            for out in self._v2v.run(self._frames()):
+                self.outputs.append(out)
+                del self.outputs[:-4]  # a viewer only needs the newest
+        except Exception as exc:  # reported to this session; the engine keeps serving others
+            self.error = exc
+        finally:
+            self.stream.close()
+
+    def push(self, frame: np.ndarray) -> None:
+        import cv2
+
+        if self.error is not None:
+            raise self.error
+        frame = np.asarray(frame)
+        if frame.ndim != 3 or frame.shape[2] not in (3, 4) or frame.dtype != np.uint8:
+            raise ValueError(
+                f"a webcam frame must be uint8 [H, W, 3], got {frame.dtype} {frame.shape}"
+            )
+        frame = cv2.resize(frame[..., :3], self.size, interpolation=cv2.INTER_AREA)
+        with contextlib.suppress(queue.Full):  # model slower than the camera: drop, stay live
+            self.inputs.put_nowait(frame)
+
+    def latest(self) -> np.ndarray | None:
+        return self.outputs[-1] if self.outputs else None
+
+    def close(self) -> None:
+        self.inputs.put(None)
+        self._worker.join(timeout=10)
+
+
+class DemoBackend:
+    """Models and per-session streams behind the demo's buttons."""
+
+    def __init__(
+        self, model: str = "assets/tiny-world", qa_model: str | None = None, realtime: bool = True
+    ) -> None:
+        self.generator = load_generator(model, None, {})
+        self.qa_model = qa_model
+        self.realtime = realtime
+        """Pace generated frames at the model's fps (a video, not a burst)."""
+
+    @property
+    def fps(self) -> int:
+        return self.generator.engine.config.fps
+
+    def generate(
+        self, prompt: str, session: Session, max_frames: int | None = None
+    ) -> Iterator[tuple[np.ndarray, str]]:
+        """Frames of an endless stream for `prompt` and a status line per frame.
+
+        `session.prompt_switch` (set by another event) switches the prompt between chunks.
+        """
+        stream = self.generator.engine.open_stream(prompt)  # PromptError: bad words
+        start, current = time.monotonic(), prompt
+        session.frames = 0
+        try:
+            while max_frames is None or session.frames < max_frames:
+                if session.prompt_switch:
+                    current, session.prompt_switch = session.prompt_switch, None
+                    stream.set_prompt(current)
+                for frame in stream.next_frames():
+                    session.frames += 1
+                    if self.realtime:
+                        due = start + session.frames / self.fps
+                        time.sleep(max(0.0, due - time.monotonic()))
+                    s = stream.stats
+                    fps = s["frames"] / max(s["seconds"], 1e-9)
+                    yield frame, f"frame {session.frames} | model {fps:.0f} fps | {current}"
+                    if max_frames is not None and session.frames >= max_frames:
+                        return
+        finally:
+            stream.close()
+
+    def switch_prompt(self, prompt: str, session: Session) -> str:
+        self.generator.engine.text_encoder.check(prompt)  # PromptError before the switch
+        session.prompt_switch = prompt
+        return f"switching to: {prompt}"
+
+    def stylize(self, frame: np.ndarray | None, prompt: str, session: Session) -> np.ndarray | None:
+        """One webcam frame in, the newest styled frame out (None before the first chunk)."""
+        if frame is None:
+            return None
+        if session.stylizer is not None and not session.stylizer.alive:
+            self.stop_stylize(session)  # it ended idle: a new recording starts a new stream
+        if session.stylizer is None:
+            session.stylizer = LiveStylizer(self.generator, prompt)
+        session.stylizer.push(frame)
+        return session.stylizer.latest()
+
+    def stop_stylize(self, session: Session) -> None:
+        if session.stylizer is not None:
+            session.stylizer.close()
+            session.stylizer = None
+
+    def close_session(self, session: Session) -> None:
+        """A tab went away: end its streams and its QA memory."""
+        self.stop_stylize(session)
+        if session.qa is not None:
+            session.qa.close()
+            session.qa = None
+
+    def feed(self, source: str, seconds: float, session: Session) -> str:
+        """Feed the first `seconds` of `source` (a video file or world://seed=N), one frame
+        per second, into the session's QA memory (after what was fed before)."""
+        from streamrt.qa import VideoQA
+
+        timed = list(_one_per_second(source, float(seconds)))
+        if not timed:
+            raise ValueError(f"{source} gave no frames in its first {seconds} s")
+        if session.qa is None:
+            session.qa = VideoQA.from_pretrained(self.qa_model, resize=True)
+        start = session.fed
+        for t, frame in timed:
+            session.qa.feed(frame, timestamp=start + t)
+        session.fed += round(timed[-1][0]) + 1
+        return f"fed {len(timed)} frames of {source} ({session.fed} s of video in memory)"
+
+    def ask(self, question: str, session: Session) -> str:
+        if session.qa is None:
+            raise ValueError("feed a video first: the memory is empty")
+        answer = session.qa.ask(question)
+        used = ", ".join(f"{t:.0f}s" for t in answer.timestamps[:8])
+        return f"{answer.text}  (frames {used}; {answer.latency_s * 1000:.0f} ms)"
+
+
+def _one_per_second(source: str, seconds: float) -> Iterator[tuple[float, np.ndarray]]:
+    """`(seconds, frame)` of a file or world:// source, one per second, up to `seconds`."""
+    if source.startswith("world://"):
+        from streamrt.io.sources import open_source
+        from streamrt.world import WorldConfig
+
+        rate = WorldConfig().fps
+        for i, frame in enumerate(open_source(source, max_frames=int(seconds * rate))):
+            if i % int(rate) == 0:
+                yield i / rate, frame
+        return
+    from streamrt.apps.ask import sample_frames
+
+    yield from sample_frames(source, 1.0, until=seconds)
+
+
+def build_demo(backend: DemoBackend):
+    """The Gradio Blocks app over `backend`."""
+    import gradio as gr
+
+    from streamrt.models.text import PromptError
+
+    def guarded(fn):
+        """Turn a bad request into a message in the browser (the app keeps running)."""
+
+        def run(*args):
+            try:
+                return fn(*args)
+            except (PromptError, ValueError, OSError, RuntimeError) as exc:
+                raise gr.Error(str(exc)) from None
+
+        return run
+
+    def start(prompt: str, session: Session):
+        try:
+            yield from backend.generate(prompt, session)
+        except (PromptError, ValueError) as exc:
+            raise gr.Error(str(exc)) from None
+
+    with gr.Blocks(title="streamrt live demo") as demo:
+        session = gr.State(Session(), time_to_live=3600, delete_callback=backend.close_session)
+        gr.Markdown("# streamrt — live video generation, stylization and video QA")
+        with gr.Tab("Generate"):
+            prompt = gr.Textbox(DEFAULT_PROMPT, label="prompt", elem_id="prompt")
+            with gr.Row():
+                go = gr.Button("Start", variant="primary", elem_id="start")
+                switch = gr.Button("Switch prompt", elem_id="switch")
+                stop = gr.Button("Stop", elem_id="stop")
+            video = gr.Image(label="stream", type="numpy", elem_id="video", format="png")
+            status = gr.Markdown(elem_id="status")
+            running = go.click(start, [prompt, session], [video, status])
+            switch.click(guarded(backend.switch_prompt), [prompt, session], [status])
+            stop.click(None, None, None, cancels=[running])
+        with gr.Tab("Stylize webcam"):
+            style = gr.Textbox(DEFAULT_PROMPT, label="style prompt", elem_id="style")
+            with gr.Row():
+                cam = gr.Image(sources=["webcam"], type="numpy", label="webcam", elem_id="cam")
+                styled = gr.Image(label="styled", type="numpy", elem_id="styled", format="png")
+            cam.stream(
+                guarded(backend.stylize),
+                [cam, style, session],
+                [styled],
+                stream_every=1.0 / max(1, backend.fps),
+                time_limit=600,
+            )
+            cam.clear(backend.stop_stylize, [session], None)
+        with gr.Tab("Ask the video"):
+            source = gr.Textbox("world://seed=3", label="video file or world://seed=N")
+            seconds = gr.Number(30, label="seconds to feed (1 frame per second)")
+            feed = gr.Button("Feed", elem_id="feed")
+            question = gr.Textbox(QUESTION, label="question", elem_id="question")
+            ask = gr.Button("Ask", variant="primary", elem_id="ask")
+            answer = gr.Markdown(elem_id="answer")
+            feed.click(guarded(backend.feed), [source, seconds, session], [answer])
+            ask.click(guarded(backend.ask), [question, session], [answer])
+    return demo
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="assets/tiny-world", help="generator dir or tiny-random")
+    p.add_argument("--qa-model", help="Video-LLM directory (default: assets/tiny-vqa)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=7860)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("error: the demo needs gradio: pip install 'streamrt[demo]'")
+        return 2
+    try:
+        backend = DemoBackend(args.model, args.qa_model)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 2
+    build_demo(backend).queue().launch(server_name=args.host, server_port=args.port)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="streamrt demo", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
