@@ -149,3 +149,22 @@ def test_corrupt_input_file_fails_with_a_clear_error(tmp_path, capsys):
     )
     assert rc == 2
     assert "cannot open input" in capsys.readouterr().err
+
+
+def test_bench_gen_reports_every_measure_against_its_baseline(tmp_path):
+    out = tmp_path / "g.json"
+    args = ["bench", "gen", "--model", "tiny-random", "--chunks", "2", "--threads", "1"]
+    args += ["--long-frames", "240", "--long-size", "32x32", "--json", str(out)]
+    assert main(args) == 0
+    rows = {r["measure"].split(" (")[0]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {
+        "FPS",
+        "time to first frame",
+        "per-frame p50 / p99",
+        "cache vs recompute speedup",
+        "stream batch vs sequential",
+        "cost at frame 240 / frame 200",
+    }
+    assert rows["FPS"]["value"] > 0 and rows["time to first frame"]["value"] > 0
+    for name in ("cache vs recompute speedup", "stream batch vs sequential"):
+        assert 0.05 < rows[name]["value"] < 50, rows[name]
