@@ -114,7 +114,7 @@ def _steps(n: int) -> list[int]:
 SWEEP: tuple[dict[str, Any], ...] = (
     *(
         {"renoise": "predicted", "timesteps": _steps(n), "shift": s}
-        for n in (8, 12, 16)
+        for n in (4, 8, 12)
         for s in (1.0, 3.0, 5.0)
     ),
     {"renoise": "fresh", "timesteps": _steps(8), "shift": 3.0},
