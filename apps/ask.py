@@ -3,8 +3,10 @@
     streamrt ask --video clip.mp4 --at 12.5 "what color was the circle?"
     streamrt ask --video clip.mp4 --interactive      # questions from stdin while it plays
 
-Frames are sampled at `--sample-fps` (ReKV feeds 0.5-1 fps), resized to the model's input
-size and fed to a `VideoQA` session; a question is answered from the frames fed so far.
+Frames are sampled at `--sample-fps` (default: the rate the model was trained for; ReKV feeds
+large models 0.5-1 fps), resized to the model's input size and fed to a `VideoQA` session;
+a question is answered from the frames fed so far. The default model is the embedded tiny
+one (assets/tiny-vqa), which knows the procedural world's clips only.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -42,12 +43,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"Video-LLM directory (SmolVLM, LLaVA-OneVision; default {DEFAULT_MODEL}); "
+        help="Video-LLM directory (SmolVLM, LLaVA-OneVision, Qwen2-VL; default the embedded "
+        f"tiny model {DEFAULT_MODEL}); "
         f"'{TINY_RANDOM}' builds an untrained tiny model for smoke tests",
     )
     p.add_argument("--memory-dir", help="keep the session's memory here (restored next time)")
     p.add_argument("--config", help="YAML preset filling the qa: section")
-    p.add_argument("--sample-fps", type=float, default=1.0, help="frames fed per second of video")
+    p.add_argument(
+        "--sample-fps",
+        type=float,
+        help="frames fed per second of video (default: the model's rate, `qa.fps`; 8 for "
+        "the embedded model, which was trained on 8-frame world clips at 8 fps)",
+    )
     p.add_argument("--realtime", action="store_true", help="interactive: play at the video's pace")
     p.add_argument("--max-new-tokens", type=int, help="answer length in tokens")
     p.add_argument("--window", type=int, help="frames in the local window")
@@ -56,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.sample_fps <= 0:
+    if args.sample_fps is not None and args.sample_fps <= 0:
         console.print("[red]error:[/] --sample-fps must be > 0")
         return 2
     if not args.interactive and not args.question:
@@ -67,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, OSError) as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2
+    if args.sample_fps is None:
+        args.sample_fps = qa.config.fps
     try:
         if args.interactive:
             return _interactive(qa, args)
@@ -113,25 +122,32 @@ def _open_session(args: argparse.Namespace):
     from streamrt.qa import VideoQA
 
     base = load_config(args.config).qa if args.config else QAConfig()
-    over: dict[str, Any] = {"resize": True}
+    # Only what the preset or the flags set: the rest comes from the model's streamrt.json.
+    defaults = dataclasses.asdict(QAConfig())
+    options = {k: v for k, v in dataclasses.asdict(base).items() if v != defaults[k]}
+    options["resize"] = True
     for field, value in (
         ("max_new_tokens", args.max_new_tokens),
         ("window_frames", args.window),
         ("retrieve_frames", args.retrieve),
     ):
         if value is not None:
-            over[field] = value
-    options = {**dataclasses.asdict(base), **over}
+            options[field] = value
     model = args.model
     if model == TINY_RANDOM:
         from streamrt.models.vlm_tiny import save_tiny_vlm
 
         model = save_tiny_vlm(Path(tempfile.mkdtemp(prefix="streamrt-tiny-vqa-")), "smolvlm")
-    elif not (Path(model) / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no Video-LLM at {model}: pass --model DIR (a SmolVLM or LLaVA-OneVision directory) "
-            f"or --model {TINY_RANDOM} for an untrained smoke test"
-        )
+    else:
+        from streamrt.models.vlm import REBUILD_HINT, resolve_model_dir
+
+        model = resolve_model_dir(model)
+        if not (model / "config.json").is_file():
+            raise FileNotFoundError(
+                f"no Video-LLM at {model} (no config.json): pass --model DIR (a SmolVLM, "
+                f"LLaVA-OneVision or Qwen2-VL directory), --model {TINY_RANDOM} for an untrained "
+                f"smoke test, or {REBUILD_HINT}"
+            )
     return VideoQA.from_pretrained(model, args.memory_dir, **options)
 
 

@@ -39,6 +39,12 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from streamrt.apps.demo import run
+
+    return run(args)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from streamrt.apps.bench import run_bench
 
@@ -84,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from streamrt.apps.train import add_arguments as train_arguments
 
-    tr = sub.add_parser("train", help="train the embedded tiny models (train gen ...)")
+    tr = sub.add_parser("train", help="train the embedded tiny models (train gen, train vqa)")
     train_arguments(tr)
     tr.set_defaults(func=_cmd_train)
 
@@ -163,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     qa_b.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     qa_b.add_argument("--json", metavar="PATH")
     bench.set_defaults(func=_cmd_bench)
+
+    from streamrt.apps.demo import add_arguments as demo_arguments
+
+    demo = sub.add_parser("demo", help="the Gradio live demo: generate, stylize webcam, ask")
+    demo_arguments(demo)
+    demo.set_defaults(func=_cmd_demo)
 
     config = sub.add_parser("config", help="print the effective configuration (defaults + preset)")
     config.add_argument("--config", help="YAML preset from configs/")

@@ -2,7 +2,9 @@
 
 The QA runtime needs five things from a Video-LLM, whatever its family:
 
-    frames  --encode_frames-->  visual token embeddings   [N, tokens_per_frame, hidden]
+    frames  --encode_frames-->  frame block embeddings    [N, tokens_per_frame, hidden]
+                                (per-frame wrapper text tokens + visual tokens, as the
+                                 family's processor lays out an image; `use_frame_wrapper`)
     text    --embed_text----->  token embeddings          [n, hidden]
     embeds + positions + Cache  --forward-->  last hidden states (keys/values flow through the Cache)
     pre-RoPE keys  --rotate(positions)-->  keys as the model's attention expects them
@@ -44,6 +46,9 @@ class VLMAdapter:
     model_class: ClassVar[str] = ""
     rope_axes: ClassVar[int] = 1
     """Components of a token's RoPE position (1; 3 for M-RoPE: temporal, height, width)."""
+    frame_wrapper: ClassVar[tuple[tuple[str, ...], tuple[str, ...]]] = ((), ())
+    """Text tokens the family's processor puts before and after each image's visual tokens
+    (used when the tokenizer has them, see `use_frame_wrapper`)."""
 
     def __init__(
         self,
@@ -65,7 +70,12 @@ class VLMAdapter:
         self.std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
         attn = self.attention_modules()[0]
         self._apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        self.tokens_per_frame = int(self.encode_frames(self._blank()).shape[1])
+        self.frame_prefix: tuple[int, ...] = ()
+        self.frame_suffix: tuple[int, ...] = ()
+        self.visual_tokens = int(self._vision_features(self._blank()).shape[1])
+        """Visual tokens per frame (the vision tower's output, without wrapper tokens)."""
+        self.tokens_per_frame = self.visual_tokens
+        """Tokens of one frame block: wrapper prefix + visual tokens + wrapper suffix."""
 
     # ------------------------------------------------------------------ per family
 
@@ -109,10 +119,38 @@ class VLMAdapter:
         x = (x - self.mean) / self.std
         return x.to(device=self.device, dtype=self.dtype)
 
+    def use_frame_wrapper(self, tokenizer: Any) -> bool:
+        """Wrap every frame block in the family's per-image text tokens (`frame_wrapper`,
+        e.g. SmolVLM's `<fake_token_around_image><global-img> ... <fake_token_around_image>`)
+        when `tokenizer` knows them, as the stock processor lays out an image; a frame
+        block is then `prefix + visual tokens + suffix`. Returns whether it does."""
+        vocab = tokenizer.get_vocab()
+        before, after = self.frame_wrapper
+        if not (before or after) or any(t not in vocab for t in (*before, *after)):
+            return False
+        self.frame_prefix = tuple(vocab[t] for t in before)
+        self.frame_suffix = tuple(vocab[t] for t in after)
+        self.tokens_per_frame = len(self.frame_prefix) + self.visual_tokens + len(self.frame_suffix)
+        return True
+
     @torch.no_grad()
     def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Visual token embeddings of each frame, `[N, tokens_per_frame, hidden]`."""
-        return self._vision_features(pixels)
+        """Token embeddings of each frame block, `[N, tokens_per_frame, hidden]`."""
+        return self.frame_features(pixels)
+
+    def frame_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`encode_frames` with gradients (training runs the same path)."""
+        visual = self._vision_features(pixels)
+        if not (self.frame_prefix or self.frame_suffix):
+            return visual
+        n = visual.shape[0]
+        embed = self.language_model.get_input_embeddings()
+
+        def wrap(ids: tuple[int, ...]) -> torch.Tensor:
+            t = torch.tensor(ids, dtype=torch.long, device=self.device)
+            return embed(t).to(visual.dtype)[None].expand(n, -1, -1)
+
+        return torch.cat([wrap(self.frame_prefix), visual, wrap(self.frame_suffix)], dim=1)
 
     @torch.no_grad()
     def embed_text(self, ids: list[int]) -> torch.Tensor:
@@ -125,8 +163,23 @@ class VLMAdapter:
         return torch.arange(n).unsqueeze(1).expand(n, self.rope_axes)
 
     def frame_positions(self) -> torch.Tensor:
-        """Position offsets `[tokens_per_frame, rope_axes]` of one frame's tokens laid from 0."""
-        return self.text_positions(self.tokens_per_frame)
+        """Position offsets `[tokens_per_frame, rope_axes]` of one frame block laid from 0:
+        wrapper prefix like text, the visual tokens (`visual_positions`), the suffix like text
+        after the visual tokens' span (the rule of `get_rope_index`)."""
+        visual = self.visual_positions()
+        pre, post = len(self.frame_prefix), len(self.frame_suffix)
+        span = int(visual.max()) + 1
+        return torch.cat(
+            [
+                self.text_positions(pre),
+                visual + pre,
+                self.text_positions(post) + pre + span,
+            ]
+        )
+
+    def visual_positions(self) -> torch.Tensor:
+        """Position offsets `[visual_tokens, rope_axes]` of a frame's visual tokens from 0."""
+        return self.text_positions(self.visual_tokens)
 
     def _position_ids(self, positions: torch.Tensor) -> torch.Tensor:
         """`[n, rope_axes]` -> the `position_ids` layout the language model takes."""
@@ -180,6 +233,7 @@ class SmolVLMAdapter(VLMAdapter):
 
     model_types = ("smolvlm", "idefics3")
     model_class = "SmolVLMForConditionalGeneration"
+    frame_wrapper = (("<fake_token_around_image>", "<global-img>"), ("<fake_token_around_image>",))
 
     @property
     def language_model(self) -> torch.nn.Module:
@@ -196,7 +250,9 @@ class LlavaOnevisionAdapter(VLMAdapter):
     """LLaVA-OneVision: SigLIP tower + projector, video frames pooled 2x2; Qwen2 text model.
 
     The stock video path appends one `image_newline` token after all frames of a clip; a
-    live stream has no end, so a frame's block holds only its pooled tokens.
+    live stream has no end, so a frame's block holds only its pooled tokens. Its processor
+    puts no text tokens around a frame (the clip's `<video>` tokens form one run), so
+    there is no `frame_wrapper`.
     """
 
     model_types = ("llava_onevision",)
@@ -232,6 +288,7 @@ class Qwen2VLAdapter(VLMAdapter):
 
     model_types = ("qwen2_vl", "qwen2_5_vl")
     model_class = "AutoModelForImageTextToText"
+    frame_wrapper = (("<|vision_start|>",), ("<|vision_end|>",))
     rope_axes = 3
     FRAME_GRID = 8
     """Merged tokens per side of a frame (64 tokens per frame)."""
@@ -274,7 +331,7 @@ class Qwen2VLAdapter(VLMAdapter):
         out = self.model.model.get_image_features(patches, image_grid_thw=grid, return_dict=True)
         return torch.stack(list(out.pooler_output))
 
-    def frame_positions(self) -> torch.Tensor:
+    def visual_positions(self) -> torch.Tensor:
         merge = int(self.config.vision_config.spatial_merge_size)
         ids = self.model.model.get_vision_position_ids(0, self._grid(), 1, merge, device="cpu")
         return ids.T.long()
@@ -292,6 +349,103 @@ def _qwen_patchify(pixels: torch.Tensor, patch: int, merge: int, temporal: int) 
     return x.reshape(n * gh * gw, c * temporal * patch * patch)
 
 
+DEFAULT_MODEL = "assets/tiny-vqa"
+"""The embedded tiny Video-LLM (`streamrt train vqa` builds it), relative to the repository."""
+MANIFEST = "streamrt.json"
+"""Optional file of a model directory: `{"qa": {QAConfig fields}}`, the session settings
+the model was trained for (`VideoQA.from_pretrained` starts from them)."""
+REBUILD_HINT = (
+    "rebuild it: `streamrt train vqa --out DIR` for the embedded tiny model "
+    f"({DEFAULT_MODEL}), or copy the file again from the original checkpoint"
+)
+_REPO = Path(__file__).resolve().parents[1]
+
+
+class ModelFileError(ValueError):
+    """A file of a Video-LLM directory is truncated or unreadable."""
+
+
+def resolve_model_dir(path: str | Path = DEFAULT_MODEL) -> Path:
+    """`path` as given if it exists (or is absolute), else relative to the repository
+    checkout this package runs from (so the default works from any directory)."""
+    given = Path(path)
+    if given.exists() or given.is_absolute():
+        return given
+    in_repo = _REPO / given
+    return in_repo if in_repo.exists() else given
+
+
+def model_qa_settings(path: str | Path) -> dict[str, Any]:
+    """The `qa` section of the directory's `streamrt.json` (empty without one)."""
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        return {}
+    qa = _check_json(manifest).get("qa", {})
+    if not isinstance(qa, dict):
+        raise ModelFileError(
+            f"{manifest}: 'qa' must be a mapping of QAConfig fields; " + REBUILD_HINT
+        )
+    return qa
+
+
+def check_model_files(path: str | Path) -> None:
+    """Fail with the file's name and how to rebuild it when a model directory has a
+    missing or truncated `config.json`, weights file or tokenizer file."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} has no config.json: point at a saved Video-LLM directory, or " + REBUILD_HINT
+        )
+    for name in ("config.json", MANIFEST, "tokenizer.json", "tokenizer_config.json"):
+        if (path / name).is_file():
+            _check_json(path / name)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise FileNotFoundError(f"{path / 'tokenizer.json'} is missing; " + REBUILD_HINT)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_check_json(index).get("weight_map", {}).values()))
+    else:
+        shards = [f.name for f in path.glob("*.safetensors")]
+    if not shards:
+        raise FileNotFoundError(f"{path / 'model.safetensors'} is missing; " + REBUILD_HINT)
+    for shard in shards:
+        _check_safetensors(path / shard)
+
+
+def _check_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(
+            f"{file} is truncated or unreadable ({exc}); " + REBUILD_HINT
+        ) from None
+
+
+def _check_safetensors(file: Path) -> None:
+    """The header must parse and its tensors must end exactly at the end of the file."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing; " + REBUILD_HINT)
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or 8 + n > size:
+                raise ValueError("the header runs past the end of the file")
+            header = json.loads(f.read(n))
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelFileError(
+            f"{file} is truncated or unreadable ({exc}); " + REBUILD_HINT
+        ) from None
+    if 8 + n + end != size:
+        raise ModelFileError(
+            f"{file} is truncated or corrupt ({size} bytes, its header lists {8 + n + end}); "
+            + REBUILD_HINT
+        )
+
+
 ADAPTERS: dict[str, type[VLMAdapter]] = {
     t: cls
     for cls in (SmolVLMAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter)
@@ -305,13 +459,15 @@ def load_adapter(
     """Pick the adapter for the checkpoint at `path` from its `config.json` and load it."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json: point at a saved Video-LLM directory")
+        check_model_files(path)  # raises, naming the file
+    _check_json(path / "config.json")
     model_type = AutoConfig.from_pretrained(path).model_type
     if model_type not in ADAPTERS:
         raise ValueError(
             f"no streaming QA adapter for model_type {model_type!r} (supported: "
             f"{', '.join(sorted(ADAPTERS))})"
         )
+    check_model_files(path)
     return ADAPTERS[model_type].from_pretrained(path, dtype=dtype, device=device)
 
 

@@ -39,12 +39,23 @@ def _text_config(vocab_size: int) -> dict:
     }
 
 
-def tiny_vlm(family: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised tiny model of `family` ("smolvlm" or "llava_onevision")."""
+def tiny_vlm(
+    family: str,
+    vocab_size: int,
+    seed: int = 0,
+    text: dict | None = None,
+    vision: dict | None = None,
+    scale_factor: int = 2,
+) -> torch.nn.Module:
+    """A randomly initialised tiny model of `family` (one of `FAMILIES`).
+
+    `text` / `vision` override entries of the text and vision configs (sizes, layers,
+    `image_size`, `patch_size`); `scale_factor` is SmolVLM's pixel-shuffle factor.
+    """
     import transformers
 
     torch.manual_seed(seed)
-    text = _text_config(vocab_size)
+    text = {**_text_config(vocab_size), **(text or {})}
     image_token = vocab_size - 1  # never produced by the tokenizer
     vision = {
         "hidden_size": 16,
@@ -53,12 +64,13 @@ def tiny_vlm(family: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
         "num_attention_heads": 2,
         "image_size": IMAGE_SIZE,
         "patch_size": 8,
+        **(vision or {}),
     }
     if family == "smolvlm":
         cfg = transformers.SmolVLMConfig(
             text_config={"model_type": "llama", **text},
             vision_config=vision,
-            scale_factor=2,
+            scale_factor=scale_factor,
             image_token_id=image_token,
         )
         model = transformers.SmolVLMForConditionalGeneration(cfg)

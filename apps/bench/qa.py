@@ -78,7 +78,9 @@ def _load(model: str) -> tuple[Any, Any, bool]:
             f"no Video-LLM at {model}: pass --model DIR (SmolVLM, LLaVA-OneVision, Qwen2-VL) "
             f"or --model {TINY_RANDOM}"
         )
-    return load_adapter(path), AutoTokenizer.from_pretrained(path), tiny
+    adapter, tokenizer = load_adapter(path), AutoTokenizer.from_pretrained(path)
+    adapter.use_frame_wrapper(tokenizer)  # frame blocks as `VideoQA.from_pretrained` has them
+    return adapter, tokenizer, tiny
 
 
 def _session(adapter: Any, tokenizer: Any, args: argparse.Namespace, frames: int) -> BenchQA:

@@ -1,6 +1,7 @@
 """Streaming video question answering: a ReKV memory on the one cache manager.
 
     qa = VideoQA.from_pretrained("path/to/video-llm", memory_dir="mem/", window_frames=8)
+    qa = VideoQA.from_pretrained()       # the embedded tiny model (assets/tiny-vqa)
     qa.feed(frame, timestamp=t)          # any time; one KV block per frame
     answer = qa.ask("what color was the first shape?")   # Answer(text, timestamps, latency_s)
     qa.close()                           # a later process reopens mem/ and keeps answering

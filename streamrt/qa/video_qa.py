@@ -123,29 +123,34 @@ class VideoQA:
     @classmethod
     def from_pretrained(
         cls,
-        path: str | Path,
+        path: str | Path | None = None,
         memory_dir: str | Path | None = None,
         *,
         manager: CacheManager | None = None,
         **config: Any,
     ) -> VideoQA:
-        """Load a Video-LLM directory (SmolVLM, LLaVA-OneVision) and open a session.
+        """Load a Video-LLM directory (SmolVLM, LLaVA-OneVision, Qwen2-VL) and open a session.
 
-        `config` keys are `QAConfig` fields. With `memory_dir`, a session saved there by an
-        earlier process is restored (same model and system prompt required).
+        `path`: None is the embedded tiny model (`assets/tiny-vqa`, found from any working
+        directory). `config` keys are `QAConfig` fields; they override the settings in the
+        directory's `streamrt.json` (the ones the model was trained for), if it has one.
+        With `memory_dir`, a session saved there by an earlier process is restored (same
+        model and system prompt required).
         """
         from transformers import AutoTokenizer
 
         from streamrt.cache.spec import dtype_from_name
-        from streamrt.models.vlm import load_adapter
+        from streamrt.models.vlm import load_adapter, model_qa_settings, resolve_model_dir
 
         known = {f.name for f in fields(QAConfig)}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"unknown QA option(s) {unknown}; known: {', '.join(sorted(known))}")
-        cfg = QAConfig(**config)
+        path = resolve_model_dir() if path is None else resolve_model_dir(path)
+        cfg = QAConfig(**{**model_qa_settings(path), **config})
         adapter = load_adapter(path, dtype=dtype_from_name(cfg.dtype), device=cfg.device)
         tokenizer = AutoTokenizer.from_pretrained(path)
+        adapter.use_frame_wrapper(tokenizer)  # real checkpoints: a frame as the processor has it
         return cls(adapter, tokenizer, cfg, memory_dir=memory_dir, manager=manager)
 
     # ------------------------------------------------------------------ public API
@@ -389,44 +394,21 @@ class VideoQA:
         return out
 
     def _layout(self, plan: AttentionPlan) -> tuple[torch.Tensor, int]:
-        """RoPE positions `[tokens, rope_axes]` of the plan's blocks laid one after another
-        from 0, and the first free position after them (where new tokens go).
-
-            sink text    t t t t t t t        each token one position further (all axes)
-            frame        (s, s+row, s+col)    M-RoPE: one temporal step, a spatial grid
-                         s, s+1, ..., s+T-1   1-D RoPE: like text
-            next block   s + span             span = max offset + 1 (T for 1-D RoPE)
-
-        This is the stock models' own rule (e.g. Qwen2-VL `get_rope_index`): a retrieved
-        frame moved to a new place keeps its token offsets, every axis shifted alike.
-        """
-        a = self.adapter
-        frame = a.frame_positions()
-        frame_span = int(frame.max()) + 1
-        parts, pos = [], 0
-        for index, n in zip(plan.indices, plan.lengths):
-            if index < self.memory.num_sink:
-                parts.append(a.text_positions(n) + pos)
-                pos += n
-            else:
-                parts.append(frame[:n] + pos)
-                pos += frame_span
-        if not parts:
-            return torch.zeros(0, a.rope_axes, dtype=torch.long), 0
-        return torch.cat(parts), pos
+        """RoPE positions of the plan's blocks laid one after another from 0, and the first
+        free position after them (see `lay_out`)."""
+        sink = self.memory.num_sink
+        return lay_out(
+            self.adapter,
+            [("text" if i < sink else "frame", n) for i, n in zip(plan.indices, plan.lengths)],
+        )
 
     # ------------------------------------------------------------------ input checks
 
     def _tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return text_ids(self.tokenizer, text)
 
     def _question_ids(self, question: Any) -> list[int]:
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"the question must be non-empty text, got {question!r}")
-        ids = self._tokenize(self.config.question_template.format(question=question.strip()))
-        if not ids:
-            raise ValueError(f"the question {question!r} has no tokens for this tokenizer")
-        return ids
+        return question_ids(self.tokenizer, self.config, question)
 
     def _check_frames(self, frames: Any) -> torch.Tensor:
         """Frames as float `[N, H, W, 3]` in [0, 1] at the model's size, or a clear error."""
@@ -484,6 +466,53 @@ class VideoQA:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this VideoQA session is closed; open a new one")
+
+
+# ---------------------------------------------------------------------- layout
+# Module functions, so that training (`streamrt.models.train_vqa`) builds its sequences
+# with exactly the token ids and positions a session uses at inference.
+
+
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text` as a session feeds them (no special tokens)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def question_ids(tokenizer: Any, config: QAConfig, question: Any) -> list[int]:
+    """Token ids of `question` put through `config.question_template`, or a clear error."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"the question must be non-empty text, got {question!r}")
+    ids = text_ids(tokenizer, config.question_template.format(question=question.strip()))
+    if not ids:
+        raise ValueError(f"the question {question!r} has no tokens for this tokenizer")
+    return ids
+
+
+def lay_out(adapter: Any, blocks: SequenceABC[tuple[str, int]]) -> tuple[torch.Tensor, int]:
+    """RoPE positions `[tokens, rope_axes]` of `blocks` (`("text" | "frame", tokens)`) laid
+    one after another from 0, and the first free position after them (where new tokens go).
+
+        sink text    t t t t t t t        each token one position further (all axes)
+        frame        (s, s+row, s+col)    M-RoPE: one temporal step, a spatial grid
+                     s, s+1, ..., s+T-1   1-D RoPE: like text
+        next block   s + span             span = max offset + 1 (T for 1-D RoPE)
+
+    This is the stock models' own rule (e.g. Qwen2-VL `get_rope_index`): a retrieved
+    frame moved to a new place keeps its token offsets, every axis shifted alike.
+    """
+    frame = adapter.frame_positions()
+    frame_span = int(frame.max()) + 1
+    parts, pos = [], 0
+    for kind, n in blocks:
+        if kind == "text":
+            parts.append(adapter.text_positions(n) + pos)
+            pos += n
+        else:
+            parts.append(frame[:n] + pos)
+            pos += frame_span
+    if not parts:
+        return torch.zeros(0, adapter.rope_axes, dtype=torch.long), 0
+    return torch.cat(parts), pos
 
 
 def _prepare_dir(memory_dir: str | Path | None) -> Path | None:

@@ -171,6 +171,56 @@ def test_qwen_frames_match_the_stock_processor_and_get_rope_index(model_dirs, fa
     assert a.frame_positions().max(0).values.tolist() == [0, 7, 7]  # (t, row, col) offsets
 
 
+WRAPPERS = {  # added in this order, so Qwen's ids land on its config's vision_start/end ids
+    "smolvlm": ["<fake_token_around_image>", "<global-img>"],
+    "qwen2_vl": ["<|vision_end|>", "<|vision_start|>"],
+}
+
+
+@pytest.mark.parametrize("family", sorted(WRAPPERS))
+def test_frame_blocks_carry_the_processors_wrapper_tokens(model_dirs, family, tmp_path):
+    # A tokenizer that knows the family's per-image tokens (as real checkpoints' do): each
+    # frame block is wrapper + visual tokens, and the streamed memory equals the stock
+    # forward over the processor's layout (SmolVLM: <fake><global-img> <image>*T <fake>;
+    # Qwen2-VL: <|vision_start|> <|image_pad|>*T <|vision_end|>, M-RoPE by get_rope_index).
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    path = shutil.copytree(model_dirs[family], tmp_path / family)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.add_special_tokens({"additional_special_tokens": WRAPPERS[family]})
+    tok.save_pretrained(path)
+    qa = open_qa(path, window_frames=64, retrieve_frames=64, host_bytes=64 * BLOCK)
+    a, model = qa.adapter, qa.adapter.model
+    before = [tok.convert_tokens_to_ids(t) for t in a.frame_wrapper[0]]
+    after = [tok.convert_tokens_to_ids(t) for t in a.frame_wrapper[1]]
+    assert (a.frame_prefix, a.frame_suffix) == (tuple(before), tuple(after))
+    assert a.tokens_per_frame == len(before) + a.visual_tokens + len(after)
+    frames = clip_frames(3)
+    qa.feed(frames)
+    question = "what color was the square ?"
+    sys_ids, q_ids = qa._tokenize(SYSTEM), qa._tokenize(question)
+    block = before + [model.config.image_token_id] * a.visual_tokens + after
+    ids = torch.tensor([sys_ids + block * len(frames) + q_ids])
+    pixels = a.pixels(frames.float() / 255)
+    with torch.no_grad():
+        if family == "smolvlm":
+            ref = model(input_ids=ids, pixel_values=pixels[None]).logits[0]
+        else:
+            from streamrt.models.vlm import _qwen_patchify
+
+            types = (ids == model.config.image_token_id).long()
+            ref = model(
+                input_ids=ids,
+                pixel_values=_qwen_patchify(pixels, 2, 2, 2),
+                image_grid_thw=a._grid().repeat(len(frames), 1),
+                mm_token_type_ids=types,
+            ).logits[0]
+    torch.testing.assert_close(qa.question_logits(question), ref[-len(q_ids) :], atol=1e-5, rtol=0)
+    qa.close()
+
+
 def test_tier_moves_are_bit_exact_and_do_not_change_answers(model_dirs, tmp_path):
     # Same frames, same window: one session keeps every frame on the host, the other pushes
     # them through device -> host -> disk. Blocks and answer logits must be identical.

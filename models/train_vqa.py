@@ -1,0 +1,464 @@
+"""Training of the embedded tiny Video-LLM on the procedural world's question/answer pairs.
+
+The model is a stock `SmolVLMForConditionalGeneration` (Idefics3-style vision tower +
+pixel-shuffle connector + Llama text model) with the word-level tokenizer of
+`streamrt.models.vlm_tiny`. Training runs exactly the token layout a `VideoQA` session
+builds when its window covers the whole clip, with the session's own helpers
+(`lay_out`, `question_ids`, `text_ids`) and its own `PlannedCache`:
+
+    tokens     | system sink | frame 0 | frame 1 | ... | frame F-1 | question  answer |
+    positions  | 0 .. S-1    | S ..    |         |     |      .. P-1 | P ..             |
+    attention  | causal over the prefix (what `feed` builds frame by frame)  | sees all  |
+    loss       |                          --                      | answer word, </s> |
+
+The prefix (sink + frames) runs once per clip; every question about the clip then runs
+on a `PlannedCache` holding the prefix's K/V, as `VideoQA.ask` runs it on the blocks it
+fetched. A model trained here therefore answers the same through the streaming memory
+(tests/unit/test_train_vqa.py pins the logits).
+
+    cfg = TrainVQAConfig(steps=2000)
+    train(cfg, work_dir="build/train-vqa", output="assets/tiny-vqa")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.cache_utils import DynamicCache
+
+from streamrt.config import QAConfig
+from streamrt.models.train_gen import lr_at, progress
+from streamrt.models.vlm import SmolVLMAdapter
+from streamrt.models.vlm_tiny import tiny_tokenizer, tiny_vlm
+from streamrt.qa.context import PlannedCache
+from streamrt.qa.video_qa import lay_out, question_ids, text_ids
+from streamrt.world import QA, WorldConfig, make_clip
+
+CHECKPOINT = "checkpoint.pt"
+CAPTION_QUESTION = "what is in the video?"
+"""The caption task's question (its answer is the clip's caption, kind "caption")."""
+TRAIN_SEED_BASE = 1_000_000
+"""Training clips use world seeds from here up; seeds below it are held out for evaluation."""
+
+
+@dataclass
+class TrainVQAConfig:
+    """One training run of the tiny Video-LLM (defaults: the shipped model)."""
+
+    steps: int = 6000
+    """Optimizer steps; the learning rate decays over exactly these."""
+
+    max_minutes: float | None = None
+    """Training time budget; the run ends (and decays its learning rate) by it if sooner."""
+
+    batch_size: int = 16
+    """Clips per step (every question drawn for a clip trains on the clip's one prefix)."""
+
+    num_frames: int = 8
+    """Frames per clip; the shipped model is meant for sessions whose window holds them all
+    (`QAConfig.window_frames` and `retrieve_frames` >= this)."""
+
+    image_size: int = 64
+    """Frame side the world renders at and the vision tower takes."""
+
+    qa_per_kind: int = 1
+    """Questions drawn per kind and clip (answer-balanced, see `streamrt.world.qa`)."""
+
+    kinds: tuple[str, ...] | None = None
+    """Question kinds trained on (`streamrt.world.QA_KINDS` keys); None: all of them."""
+
+    caption_task: bool = True
+    """Also ask every training clip `CAPTION_QUESTION`, answered with its caption: a dense
+    signal (every object's colour, shape and direction, the background) that gets the
+    model looking at the frames long before one-word answers alone would."""
+
+    lr: float = 1e-3
+    """Peak AdamW learning rate (3e-3 stalls at the answer prior: ~33 % after 2000 steps)."""
+
+    min_lr_ratio: float = 0.05
+    """Final learning rate as a fraction of `lr` (cosine decay)."""
+
+    warmup_steps: int = 100
+    """Linear warm-up steps."""
+
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+
+    ema_decay: float = 0.995
+    """Decay of the weight average that gets exported."""
+
+    seed: int = 0
+    """Seeds the weights and the training clips."""
+
+    threads: int = 1
+    """torch threads (1 on a shared machine: tiny matmuls gain little from more)."""
+
+    text: dict[str, Any] = field(
+        default_factory=lambda: {
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "head_dim": 32,
+        }
+    )
+    """Overrides of the Llama text config (`vlm_tiny._text_config`)."""
+
+    vision: dict[str, Any] = field(
+        default_factory=lambda: {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "patch_size": 8,
+        }
+    )
+    """Overrides of the vision config; `image_size` comes from `image_size`."""
+
+    scale_factor: int = 2
+    """Pixel-shuffle factor: (image_size / patch_size / scale_factor)^2 tokens per frame."""
+
+    system_prompt: str = ""
+    question_template: str = "{question}"
+    """The session's prompt settings the model is trained under (`QAConfig` defaults)."""
+
+    log_every: int = 25
+    checkpoint_every: int = 200
+    eval_clips: int = 64
+    """Held-out clips of the teacher-forced check logged at every checkpoint."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.num_frames < 1:
+            raise ValueError("steps, batch_size and num_frames must be >= 1")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+        if self.num_frames > 64:
+            raise ValueError("num_frames must be <= 64 (frame numbers are vocabulary words)")
+
+    def qa_config(self, **overrides: Any) -> QAConfig:
+        """The session settings the trained model answers under (window = whole clip)."""
+        base = QAConfig(
+            system_prompt=self.system_prompt,
+            question_template=self.question_template,
+            window_frames=self.num_frames,
+            retrieve_frames=self.num_frames,
+            max_new_tokens=4,
+            device="cpu",
+        )
+        return dataclasses.replace(base, **overrides)
+
+    def world(self) -> WorldConfig:
+        return WorldConfig(
+            height=self.image_size, width=self.image_size, qa_per_kind=self.qa_per_kind
+        )
+
+
+# ---------------------------------------------------------------------- data
+
+
+@dataclass
+class Example:
+    """One clip and the questions asked about it."""
+
+    frames: np.ndarray
+    """`[F, H, W, 3]` uint8."""
+    qa: list[QA]
+
+
+def clip_example(cfg: TrainVQAConfig, seed: int, caption: bool | None = None) -> Example:
+    """The clip of world seed `seed` with its questions (every kind the clip settles), and
+    the caption question if `caption` (default `cfg.caption_task`)."""
+    clip = make_clip(seed, cfg.num_frames, cfg.world())
+    qa = [q for q in clip.qa if cfg.kinds is None or q.kind in cfg.kinds]
+    if cfg.caption_task if caption is None else caption:
+        qa.append(QA(CAPTION_QUESTION, clip.caption, "caption", cfg.num_frames - 1))
+    return Example(clip.frames, qa)
+
+
+def sample_batch(cfg: TrainVQAConfig, step: int) -> list[Example]:
+    """The clips of training step `step` (seeds >= `TRAIN_SEED_BASE`, never repeated)."""
+    first = TRAIN_SEED_BASE + (cfg.seed * 100_000_000) + step * cfg.batch_size
+    return [clip_example(cfg, first + i) for i in range(cfg.batch_size)]
+
+
+# ---------------------------------------------------------------------- model
+
+
+def new_model(cfg: TrainVQAConfig) -> tuple[SmolVLMAdapter, Any]:
+    """A randomly initialised adapter (stock SmolVLM inside) and its tokenizer."""
+    tok = tiny_tokenizer()
+    vision = {**cfg.vision, "image_size": cfg.image_size}
+    model = tiny_vlm(
+        "smolvlm",
+        vocab_size=len(tok) + 4,
+        seed=cfg.seed,
+        text=cfg.text,
+        vision=vision,
+        scale_factor=cfg.scale_factor,
+    )
+    return SmolVLMAdapter(model), tok
+
+
+def clip_logits(
+    adapter: SmolVLMAdapter, tokenizer: Any, cfg: TrainVQAConfig, batch: list[Example]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced logits of every question in `batch` and their targets.
+
+    Returns `logits [Q, L, vocab]` and `targets [Q, L]` (-100 where nothing is learnt:
+    question tokens and padding), one row per question, rows in batch order.
+    """
+    qa_cfg = cfg.qa_config()
+    frames = torch.as_tensor(np.stack([e.frames for e in batch])).float() / 255.0
+    b, f = frames.shape[:2]
+    # 1. Frames through the vision tower, as `feed` does (one batch, no gradient cut).
+    feats = adapter.frame_features(adapter.pixels(frames.flatten(0, 1)))
+    t = feats.shape[1]
+    sink = text_ids(tokenizer, cfg.system_prompt) if cfg.system_prompt else []
+    blocks = ([("text", len(sink))] if sink else []) + [("frame", t)] * f
+    positions, end = lay_out(adapter, blocks)
+    prefix = feats.reshape(b, f * t, -1)
+    if sink:
+        sink_embeds = adapter.language_model.get_input_embeddings()(torch.tensor(sink))
+        prefix = torch.cat([sink_embeds.expand(b, -1, -1), prefix], dim=1)
+    # 2. The prefix, causal: what the session's window holds after the last frame.
+    lm = adapter.language_model
+    cache = DynamicCache(config=adapter.text_config)
+    lm(
+        inputs_embeds=prefix,
+        position_ids=adapter._position_ids(positions).expand(b, -1),
+        cache=cache,
+        use_cache=True,
+    )
+    # 3. Every question on the clip's K/V (a PlannedCache, as `ask` lays it out).
+    rows, owner = [], []
+    for i, e in enumerate(batch):
+        for qa in e.qa:
+            q = question_ids(tokenizer, qa_cfg, qa.question)
+            a = [*text_ids(tokenizer, qa.answer), tokenizer.eos_token_id]
+            rows.append((q, a))
+            owner.append(i)
+    length = max(len(q) + len(a) - 1 for q, a in rows)
+    ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    targets = torch.full((len(rows), length), -100, dtype=torch.long)
+    for r, (q, a) in enumerate(rows):
+        seq = q + a[:-1]
+        ids[r, : len(seq)] = torch.tensor(seq)
+        targets[r, len(q) - 1 : len(q) - 1 + len(a)] = torch.tensor(a)
+    idx = torch.tensor(owner)
+    planned = PlannedCache(
+        [
+            (layer.keys.index_select(0, idx), layer.values.index_select(0, idx))
+            for layer in cache.layers
+        ]
+    )
+    text_pos = adapter.text_positions(length) + end
+    out = lm(
+        inputs_embeds=lm.get_input_embeddings()(ids),
+        position_ids=adapter._position_ids(text_pos).expand(len(rows), -1),
+        cache=planned,
+        use_cache=True,
+    )
+    return adapter.model.lm_head(out.last_hidden_state).float(), targets
+
+
+def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over each answer's tokens and its closing `</s>`, averaged per question
+    (a caption of 20 words weighs as much as a one-word answer)."""
+    ce = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), targets, ignore_index=-100, reduction="none"
+    )
+    counted = (targets != -100).sum(1).clamp(min=1)
+    return (ce.sum(1) / counted).mean()
+
+
+# ---------------------------------------------------------------------- state
+
+
+@dataclass
+class TrainState:
+    """Everything a run needs to continue: model, its average, optimizer, losses."""
+
+    cfg: TrainVQAConfig
+    adapter: SmolVLMAdapter
+    tokenizer: Any
+    ema: dict[str, torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    """Training wall time summed over invocations."""
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    """Held-out checks logged at checkpoints (step, accuracy)."""
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.adapter.model
+
+
+def new_state(cfg: TrainVQAConfig) -> TrainState:
+    adapter, tok = new_model(cfg)
+    decay, no_decay = [], []
+    for name, p in adapter.model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+        weight_decay=0.0,
+    )
+    ema = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
+    return TrainState(cfg, adapter, tok, ema, optimizer)
+
+
+def save_checkpoint(state: TrainState, path: Path) -> None:
+    """Write `path` atomically (temp file + rename): a run stopped mid-write keeps the last."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {
+        "config": dataclasses.asdict(state.cfg),
+        "step": state.step,
+        "losses": state.losses,
+        "seconds": state.seconds,
+        "evals": state.evals,
+        "model": state.model.state_dict(),
+        "ema": state.ema,
+        "optimizer": state.optimizer.state_dict(),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, cfg: TrainVQAConfig | None = None) -> TrainState:
+    """A state from `path`; `cfg` (e.g. more steps) replaces the saved config if given."""
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    state = new_state(cfg or TrainVQAConfig(**blob["config"]))
+    state.model.load_state_dict(blob["model"])
+    state.optimizer.load_state_dict(blob["optimizer"])
+    state.ema = blob["ema"]
+    state.step, state.losses, state.seconds = blob["step"], blob["losses"], blob["seconds"]
+    state.evals = blob.get("evals", [])
+    return state
+
+
+def train_step(state: TrainState) -> float:
+    """One optimizer step on the clips of `state.step`; returns the loss."""
+    cfg = state.cfg
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr_at(cfg, state.step, state.seconds)
+    state.model.train()
+    logits, targets = clip_logits(
+        state.adapter, state.tokenizer, cfg, sample_batch(cfg, state.step)
+    )
+    loss = answer_loss(logits, targets)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+    state.optimizer.step()
+    state.model.eval()
+    state.step += 1
+    decay = min(cfg.ema_decay, (1 + state.step) / (10 + state.step))
+    with torch.no_grad():
+        for name, p in state.model.named_parameters():
+            state.ema[name].lerp_(p.detach(), 1 - decay)
+    state.losses.append(loss.item())
+    return state.losses[-1]
+
+
+def train(
+    cfg: TrainVQAConfig,
+    work_dir: str | Path | None,
+    output: str | Path | None = None,
+    resume: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainState:
+    """Train until `cfg.steps` or `cfg.max_minutes` run out, checkpointing to `work_dir`.
+
+    Every checkpoint also exports the averaged weights to `output` (if given) and redraws
+    `output/loss.png`, so a run stopped at any point leaves a usable model behind.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, work_dir, output, resume, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainVQAConfig, work_dir, output, resume: bool, log: Callable) -> TrainState:
+    from streamrt.models.train_vqa_eval import teacher_forced_accuracy
+
+    ckpt = None if work_dir is None else Path(work_dir) / CHECKPOINT
+    resuming = resume and ckpt is not None and ckpt.exists()
+    state = load_checkpoint(ckpt, cfg) if resuming else new_state(cfg)
+    if state.step:
+        log(f"resumed from {ckpt} at step {state.step}")
+    last = time.perf_counter()
+    while progress(cfg, state.step, state.seconds) < 1.0:
+        train_step(state)
+        now = time.perf_counter()
+        state.seconds += now - last
+        last = now
+        if state.step % cfg.log_every == 0:
+            recent = state.losses[-cfg.log_every :]
+            log(
+                f"step {state.step}/{cfg.steps} loss {sum(recent) / len(recent):.4f} "
+                f"lr {lr_at(cfg, state.step - 1, state.seconds):.2e} "
+                f"{state.seconds / 60:.1f} min"
+            )
+        done = progress(cfg, state.step, state.seconds) >= 1.0
+        if state.step % cfg.checkpoint_every == 0 or done:
+            if cfg.eval_clips:
+                with averaged(state):
+                    acc = teacher_forced_accuracy(state.adapter, state.tokenizer, cfg)
+                state.evals.append({"step": state.step, **acc})
+                log(f"step {state.step} held-out teacher-forced accuracy {acc['all']:.3f}")
+            checkpoint(state, ckpt, output, log)
+            last = time.perf_counter()  # evaluation and export are not training time
+    log(f"finished at step {state.step} after {state.seconds / 60:.1f} min of training")
+    return state
+
+
+class averaged:
+    """Context manager: the model holds the averaged (EMA) weights inside, its own after."""
+
+    def __init__(self, state: TrainState) -> None:
+        self.state = state
+        self.saved: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> TrainState:
+        with torch.no_grad():
+            for name, p in self.state.model.named_parameters():
+                self.saved[name] = p.detach().clone()
+                p.copy_(self.state.ema[name])
+        return self.state
+
+    def __exit__(self, *exc: Any) -> None:
+        with torch.no_grad():
+            for name, p in self.state.model.named_parameters():
+                p.copy_(self.saved[name])
+
+
+def checkpoint(
+    state: TrainState, ckpt: Path | None, output: str | Path | None, log: Callable = print
+) -> None:
+    """Save the state, then export; a failed export is reported and training goes on."""
+    if ckpt is not None:
+        save_checkpoint(state, ckpt)
+    if output is None:
+        return
+    from streamrt.models.train_vqa_eval import export_model, plot_training
+
+    try:
+        export_model(state, output)
+        plot_training(state.losses, state.evals, Path(output) / "loss.png")
+    except Exception as exc:  # the run must outlive a broken export
+        log(f"export to {output} failed at step {state.step}: {type(exc).__name__}: {exc}")

@@ -1,0 +1,171 @@
+"""The trained tiny Video-LLM: how well it answers held-out world clips, and its export.
+
+Two measures. `videoqa_accuracy` is the one that counts: every clip goes through a real
+`VideoQA` session (feed the frames, `ask` the question, greedy decoding, the answer text
+compared with the world's answer). `teacher_forced_accuracy` is its fast stand-in during
+training (one batched forward; correct when the answer word and `</s>` are both argmax),
+equal to it by construction of `train_vqa.clip_logits` (see tests/unit/test_train_vqa.py).
+
+Held-out clips are world seeds below `train_vqa.TRAIN_SEED_BASE`, which training never uses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from streamrt.config import QAConfig
+from streamrt.models.train_vqa import (
+    Example,
+    TrainState,
+    TrainVQAConfig,
+    averaged,
+    clip_example,
+    clip_logits,
+)
+from streamrt.models.vlm import MANIFEST
+
+EVAL_SEED = 0
+"""First held-out world seed of the evaluation clips."""
+
+
+def held_out(cfg: TrainVQAConfig, clips: int, first_seed: int = EVAL_SEED) -> list[Example]:
+    """`clips` held-out clips (world seeds `first_seed`, `first_seed + 1`, ...)."""
+    return [clip_example(cfg, first_seed + i) for i in range(clips)]
+
+
+def _summary(hits: dict[str, list[bool]]) -> dict[str, Any]:
+    """Accuracy over the world's question kinds ("all"; the caption task is reported per
+    kind only), and per kind."""
+    every = [h for k, v in hits.items() if k != "caption" for h in v]
+    out: dict[str, Any] = {"all": sum(every) / max(1, len(every)), "questions": len(every)}
+    out["per_kind"] = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+    out["per_kind_n"] = {k: len(v) for k, v in sorted(hits.items())}
+    return out
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(
+    adapter: Any, tokenizer: Any, cfg: TrainVQAConfig, clips: int | None = None, batch: int = 16
+) -> dict[str, Any]:
+    """Share of held-out questions whose answer tokens and `</s>` are all argmax."""
+    examples = held_out(cfg, cfg.eval_clips if clips is None else clips)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for start in range(0, len(examples), batch):
+        chunk = examples[start : start + batch]
+        logits, targets = clip_logits(adapter, tokenizer, cfg, chunk)
+        right = (logits.argmax(-1) == targets) | (targets == -100)
+        kinds = [qa.kind for e in chunk for qa in e.qa]
+        for kind, row in zip(kinds, right.all(-1).tolist()):
+            hits[kind].append(row)
+    return _summary(hits)
+
+
+def videoqa_accuracy(
+    path_or_session: Any,
+    cfg: TrainVQAConfig,
+    clips: int = 100,
+    first_seed: int = EVAL_SEED,
+    log: Callable[[str], None] | None = None,
+    **qa_options: Any,
+) -> dict[str, Any]:
+    """Accuracy through `VideoQA` on held-out clips: feed every frame, ask every question.
+
+    `path_or_session`: a model directory, opened with `VideoQA.from_pretrained` as a user
+    opens it (its `streamrt.json` settings, then `qa_options`), or an `(adapter, tokenizer)`
+    pair, run under `cfg.qa_config(**qa_options)` (a window and retrieval over the clip).
+    """
+    from streamrt.qa import VideoQA
+
+    qa_cfg = cfg.qa_config(**qa_options)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    wrong: list[tuple[str, str, str]] = []
+    model = path_or_session
+    for i, example in enumerate(held_out(cfg, clips, first_seed)):
+        if isinstance(model, tuple):
+            session = VideoQA(*model, qa_cfg)
+        else:  # loaded once; later clips reuse the model under the same settings
+            session = VideoQA.from_pretrained(model, **qa_options)
+            model, qa_cfg = (session.adapter, session.tokenizer), session.config
+        with session:
+            session.feed(example.frames)
+            for qa in example.qa:
+                long = len(qa.answer.split()) + 1 if qa.kind == "caption" else None
+                text = session.ask(qa.question, long).text
+                hits[qa.kind].append(text == qa.answer)
+                if text != qa.answer:
+                    wrong.append((qa.question, qa.answer, text))
+        if log is not None and (i + 1) % 25 == 0:
+            now = _summary(hits)
+            log(f"{i + 1}/{clips} clips: {now['all']:.3f} of {now['questions']} questions")
+    out = _summary(hits)
+    out["wrong_examples"] = wrong[:20]
+    return out
+
+
+# ---------------------------------------------------------------------- export
+
+
+def export_model(state: TrainState, output: str | Path) -> None:
+    """Write the averaged weights and the tokenizer with `save_pretrained` (safetensors),
+    and `streamrt.json`: the session settings the model was trained for."""
+    output = Path(output)
+    with averaged(state):
+        state.model.save_pretrained(output)
+    state.tokenizer.save_pretrained(output)
+    manifest = {"format": "streamrt-video-llm", "qa": manifest_qa(state.cfg)}
+    (output / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def manifest_qa(cfg: TrainVQAConfig) -> dict[str, Any]:
+    """`QAConfig` fields a session needs to match training: a window and a retrieval that
+    hold a whole clip, the world's frame rate, the prompt layout."""
+    qa = {
+        "window_frames": cfg.num_frames,
+        "retrieve_frames": cfg.num_frames,
+        "fps": cfg.world().fps,
+    }
+    if cfg.system_prompt:
+        qa["system_prompt"] = cfg.system_prompt
+    if cfg.question_template != QAConfig.question_template:
+        qa["question_template"] = cfg.question_template
+    return qa
+
+
+def plot_training(
+    losses: list[float], evals: list[dict[str, Any]], path: str | Path, size=(8, 4.5)
+) -> None:
+    """Answer loss per step (grey, running mean blue, log axis) and the held-out
+    teacher-forced accuracy at each checkpoint (orange, right axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not losses:
+        return
+    y = np.asarray(losses, dtype=np.float64)
+    k = max(1, len(y) // 40)
+    smooth = np.convolve(y, np.ones(k) / k, mode="valid")
+    fig, ax = plt.subplots(figsize=size, dpi=100)
+    ax.plot(np.arange(1, len(y) + 1), y, color="0.8", lw=0.7)
+    ax.plot(np.arange(k, len(y) + 1), smooth, color="tab:blue", lw=1.5)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("answer cross-entropy (per question)", color="tab:blue")
+    tail = y[-100:].mean()
+    ax.set_title(f"train vqa: loss (last 100 steps {tail:.3f}) and held-out accuracy")
+    if evals:
+        acc = ax.twinx()
+        acc.plot([e["step"] for e in evals], [e["all"] for e in evals], "o-", color="tab:orange")
+        acc.set_ylim(0, 1)
+        acc.set_ylabel("held-out accuracy (teacher-forced)", color="tab:orange")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
