@@ -27,7 +27,7 @@ import numpy as np
 from streamrt.apps.generate import load_generator
 
 DEFAULT_PROMPT = "a red circle moving right on a dark background"
-QUESTION = "which color appeared first"
+QUESTION = "what color was the first shape?"
 
 
 @dataclass
@@ -40,7 +40,8 @@ class Session:
     stylizer: LiveStylizer | None = None
     qa: Any = None
     """This tab's `VideoQA` memory (opened on the first feed)."""
-    fed: int = 0
+    fed: float = 0.0
+    """Seconds of video in the QA memory."""
     errors: list[str] = field(default_factory=list)
 
 
@@ -185,20 +186,22 @@ class DemoBackend:
             session.qa = None
 
     def feed(self, source: str, seconds: float, session: Session) -> str:
-        """Feed the first `seconds` of `source` (a video file or world://seed=N), one frame
-        per second, into the session's QA memory (after what was fed before)."""
+        """Feed the first `seconds` of `source` (a video file or world://seed=N), at the
+        frame rate the QA model was trained for, into the session's memory (after what
+        was fed before)."""
         from streamrt.qa import VideoQA
 
-        timed = list(_one_per_second(source, float(seconds)))
-        if not timed:
-            raise ValueError(f"{source} gave no frames in its first {seconds} s")
         if session.qa is None:
             session.qa = VideoQA.from_pretrained(self.qa_model, resize=True)
+        fps = session.qa.config.fps
+        timed = list(_sampled(source, float(seconds), fps))
+        if not timed:
+            raise ValueError(f"{source} gave no frames in its first {seconds} s")
         start = session.fed
         for t, frame in timed:
             session.qa.feed(frame, timestamp=start + t)
-        session.fed += round(timed[-1][0]) + 1
-        return f"fed {len(timed)} frames of {source} ({session.fed} s of video in memory)"
+        session.fed = start + timed[-1][0] + 1.0 / fps
+        return f"fed {len(timed)} frames of {source} ({session.fed:.1f} s of video in memory)"
 
     def ask(self, question: str, session: Session) -> str:
         if session.qa is None:
@@ -208,20 +211,21 @@ class DemoBackend:
         return f"{answer.text}  (frames {used}; {answer.latency_s * 1000:.0f} ms)"
 
 
-def _one_per_second(source: str, seconds: float) -> Iterator[tuple[float, np.ndarray]]:
-    """`(seconds, frame)` of a file or world:// source, one per second, up to `seconds`."""
+def _sampled(source: str, seconds: float, fps: float) -> Iterator[tuple[float, np.ndarray]]:
+    """`(seconds, frame)` of a file or world:// source at most `fps` a second, up to `seconds`."""
     if source.startswith("world://"):
         from streamrt.io.sources import open_source
         from streamrt.world import WorldConfig
 
         rate = WorldConfig().fps
+        every = max(1, round(rate / fps))
         for i, frame in enumerate(open_source(source, max_frames=int(seconds * rate))):
-            if i % int(rate) == 0:
+            if i % every == 0:
                 yield i / rate, frame
         return
     from streamrt.apps.ask import sample_frames
 
-    yield from sample_frames(source, 1.0, until=seconds)
+    yield from sample_frames(source, fps, until=seconds)
 
 
 def build_demo(backend: DemoBackend):
@@ -276,7 +280,7 @@ def build_demo(backend: DemoBackend):
             cam.clear(backend.stop_stylize, [session], None)
         with gr.Tab("Ask the video"):
             source = gr.Textbox("world://seed=3", label="video file or world://seed=N")
-            seconds = gr.Number(30, label="seconds to feed (1 frame per second)")
+            seconds = gr.Number(4, label="seconds to feed (at the QA model's frame rate)")
             feed = gr.Button("Feed", elem_id="feed")
             question = gr.Textbox(QUESTION, label="question", elem_id="question")
             ask = gr.Button("Ask", variant="primary", elem_id="ask")

@@ -134,3 +134,18 @@ def test_webcam_is_stylized_live(page):
     page.click("#cam button:has-text('Record')", timeout=30_000)
     styled = _image_sources(page, "#styled", 3, timeout=90.0)
     assert len(styled) >= 3, f"{len(styled)} styled frames came back"
+
+
+def test_ask_the_video_feeds_and_answers(page):
+    page.get_by_role("tab", name="Ask the video").click()
+    page.click("#feed")
+    page.wait_for_selector("text=frames of world://seed=3", timeout=60_000)
+    page.fill("#question textarea", "what color was the first shape?")
+    page.click("#ask")
+    page.wait_for_function(
+        "() => document.querySelector('#answer').innerText.includes('ms)')", timeout=60_000
+    )
+    text = page.inner_text("#answer")
+    from streamrt.world import COLORS
+
+    assert any(c in text.split("(")[0] for c in COLORS), text  # a colour word answers it

@@ -61,4 +61,4 @@ def test_webcam_frames_come_back_styled_one_per_frame(backend):
 
 def test_ask_before_feeding_says_what_to_do(backend):
     with pytest.raises(ValueError, match="feed a video first"):
-        backend.ask("which color appeared first", Session())
+        backend.ask("what color was the first shape?", Session())
