@@ -23,7 +23,7 @@ from streamrt.models.train_gen import (
     train_step,
     world_config,
 )
-from streamrt.models.train_gen_eval import prompt_scores
+from streamrt.models.train_gen_eval import EVAL_PROMPTS, prompt_scores
 from streamrt.world import make_clip
 from streamrt.world.render import draw_shape
 
@@ -217,20 +217,45 @@ def shipped_rollout(caption: str, num_frames: int = 12) -> np.ndarray:
 def test_shipped_model_draws_the_prompted_background():
     dark = shipped_rollout("a red circle moving right on a dark background")
     light = shipped_rollout("a blue square moving up on a light background")
-    # Measured on the shipped model: mean level 18.5 and 215.1 (the world's: 20 and 220),
-    # background error 0.006 (dark vs light would be 0.8).
+    # Measured on the shipped model: mean level 22.4 and 210.5 (the world's: 20 and 220),
+    # background error 0.011 (dark vs light would be 0.8).
     assert dark.mean() < 60 and light.mean() > 170, (dark.mean(), light.mean())
     assert prompt_scores(dark, "a red circle moving right on a dark background")["background"] < 0.1
 
 
+@pytest.fixture(scope="module")
+def shipped_1x():
+    """1x rollouts (the 9-frame training clip) of the shipped model on `EVAL_PROMPTS`."""
+    from streamrt.gen.generator import StreamGenerator
+
+    gen = StreamGenerator.from_pretrained(ASSET, cache=train_gen.small_cache())
+    return {p: np.stack(list(gen.stream(p, num_frames=9))) for p in EVAL_PROMPTS}
+
+
 @shipped
-@pytest.mark.xfail(strict=True, reason="the shipped model draws no object yet (TRAINING.md)")
-def test_shipped_model_draws_the_prompted_colour():
-    caption = "a red circle moving right on a dark background"
-    scores = prompt_scores(shipped_rollout(caption), caption)
-    # Measured on the shipped model: present 0.0 (the world's own clips: 0.86). The bar
-    # a model that draws objects should pass; strict, so passing flags the xfail to remove.
-    assert scores["present"] >= 0.5, scores
+def test_shipped_model_draws_the_prompted_shapes(shipped_1x):
+    from streamrt.metrics import adherence
+
+    present = np.mean([prompt_scores(f, p)["present"] for p, f in shipped_1x.items()])
+    area = np.mean([prompt_scores(f, p)["area"] for p, f in shipped_1x.items()])
+    score = np.mean([adherence(f, p)["score"] for p, f in shipped_1x.items()])
+    # Measured on the shipped model: the prompted colour in 0.90 of the frames (the world's
+    # own clips: 0.86) at 1-5 % of the frame, adherence 0.5 (4 of 8 also move the prompted
+    # way). The model before this one drew no object: present 0.0.
+    assert present >= 0.85, present
+    assert 0.01 < area < 0.08, area
+    assert score >= 0.375, score
+
+
+@shipped
+@pytest.mark.xfail(strict=True, reason="objects rarely move from pure noise yet (TRAINING.md)")
+def test_shipped_model_reaches_the_issue_bar_of_adherence(shipped_1x):
+    from streamrt.metrics import adherence
+
+    score = np.mean([adherence(f, p)["score"] for p, f in shipped_1x.items()])
+    # The issue's bar. Measured: 0.5 at 1x, 0.75 at 24 and 48 frames; 1.0 when the stream
+    # starts from 3 real frames (the motion continues). Strict: passing flags the xfail.
+    assert score >= 0.9, score
 
 
 @shipped
