@@ -34,9 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument(
         "--object-weight", type=float, help="extra loss weight of object pixels at the start"
     )
-    gen.add_argument(
-        "--object-weight-final", type=float, help="... at the end (reached linearly)"
-    )
+    gen.add_argument("--object-weight-final", type=float, help="... at the end (reached linearly)")
     gen.add_argument("--no-compile", action="store_true", help="train without torch.compile")
     gen.add_argument("--tune", action="store_true", help="after training, sweep sampler settings")
     gen.add_argument(
