@@ -48,6 +48,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from streamrt.config import CacheConfig, GenConfig
 from streamrt.models.generator_files import tiny_random_parts
+from streamrt.models.train_schedule import RunSchedule, lr_at, progress
 from streamrt.models.wan import apply_block_causal, block_causal_mask
 from streamrt.world import (
     COLORS,
@@ -60,12 +61,11 @@ CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
-class TrainGenConfig:
-    """One training run of the tiny text-to-video model (defaults: the shipped model)."""
+class TrainGenConfig(RunSchedule):
+    """One training run of the tiny text-to-video model (defaults: the shipped model's
+    recipe; the schedule fields are `RunSchedule`'s)."""
 
-    steps: int = 3000
-    """Optimizer steps; the learning rate decays over exactly these."""
-
+    threads: int = 2  # this model's matmuls are large enough for two on a quiet machine
     batch_size: int = 8
     """Clips per step."""
 
@@ -75,24 +75,6 @@ class TrainGenConfig:
 
     chunk_frames: int = 3
     """Frames per chunk: the unit of noise levels and of the causal mask."""
-
-    lr: float = 2e-3
-    """Peak AdamW learning rate."""
-
-    warmup_steps: int = 100
-    """Linear warm-up from 0 to `lr`; then cosine decay to `lr * min_lr_ratio`."""
-
-    min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of `lr`."""
-
-    weight_decay: float = 0.01
-    """AdamW decoupled weight decay."""
-
-    grad_clip: float = 1.0
-    """Global gradient-norm clip."""
-
-    ema_decay: float = 0.998
-    """Decay of the weight average that is exported (ramped up over the first steps)."""
 
     clean_prob: float = 0.3
     """Chance that a chunk is clean context (sigma 0, no loss)."""
@@ -141,24 +123,8 @@ class TrainGenConfig:
     s = 1): a narrower model cannot see or remove part of each patch's noise, and it
     stays in every frame (measured at s = 1, width 128)."""
 
-    seed: int = 0
-    """Seeds the initial weights, the clips and the noise of every step (resumable exactly)."""
-
-    checkpoint_every: int = 100
-    """Steps between checkpoints (also exports the generator and redraws the loss curve)."""
-
-    log_every: int = 10
-    """Steps between log lines."""
-
-    max_minutes: float | None = None
-    """Time budget of the run (training time, summed over resumes): the run ends and the
-    learning rate finishes its decay when either this or `steps` runs out."""
-
     compile: bool = True
     """`torch.compile` the training forward (about 1.3x faster on CPU after ~10 s)."""
-
-    threads: int = 2
-    """torch intra-op threads."""
 
     def __post_init__(self) -> None:
         if self.num_frames % self.chunk_frames:
@@ -259,24 +225,6 @@ def flow_matching_loss(
     per_frame = (weight * (v - (eps - x0)).pow(2)).mean(dim=(1, 3, 4))
     noisy = (sigma > 0).float()
     return (per_frame * noisy).sum() / noisy.sum()
-
-
-def progress(cfg: TrainGenConfig, step: int, seconds: float) -> float:
-    """How far the run is, 0..1: steps done, or time spent if a time budget runs out first."""
-    done = step / cfg.steps
-    if cfg.max_minutes is not None:
-        done = max(done, seconds / (60.0 * cfg.max_minutes))
-    return min(1.0, done)
-
-
-def lr_at(cfg: TrainGenConfig, step: int, seconds: float = 0.0) -> float:
-    """Linear warm-up over `warmup_steps`, then cosine decay over the rest of the run."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    start = cfg.warmup_steps / cfg.steps
-    frac = (progress(cfg, step, seconds) - start) / max(1e-9, 1.0 - start)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, frac))))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
 # ---------------------------------------------------------------------- state

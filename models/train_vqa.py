@@ -35,7 +35,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from streamrt.config import QAConfig
-from streamrt.models.train_gen import lr_at, progress
+from streamrt.models.train_schedule import RunSchedule, lr_at, progress
 from streamrt.models.vlm import SmolVLMAdapter
 from streamrt.models.vlm_tiny import tiny_tokenizer, tiny_vlm
 from streamrt.qa.context import PlannedCache
@@ -50,14 +50,16 @@ TRAIN_SEED_BASE = 1_000_000
 
 
 @dataclass
-class TrainVQAConfig:
-    """One training run of the tiny Video-LLM (defaults: the shipped model)."""
+class TrainVQAConfig(RunSchedule):
+    """One training run of the tiny Video-LLM (defaults: the shipped model; the schedule
+    fields are `RunSchedule`'s)."""
 
     steps: int = 6000
-    """Optimizer steps; the learning rate decays over exactly these."""
-
-    max_minutes: float | None = None
-    """Training time budget; the run ends (and decays its learning rate) by it if sooner."""
+    lr: float = 1e-3  # 3e-3 stalls at the answer prior: ~33 % after 2000 steps
+    min_lr_ratio: float = 0.05
+    ema_decay: float = 0.995
+    log_every: int = 25
+    checkpoint_every: int = 200
 
     batch_size: int = 16
     """Clips per step (every question drawn for a clip trains on the clip's one prefix)."""
@@ -79,27 +81,6 @@ class TrainVQAConfig:
     """Also ask every training clip `CAPTION_QUESTION`, answered with its caption: a dense
     signal (every object's colour, shape and direction, the background) that gets the
     model looking at the frames long before one-word answers alone would."""
-
-    lr: float = 1e-3
-    """Peak AdamW learning rate (3e-3 stalls at the answer prior: ~33 % after 2000 steps)."""
-
-    min_lr_ratio: float = 0.05
-    """Final learning rate as a fraction of `lr` (cosine decay)."""
-
-    warmup_steps: int = 100
-    """Linear warm-up steps."""
-
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-
-    ema_decay: float = 0.995
-    """Decay of the weight average that gets exported."""
-
-    seed: int = 0
-    """Seeds the weights and the training clips."""
-
-    threads: int = 1
-    """torch threads (1 on a shared machine: tiny matmuls gain little from more)."""
 
     text: dict[str, Any] = field(
         default_factory=lambda: {
@@ -131,8 +112,6 @@ class TrainVQAConfig:
     question_template: str = "{question}"
     """The session's prompt settings the model is trained under (`QAConfig` defaults)."""
 
-    log_every: int = 25
-    checkpoint_every: int = 200
     eval_clips: int = 64
     """Held-out clips of the teacher-forced check logged at every checkpoint."""
 

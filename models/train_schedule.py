@@ -1,0 +1,71 @@
+"""What every training run of the embedded models shares: the optimizer schedule's
+settings (`RunSchedule`), how far a run is (`progress`) and its learning rate (`lr_at`).
+
+`TrainGenConfig` and `TrainVQAConfig` extend `RunSchedule` with their data and model
+settings and set their own defaults.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class RunSchedule:
+    """Steps, time budget, AdamW, warm-up + cosine decay, weight average, logging."""
+
+    steps: int = 3000
+    """Optimizer steps; the learning rate decays over exactly these."""
+
+    max_minutes: float | None = None
+    """Time budget of the run (training time, summed over resumes): the run ends and the
+    learning rate finishes its decay when either this or `steps` runs out."""
+
+    lr: float = 2e-3
+    """Peak AdamW learning rate."""
+
+    warmup_steps: int = 100
+    """Linear warm-up from 0 to `lr`; then cosine decay to `lr * min_lr_ratio`."""
+
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of `lr`."""
+
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+
+    ema_decay: float = 0.998
+    """Decay of the weight average that is exported (ramped up over the first steps)."""
+
+    seed: int = 0
+    """Seeds the initial weights, the training data and any noise (resumable exactly)."""
+
+    threads: int = 1
+    """torch intra-op threads (1 on a shared machine: tiny matmuls gain little from more)."""
+
+    log_every: int = 10
+    """Steps between log lines."""
+
+    checkpoint_every: int = 100
+    """Steps between checkpoints (each also exports the model and redraws its loss curve)."""
+
+
+def progress(cfg: RunSchedule, step: int, seconds: float) -> float:
+    """How far the run is, 0..1: steps done, or time spent if a time budget runs out first."""
+    done = step / cfg.steps
+    if cfg.max_minutes is not None:
+        done = max(done, seconds / (60.0 * cfg.max_minutes))
+    return min(1.0, done)
+
+
+def lr_at(cfg: RunSchedule, step: int, seconds: float = 0.0) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay over the rest of the run."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    start = cfg.warmup_steps / cfg.steps
+    frac = (progress(cfg, step, seconds) - start) / max(1e-9, 1.0 - start)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, frac))))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
