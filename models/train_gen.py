@@ -36,7 +36,6 @@ import dataclasses
 import json
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +47,14 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from streamrt.config import CacheConfig, GenConfig
 from streamrt.models.generator_files import tiny_random_parts
-from streamrt.models.train_schedule import RunSchedule, lr_at, progress
+from streamrt.models.train_schedule import (
+    RunSchedule,
+    lr_at,
+    progress,
+    resume_or_new,
+    run_steps,
+    torch_threads,
+)
 from streamrt.models.wan import apply_block_causal, block_causal_mask
 from streamrt.world import (
     COLORS,
@@ -56,8 +62,6 @@ from streamrt.world import (
     WorldConfig,
     make_clip,
 )
-
-CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
@@ -346,20 +350,12 @@ def train(
     """
     import streamrt.gen.generator  # noqa: F401  (loaded now: exports must not fail late)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _train(cfg, work_dir, output, resume, log)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(cfg: TrainGenConfig, work_dir, output, resume: bool, log: Callable) -> TrainState:
-    ckpt = None if work_dir is None else Path(work_dir) / CHECKPOINT
-    resuming = resume and ckpt is not None and ckpt.exists()
-    state = load_checkpoint(ckpt, cfg) if resuming else new_state(cfg)
-    if state.step:
-        log(f"resumed from {ckpt} at step {state.step}")
+    state, ckpt = resume_or_new(cfg, work_dir, resume, load_checkpoint, new_state, log)
     world, patch = world_config(cfg), state.transformer.config.patch_size
     side = state.codec.spatial
     tokens_per_frame = (world.height // side // patch[1]) * (world.width // side // patch[2])
@@ -370,24 +366,7 @@ def _train(cfg: TrainGenConfig, work_dir, output, resume: bool, log: Callable) -
     state.text_encoder.model.eval()  # no dropout; its weights still train
     if cfg.compile:
         state.compiled = torch.compile(state.transformer)
-    last = time.perf_counter()
-    while progress(cfg, state.step, state.seconds) < 1.0:
-        train_step(state)
-        now = time.perf_counter()
-        state.seconds += now - last
-        last = now
-        if state.step % cfg.log_every == 0:
-            recent = state.losses[-cfg.log_every :]
-            log(
-                f"step {state.step}/{cfg.steps} loss {sum(recent) / len(recent):.4f} "
-                f"lr {lr_at(cfg, state.step - 1, state.seconds):.2e} "
-                f"{state.seconds / 60:.1f} min"
-            )
-        done = progress(cfg, state.step, state.seconds) >= 1.0
-        if state.step % cfg.checkpoint_every == 0 or done:
-            checkpoint(state, ckpt, output, log)
-            last = time.perf_counter()  # export time is not training time
-    log(f"finished at step {state.step} after {state.seconds / 60:.1f} min of training")
+    run_steps(state, train_step, lambda st: checkpoint(st, ckpt, output, log), log)
     state.transformer.eval()
     return state
 

@@ -1,5 +1,6 @@
 """What every training run of the embedded models shares: the optimizer schedule's
-settings (`RunSchedule`), how far a run is (`progress`) and its learning rate (`lr_at`).
+settings (`RunSchedule`), how far a run is (`progress`), its learning rate (`lr_at`), and
+the loop around a model's own step (`resume_or_new`, `run_steps`, `torch_threads`).
 
 `TrainGenConfig` and `TrainVQAConfig` extend `RunSchedule` with their data and model
 settings and set their own defaults.
@@ -7,8 +8,18 @@ settings and set their own defaults.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+"""File name of a run's resumable state inside its work directory."""
 
 
 @dataclass
@@ -69,3 +80,63 @@ def lr_at(cfg: RunSchedule, step: int, seconds: float = 0.0) -> float:
     frac = (progress(cfg, step, seconds) - start) / max(1e-9, 1.0 - start)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, frac))))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the body with `n` torch intra-op threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def resume_or_new(
+    cfg: RunSchedule,
+    work_dir: str | Path | None,
+    resume: bool,
+    load: Callable[[Path, Any], Any],
+    new: Callable[[Any], Any],
+    log: Callable[[str], None],
+) -> tuple[Any, Path | None]:
+    """`(state, checkpoint path)`: `work_dir/CHECKPOINT` loaded with `cfg` if it exists
+    and `resume`, else a new state."""
+    ckpt = None if work_dir is None else Path(work_dir) / CHECKPOINT
+    if resume and ckpt is not None and ckpt.exists():
+        state = load(ckpt, cfg)
+        log(f"resumed from {ckpt} at step {state.step}")
+        return state, ckpt
+    return new(cfg), ckpt
+
+
+def run_steps(
+    state: Any,
+    train_step: Callable[[Any], float],
+    at_checkpoint: Callable[[Any], None],
+    log: Callable[[str], None],
+) -> None:
+    """Step `state` (with `.cfg`, `.step`, `.seconds`, `.losses`) until its schedule's
+    `progress` reaches 1: log every `log_every` steps, call `at_checkpoint` every
+    `checkpoint_every` steps and at the end. `state.seconds` counts training time only
+    (what `at_checkpoint` spends, evaluation and export, is left out)."""
+    cfg = state.cfg
+    last = time.perf_counter()
+    while progress(cfg, state.step, state.seconds) < 1.0:
+        train_step(state)
+        now = time.perf_counter()
+        state.seconds += now - last
+        last = now
+        if state.step % cfg.log_every == 0:
+            recent = state.losses[-cfg.log_every :]
+            log(
+                f"step {state.step}/{cfg.steps} loss {sum(recent) / len(recent):.4f} "
+                f"lr {lr_at(cfg, state.step - 1, state.seconds):.2e} "
+                f"{state.seconds / 60:.1f} min"
+            )
+        done = progress(cfg, state.step, state.seconds) >= 1.0
+        if state.step % cfg.checkpoint_every == 0 or done:
+            at_checkpoint(state)
+            last = time.perf_counter()
+    log(f"finished at step {state.step} after {state.seconds / 60:.1f} min of training")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,14 +34,19 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from streamrt.config import QAConfig
-from streamrt.models.train_schedule import RunSchedule, lr_at, progress
+from streamrt.models.train_schedule import (
+    RunSchedule,
+    lr_at,
+    resume_or_new,
+    run_steps,
+    torch_threads,
+)
 from streamrt.models.vlm import SmolVLMAdapter
 from streamrt.models.vlm_tiny import tiny_tokenizer, tiny_vlm
 from streamrt.qa.context import PlannedCache
 from streamrt.qa.video_qa import lay_out, question_ids, text_ids
 from streamrt.world import QA, WorldConfig, make_clip
 
-CHECKPOINT = "checkpoint.pt"
 CAPTION_QUESTION = "what is in the video?"
 """The caption task's question (its answer is the clip's caption, kind "caption")."""
 TRAIN_SEED_BASE = 1_000_000
@@ -364,45 +368,24 @@ def train(
     Every checkpoint also exports the averaged weights to `output` (if given) and redraws
     `output/loss.png`, so a run stopped at any point leaves a usable model behind.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _train(cfg, work_dir, output, resume, log)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(cfg: TrainVQAConfig, work_dir, output, resume: bool, log: Callable) -> TrainState:
     from streamrt.models.train_vqa_eval import teacher_forced_accuracy
 
-    ckpt = None if work_dir is None else Path(work_dir) / CHECKPOINT
-    resuming = resume and ckpt is not None and ckpt.exists()
-    state = load_checkpoint(ckpt, cfg) if resuming else new_state(cfg)
-    if state.step:
-        log(f"resumed from {ckpt} at step {state.step}")
-    last = time.perf_counter()
-    while progress(cfg, state.step, state.seconds) < 1.0:
-        train_step(state)
-        now = time.perf_counter()
-        state.seconds += now - last
-        last = now
-        if state.step % cfg.log_every == 0:
-            recent = state.losses[-cfg.log_every :]
-            log(
-                f"step {state.step}/{cfg.steps} loss {sum(recent) / len(recent):.4f} "
-                f"lr {lr_at(cfg, state.step - 1, state.seconds):.2e} "
-                f"{state.seconds / 60:.1f} min"
-            )
-        done = progress(cfg, state.step, state.seconds) >= 1.0
-        if state.step % cfg.checkpoint_every == 0 or done:
-            if cfg.eval_clips:
-                with averaged(state):
-                    acc = teacher_forced_accuracy(state.adapter, state.tokenizer, cfg)
-                state.evals.append({"step": state.step, **acc})
-                log(f"step {state.step} held-out teacher-forced accuracy {acc['all']:.3f}")
-            checkpoint(state, ckpt, output, log)
-            last = time.perf_counter()  # evaluation and export are not training time
-    log(f"finished at step {state.step} after {state.seconds / 60:.1f} min of training")
+    state, ckpt = resume_or_new(cfg, work_dir, resume, load_checkpoint, new_state, log)
+
+    def at_checkpoint(state: TrainState) -> None:
+        if cfg.eval_clips:
+            with averaged(state):
+                acc = teacher_forced_accuracy(state.adapter, state.tokenizer, cfg)
+            state.evals.append({"step": state.step, **acc})
+            log(f"step {state.step} held-out teacher-forced accuracy {acc['all']:.3f}")
+        checkpoint(state, ckpt, output, log)
+
+    run_steps(state, train_step, at_checkpoint, log)
     return state
 
 

@@ -24,6 +24,7 @@ from streamrt.models.train_gen import (
     world_config,
 )
 from streamrt.models.train_gen_eval import EVAL_PROMPTS, prompt_scores
+from streamrt.models.train_schedule import CHECKPOINT
 from streamrt.world import make_clip
 from streamrt.world.render import draw_shape
 
@@ -164,7 +165,7 @@ def test_train_exports_a_loadable_generator_and_loss_curve(tmp_path):
     out = tmp_path / "gen"
     cfg = tiny_cfg(steps=2, batch_size=1)
     train(cfg, tmp_path / "work", out, log=lambda _: None)
-    assert (tmp_path / "work" / train_gen.CHECKPOINT).exists()
+    assert (tmp_path / "work" / CHECKPOINT).exists()
     assert (out / "loss.png").stat().st_size > 0
     gen = StreamGenerator.from_pretrained(out, cache=train_gen.small_cache())
     cfg_gen = gen.engine.config
