@@ -20,17 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="what", required=True)
     gen = sub.add_parser("gen", help="the tiny text-to-video model (assets/tiny-world)")
     gen.add_argument("--output", default="assets/tiny-world", help="generator directory to write")
-    gen.add_argument(
-        "--work-dir", default="build/train-gen", help="checkpoint directory (resumed if present)"
-    )
-    gen.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
-    gen.add_argument("--steps", type=int, help="optimizer steps (default 3000)")
-    gen.add_argument("--minutes", type=float, help="time budget; ends the run if reached first")
-    gen.add_argument("--batch-size", type=int, help="clips per step (default 8)")
+    _schedule_arguments(gen, "build/train-gen", steps=3000, batch=8, lr="2e-3", threads=2)
     gen.add_argument("--frames", type=int, help="frames per training clip (default 9)")
-    gen.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
-    gen.add_argument("--seed", type=int, help="seed of weights, clips and noise (default 0)")
-    gen.add_argument("--threads", type=int, help="torch threads (default 2; 1 on a busy machine)")
     gen.add_argument(
         "--object-weight", type=float, help="extra loss weight of object pixels at the start"
     )
@@ -49,16 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="assets/tiny-vqa",
         help="model directory to write (default assets/tiny-vqa)",
     )
-    vqa.add_argument(
-        "--work-dir", default="build/train-vqa", help="checkpoint directory (resumed if present)"
-    )
-    vqa.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
-    vqa.add_argument("--steps", type=int, help="optimizer steps (default 6000)")
-    vqa.add_argument("--minutes", type=float, help="time budget; ends the run if reached first")
-    vqa.add_argument("--batch-size", type=int, help="clips per step (default 16)")
-    vqa.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
-    vqa.add_argument("--seed", type=int, help="seed of weights and clips (default 0)")
-    vqa.add_argument("--threads", type=int, help="torch threads (default 1)")
+    _schedule_arguments(vqa, "build/train-vqa", steps=6000, batch=16, lr="1e-3", threads=1)
     vqa.add_argument(
         "--eval-clips",
         type=int,
@@ -67,10 +49,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def vqa_config_from(args: argparse.Namespace):
-    from streamrt.models.train_vqa import TrainVQAConfig
+def _schedule_arguments(
+    p: argparse.ArgumentParser, work_dir: str, steps: int, batch: int, lr: str, threads: int
+) -> None:
+    """The options every training shares (`RunSchedule` fields, checkpoint directory)."""
+    p.add_argument("--work-dir", default=work_dir, help="checkpoint directory (resumed if present)")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--steps", type=int, help=f"optimizer steps (default {steps})")
+    p.add_argument("--minutes", type=float, help="time budget; ends the run if reached first")
+    p.add_argument("--batch-size", type=int, help=f"clips per step (default {batch})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {lr})")
+    p.add_argument("--seed", type=int, help="seed of weights, data and noise (default 0)")
+    p.add_argument("--threads", type=int, help=f"torch threads (default {threads})")
 
-    fields = {
+
+def _given(args: argparse.Namespace, **fields) -> dict:
+    """The config fields the command line set: the shared schedule ones and `fields`."""
+    shared = {
         "steps": args.steps,
         "max_minutes": args.minutes,
         "batch_size": args.batch_size,
@@ -78,7 +73,13 @@ def vqa_config_from(args: argparse.Namespace):
         "seed": args.seed,
         "threads": args.threads,
     }
-    return TrainVQAConfig(**{k: v for k, v in fields.items() if v is not None})
+    return {k: v for k, v in {**shared, **fields}.items() if v is not None}
+
+
+def vqa_config_from(args: argparse.Namespace):
+    from streamrt.models.train_vqa import TrainVQAConfig
+
+    return TrainVQAConfig(**_given(args))
 
 
 def run_vqa(args: argparse.Namespace) -> int:
@@ -109,18 +110,14 @@ def run_vqa(args: argparse.Namespace) -> int:
 def config_from(args: argparse.Namespace):
     from streamrt.models.train_gen import TrainGenConfig
 
-    fields = {
-        "steps": args.steps,
-        "max_minutes": args.minutes,
-        "batch_size": args.batch_size,
-        "num_frames": args.frames,
-        "lr": args.lr,
-        "seed": args.seed,
-        "threads": args.threads,
-        "object_weight": args.object_weight,
-        "object_weight_final": args.object_weight_final,
-    }
-    cfg = TrainGenConfig(**{k: v for k, v in fields.items() if v is not None})
+    cfg = TrainGenConfig(
+        **_given(
+            args,
+            num_frames=args.frames,
+            object_weight=args.object_weight,
+            object_weight_final=args.object_weight_final,
+        )
+    )
     cfg.compile = not args.no_compile
     return cfg
 
