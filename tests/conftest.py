@@ -12,6 +12,20 @@ def _seed():
 
 
 @pytest.fixture
+def one_thread_quiet():
+    """One torch thread (tiny matmuls run faster on these shared 2-core machines) and
+    transformers' logging at errors only; restored afterwards. Video-LLM test modules
+    use it with `pytestmark = pytest.mark.usefixtures("one_thread_quiet")`."""
+    import transformers
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def small_spec() -> KVSpec:
     return SMALL
 

@@ -26,14 +26,7 @@ BLOCK = 2 * 2 * 4 * 2 * 8 * 4  # bytes of one frame block of the tiny models (2 
 SYSTEM = "system what color is the circle"  # 7 words: a sink of 2 blocks, the last partial
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls run faster on one thread on these shared 2-core machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    transformers.logging.set_verbosity_error()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_quiet")
 
 
 @pytest.fixture(scope="module")

@@ -7,22 +7,13 @@ import io
 import json
 
 import pytest
-import torch
-import transformers
 
 from streamrt.apps.ask import add_arguments, run, sample_frames
 from streamrt.io.sinks import VideoSink
 from streamrt.models.vlm_tiny import save_tiny_vlm
 from streamrt.world import make_clip
 
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    transformers.logging.set_verbosity_error()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_quiet")
 
 
 @pytest.fixture(scope="module")

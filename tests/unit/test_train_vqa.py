@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 from streamrt.apps.train import main as train_main
 from streamrt.models.train_vqa import (
@@ -32,13 +31,7 @@ LEARNT_KINDS = ("color_frame", "first_color")
 EVAL_CLIPS = 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    transformers.logging.set_verbosity_error()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_quiet")
 
 
 def tiny_cfg(**overrides) -> TrainVQAConfig:
