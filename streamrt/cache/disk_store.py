@@ -1,17 +1,7 @@
 """Disk tier of the KV-cache manager: one crash-safe file per KV block.
 
-Each block is stored as ``<root>/<key>.kv``; all integers are little-endian::
-
-    offset 0        8          12         16               16 + hlen
-           +--------+----------+----------+----------------+------------------+
-           | magic  | hlen u32 | hcrc u32 | header (JSON)  | payload (nbytes) |
-           +--------+----------+----------+----------------+------------------+
-
-    header = {"version", "key", "dtype", "shape", "nbytes", "checksum", "meta"}
-    hcrc   = crc32(header bytes);  header["checksum"] = xxh3_64(payload)
-
-The payload checksum is xxHash3-64: ~25 GB/s on one core here (zlib's crc32 is ~4 GB/s),
-so verifying every read costs little next to reading from the page cache.
+Each block is one ``<root>/<key>.kv`` file in the format of
+`streamrt.cache.disk_format` (JSON header with a crc32, xxh3-checksummed payload).
 
 Invariants that make the store crash-safe:
 
@@ -33,33 +23,30 @@ import contextlib
 import dataclasses
 import errno
 import json
-import math
 import os
-import re
-import struct
 import threading
 import uuid
 import warnings
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import xxhash
 
+from streamrt.cache.disk_format import (
+    KEY_RE,
+    MAGIC,
+    PREFIX,
+    BadBlock,
+    DiskEntry,
+    encode_header,
+    payload_checksum,
+    read_entry,
+    read_payload,
+)
 from streamrt.cache.errors import CorruptBlockError, DiskTierError
 
-MAGIC = b"SRTKV\x00\x01\x00"
-FORMAT_VERSION = 1
-
-_PREFIX = struct.Struct("<8sII")
-# A real header is a few hundred bytes; the cap stops a flipped length bit from
-# making the scan read a whole payload as "header".
-_MAX_HEADER_BYTES = 1 << 20
-_PAYLOAD_ALIGN = 4096
-_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 _BLOCK_SUFFIX = ".kv"
 _TMP_SUFFIX = ".tmp"
 _CORRUPT_SUFFIX = ".corrupt"
@@ -72,33 +59,6 @@ _STAT_NAMES = [
     "discarded_tmp",
     "write_errors",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class DiskEntry:
-    """Metadata of one block on disk; the tensor itself stays in the file.
-
-    Attributes:
-        key: Block key, also the file stem.
-        dtype: Torch dtype of the stored tensor.
-        shape: Shape of the stored tensor.
-        nbytes: Payload size in bytes.
-        checksum: ``xxhash.xxh3_64`` of the payload.
-        meta: JSON-compatible metadata stored with the block (tuples come back as lists).
-        path: The block file.
-    """
-
-    key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    nbytes: int
-    checksum: int
-    meta: dict[str, Any]
-    path: Path
-
-
-class _BadBlock(Exception):
-    """A block file failed a check; the message says which."""
 
 
 class DiskStore:
@@ -185,7 +145,7 @@ class DiskStore:
             meta=dict(meta or {}),
             path=self.root / f"{key}{_BLOCK_SUFFIX}",
         )
-        header = _encode_header(entry)
+        header = encode_header(entry)
         # Hand back meta as a reopened store will see it (tuples become lists).
         entry = dataclasses.replace(entry, meta=json.loads(header)["meta"])
         self._reserve(entry)
@@ -230,7 +190,7 @@ class DiskStore:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             stage = "writing"
-            prefix = _PREFIX.pack(MAGIC, len(header), zlib.crc32(header))
+            prefix = PREFIX.pack(MAGIC, len(header), zlib.crc32(header))
             _write_all(fd, memoryview(prefix + header))  # small; the payload is never copied
             _write_all(fd, memoryview(payload))
             stage = "fsync of the temp file"
@@ -292,7 +252,7 @@ class DiskStore:
             else:
                 _check_out(out, entry)
             try:
-                problem = _read_payload(f, entry, _byte_view(out))
+                problem = read_payload(f, entry, _byte_view(out))
             except OSError as exc:
                 raise DiskTierError(
                     f"reading block {key!r} from {entry.path} failed: {exc.strerror or exc}"
@@ -323,7 +283,7 @@ class DiskStore:
             if len(buf) < entry.nbytes:
                 buf = bytearray(entry.nbytes)
             with f:
-                problem = _read_payload(f, entry, memoryview(buf)[: entry.nbytes])
+                problem = read_payload(f, entry, memoryview(buf)[: entry.nbytes])
             if problem is not None:
                 self._quarantine(entry, problem)
                 bad.append(key)
@@ -349,8 +309,8 @@ class DiskStore:
                 self._stats["discarded_tmp"] += 1
             elif name.endswith(_BLOCK_SUFFIX):
                 try:
-                    self._add(_read_entry(path, name[: -len(_BLOCK_SUFFIX)]))
-                except _BadBlock as why:
+                    self._add(read_entry(path, name[: -len(_BLOCK_SUFFIX)]))
+                except BadBlock as why:
                     self._quarantine_file(path, str(why))
 
     def _quarantine(self, entry: DiskEntry, problem: str) -> CorruptBlockError:
@@ -393,119 +353,6 @@ class DiskStore:
         self._used -= entry.nbytes
 
 
-def payload_checksum(data) -> int:
-    """xxHash3-64 of a bytes-like object (the stored payload checksum)."""
-    return xxhash.xxh3_64_intdigest(data)
-
-
-def _encode_header(entry: DiskEntry) -> bytes:
-    header = {
-        "version": FORMAT_VERSION,
-        "key": entry.key,
-        "dtype": str(entry.dtype).removeprefix("torch."),
-        "shape": list(entry.shape),
-        "nbytes": entry.nbytes,
-        "checksum": entry.checksum,
-        "meta": entry.meta,
-    }
-    try:
-        raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-        # Pad with JSON whitespace so the payload starts on a page boundary: reads from
-        # the page cache into page-aligned pool memory run ~25% faster than unaligned.
-        return raw + b" " * (-(_PREFIX.size + len(raw)) % _PAYLOAD_ALIGN)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(
-            f"meta of block {entry.key!r} must be JSON-compatible (str keys; str, number, "
-            f"bool, None, list, dict values): {exc}"
-        ) from exc
-
-
-def _read_header(f) -> tuple[dict[str, Any], int]:
-    """Reads and checks prefix and header; returns the header and the payload offset."""
-    prefix = f.read(_PREFIX.size)
-    if len(prefix) < _PREFIX.size:
-        raise _BadBlock(f"file is {len(prefix)} bytes, shorter than the {_PREFIX.size}-byte prefix")
-    magic, hlen, hcrc = _PREFIX.unpack(prefix)
-    if magic != MAGIC:
-        raise _BadBlock(f"bad magic {magic!r}")
-    if hlen > _MAX_HEADER_BYTES:
-        raise _BadBlock(f"header length {hlen} is over {_MAX_HEADER_BYTES}")
-    raw = f.read(hlen)
-    if len(raw) != hlen:
-        raise _BadBlock(f"header truncated at {len(raw)} of {hlen} bytes")
-    if zlib.crc32(raw) != hcrc:
-        raise _BadBlock("header checksum mismatch")
-    try:
-        header = json.loads(raw)
-    except ValueError as exc:
-        raise _BadBlock(f"header is not JSON: {exc}") from None
-    return header, _PREFIX.size + hlen
-
-
-def _entry_from_header(header: dict[str, Any], key: str, path: Path) -> DiskEntry:
-    """Builds an entry from a checked header, rejecting fields that cannot be right."""
-    try:
-        if header["version"] != FORMAT_VERSION:
-            raise _BadBlock(f"format version {header['version']!r}, expected {FORMAT_VERSION}")
-        dtype = getattr(torch, header["dtype"], None)
-        shape = tuple(int(d) for d in header["shape"])
-        entry = DiskEntry(
-            key=header["key"],
-            dtype=dtype,
-            shape=shape,
-            nbytes=int(header["nbytes"]),
-            checksum=int(header["checksum"]),
-            meta=header["meta"],
-            path=path,
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _BadBlock(f"header field missing or malformed: {exc!r}") from None
-    if entry.key != key:
-        raise _BadBlock(f"header key {entry.key!r} does not match the file name")
-    if not isinstance(dtype, torch.dtype):
-        raise _BadBlock(f"unknown dtype {header['dtype']!r}")
-    if any(d < 0 for d in shape) or math.prod(shape) * dtype.itemsize != entry.nbytes:
-        raise _BadBlock(f"shape {shape} of {dtype} does not hold {entry.nbytes} bytes")
-    if not isinstance(entry.meta, dict):
-        raise _BadBlock("meta is not a JSON object")
-    return entry
-
-
-def _read_entry(path: Path, key: str) -> DiskEntry:
-    """Checks a block file's header and size without reading the payload."""
-    if not _KEY_RE.match(key):
-        raise _BadBlock(f"file name stem {key!r} is not a valid key")
-    with open(path, "rb", buffering=0) as f:
-        header, offset = _read_header(f)
-        entry = _entry_from_header(header, key, path)
-        size = os.fstat(f.fileno()).st_size
-    if size != offset + entry.nbytes:
-        raise _BadBlock(f"file is {size} bytes, expected {offset + entry.nbytes} (torn write?)")
-    return entry
-
-
-def _read_payload(f, entry: DiskEntry, dest: memoryview) -> str | None:
-    """Reads the payload into ``dest`` (``entry.nbytes`` long) and checks it.
-
-    The header is not parsed again: the payload is the file's last ``nbytes`` bytes and
-    its checksum decides, so a file replaced or damaged since the scan cannot pass.
-
-    Returns:
-        None if the payload matches ``entry``, otherwise what is wrong with it.
-    """
-    size = os.fstat(f.fileno()).st_size
-    if size < _PREFIX.size + entry.nbytes:
-        return f"file is {size} bytes, too short for a {entry.nbytes}-byte payload"
-    f.seek(size - entry.nbytes)
-    got = _read_into(f, dest)
-    if got != entry.nbytes:
-        return f"payload truncated at {got} of {entry.nbytes} bytes"
-    checksum = payload_checksum(dest[:got])
-    if checksum != entry.checksum:
-        return f"payload checksum {checksum:#018x} != stored {entry.checksum:#018x}"
-    return None
-
-
 def _prepare_root(root: Path) -> None:
     """Creates ``root`` and proves a file can be created in it."""
     fix = "pass a directory this process can create files in, or fix its permissions"
@@ -529,7 +376,7 @@ def _prepare_root(root: Path) -> None:
 
 
 def _check_key(key: str) -> None:
-    if not isinstance(key, str) or not _KEY_RE.match(key):
+    if not isinstance(key, str) or not KEY_RE.match(key):
         raise ValueError(
             f"invalid block key {key!r}: use 1-201 characters from [A-Za-z0-9._-], "
             f"starting with a letter or digit"
@@ -564,17 +411,6 @@ def _write_all(fd: int, data: memoryview) -> None:
     done = 0
     while done < len(data):
         done += os.write(fd, data[done:])
-
-
-def _read_into(f, dest: memoryview) -> int:
-    """Fills ``dest`` from ``f`` until it is full or the file ends; returns bytes read."""
-    got = 0
-    while got < len(dest):
-        n = f.readinto(dest[got:])
-        if not n:
-            break
-        got += n
-    return got
 
 
 def _fsync_dir(path: Path) -> None:
