@@ -26,6 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--object-weight", type=float, help="extra loss weight of object pixels at the start"
     )
     gen.add_argument("--object-weight-final", type=float, help="... at the end (reached linearly)")
+    gen.add_argument(
+        "--drift-prob",
+        type=float,
+        help="chance of noise drifting along the caption's direction (GenConfig.noise_drift)",
+    )
     gen.add_argument("--no-compile", action="store_true", help="train without torch.compile")
     gen.add_argument("--tune", action="store_true", help="after training, sweep sampler settings")
     gen.add_argument(
@@ -46,6 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=200,
         help="held-out clips asked through VideoQA after training (0: skip; default 200)",
+    )
+    vqa.add_argument(
+        "--init-from",
+        help="model directory whose weights start a fresh run where names and shapes match "
+        "(e.g. an earlier export); ignored when resuming",
     )
 
 
@@ -79,7 +89,7 @@ def _given(args: argparse.Namespace, **fields) -> dict:
 def vqa_config_from(args: argparse.Namespace):
     from streamrt.models.train_vqa import TrainVQAConfig
 
-    return TrainVQAConfig(**_given(args))
+    return TrainVQAConfig(**_given(args, init_from=args.init_from))
 
 
 def run_vqa(args: argparse.Namespace) -> int:
@@ -116,6 +126,7 @@ def config_from(args: argparse.Namespace):
             num_frames=args.frames,
             object_weight=args.object_weight,
             object_weight_final=args.object_weight_final,
+            drift_prob=args.drift_prob,
         )
     )
     cfg.compile = not args.no_compile

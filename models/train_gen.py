@@ -46,6 +46,7 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from streamrt.config import CacheConfig, GenConfig
+from streamrt.gen.noise import DriftingNoise
 from streamrt.models.generator_files import tiny_random_parts
 from streamrt.models.train_schedule import (
     RunSchedule,
@@ -96,6 +97,16 @@ class TrainGenConfig(RunSchedule):
     by predicting object colour wherever an object may be, so a large weight draws shapes
     too big (measured: 15-25 % of the frame instead of 1.5-4 % at weight 8)."""
 
+    drift_prob: float = 0.0
+    """Chance that a clip's noise is a drifting field (`streamrt.gen.noise`) along its
+    caption's first direction word, `noise_drift` latent pixels per frame, as streams with
+    `GenConfig.noise_drift` draw it: the model learns that noise moving one way is an
+    object moving that way (Go-with-the-Flow's noise warping, with the prompt's direction
+    in place of optical flow)."""
+
+    noise_drift: float = 1.0
+    """Latent pixels per frame of the drifting noise (the shipped manifest's value)."""
+
     codec_spatial: int = 2
     """Spatial factor of the pixel codec (`PixelCodec(spatial)`); patch side 8 / this."""
 
@@ -138,6 +149,8 @@ class TrainGenConfig(RunSchedule):
             )
         if not 0.0 <= self.clean_prob < 1.0:
             raise ValueError(f"clean_prob must lie in [0, 1), got {self.clean_prob}")
+        if not 0.0 <= self.drift_prob <= 1.0:
+            raise ValueError(f"drift_prob must lie in [0, 1], got {self.drift_prob}")
 
 
 # ---------------------------------------------------------------------- data
@@ -196,6 +209,24 @@ def sample_sigmas(cfg: TrainGenConfig, batch: int, gen: torch.Generator) -> torc
     return sigma.repeat_interleave(cfg.chunk_frames, dim=1)
 
 
+def sample_noise(
+    cfg: TrainGenConfig, shape: tuple[int, ...], captions: list[str], gen: torch.Generator
+) -> torch.Tensor:
+    """Noise `[B, C, F, h, w]`: independent, or (with `drift_prob`) drifting along the
+    caption's direction exactly as a stream's `DriftingNoise` draws it."""
+    eps = torch.randn(shape, generator=gen)
+    if cfg.drift_prob <= 0:
+        return eps
+    drifting = torch.rand(len(captions), generator=gen) < cfg.drift_prob
+    for b, caption in enumerate(captions):
+        if drifting[b]:
+            noise = DriftingNoise(cfg.noise_drift, None, lambda s: torch.randn(s, generator=gen))
+            noise.set_prompt(caption)
+            if noise.direction is not None:
+                eps[b] = noise.chunk((1, *shape[1:]))[0]
+    return eps
+
+
 # ---------------------------------------------------------------------- loss
 
 
@@ -221,7 +252,7 @@ def flow_matching_loss(
     p = transformer.config.patch_size
     tokens_per_frame = (h // p[1]) * (w // p[2])
     sigma = sample_sigmas(cfg, x0.shape[0], gen)
-    eps = torch.randn(x0.shape, generator=gen)
+    eps = sample_noise(cfg, x0.shape, captions, gen)
     s = sigma[:, None, :, None, None]
     x_t = (1 - s) * x0 + s * eps
     timestep = (sigma * 1000.0).repeat_interleave(tokens_per_frame, dim=1)

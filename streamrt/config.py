@@ -103,6 +103,15 @@ class GenConfig:
     Self-Forcing, CausVid) or with the model's own noise estimate `x0 + v` (a deterministic
     flow-matching Euler step, for models trained without distillation)."""
 
+    noise_drift: float = 0.0
+    """Motion prior for text-to-video (`streamrt.gen.noise`): one noise field per stream,
+    frame k's initial noise is it rolled by k x this many latent pixels along the prompt's
+    direction word ("moving left", "panning up"); 0 or a prompt without such a word:
+    independent noise per frame. Pair with `renoise: predicted`, which keeps the noise."""
+
+    noise_drift_frames: int | None = None
+    """Frames from the stream's start whose noise drifts (None: every frame)."""
+
     clean_refresh: bool = True
     """After a chunk is finished, rewrite its K/V with one forward at t=0 on the clean frames."""
 

@@ -58,6 +58,11 @@ class ForwardContext:
     """Identity of the prompt embeddings (same key: reuse cross-attention K/V)."""
     scores: dict[int, torch.Tensor] | None = None
     """If a dict, self-attention stores per-layer query-key importance of kept tokens here."""
+    parallel: Any = None
+    """`streamrt.parallel.RowParallel` when the rows are split over ranks: the batch then
+    holds only `local` rows, and every rank writes the K/V of all `rows`."""
+    local: list[int] | None = None
+    """Indices into `rows` of the batch's rows (parallel only; padded with dummies)."""
 
     def prepare(self, rope: torch.nn.Module, tokens_per_frame: int) -> None:
         """Build the RoPE tables once per forward (shared by every layer)."""
@@ -119,12 +124,18 @@ class StreamingSelfAttention:
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
         keys, values, queries = [], [], []
+        rows = ctx.rows
+        all_keys, all_values = key, value
+        if ctx.parallel is not None:  # this rank holds rows ctx.local; share their K/V
+            all_keys = ctx.parallel.gather(key, len(rows))
+            all_values = ctx.parallel.gather(value, len(rows))
+            rows = [ctx.rows[j] for j in ctx.local]
         # Every row writes before any row reads: rows that share a sequence (stream batch)
         # all see the K/V this forward computed for the frames in flight.
         for b, row in enumerate(ctx.rows):
             if row.write:
-                row.seq.write_layer(row.write, self.layer, key[b], value[b])
-        for b, row in enumerate(ctx.rows):
+                row.seq.write_layer(row.write, self.layer, all_keys[b], all_values[b])
+        for b, row in enumerate(rows):
             k, v = row.seq.gather(self.layer, row.plan)
             q_cos, q_sin, k_cos, k_sin = row.rope
             queries.append(apply_wan_rope(query[b], q_cos, q_sin, halves=True))
@@ -135,7 +146,10 @@ class StreamingSelfAttention:
         else:
             out = torch.stack([attend(q, k, v) for q, k, v in zip(queries, keys, values)])
         if ctx.scores is not None:
-            ctx.scores[self.layer] = _key_importance(queries, keys)
+            importance = _key_importance(queries, keys)
+            if ctx.parallel is not None:
+                importance = ctx.parallel.gather(importance, len(ctx.rows))
+            ctx.scores[self.layer] = importance
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 

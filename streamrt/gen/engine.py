@@ -54,6 +54,9 @@ class GenEngine:
         )
         self.cache = cache or CacheManager(cache_config or CacheConfig(device=str(self.device)))
         self.lock = self.state.lock
+        self.parallel = None
+        """`streamrt.parallel.RowParallel` to split every forward's rows over ranks (set by
+        `streamrt.parallel.parallelize`); None: this process computes every row."""
         self._prompts: dict[str, torch.Tensor] = {}
         self._stream_ids = itertools.count()
 

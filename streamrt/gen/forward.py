@@ -42,11 +42,49 @@ def streaming_forward(
     prompt_embeds: torch.Tensor,
     text_key=None,
     scores: dict | None = None,
+    parallel=None,
 ) -> torch.Tensor:
     """Run the model on `latents` `[B, C, F, H, W]` with per-frame timesteps `[B, F]`.
 
     Returns the model output (flow-matching velocity for Wan), same shape as `latents`.
+    With `parallel` (`streamrt.parallel.RowParallel`), this rank computes only its share
+    of the B rows and the result is gathered from every rank.
     """
+    if parallel is not None:
+        b = latents.shape[0]
+        local = parallel.local_rows(b)
+        pick = torch.tensor(local, device=latents.device)
+        key = None if text_key is None else (text_key, tuple(local))
+        v = _forward(
+            transformer,
+            state,
+            rows,
+            latents[pick],
+            frame_timesteps[pick.to(frame_timesteps.device)],
+            prompt_embeds[pick.to(prompt_embeds.device)],
+            key,
+            scores,
+            parallel,
+            local,
+        )
+        return parallel.gather(v, b)
+    return _forward(
+        transformer, state, rows, latents, frame_timesteps, prompt_embeds, text_key, scores
+    )
+
+
+def _forward(
+    transformer,
+    state,
+    rows,
+    latents,
+    frame_timesteps,
+    prompt_embeds,
+    text_key,
+    scores,
+    parallel=None,
+    local=None,
+) -> torch.Tensor:
     _, _, _num_frames, height, width = latents.shape
     p_t, p_h, p_w = transformer.config.patch_size
     if p_t != 1:
@@ -54,7 +92,7 @@ def streaming_forward(
             f"streaming needs a temporal patch size of 1 (one block per latent frame), got {p_t}"
         )
     grid = (height // p_h, width // p_w)
-    ctx = ForwardContext(rows, grid, text_key, scores)
+    ctx = ForwardContext(rows, grid, text_key, scores, parallel, local)
     ctx.prepare(transformer.rope, grid[0] * grid[1])
     frame_timesteps = frame_timesteps.to(latents.device).float()
     if bool((frame_timesteps == frame_timesteps[:, :1]).all()):

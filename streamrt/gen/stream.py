@@ -12,6 +12,7 @@ import torch
 
 from streamrt.config import GenConfig
 from streamrt.gen.forward import chunk_rows, streaming_forward
+from streamrt.gen.noise import DriftingNoise
 from streamrt.gen.samplers import make_sampler
 from streamrt.gen.schedule import shifted_sigmas
 from streamrt.models.codec import tensor_to_frames
@@ -48,6 +49,7 @@ class GenStream:
         self.sampler = make_sampler(config.sampler, self)
         self.decoder = engine.codec.decoder()
         self.source: Callable[[], tuple[torch.Tensor, list[float], torch.Tensor]] | None = None
+        self.drifting = DriftingNoise(config.noise_drift, config.noise_drift_frames, self.noise)
         self.clean: list[tuple[list[int], torch.Tensor]] = []
         self.last_rows: list = []
         self.stats = {
@@ -84,6 +86,7 @@ class GenStream:
         if self.guided:
             self.uncond = engine.encode_prompt(self.config.negative_prompt)
         self.prompt = prompt
+        self.drifting.set_prompt(prompt)
         if recache:
             self._recache()
 
@@ -111,7 +114,7 @@ class GenStream:
         the video-to-video source's noised input."""
         if self.source is not None:
             return self.source()
-        eps = self.noise((1, *self._chunk_shape()))
+        eps = self.drifting.chunk((1, *self._chunk_shape()))
         return eps, self.sigmas, eps
 
     def _chunk_shape(self) -> tuple[int, ...]:
@@ -149,7 +152,7 @@ class GenStream:
         key = (self.text_id, b, self.guided)
         with torch.no_grad(), e.lock:
             v = streaming_forward(
-                e.transformer, e.state, rows, x, t, torch.cat(embeds), key, scores
+                e.transformer, e.state, rows, x, t, torch.cat(embeds), key, scores, e.parallel
             )
         self.stats["forwards"] += 1
         self.last_rows = rows

@@ -366,3 +366,47 @@ def test_predicted_renoise_draws_no_noise_between_steps(parts):
     draws = torch.Generator().set_state(state)
     torch.randn((1, *stream._chunk_shape()), generator=draws)  # only the chunk's initial noise
     assert torch.equal(draws.get_state(), stream.generator.get_state())
+
+
+def test_prompt_direction_words():
+    from streamrt.gen.noise import prompt_direction
+
+    assert prompt_direction("a red circle moving right on a dark background") == (0, 1)
+    assert prompt_direction("Camera panning UP over a city") == (-1, 0)
+    assert prompt_direction("a blue square moving down and a red circle moving left") == (1, 0)
+    assert prompt_direction("a red circle on a dark background") is None
+    assert prompt_direction("upright bright lights") is None  # whole words only
+
+
+def _initial_noise(parts, prompt, chunks=3, **overrides):
+    gen = make_gen(parts, renoise="predicted", **overrides)
+    stream = gen.engine.open_stream(prompt, gen.engine.config)
+    out = [stream.initial_latents()[0] for _ in range(chunks)]
+    stream.close()
+    return torch.cat(out, dim=2)
+
+
+def test_noise_drift_rolls_one_field_along_the_prompted_direction(parts):
+    left = _initial_noise(parts, "a red circle moving left on a dark background", noise_drift=1.0)
+    frames = left.shape[2]
+    for k in range(frames):  # frame k = frame 0 moved k latent pixels left
+        assert torch.equal(left[:, :, k], torch.roll(left[:, :, 0], -k, dims=3))
+    up = _initial_noise(parts, "a red circle moving up on a dark background", noise_drift=2.0)
+    assert torch.equal(up[:, :, 3], torch.roll(up[:, :, 0], -6, dims=2))
+    half = _initial_noise(parts, PROMPT, noise_drift=0.5)
+    assert torch.equal(half[:, :, 2], torch.roll(half[:, :, 0], 1, dims=3))
+    # each frame's noise is still a standard normal field
+    assert abs(float(left.std()) - 1.0) < 0.1 and abs(float(left.mean())) < 0.1
+
+
+def test_noise_drift_off_limited_or_without_direction_is_independent_noise(parts):
+    plain = _initial_noise(parts, PROMPT)
+    assert torch.equal(plain, _initial_noise(parts, PROMPT, noise_drift=0.0))
+    still = "a red circle on a dark background"
+    assert torch.equal(_initial_noise(parts, still), _initial_noise(parts, still, noise_drift=1.0))
+    first = _initial_noise(parts, PROMPT, noise_drift=1.0, noise_drift_frames=3)
+    assert torch.equal(first[:, :, 1], torch.roll(first[:, :, 0], 1, dims=3))
+    later = first[:, :, 3:]
+    assert not torch.equal(later[:, :, 0], torch.roll(first[:, :, 0], 3, dims=3))
+    corr = torch.corrcoef(torch.stack([later[:, :, 0].flatten(), later[:, :, 1].flatten()]))
+    assert abs(float(corr[0, 1])) < 0.2  # past noise_drift_frames: fresh draws

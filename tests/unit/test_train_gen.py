@@ -64,6 +64,26 @@ def test_sigmas_are_per_chunk_and_any_chunk_may_be_clean_context():
     assert sigma.max() <= 1.0
 
 
+def test_drifting_training_noise_is_the_streams_noise():
+    """With drift_prob, a clip's noise drifts along its caption's direction exactly as a
+    stream's initial noise does (rolled one field); captions without one stay independent."""
+    cfg = tiny_cfg(num_frames=9, drift_prob=1.0, noise_drift=1.0)
+    captions = [
+        "a red circle moving left on a dark background",
+        "a blue square on a light background",
+    ]
+    eps = train_gen.sample_noise(
+        cfg, (2, 12, 9, 16, 16), captions, torch.Generator().manual_seed(0)
+    )
+    for k in range(9):
+        assert torch.equal(eps[0, :, k], torch.roll(eps[0, :, 0], -k, dims=2))
+    assert not torch.equal(eps[1, :, 1], torch.roll(eps[1, :, 0], -1, dims=2))
+    plain = train_gen.sample_noise(tiny_cfg(), (2, 12, 9, 16, 16), captions, torch.Generator())
+    assert not torch.equal(plain[0, :, 1], torch.roll(plain[0, :, 0], -1, dims=2))
+    with pytest.raises(ValueError, match="drift_prob"):
+        tiny_cfg(drift_prob=-0.1)
+
+
 def test_object_masks_mark_exactly_the_shapes():
     cfg = tiny_cfg(batch_size=4)
     x, captions, objects = train_gen.sample_batch(cfg, 0)
