@@ -168,6 +168,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     qa_b.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     qa_b.add_argument("--json", metavar="PATH")
+    pipe = bench_sub.add_parser(
+        "pipeline", help="row-parallel generation on N local ranks vs one process"
+    )
+    pipe.add_argument("--model", default="assets/tiny-world", help="generator dir or tiny-random")
+    pipe.add_argument("--ranks", type=int, default=2, help="local gloo processes (default 2)")
+    pipe.add_argument("--size", default="64x64", help="frame size WIDTHxHEIGHT")
+    pipe.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    pipe.add_argument("--warmup", type=int, default=4, help="chunks before timing")
+    pipe.add_argument("--chunks", type=int, default=10, help="chunks timed")
+    pipe.add_argument(
+        "--samplers",
+        type=lambda s: s.split(","),
+        default=["stream_batch", "chunkwise"],
+        help="comma-separated (default stream_batch,chunkwise)",
+    )
+    pipe.add_argument("--json", metavar="PATH")
     bench.set_defaults(func=_cmd_bench)
 
     from streamrt.apps.demo import add_arguments as demo_arguments

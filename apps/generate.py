@@ -34,6 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="denoising steps (timesteps evenly spaced from 1000)")
     p.add_argument("--seed", type=int)
     p.add_argument("--size", help="WIDTHxHEIGHT in pixels")
+    p.add_argument("--noise-drift", type=float, help="latent pixels/frame of drifting noise")
+    p.add_argument(
+        "--parallel",
+        choices=["rows"],
+        help="split every forward's rows (denoising steps in flight) over the ranks of "
+        "`torchrun --nproc_per_node=N -m streamrt.apps.cli generate ...`; rank 0 writes",
+    )
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -50,6 +57,8 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         out["timesteps"] = [round(1000 - i * 1000 / args.steps) for i in range(args.steps)]
     if args.seed is not None:
         out["seed"] = args.seed
+    if getattr(args, "noise_drift", None) is not None:
+        out["noise_drift"] = args.noise_drift
     if args.size:
         try:
             w, h = (int(v) for v in args.size.lower().split("x"))
@@ -112,10 +121,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         gen = load_generator(args.model, args.config, overrides_from(args), args.checkpoint)
         cfg = gen.engine.config
+        if args.parallel:
+            from streamrt.parallel.launch import init_from_env, parallelize
+
+            parallel = init_from_env(str(gen.engine.device))
+            parallelize(gen, parallel)
+            if parallel.rank != 0:  # every rank runs the stream; rank 0 writes it
+                for _ in gen.stream(args.prompt, num_frames=args.frames):
+                    pass
+                return 0
         frames = gen.stream(args.prompt, num_frames=args.frames)
         first = next(frames)  # fails here, before any file is written, on a bad prompt or config
         stats = gen.active.stats
-    except (FileNotFoundError, PromptError, ValueError) as exc:
+    except (FileNotFoundError, PromptError, ValueError, RuntimeError) as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2
     columns = (

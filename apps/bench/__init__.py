@@ -53,6 +53,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from streamrt.apps.bench.quality import bench_quality
 
         return bench_quality(args)
+    if args.suite == "pipeline":
+        from streamrt.apps.bench.pipeline import bench_pipeline
+
+        return bench_pipeline(args)
     if args.suite == "gen":
         from streamrt.apps.bench.gen import bench_gen
 

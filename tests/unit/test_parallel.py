@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,3 +69,68 @@ def test_ranks_equal_one_process(world, tmp_path):
         assert sum(computed) == total  # every row ran exactly once, on one rank
         if case.startswith("stream_batch"):  # 4 rows per forward: every rank takes a share
             assert min(computed) >= total // (3 * world), (case, computed, total)
+
+
+def test_generate_under_torchrun_writes_the_single_process_video(tmp_path):
+    """`torchrun --nproc_per_node=2 -m streamrt.apps.cli generate --parallel rows` (rank 0
+    writes) gives the frames of a one-process `streamrt generate`."""
+    import os
+    import subprocess
+    import sys
+
+    from streamrt.io.sources import open_source
+    from streamrt.parallel.launch import free_port
+
+    common = ["--prompt", PROMPT, "--model", "tiny-random", "--frames", "12"]
+    common += ["--sampler", "stream_batch", "--size", "32x32", "--policy-args"]
+    common += ["sink_blocks=1,window_blocks=14"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    torchrun += ["--master_port", str(free_port()), "-m", "streamrt.apps.cli", "generate"]
+    split = tmp_path / "split.mp4"
+    proc = subprocess.run(
+        [*torchrun, *common, "--parallel", "rows", "-o", str(split)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = tmp_path / "one.mp4"
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamrt.apps.cli", "generate", *common, "-o", str(one)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = np.stack(list(open_source(str(split))))
+    b = np.stack(list(open_source(str(one))))
+    assert a.shape == b.shape == (12, 32, 32, 3)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 2  # same frames, same encoder
+
+
+def test_parallel_without_a_process_group_says_how_to_launch(tmp_path, capsys, monkeypatch):
+    from streamrt.apps.cli import main
+
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    args = ["generate", "--prompt", PROMPT, "--model", "tiny-random", "--parallel", "rows"]
+    assert main([*args, "-o", str(tmp_path / "o.mp4")]) == 2
+    assert "torchrun --nproc_per_node" in capsys.readouterr().err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_bench_pipeline_compares_ranks_with_one_process(tmp_path):
+    import json
+
+    from streamrt.apps.cli import main
+
+    out = tmp_path / "p.json"
+    args = ["bench", "pipeline", "--model", "tiny-random", "--size", "32x32", "--chunks", "1"]
+    args += ["--warmup", "1", "--samplers", "stream_batch", "--json", str(out)]
+    assert main(args) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["sampler"] == "stream_batch" and row["ranks fps"] > 0
+    assert row["max |diff|"] < 1e-4 and 0.01 < row["vs 1 thread"] < 100
