@@ -37,9 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-drift", type=float, help="latent pixels/frame of drifting noise")
     p.add_argument(
         "--parallel",
-        choices=["rows"],
-        help="split every forward's rows (denoising steps in flight) over the ranks of "
-        "`torchrun --nproc_per_node=N -m streamrt.apps.cli generate ...`; rank 0 writes",
+        choices=["steps", "rows"],
+        help="under `torchrun --nproc_per_node=N -m streamrt.apps.cli generate ...`: split "
+        "every forward's rows over the ranks (rank 0 writes). steps: the stream-batch "
+        "sampler, one denoising step per row, so one step per rank; rows: any sampler",
     )
 
 
@@ -51,6 +52,10 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         out["policy_args"] = parse_kv(args.policy_args)
     if args.sampler:
         out["sampler"] = args.sampler
+    if getattr(args, "parallel", None) == "steps":
+        if args.sampler not in (None, "stream_batch"):
+            raise ValueError("--parallel steps runs the stream_batch sampler; use --parallel rows")
+        out["sampler"] = "stream_batch"
     if args.steps:
         if args.steps < 1:
             raise ValueError("--steps must be >= 1")

@@ -45,10 +45,15 @@ from streamrt.models.vlm import SmolVLMAdapter
 from streamrt.models.vlm_tiny import tiny_tokenizer, tiny_vlm
 from streamrt.qa.context import PlannedCache
 from streamrt.qa.video_qa import lay_out, question_ids, text_ids
-from streamrt.world import QA, WorldConfig, make_clip
+from streamrt.world import QA, Scene, WorldConfig, make_clip
+from streamrt.world.qa import Timeline
+from streamrt.world.qa import _sample as sample_qa
 
 CAPTION_QUESTION = "what is in the video?"
 """The caption task's question (its answer is the clip's caption, kind "caption")."""
+AUX_KINDS = ("caption", "shape_frame", "motion_frame")
+"""Training-only auxiliary tasks (not world question kinds; left out of every "all"
+accuracy): the caption, and the simplest shape and motion questions (`aux_questions`)."""
 TRAIN_SEED_BASE = 1_000_000
 """Training clips use world seeds from here up; seeds below it are held out for evaluation."""
 
@@ -74,6 +79,12 @@ class TrainVQAConfig(RunSchedule):
 
     image_size: int = 64
     """Frame side the world renders at and the vision tower takes."""
+
+    world_fps: float = 8.0
+    """Frame rate of the world clips (`WorldConfig.fps`; speeds are pixels per second, so a
+    lower rate moves objects further per frame: 1-5 px at 4 fps, 0.5-2.5 px at the world's
+    default 8). Exported as the session's `fps`, so a session samples a stream at the rate
+    the model was trained on."""
 
     qa_per_kind: int = 1
     """Questions drawn per kind and clip (answer-balanced, see `streamrt.world.qa`)."""
@@ -107,7 +118,9 @@ class TrainVQAConfig(RunSchedule):
             "patch_size": 8,
         }
     )
-    """Overrides of the vision config; `image_size` comes from `image_size`."""
+    """Overrides of the vision config; `image_size` comes from `image_size` (the world's
+    shapes are 9-15 pixels across; patch 4 with `scale_factor` 4 also gives 16 tokens a
+    frame, at ~1.7x the step time, and learnt no more, see assets/tiny-vqa/TRAINING.md)."""
 
     scale_factor: int = 2
     """Pixel-shuffle factor: (image_size / patch_size / scale_factor)^2 tokens per frame."""
@@ -116,8 +129,19 @@ class TrainVQAConfig(RunSchedule):
     question_template: str = "{question}"
     """The session's prompt settings the model is trained under (`QAConfig` defaults)."""
 
+    aux_tasks: bool = False
+    """Also ask every clip one `shape_frame` and one `motion_frame` question (see
+    `aux_questions`): the shape or the direction of motion of a frame's only object, the
+    way `color_frame` asks its colour, a direct signal for what the world's shape and
+    direction kinds need before those kinds' binding and ordering."""
+
     eval_clips: int = 64
     """Held-out clips of the teacher-forced check logged at every checkpoint."""
+
+    init_from: str | None = None
+    """A model directory (`save_pretrained`, e.g. an earlier export) whose weights start a
+    fresh run wherever a parameter's name and shape match this config's (the rest keeps its
+    random init); None: all random. A resumed run ignores it."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.num_frames < 1:
@@ -141,7 +165,10 @@ class TrainVQAConfig(RunSchedule):
 
     def world(self) -> WorldConfig:
         return WorldConfig(
-            height=self.image_size, width=self.image_size, qa_per_kind=self.qa_per_kind
+            height=self.image_size,
+            width=self.image_size,
+            fps=self.world_fps,
+            qa_per_kind=self.qa_per_kind,
         )
 
 
@@ -162,9 +189,40 @@ def clip_example(cfg: TrainVQAConfig, seed: int, caption: bool | None = None) ->
     the caption question if `caption` (default `cfg.caption_task`)."""
     clip = make_clip(seed, cfg.num_frames, cfg.world())
     qa = [q for q in clip.qa if cfg.kinds is None or q.kind in cfg.kinds]
+    if cfg.aux_tasks:
+        qa.extend(aux_questions(clip.scene, cfg.num_frames, np.random.default_rng([seed, 7])))
     if cfg.caption_task if caption is None else caption:
         qa.append(QA(CAPTION_QUESTION, clip.caption, "caption", cfg.num_frames - 1))
     return Example(clip.frames, qa)
+
+
+def aux_questions(scene: Scene, num_frames: int, rng: np.random.Generator) -> list[QA]:
+    """One answer-balanced question of each auxiliary kind the clip settles:
+
+    - `shape_frame`, "what shape was at frame t?": frame t is clean and shows one object;
+    - `motion_frame`, "which direction was the shape moving at frame t?": frames t-2..t
+      each show only the same moving object, clear, in one direction (the rule of the
+      world's `direction_frame`, without naming the object).
+    """
+    tl = Timeline(scene, num_frames)
+    shape, motion = [], []
+    for t in tl.askable_frames():
+        alone = [s for s in tl.states[t] if s.visible]
+        if not (tl.clean[t] and len(alone) == 1):
+            continue
+        obj = alone[0]
+        shape.append(QA(f"what shape was at frame {t}?", obj.shape, "shape_frame", t))
+        window = [tl.states[u] for u in (t - 2, t - 1, t)] if t >= 2 else []
+        if (
+            window
+            and scene.objects[obj.index].speed > 0
+            and all(tl.clean[u] for u in (t - 2, t - 1))
+            and all([s.index for s in w if s.visible] == [obj.index] for w in window)
+            and len({w[obj.index].direction for w in window}) == 1
+        ):
+            question = f"which direction was the shape moving at frame {t}?"
+            motion.append(QA(question, obj.direction, "motion_frame", t))
+    return [*sample_qa(shape, 1, rng), *sample_qa(motion, 1, rng)]
 
 
 def sample_batch(cfg: TrainVQAConfig, step: int) -> list[Example]:
@@ -188,7 +246,21 @@ def new_model(cfg: TrainVQAConfig) -> tuple[SmolVLMAdapter, Any]:
         vision=vision,
         scale_factor=cfg.scale_factor,
     )
+    if cfg.init_from is not None:
+        init_matching(model, cfg.init_from)
     return SmolVLMAdapter(model), tok
+
+
+def init_matching(model: torch.nn.Module, path: str | Path) -> list[str]:
+    """Copy the weights of the model directory `path` into `model` where name and shape
+    match; returns the names copied."""
+    from safetensors.torch import load_file
+
+    source = load_file(str(Path(path) / "model.safetensors"))
+    own = model.state_dict()
+    copied = [n for n, t in source.items() if n in own and own[n].shape == t.shape]
+    model.load_state_dict({n: source[n] for n in copied}, strict=False)
+    return copied
 
 
 def clip_logits(
@@ -323,7 +395,10 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
 def load_checkpoint(path: Path, cfg: TrainVQAConfig | None = None) -> TrainState:
     """A state from `path`; `cfg` (e.g. more steps) replaces the saved config if given."""
     blob = torch.load(path, map_location="cpu", weights_only=False)
-    state = new_state(cfg or TrainVQAConfig(**blob["config"]))
+    cfg = cfg or TrainVQAConfig(**blob["config"])
+    # the saved weights replace any start: `init_from` is not read (it may be gone)
+    state = new_state(dataclasses.replace(cfg, init_from=None))
+    state.cfg = cfg
     state.model.load_state_dict(blob["model"])
     state.optimizer.load_state_dict(blob["optimizer"])
     state.ema = blob["ema"]

@@ -21,6 +21,7 @@ import torch
 
 from streamrt.config import QAConfig
 from streamrt.models.train_vqa import (
+    AUX_KINDS,
     Example,
     TrainState,
     TrainVQAConfig,
@@ -40,9 +41,9 @@ def held_out(cfg: TrainVQAConfig, clips: int, first_seed: int = EVAL_SEED) -> li
 
 
 def _summary(hits: dict[str, list[bool]]) -> dict[str, Any]:
-    """Accuracy over the world's question kinds ("all"; the caption task is reported per
-    kind only), and per kind."""
-    every = [h for k, v in hits.items() if k != "caption" for h in v]
+    """Accuracy over the world's question kinds ("all"; the auxiliary tasks, `AUX_KINDS`,
+    are reported per kind only), and per kind."""
+    every = [h for k, v in hits.items() if k not in AUX_KINDS for h in v]
     out: dict[str, Any] = {"all": sum(every) / max(1, len(every)), "questions": len(every)}
     out["per_kind"] = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
     out["per_kind_n"] = {k: len(v) for k, v in sorted(hits.items())}

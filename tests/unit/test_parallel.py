@@ -72,8 +72,8 @@ def test_ranks_equal_one_process(world, tmp_path):
 
 
 def test_generate_under_torchrun_writes_the_single_process_video(tmp_path):
-    """`torchrun --nproc_per_node=2 -m streamrt.apps.cli generate --parallel rows` (rank 0
-    writes) gives the frames of a one-process `streamrt generate`."""
+    """`torchrun --nproc_per_node=2 -m streamrt.apps.cli generate --parallel steps` (rank 0
+    writes) gives the frames of a one-process stream-batch `streamrt generate`."""
     import os
     import subprocess
     import sys
@@ -82,29 +82,19 @@ def test_generate_under_torchrun_writes_the_single_process_video(tmp_path):
     from streamrt.parallel.launch import free_port
 
     common = ["--prompt", PROMPT, "--model", "tiny-random", "--frames", "12"]
-    common += ["--sampler", "stream_batch", "--size", "32x32", "--policy-args"]
+    common += ["--size", "32x32", "--policy-args"]
     common += ["sink_blocks=1,window_blocks=14"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
     torchrun += ["--master_port", str(free_port()), "-m", "streamrt.apps.cli", "generate"]
-    split = tmp_path / "split.mp4"
-    proc = subprocess.run(
-        [*torchrun, *common, "--parallel", "rows", "-o", str(split)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one = tmp_path / "one.mp4"
-    proc = subprocess.run(
-        [sys.executable, "-m", "streamrt.apps.cli", "generate", *common, "-o", str(one)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    split, one = tmp_path / "split.mp4", tmp_path / "one.mp4"
+    single = [sys.executable, "-m", "streamrt.apps.cli", "generate", "--sampler", "stream_batch"]
+    for cmd in (
+        [*torchrun, *common, "--parallel", "steps", "-o", str(split)],
+        [*single, *common, "-o", str(one)],
+    ):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     a = np.stack(list(open_source(str(split))))
     b = np.stack(list(open_source(str(one))))
     assert a.shape == b.shape == (12, 32, 32, 3)

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from streamrt.apps.train import main as train_main
 from streamrt.models.train_vqa import (
+    AUX_KINDS,
     TrainVQAConfig,
+    aux_questions,
     clip_example,
     clip_logits,
+    init_matching,
+    new_model,
     new_state,
     train,
 )
-from streamrt.models.train_vqa_eval import videoqa_accuracy
+from streamrt.models.train_vqa_eval import _summary, manifest_qa, videoqa_accuracy
 from streamrt.models.vlm import ModelFileError, resolve_model_dir
 from streamrt.qa import VideoQA
 
@@ -132,9 +138,10 @@ def test_ask_cli_defaults_to_the_shipped_model(tmp_path, capsys, monkeypatch):
     from streamrt.io.sinks import VideoSink
     from streamrt.world import COLORS
 
-    clip = clip_example(TrainVQAConfig(), seed=3)
+    cfg = TrainVQAConfig()
+    clip = clip_example(cfg, seed=3)
     path = tmp_path / "clip.mp4"
-    with VideoSink(path, fps=8, width=64, height=64) as sink:  # the world's rate
+    with VideoSink(path, fps=cfg.world_fps, width=64, height=64) as sink:  # the clip's rate
         for frame in clip.frames:
             sink.write(frame)
     monkeypatch.chdir(tmp_path)
@@ -142,7 +149,7 @@ def test_ask_cli_defaults_to_the_shipped_model(tmp_path, capsys, monkeypatch):
     add_arguments(parser)
     assert run(parser.parse_args(["--video", str(path), "what color is the circle?"])) == 0
     out = capsys.readouterr()
-    assert "fed 8 frames" in out.err  # sampled at the model's 8 fps
+    assert "fed 8 frames" in out.err  # sampled at the model's rate, the clip's
     assert out.out.strip() in COLORS
 
 
@@ -157,3 +164,81 @@ def test_truncated_or_missing_asset_file_names_the_file_and_the_rebuild(tmp_path
     (copy / name).unlink()
     with pytest.raises(FileNotFoundError, match=rf"{name}|no config\.json"):
         VideoQA.from_pretrained(copy)
+
+
+@pytest.mark.parametrize("fps", [4.0, 8.0])
+def test_auxiliary_questions_are_settled_by_the_frames(fps):
+    """`shape_frame` names the shape of a frame's only object; `motion_frame` the way that
+    object moved over the two frames before (its centre, as drawn, moved that way)."""
+    from streamrt.world import make_clip
+
+    cfg = TrainVQAConfig(world_fps=fps, aux_tasks=True)
+    seen = {"shape_frame": 0, "motion_frame": 0}
+    step = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+    for seed in range(60):
+        clip = make_clip(seed, cfg.num_frames, cfg.world())
+        for qa in aux_questions(clip.scene, cfg.num_frames, np.random.default_rng(seed)):
+            states = [s for s in clip.scene.state(qa.frame) if s.visible]
+            assert len(states) == 1, qa
+            seen[qa.kind] += 1
+            if qa.kind == "shape_frame":
+                assert qa.answer == states[0].shape
+                continue
+            dx, dy = step[qa.answer]
+            path = [
+                clip.scene.object_state(states[0].index, t).center for t in (qa.frame - 2, qa.frame)
+            ]
+            moved = (path[1][0] - path[0][0], path[1][1] - path[0][1])
+            assert moved[0] * dx + moved[1] * dy > 0 and moved[0] * dy == moved[1] * dx, qa
+    assert seen["shape_frame"] >= 20 and seen["motion_frame"] >= 10, seen
+
+
+def test_auxiliary_tasks_join_the_clips_questions_only_when_asked_for():
+    plain = clip_example(TrainVQAConfig(), seed=1)  # a clip with a lone moving shape
+    extra = clip_example(TrainVQAConfig(aux_tasks=True), seed=1)
+    assert not {q.kind for q in plain.qa} & {"shape_frame", "motion_frame"}
+    assert extra.qa[: len(plain.qa) - 1] == plain.qa[:-1]  # the world's, then aux, caption
+    assert [q.kind for q in extra.qa[len(plain.qa) - 1 : -1]] == ["shape_frame", "motion_frame"]
+    assert extra.qa[-1] == plain.qa[-1] and extra.qa[-1].kind == "caption"
+
+
+def test_auxiliary_kinds_stay_out_of_the_overall_accuracy():
+    hits = {"color_frame": [True, False], "shape_frame": [True] * 5, "caption": [True] * 5}
+    out = _summary(hits)
+    assert set(AUX_KINDS) >= {"caption", "shape_frame", "motion_frame"}
+    assert out["all"] == 0.5 and out["questions"] == 2
+    assert out["per_kind"]["shape_frame"] == 1.0
+
+
+def test_world_rate_reaches_the_clips_and_the_manifest():
+    slow, fast = TrainVQAConfig(world_fps=4.0), TrainVQAConfig(world_fps=8.0)
+    assert manifest_qa(slow)["fps"] == 4.0 and manifest_qa(fast)["fps"] == 8.0
+    a = clip_example(slow, seed=11, caption=False).frames
+    b = clip_example(fast, seed=11, caption=False).frames
+    assert a.shape == b.shape and not np.array_equal(a, b)  # further per frame at 4 fps
+
+
+def test_init_from_copies_the_weights_whose_name_and_shape_match(tmp_path):
+    source = tiny_cfg()
+    model, _ = new_model(source)
+    model.model.save_pretrained(tmp_path)
+    finer = tiny_cfg(seed=1, vision={**source.vision, "patch_size": 4}, init_from=str(tmp_path))
+    started, _ = new_model(finer)  # patch 4: its patch and position embeddings differ
+    random, _ = new_model(dataclasses.replace(finer, init_from=None))
+    before = random.model.state_dict()
+    before = {n: t.clone() for n, t in before.items()}
+    copied = init_matching(random.model, tmp_path)
+    assert "lm_head.weight" in copied
+    assert "model.vision_model.embeddings.patch_embedding.weight" not in copied
+    saved = model.model.state_dict()
+    for name, value in started.model.state_dict().items():
+        assert torch.equal(value, saved[name] if name in copied else before[name]), name
+
+
+def test_a_resumed_run_does_not_read_init_from_again(tmp_path):
+    start = tmp_path / "start"
+    new_model(tiny_cfg())[0].model.save_pretrained(start)
+    cfg = tiny_cfg(steps=4, init_from=str(start))
+    train(dataclasses.replace(cfg, max_minutes=1e-6), work_dir=tmp_path / "w", log=lambda _: None)
+    shutil.rmtree(start)
+    assert train(cfg, work_dir=tmp_path / "w", log=lambda _: None).step == 4
