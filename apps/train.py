@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     gen.add_argument("--object-weight-final", type=float, help="... at the end (reached linearly)")
     gen.add_argument(
+        "--progressive-prob", type=float, help="chance of frame-wise rising noise in a chunk"
+    )
+    gen.add_argument(
         "--drift-prob",
         type=float,
         help="chance of noise drifting along the caption's direction (GenConfig.noise_drift)",
@@ -126,6 +129,7 @@ def config_from(args: argparse.Namespace):
             num_frames=args.frames,
             object_weight=args.object_weight,
             object_weight_final=args.object_weight_final,
+            progressive_prob=args.progressive_prob,
             drift_prob=args.drift_prob,
         )
     )

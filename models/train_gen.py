@@ -97,6 +97,16 @@ class TrainGenConfig(RunSchedule):
     by predicting object colour wherever an object may be, so a large weight draws shapes
     too big (measured: 15-25 % of the frame instead of 1.5-4 % at weight 8)."""
 
+    progressive_prob: float = 0.0
+    """Chance that a noisy chunk gets frame-wise rising noise levels instead of one level:
+    sigma_j = clip(a + j * lag, 0, 1) for its frames j, lag ~ U(0, `progressive_lag`),
+    a ~ U(-(C-1) lag, 1), so its last frame is always noisy (diffusion forcing inside a
+    chunk). The shipped model saw it for 1074 steps (assets/tiny-world/TRAINING.md); it
+    did not make shapes follow the prompt's direction, drifting noise did."""
+
+    progressive_lag: float = 0.5
+    """Largest noise step between consecutive frames of a progressive chunk."""
+
     drift_prob: float = 0.0
     """Chance that a clip's noise is a drifting field (`streamrt.gen.noise`) along its
     caption's first direction word, `noise_drift` latent pixels per frame, as streams with
@@ -149,6 +159,8 @@ class TrainGenConfig(RunSchedule):
             )
         if not 0.0 <= self.clean_prob < 1.0:
             raise ValueError(f"clean_prob must lie in [0, 1), got {self.clean_prob}")
+        if not 0.0 <= self.progressive_prob <= 1.0:
+            raise ValueError(f"progressive_prob must lie in [0, 1], got {self.progressive_prob}")
         if not 0.0 <= self.drift_prob <= 1.0:
             raise ValueError(f"drift_prob must lie in [0, 1], got {self.drift_prob}")
 
@@ -206,7 +218,17 @@ def sample_sigmas(cfg: TrainGenConfig, batch: int, gen: torch.Generator) -> torc
     clean = torch.rand(batch, chunks, generator=gen) < cfg.clean_prob
     clean[clean.all(dim=1), -1] = False
     sigma = sigma.masked_fill(clean, 0.0)
-    return sigma.repeat_interleave(cfg.chunk_frames, dim=1)
+    frames = sigma.repeat_interleave(cfg.chunk_frames, dim=1)
+    if cfg.progressive_prob <= 0:
+        return frames
+    # Progressive chunks (`TrainGenConfig.progressive_prob`), frame j of C.
+    rising = (torch.rand(batch, chunks, generator=gen) < cfg.progressive_prob) & ~clean
+    lag = torch.rand(batch, chunks, generator=gen) * cfg.progressive_lag
+    top = cfg.chunk_frames - 1
+    start = torch.rand(batch, chunks, generator=gen) * (1 + top * lag) - top * lag
+    j = torch.arange(cfg.chunk_frames, dtype=torch.float32)
+    ramp = (start[..., None] + lag[..., None] * j).clamp(0.0, 1.0).flatten(1)
+    return torch.where(rising.repeat_interleave(cfg.chunk_frames, dim=1), ramp, frames)
 
 
 def sample_noise(
