@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    from streamrt.gen.schedule import even_timesteps
+
     out: dict[str, Any] = {}
     if args.policy:
         out["policy"] = args.policy
@@ -59,7 +61,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     if args.steps:
         if args.steps < 1:
             raise ValueError("--steps must be >= 1")
-        out["timesteps"] = [round(1000 - i * 1000 / args.steps) for i in range(args.steps)]
+        out["timesteps"] = even_timesteps(args.steps)
     if args.seed is not None:
         out["seed"] = args.seed
     if getattr(args, "noise_drift", None) is not None:

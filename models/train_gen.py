@@ -47,6 +47,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from streamrt.config import CacheConfig, GenConfig
 from streamrt.gen.noise import DriftingNoise
+from streamrt.gen.schedule import even_timesteps
 from streamrt.models.generator_files import tiny_random_parts
 from streamrt.models.train_schedule import (
     RunSchedule,
@@ -452,7 +453,7 @@ def default_gen_config(cfg: TrainGenConfig, **overrides: Any) -> GenConfig:
         policy="sink_window",
         policy_args={"sink_blocks": 0, "window_blocks": cfg.num_frames},
         renoise="predicted",  # not distilled: the deterministic step (module docstring)
-        timesteps=[round(1000 - i * 1000 / 12) for i in range(12)],
+        timesteps=even_timesteps(12),
     )
     return dataclasses.replace(base, **overrides)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from streamrt.gen.schedule import even_timesteps
 from streamrt.metrics import adherence, color_mask
 from streamrt.models.train_gen import TrainGenConfig, small_cache, world_config
 from streamrt.world import make_clip, parse_caption, render_background
@@ -118,18 +119,14 @@ def reference_scores(prompts: tuple[str, ...] = EVAL_PROMPTS, num_frames: int = 
     return _summary(rows)
 
 
-def _steps(n: int) -> list[int]:
-    return [round(1000 - i * 1000 / n) for i in range(n)]
-
-
 SWEEP: tuple[dict[str, Any], ...] = (
     *(
-        {"renoise": "predicted", "timesteps": _steps(n), "shift": s, "noise_drift": d}
+        {"renoise": "predicted", "timesteps": even_timesteps(n), "shift": s, "noise_drift": d}
         for n in (4, 8)
         for s in (1.0, 3.0)
         for d in (0.0, 1.0)
     ),
-    {"renoise": "fresh", "timesteps": _steps(8), "shift": 3.0},
+    {"renoise": "fresh", "timesteps": even_timesteps(8), "shift": 3.0},
 )
 """First stage of `tune_sampler`: the deterministic step at step count x shift, with and
 without drifting noise, and Self-Forcing's fresh re-noise as a control (the model is not

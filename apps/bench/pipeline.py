@@ -24,23 +24,13 @@ PROMPT = "a red circle moving right on a dark background"
 
 
 def _overrides(args: argparse.Namespace, sampler: str) -> dict[str, Any]:
+    """`streamrt generate`'s overrides for --size / --steps, plus the sampler and seed 0."""
     from streamrt.apps.generate import overrides_from
 
-    out: dict[str, Any] = {"sampler": sampler, "seed": 0}
-    if args.size:
-        w, h = (int(v) for v in args.size.lower().split("x"))
-        out.update(width=w, height=h)
-    base = argparse.Namespace(
-        policy=None, policy_args=None, sampler=None, steps=args.steps, seed=None, size=None
+    given = argparse.Namespace(
+        policy=None, policy_args=None, sampler=sampler, steps=args.steps, seed=0, size=args.size
     )
-    out.update(overrides_from(base))
-    if sampler != "chunkwise":  # room for every chunk in flight
-        out["policy_args"] = {
-            "sink_blocks": 3,
-            "window_blocks": 12 + 3 * len(out.get("timesteps", [0] * 4)),
-        }
-        out["policy"] = "sink_window"
-    return out
+    return overrides_from(given)
 
 
 def run_stream(args: argparse.Namespace, sampler: str, threads: int, parallel=None):
@@ -52,14 +42,23 @@ def run_stream(args: argparse.Namespace, sampler: str, threads: int, parallel=No
     gen = load_generator(args.model, None, _overrides(args, sampler))
     if parallel is not None:
         parallelize(gen, parallel)
-    stream = gen.engine.open_stream(PROMPT, gen.engine.config)
+    cfg = gen.engine.config
+    if sampler != "chunkwise":  # room for every chunk in flight plus 4 chunks of context
+        window = (len(cfg.timesteps) + 4) * cfg.chunk_frames
+        policy = {
+            "policy": "sink_window",
+            "policy_args": {"sink_blocks": 3, "window_blocks": window},
+        }
+        stream = gen.engine.open_stream(PROMPT, cfg, **policy)
+    else:
+        stream = gen.engine.open_stream(PROMPT, cfg)
     out = [stream.next_latents() for _ in range(args.warmup)]
     if parallel is not None:
         torch.distributed.barrier()
     t0 = time.perf_counter()
     out += [stream.next_latents() for _ in range(args.chunks)]
     seconds = time.perf_counter() - t0
-    frames = args.chunks * gen.engine.config.chunk_frames
+    frames = args.chunks * cfg.chunk_frames
     stream.close()
     return frames / seconds, torch.cat(out, dim=2)
 

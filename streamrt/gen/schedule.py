@@ -25,6 +25,13 @@ def shifted_sigmas(timesteps: list[int], shift: float) -> list[float]:
     return out
 
 
+def even_timesteps(steps: int) -> list[int]:
+    """`steps` timesteps evenly spaced down from 1000: 4 -> [1000, 750, 500, 250]."""
+    if steps < 1:
+        raise ValueError(f"the step count must be >= 1, got {steps}")
+    return [round(1000 - i * 1000 / steps) for i in range(steps)]
+
+
 def predict_x0(
     x_t: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor | float
 ) -> torch.Tensor:
