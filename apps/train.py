@@ -60,6 +60,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="model directory whose weights start a fresh run where names and shapes match "
         "(e.g. an earlier export); ignored when resuming",
     )
+    vqa.add_argument(
+        "--dense-weight",
+        type=float,
+        help="weight of the dense per-token losses (shape, colour, motion, ...; 0: off)",
+    )
+    vqa.add_argument("--world-fps", type=float, help="frame rate of the world clips")
+    vqa.add_argument(
+        "--vision-minutes",
+        type=float,
+        help="minutes of a first, vision-only stage on the dense targets (needs dense weight)",
+    )
+    vqa.add_argument("--qa-per-kind", type=int, help="questions drawn per kind and clip")
 
 
 def _schedule_arguments(
@@ -92,7 +104,16 @@ def _given(args: argparse.Namespace, **fields) -> dict:
 def vqa_config_from(args: argparse.Namespace):
     from streamrt.models.train_vqa import TrainVQAConfig
 
-    return TrainVQAConfig(**_given(args, init_from=args.init_from))
+    return TrainVQAConfig(
+        **_given(
+            args,
+            init_from=args.init_from,
+            dense_weight=args.dense_weight,
+            world_fps=args.world_fps,
+            vision_minutes=args.vision_minutes,
+            qa_per_kind=args.qa_per_kind,
+        )
+    )
 
 
 def run_vqa(args: argparse.Namespace) -> int:

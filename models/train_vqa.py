@@ -41,6 +41,7 @@ from streamrt.models.train_schedule import (
     run_steps,
     torch_threads,
 )
+from streamrt.models.train_vqa_dense import DenseHeads, DenseTargets, dense_targets
 from streamrt.models.vlm import SmolVLMAdapter
 from streamrt.models.vlm_tiny import tiny_tokenizer, tiny_vlm
 from streamrt.qa.context import PlannedCache
@@ -138,6 +139,22 @@ class TrainVQAConfig(RunSchedule):
     eval_clips: int = 64
     """Held-out clips of the teacher-forced check logged at every checkpoint."""
 
+    dense_weight: float = 0.0
+    """Weight of the dense per-token losses (`streamrt.models.train_vqa_dense`: shape,
+    colour and centre of each cell's object from the connector's tokens; its motion, the
+    frame index and the frame's object count from the text model's hidden states after
+    `dense_layer`) next to the answer loss; 0: answer loss only (the first shipped model).
+    Their linear heads are training-only: the export is the stock model alone."""
+
+    dense_layer: int = 2
+    """Text-model layer whose output the motion/frame/count heads read (1-based)."""
+
+    vision_minutes: float = 0.0
+    """A first stage of this many minutes (of the run's time budget) that trains only the
+    vision tower and connector on the connector-level dense targets (shape, colour, centre:
+    no text model, ~5x more frames a second), before the question/answer training with all
+    the losses; needs `dense_weight > 0`."""
+
     init_from: str | None = None
     """A model directory (`save_pretrained`, e.g. an earlier export) whose weights start a
     fresh run wherever a parameter's name and shape match this config's (the rest keeps its
@@ -148,6 +165,15 @@ class TrainVQAConfig(RunSchedule):
             raise ValueError("steps, batch_size and num_frames must be >= 1")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+        if self.dense_weight < 0:
+            raise ValueError(f"dense_weight must be >= 0, got {self.dense_weight}")
+        if self.dense_weight and not 1 <= self.dense_layer <= self.text["num_hidden_layers"]:
+            raise ValueError(
+                f"dense_layer must lie in 1..{self.text['num_hidden_layers']}, "
+                f"got {self.dense_layer}"
+            )
+        if self.vision_minutes < 0 or (self.vision_minutes and not self.dense_weight):
+            raise ValueError("vision_minutes must be >= 0 and needs dense_weight > 0")
         if self.num_frames > 64:
             raise ValueError("num_frames must be <= 64 (frame numbers are vocabulary words)")
 
@@ -162,6 +188,11 @@ class TrainVQAConfig(RunSchedule):
             device="cpu",
         )
         return dataclasses.replace(base, **overrides)
+
+    @property
+    def token_side(self) -> int:
+        """Side of the connector's token grid: `image_size / (patch_size * scale_factor)`."""
+        return self.image_size // (self.vision.get("patch_size", 8) * self.scale_factor)
 
     def world(self) -> WorldConfig:
         return WorldConfig(
@@ -182,6 +213,8 @@ class Example:
     frames: np.ndarray
     """`[F, H, W, 3]` uint8."""
     qa: list[QA]
+    dense: DenseTargets | None = None
+    """Per-token targets (`cfg.dense_weight > 0` only)."""
 
 
 def clip_example(cfg: TrainVQAConfig, seed: int, caption: bool | None = None) -> Example:
@@ -193,7 +226,8 @@ def clip_example(cfg: TrainVQAConfig, seed: int, caption: bool | None = None) ->
         qa.extend(aux_questions(clip.scene, cfg.num_frames, np.random.default_rng([seed, 7])))
     if cfg.caption_task if caption is None else caption:
         qa.append(QA(CAPTION_QUESTION, clip.caption, "caption", cfg.num_frames - 1))
-    return Example(clip.frames, qa)
+    dense = dense_targets(clip.scene, cfg.num_frames, cfg.token_side) if cfg.dense_weight else None
+    return Example(clip.frames, qa, dense)
 
 
 def aux_questions(scene: Scene, num_frames: int, rng: np.random.Generator) -> list[QA]:
@@ -225,10 +259,10 @@ def aux_questions(scene: Scene, num_frames: int, rng: np.random.Generator) -> li
     return [*sample_qa(shape, 1, rng), *sample_qa(motion, 1, rng)]
 
 
-def sample_batch(cfg: TrainVQAConfig, step: int) -> list[Example]:
+def sample_batch(cfg: TrainVQAConfig, step: int, caption: bool | None = None) -> list[Example]:
     """The clips of training step `step` (seeds >= `TRAIN_SEED_BASE`, never repeated)."""
     first = TRAIN_SEED_BASE + (cfg.seed * 100_000_000) + step * cfg.batch_size
-    return [clip_example(cfg, first + i) for i in range(cfg.batch_size)]
+    return [clip_example(cfg, first + i, caption) for i in range(cfg.batch_size)]
 
 
 # ---------------------------------------------------------------------- model
@@ -263,6 +297,20 @@ def init_matching(model: torch.nn.Module, path: str | Path) -> list[str]:
     return copied
 
 
+@dataclass
+class ClipOutput:
+    """What `clip_forward` computes for a batch of clips."""
+
+    logits: torch.Tensor
+    """`[Q, L, vocab]`, one row per question, rows in batch order."""
+    targets: torch.Tensor
+    """`[Q, L]` answer tokens, -100 where nothing is learnt (question tokens, padding)."""
+    embeds: torch.Tensor | None = None
+    """`[B, F, T, hidden]` connector output at the frames' visual tokens (`dense` only)."""
+    hidden: torch.Tensor | None = None
+    """`[B, F, T, hidden]` text model's output of layer `cfg.dense_layer` there."""
+
+
 def clip_logits(
     adapter: SmolVLMAdapter, tokenizer: Any, cfg: TrainVQAConfig, batch: list[Example]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,6 +319,18 @@ def clip_logits(
     Returns `logits [Q, L, vocab]` and `targets [Q, L]` (-100 where nothing is learnt:
     question tokens and padding), one row per question, rows in batch order.
     """
+    out = clip_forward(adapter, tokenizer, cfg, batch)
+    return out.logits, out.targets
+
+
+def clip_forward(
+    adapter: SmolVLMAdapter,
+    tokenizer: Any,
+    cfg: TrainVQAConfig,
+    batch: list[Example],
+    dense: bool = False,
+) -> ClipOutput:
+    """`clip_logits`, and with `dense` the frames' token states the dense heads read."""
     qa_cfg = cfg.qa_config()
     frames = torch.as_tensor(np.stack([e.frames for e in batch])).float() / 255.0
     b, f = frames.shape[:2]
@@ -287,11 +347,12 @@ def clip_logits(
     # 2. The prefix, causal: what the session's window holds after the last frame.
     lm = adapter.language_model
     cache = DynamicCache(config=adapter.text_config)
-    lm(
+    pre = lm(
         inputs_embeds=prefix,
         position_ids=adapter._position_ids(positions).expand(b, -1),
         cache=cache,
         use_cache=True,
+        output_hidden_states=dense,
     )
     # 3. Every question on the clip's K/V (a PlannedCache, as `ask` lays it out).
     rows, owner = [], []
@@ -322,7 +383,15 @@ def clip_logits(
         cache=planned,
         use_cache=True,
     )
-    return adapter.model.lm_head(out.last_hidden_state).float(), targets
+    logits = adapter.model.lm_head(out.last_hidden_state).float()
+    if not dense:
+        return ClipOutput(logits, targets)
+    # the visual tokens of every frame block (after a wrapper prefix, if the family has one)
+    first = len(adapter.frame_prefix)
+    visual = slice(first, first + adapter.visual_tokens)
+    embeds = feats.reshape(b, f, t, -1)[:, :, visual]
+    hidden = pre.hidden_states[cfg.dense_layer][:, len(sink) :].reshape(b, f, t, -1)
+    return ClipOutput(logits, targets, embeds, hidden[:, :, visual])
 
 
 def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -353,6 +422,12 @@ class TrainState:
     """Training wall time summed over invocations."""
     evals: list[dict[str, Any]] = field(default_factory=list)
     """Held-out checks logged at checkpoints (step, accuracy)."""
+    heads: DenseHeads | None = None
+    """The dense targets' read-outs (`cfg.dense_weight > 0`); trained, never exported."""
+    dense_losses: list[dict[str, float]] = field(default_factory=list)
+    """Per-target dense losses of each step."""
+    vision_steps: int = 0
+    """Steps of the vision-only first stage (`losses` holds their dense loss)."""
 
     @property
     def model(self) -> torch.nn.Module:
@@ -361,8 +436,13 @@ class TrainState:
 
 def new_state(cfg: TrainVQAConfig) -> TrainState:
     adapter, tok = new_model(cfg)
+    heads = (
+        DenseHeads(adapter.text_config.hidden_size, cfg.num_frames) if cfg.dense_weight else None
+    )
     decay, no_decay = [], []
-    for name, p in adapter.model.named_parameters():
+    named = [*adapter.model.named_parameters()]
+    named += [*heads.named_parameters(prefix="heads")] if heads is not None else []
+    for name, p in named:
         (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}],
@@ -371,7 +451,7 @@ def new_state(cfg: TrainVQAConfig) -> TrainState:
         weight_decay=0.0,
     )
     ema = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
-    return TrainState(cfg, adapter, tok, ema, optimizer)
+    return TrainState(cfg, adapter, tok, ema, optimizer, heads=heads)
 
 
 def save_checkpoint(state: TrainState, path: Path) -> None:
@@ -386,6 +466,9 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
         "model": state.model.state_dict(),
         "ema": state.ema,
         "optimizer": state.optimizer.state_dict(),
+        "heads": state.heads.state_dict() if state.heads is not None else None,
+        "dense_losses": state.dense_losses,
+        "vision_steps": state.vision_steps,
     }
     tmp = path.with_suffix(".tmp")
     torch.save(blob, tmp)
@@ -404,7 +487,16 @@ def load_checkpoint(path: Path, cfg: TrainVQAConfig | None = None) -> TrainState
     state.ema = blob["ema"]
     state.step, state.losses, state.seconds = blob["step"], blob["losses"], blob["seconds"]
     state.evals = blob.get("evals", [])
+    if state.heads is not None and blob.get("heads") is not None:
+        state.heads.load_state_dict(blob["heads"])
+    state.dense_losses = blob.get("dense_losses", [])
+    state.vision_steps = blob.get("vision_steps", 0)
     return state
+
+
+def in_vision_stage(state: TrainState) -> bool:
+    """Whether the run is still in its vision-only first stage (`cfg.vision_minutes`)."""
+    return state.seconds < 60.0 * state.cfg.vision_minutes
 
 
 def train_step(state: TrainState) -> float:
@@ -413,13 +505,33 @@ def train_step(state: TrainState) -> float:
     for group in state.optimizer.param_groups:
         group["lr"] = lr_at(cfg, state.step, state.seconds)
     state.model.train()
-    logits, targets = clip_logits(
-        state.adapter, state.tokenizer, cfg, sample_batch(cfg, state.step)
-    )
-    loss = answer_loss(logits, targets)
+    batch = sample_batch(cfg, state.step, caption=not in_vision_stage(state))
+    if in_vision_stage(state):
+        # stage 1: tower + connector on the connector-level targets alone
+        pixels = state.adapter.pixels(
+            torch.as_tensor(np.stack([e.frames for e in batch])).float().flatten(0, 1) / 255.0
+        )
+        embeds = state.adapter.frame_features(pixels)
+        embeds = embeds.reshape(len(batch), cfg.num_frames, *embeds.shape[1:])
+        dense = state.heads.vision_losses(embeds, [e.dense for e in batch])
+        loss = total = cfg.dense_weight * sum(dense.values())
+        state.vision_steps = state.step + 1
+    else:
+        out = clip_forward(
+            state.adapter, state.tokenizer, cfg, batch, dense=state.heads is not None
+        )
+        loss = answer_loss(out.logits, out.targets)
+        total = loss
+        if state.heads is not None:
+            dense = state.heads.losses(out.embeds, out.hidden, [e.dense for e in batch])
+            total = loss + cfg.dense_weight * sum(dense.values())
+    if state.heads is not None:
+        state.dense_losses.append({k: round(v.item(), 4) for k, v in dense.items()})
     state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+    total.backward()
+    params = [*state.model.parameters()]
+    params += [*state.heads.parameters()] if state.heads is not None else []
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     state.optimizer.step()
     state.model.eval()
     state.step += 1
@@ -453,7 +565,7 @@ def _train(cfg: TrainVQAConfig, work_dir, output, resume: bool, log: Callable) -
     state, ckpt = resume_or_new(cfg, work_dir, resume, load_checkpoint, new_state, log)
 
     def at_checkpoint(state: TrainState) -> None:
-        if cfg.eval_clips:
+        if cfg.eval_clips and not in_vision_stage(state):
             with averaged(state):
                 acc = teacher_forced_accuracy(state.adapter, state.tokenizer, cfg)
             state.evals.append({"step": state.step, **acc})
@@ -496,6 +608,8 @@ def checkpoint(
 
     try:
         export_model(state, output)
-        plot_training(state.losses, state.evals, Path(output) / "loss.png")
+        plot_training(
+            state.losses, state.evals, Path(output) / "loss.png", start=state.vision_steps
+        )
     except Exception as exc:  # the run must outlive a broken export
         log(f"export to {output} failed at step {state.step}: {type(exc).__name__}: {exc}")

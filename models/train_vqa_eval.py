@@ -11,6 +11,7 @@ Held-out clips are world seeds below `train_vqa.TRAIN_SEED_BASE`, which training
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from collections.abc import Callable
@@ -33,10 +34,14 @@ from streamrt.models.vlm import MANIFEST
 
 EVAL_SEED = 0
 """First held-out world seed of the evaluation clips."""
+EVAL_QA_PER_KIND = 1
+"""Questions per kind and held-out clip (answer-balanced), the same for every model."""
 
 
 def held_out(cfg: TrainVQAConfig, clips: int, first_seed: int = EVAL_SEED) -> list[Example]:
-    """`clips` held-out clips (world seeds `first_seed`, `first_seed + 1`, ...)."""
+    """`clips` held-out clips (world seeds `first_seed`, `first_seed + 1`, ...), each with
+    `EVAL_QA_PER_KIND` questions per kind whatever the training drew."""
+    cfg = dataclasses.replace(cfg, qa_per_kind=EVAL_QA_PER_KIND, dense_weight=0.0, vision_minutes=0)
     return [clip_example(cfg, first_seed + i) for i in range(clips)]
 
 
@@ -139,9 +144,14 @@ def manifest_qa(cfg: TrainVQAConfig) -> dict[str, Any]:
 
 
 def plot_training(
-    losses: list[float], evals: list[dict[str, Any]], path: str | Path, size=(8, 4.5)
+    losses: list[float],
+    evals: list[dict[str, Any]],
+    path: str | Path,
+    size=(8, 4.5),
+    start: int = 0,
 ) -> None:
-    """Answer loss per step (grey, running mean blue, log axis) and the held-out
+    """Answer loss per step from step `start` on (grey, running mean blue, log axis; the
+    steps before are a vision-only stage, marked by a dashed line) and the held-out
     teacher-forced accuracy at each checkpoint (orange, right axis)."""
     import matplotlib
 
@@ -149,14 +159,18 @@ def plot_training(
     import matplotlib.pyplot as plt
     import numpy as np
 
-    if not losses:
+    if len(losses) <= start:
         return
-    y = np.asarray(losses, dtype=np.float64)
+    y = np.asarray(losses[start:], dtype=np.float64)
     k = max(1, len(y) // 40)
     smooth = np.convolve(y, np.ones(k) / k, mode="valid")
     fig, ax = plt.subplots(figsize=size, dpi=100)
-    ax.plot(np.arange(1, len(y) + 1), y, color="0.8", lw=0.7)
-    ax.plot(np.arange(k, len(y) + 1), smooth, color="tab:blue", lw=1.5)
+    ax.plot(np.arange(start + 1, start + len(y) + 1), y, color="0.8", lw=0.7)
+    ax.plot(np.arange(start + k, start + len(y) + 1), smooth, color="tab:blue", lw=1.5)
+    if start:
+        ax.axvline(start, color="0.4", ls="--", lw=1)
+        ax.text(start, 1.0, " vision stage ends", transform=ax.get_xaxis_transform(), va="top")
+    ax.set_xlim(0, start + len(y) + 1)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("answer cross-entropy (per question)", color="tab:blue")
