@@ -52,8 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sample-fps",
         type=float,
-        help="frames fed per second of video (default: the model's rate, `qa.fps`; 8 for "
-        "the embedded model, which was trained on 8-frame world clips at 8 fps)",
+        help="frames fed per second of video (default: the model's rate, `qa.fps`; 2 for "
+        "the embedded model, which was trained on 8-frame world clips at 2 fps)",
     )
     p.add_argument("--realtime", action="store_true", help="interactive: play at the video's pace")
     p.add_argument("--max-new-tokens", type=int, help="answer length in tokens")

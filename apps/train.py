@@ -2,7 +2,7 @@
 
 streamrt train gen --minutes 45              # train (resumes build/train-gen/), export
 streamrt train gen --tune-only               # pick the sampler settings of the manifest
-streamrt train vqa --minutes 55              # the tiny Video-LLM (resumes build/train-vqa/)
+streamrt train vqa --init-from DIR          # the tiny Video-LLM (resumes build/train-vqa/)
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="assets/tiny-vqa",
         help="model directory to write (default assets/tiny-vqa)",
     )
-    _schedule_arguments(vqa, "build/train-vqa", steps=6000, batch=16, lr="1e-3", threads=1)
+    _schedule_arguments(vqa, "build/train-vqa", steps=100_000, batch=16, lr="1e-3", threads=1)
     vqa.add_argument(
         "--eval-clips",
         type=int,

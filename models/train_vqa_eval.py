@@ -159,18 +159,22 @@ def plot_training(
     import matplotlib.pyplot as plt
     import numpy as np
 
-    if len(losses) <= start:
+    if not losses:
         return
-    y = np.asarray(losses[start:], dtype=np.float64)
+    start = min(start, len(losses))
+    fig, ax = plt.subplots(figsize=size, dpi=100)
+    if start:
+        ax.plot(np.arange(1, start + 1), losses[:start], color="tab:green", lw=0.7)
+        ax.axvline(start, color="0.4", ls="--", lw=1)
+        ax.text(
+            0, 1.0, " vision stage (its dense loss)", transform=ax.get_xaxis_transform(), va="top"
+        )
+    y = np.asarray(losses[start:] or losses, dtype=np.float64)
     k = max(1, len(y) // 40)
     smooth = np.convolve(y, np.ones(k) / k, mode="valid")
-    fig, ax = plt.subplots(figsize=size, dpi=100)
-    ax.plot(np.arange(start + 1, start + len(y) + 1), y, color="0.8", lw=0.7)
-    ax.plot(np.arange(start + k, start + len(y) + 1), smooth, color="tab:blue", lw=1.5)
-    if start:
-        ax.axvline(start, color="0.4", ls="--", lw=1)
-        ax.text(start, 1.0, " vision stage ends", transform=ax.get_xaxis_transform(), va="top")
-    ax.set_xlim(0, start + len(y) + 1)
+    if start < len(losses):
+        ax.plot(np.arange(start + 1, start + len(y) + 1), y, color="0.8", lw=0.7)
+        ax.plot(np.arange(start + k, start + len(y) + 1), smooth, color="tab:blue", lw=1.5)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("answer cross-entropy (per question)", color="tab:blue")

@@ -23,17 +23,16 @@ from streamrt.models.train_vqa import (
     train,
 )
 from streamrt.models.train_vqa_eval import _summary, manifest_qa, videoqa_accuracy
-from streamrt.models.vlm import ModelFileError, resolve_model_dir
+from streamrt.models.vlm import ModelFileError, model_qa_settings, resolve_model_dir
 from streamrt.qa import VideoQA
 
 ASSET = Path(__file__).resolve().parents[2] / "assets" / "tiny-vqa"
-SHIPPED_BAR = 0.60
+SHIPPED_BAR = 0.85
 """Accuracy the shipped model must keep on `EVAL_CLIPS` held-out clips through `VideoQA`:
-the measured bar, not the issue's 90 % (0.62 on these 85 questions, 0.616 on 1530 of 200
-clips; per kind in assets/tiny-vqa/TRAINING.md: colours and counts are learnt, shapes and
-directions are not)."""
-LEARNT_KINDS = ("color_frame", "first_color")
-"""Kinds the shipped model answers >= 90 % of the time (99 % and 100 % on 200 clips)."""
+the measured bar with a margin, not the issue's 90 % (0.887 on these 97 questions, 0.877
+on 1596 of 200 clips; per kind in assets/tiny-vqa/TRAINING.md)."""
+LEARNT_KINDS = ("color_frame", "first_color", "count_frame", "count_clip", "first_shape")
+"""Kinds the shipped model answers >= 97 % of the time on 200 clips (all of them here)."""
 EVAL_CLIPS = 12
 
 
@@ -53,6 +52,10 @@ def tiny_cfg(**overrides) -> TrainVQAConfig:
         "log_every": 1000,
         "checkpoint_every": 1000,
         "eval_clips": 0,
+        # the answer-loss path alone; tests/unit/test_train_vqa_dense.py covers the dense one
+        "dense_weight": 0.0,
+        "vision_minutes": 0.0,
+        "max_minutes": None,
     }
     return TrainVQAConfig(**{**base, **overrides})
 
@@ -114,7 +117,8 @@ def test_train_vqa_cli_writes_a_loadable_model(tmp_path):
 
 @pytest.mark.skipif(not (ASSET / "config.json").is_file(), reason="assets/tiny-vqa not built")
 def test_shipped_model_answers_held_out_clips_through_videoqa():
-    result = videoqa_accuracy(ASSET, TrainVQAConfig(), clips=EVAL_CLIPS, first_seed=500)
+    world = TrainVQAConfig(world_fps=model_qa_settings(ASSET)["fps"])  # clips at its rate
+    result = videoqa_accuracy(ASSET, world, clips=EVAL_CLIPS, first_seed=500)
     assert result["questions"] >= 80
     assert result["all"] >= SHIPPED_BAR, result
     for kind in LEARNT_KINDS:

@@ -164,4 +164,4 @@ def test_dense_settings_are_checked():
     with pytest.raises(ValueError, match="dense_layer"):
         TrainVQAConfig(dense_weight=1.0, dense_layer=5)
     with pytest.raises(ValueError, match="vision_minutes"):
-        TrainVQAConfig(vision_minutes=5.0)
+        TrainVQAConfig(dense_weight=0.0, vision_minutes=5.0)
