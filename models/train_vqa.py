@@ -46,9 +46,8 @@ from streamrt.models.vlm import SmolVLMAdapter
 from streamrt.models.vlm_tiny import tiny_tokenizer, tiny_vlm
 from streamrt.qa.context import PlannedCache
 from streamrt.qa.video_qa import lay_out, question_ids, text_ids
-from streamrt.world import QA, Scene, WorldConfig, make_clip
-from streamrt.world.qa import Timeline
-from streamrt.world.qa import _sample as sample_qa
+from streamrt.world import QA, WorldConfig, make_clip
+from streamrt.world.qa import aux_questions
 
 CAPTION_QUESTION = "what is in the video?"
 """The caption task's question (its answer is the clip's caption, kind "caption")."""
@@ -233,35 +232,6 @@ def clip_example(cfg: TrainVQAConfig, seed: int, caption: bool | None = None) ->
     return Example(clip.frames, qa, dense)
 
 
-def aux_questions(scene: Scene, num_frames: int, rng: np.random.Generator) -> list[QA]:
-    """One answer-balanced question of each auxiliary kind the clip settles:
-
-    - `shape_frame`, "what shape was at frame t?": frame t is clean and shows one object;
-    - `motion_frame`, "which direction was the shape moving at frame t?": frames t-2..t
-      each show only the same moving object, clear, in one direction (the rule of the
-      world's `direction_frame`, without naming the object).
-    """
-    tl = Timeline(scene, num_frames)
-    shape, motion = [], []
-    for t in tl.askable_frames():
-        alone = [s for s in tl.states[t] if s.visible]
-        if not (tl.clean[t] and len(alone) == 1):
-            continue
-        obj = alone[0]
-        shape.append(QA(f"what shape was at frame {t}?", obj.shape, "shape_frame", t))
-        window = [tl.states[u] for u in (t - 2, t - 1, t)] if t >= 2 else []
-        if (
-            window
-            and scene.objects[obj.index].speed > 0
-            and all(tl.clean[u] for u in (t - 2, t - 1))
-            and all([s.index for s in w if s.visible] == [obj.index] for w in window)
-            and len({w[obj.index].direction for w in window}) == 1
-        ):
-            question = f"which direction was the shape moving at frame {t}?"
-            motion.append(QA(question, obj.direction, "motion_frame", t))
-    return [*sample_qa(shape, 1, rng), *sample_qa(motion, 1, rng)]
-
-
 def sample_batch(cfg: TrainVQAConfig, step: int, caption: bool | None = None) -> list[Example]:
     """The clips of training step `step` (seeds >= `TRAIN_SEED_BASE`, never repeated)."""
     first = TRAIN_SEED_BASE + (cfg.seed * 100_000_000) + step * cfg.batch_size
@@ -335,11 +305,9 @@ def clip_forward(
 ) -> ClipOutput:
     """`clip_logits`, and with `dense` the frames' token states the dense heads read."""
     qa_cfg = cfg.qa_config()
-    frames = torch.as_tensor(np.stack([e.frames for e in batch])).float() / 255.0
-    b, f = frames.shape[:2]
     # 1. Frames through the vision tower, as `feed` does (one batch, no gradient cut).
-    feats = adapter.frame_features(adapter.pixels(frames.flatten(0, 1)))
-    t = feats.shape[1]
+    feats = frame_blocks(adapter, batch)
+    b, f, t = feats.shape[:3]
     sink = text_ids(tokenizer, cfg.system_prompt) if cfg.system_prompt else []
     blocks = ([("text", len(sink))] if sink else []) + [("frame", t)] * f
     positions, end = lay_out(adapter, blocks)
@@ -389,12 +357,23 @@ def clip_forward(
     logits = adapter.model.lm_head(out.last_hidden_state).float()
     if not dense:
         return ClipOutput(logits, targets)
-    # the visual tokens of every frame block (after a wrapper prefix, if the family has one)
-    first = len(adapter.frame_prefix)
-    visual = slice(first, first + adapter.visual_tokens)
-    embeds = feats.reshape(b, f, t, -1)[:, :, visual]
     hidden = pre.hidden_states[cfg.dense_layer][:, len(sink) :].reshape(b, f, t, -1)
-    return ClipOutput(logits, targets, embeds, hidden[:, :, visual])
+    return ClipOutput(logits, targets, visual_part(adapter, feats), visual_part(adapter, hidden))
+
+
+def frame_blocks(adapter: SmolVLMAdapter, batch: list[Example]) -> torch.Tensor:
+    """Every clip's frame blocks through the vision tower and connector (with the family's
+    wrapper tokens, as `feed` encodes them): `[B, F, tokens_per_frame, hidden]`."""
+    frames = torch.as_tensor(np.stack([e.frames for e in batch])).float() / 255.0
+    feats = adapter.frame_features(adapter.pixels(frames.flatten(0, 1)))
+    return feats.reshape(*frames.shape[:2], *feats.shape[1:])
+
+
+def visual_part(adapter: SmolVLMAdapter, blocks: torch.Tensor) -> torch.Tensor:
+    """The visual tokens of frame blocks `[B, F, tokens_per_frame, ...]` (after a wrapper
+    prefix, if the family has one): the tokens the dense targets' cells describe."""
+    first = len(adapter.frame_prefix)
+    return blocks[:, :, first : first + adapter.visual_tokens]
 
 
 def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -508,14 +487,11 @@ def train_step(state: TrainState) -> float:
     for group in state.optimizer.param_groups:
         group["lr"] = lr_at(cfg, state.step, state.seconds)
     state.model.train()
-    batch = sample_batch(cfg, state.step, caption=not in_vision_stage(state))
-    if in_vision_stage(state):
+    vision_only = in_vision_stage(state)
+    batch = sample_batch(cfg, state.step, caption=not vision_only)
+    if vision_only:
         # stage 1: tower + connector on the connector-level targets alone
-        pixels = state.adapter.pixels(
-            torch.as_tensor(np.stack([e.frames for e in batch])).float().flatten(0, 1) / 255.0
-        )
-        embeds = state.adapter.frame_features(pixels)
-        embeds = embeds.reshape(len(batch), cfg.num_frames, *embeds.shape[1:])
+        embeds = visual_part(state.adapter, frame_blocks(state.adapter, batch))
         dense = state.heads.vision_losses(embeds, [e.dense for e in batch])
         loss = total = cfg.dense_weight * sum(dense.values())
         state.vision_steps = state.step + 1

@@ -268,6 +268,36 @@ def _sample(candidates: list[QA], k: int, rng: np.random.Generator) -> list[QA]:
     return picked
 
 
+def aux_questions(scene: Scene, num_frames: int, rng: np.random.Generator) -> list[QA]:
+    """One answer-balanced question of each training-only auxiliary kind (not in
+    `QA_KINDS`; `TrainVQAConfig.aux_tasks` asks them in training) the clip settles:
+
+    - `shape_frame`, "what shape was at frame t?": frame t is clean and shows one object;
+    - `motion_frame`, "which direction was the shape moving at frame t?": frames t-2..t
+      each show only the same moving object, clear, in one direction (the rule of the
+      world's `direction_frame`, without naming the object).
+    """
+    tl = Timeline(scene, num_frames)
+    shape, motion = [], []
+    for t in tl.askable_frames():
+        alone = [s for s in tl.states[t] if s.visible]
+        if not (tl.clean[t] and len(alone) == 1):
+            continue
+        obj = alone[0]
+        shape.append(QA(f"what shape was at frame {t}?", obj.shape, "shape_frame", t))
+        window = [tl.states[u] for u in (t - 2, t - 1, t)] if t >= 2 else []
+        if (
+            window
+            and scene.objects[obj.index].speed > 0
+            and all(tl.clean[u] for u in (t - 2, t - 1))
+            and all([s.index for s in w if s.visible] == [obj.index] for w in window)
+            and len({w[obj.index].direction for w in window}) == 1
+        ):
+            question = f"which direction was the shape moving at frame {t}?"
+            motion.append(QA(question, obj.direction, "motion_frame", t))
+    return [*_sample(shape, 1, rng), *_sample(motion, 1, rng)]
+
+
 def make_qa(
     scene: Scene,
     num_frames: int,

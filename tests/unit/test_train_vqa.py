@@ -14,7 +14,6 @@ from streamrt.apps.train import main as train_main
 from streamrt.models.train_vqa import (
     AUX_KINDS,
     TrainVQAConfig,
-    aux_questions,
     clip_example,
     clip_logits,
     init_matching,
@@ -25,6 +24,7 @@ from streamrt.models.train_vqa import (
 from streamrt.models.train_vqa_eval import _summary, manifest_qa, videoqa_accuracy
 from streamrt.models.vlm import ModelFileError, model_qa_settings, resolve_model_dir
 from streamrt.qa import VideoQA
+from streamrt.world.qa import aux_questions
 
 ASSET = Path(__file__).resolve().parents[2] / "assets" / "tiny-vqa"
 SHIPPED_BAR = 0.85
