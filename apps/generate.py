@@ -122,6 +122,17 @@ def load_generator(
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.parallel:
+        return _run(args)
+    from streamrt.parallel.launch import leave_group
+
+    try:
+        return _run(args)
+    finally:  # rank 0 may still be writing when the others are done
+        leave_group()
+
+
+def _run(args: argparse.Namespace) -> int:
     from streamrt.io.sinks import open_sink
     from streamrt.models.text import PromptError
 

@@ -37,6 +37,15 @@ def init_from_env(device: str | None = None) -> RowParallel:
     return RowParallel()
 
 
+def leave_group() -> None:
+    """Wait for every rank, then tear the group down (a no-op outside one). A rank that
+    simply exits while its peer still works leaves gloo's threads running, and the C++
+    runtime aborts it ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def parallelize(generator: Any, parallel: RowParallel) -> Any:
     """Split the rows of every forward of `generator` (a `StreamGenerator`) over the group."""
     generator.engine.parallel = parallel
