@@ -72,6 +72,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="minutes of a first, vision-only stage on the dense targets (needs dense weight)",
     )
     vqa.add_argument("--qa-per-kind", type=int, help="questions drawn per kind and clip")
+    vqa.add_argument(
+        "--vision-extra",
+        type=int,
+        help="vision-only steps after each question/answer step (needs dense weight)",
+    )
 
 
 def _schedule_arguments(
@@ -112,6 +117,7 @@ def vqa_config_from(args: argparse.Namespace):
             world_fps=args.world_fps,
             vision_minutes=args.vision_minutes,
             qa_per_kind=args.qa_per_kind,
+            vision_extra=args.vision_extra,
         )
     )
 

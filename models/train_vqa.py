@@ -157,6 +157,11 @@ class TrainVQAConfig(RunSchedule):
     no text model, ~5x more frames a second), before the question/answer training with all
     the losses; needs `dense_weight > 0`."""
 
+    vision_extra: int = 0
+    """Extra vision-only steps (tower + connector on the connector-level dense targets, as
+    in the first stage, on clips of their own) after each question/answer step: the tower
+    keeps getting ~5x cheaper shape signal while the text model stays aligned with it."""
+
     init_from: str | None = None
     """A model directory (`save_pretrained`, e.g. an earlier export) whose weights start a
     fresh run wherever a parameter's name and shape match this config's (the rest keeps its
@@ -176,6 +181,8 @@ class TrainVQAConfig(RunSchedule):
             )
         if self.vision_minutes < 0 or (self.vision_minutes and not self.dense_weight):
             raise ValueError("vision_minutes must be >= 0 and needs dense_weight > 0")
+        if self.vision_extra < 0 or (self.vision_extra and not self.dense_weight):
+            raise ValueError("vision_extra must be >= 0 and needs dense_weight > 0")
         if self.num_frames > 64:
             raise ValueError("num_frames must be <= 64 (frame numbers are vocabulary words)")
 
@@ -236,6 +243,18 @@ def sample_batch(cfg: TrainVQAConfig, step: int, caption: bool | None = None) ->
     """The clips of training step `step` (seeds >= `TRAIN_SEED_BASE`, never repeated)."""
     first = TRAIN_SEED_BASE + (cfg.seed * 100_000_000) + step * cfg.batch_size
     return [clip_example(cfg, first + i, caption) for i in range(cfg.batch_size)]
+
+
+EXTRA_SEED_OFFSET = 50_000_000
+"""Where the clips of the extra vision steps (`vision_extra`) start, past `sample_batch`'s."""
+
+
+def extra_vision_batch(cfg: TrainVQAConfig, step: int, j: int) -> list[Example]:
+    """The clips of extra vision step `j` after training step `step` (never repeated, never
+    one of `sample_batch`'s)."""
+    first = TRAIN_SEED_BASE + cfg.seed * 100_000_000 + EXTRA_SEED_OFFSET
+    first += (step * cfg.vision_extra + j) * cfg.batch_size
+    return [clip_example(cfg, first + i, caption=False) for i in range(cfg.batch_size)]
 
 
 # ---------------------------------------------------------------------- model
@@ -482,7 +501,8 @@ def in_vision_stage(state: TrainState) -> bool:
 
 
 def train_step(state: TrainState) -> float:
-    """One optimizer step on the clips of `state.step`; returns the loss."""
+    """One optimizer step on the clips of `state.step` (and `cfg.vision_extra` vision-only
+    steps after it, outside the first stage); returns the step's loss."""
     cfg = state.cfg
     for group in state.optimizer.param_groups:
         group["lr"] = lr_at(cfg, state.step, state.seconds)
@@ -491,8 +511,7 @@ def train_step(state: TrainState) -> float:
     batch = sample_batch(cfg, state.step, caption=not vision_only)
     if vision_only:
         # stage 1: tower + connector on the connector-level targets alone
-        embeds = visual_part(state.adapter, frame_blocks(state.adapter, batch))
-        dense = state.heads.vision_losses(embeds, [e.dense for e in batch])
+        dense = vision_losses(state, batch)
         loss = total = cfg.dense_weight * sum(dense.values())
         state.vision_steps = state.step + 1
     else:
@@ -504,14 +523,18 @@ def train_step(state: TrainState) -> float:
         if state.heads is not None:
             dense = state.heads.losses(out.embeds, out.hidden, [e.dense for e in batch])
             total = loss + cfg.dense_weight * sum(dense.values())
+    optimizer_step(state, total)
+    logged = {}
     if state.heads is not None:
-        state.dense_losses.append({k: round(v.item(), 4) for k, v in dense.items()})
-    state.optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    params = [*state.model.parameters()]
-    params += [*state.heads.parameters()] if state.heads is not None else []
-    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    state.optimizer.step()
+        logged = {k: round(v.item(), 4) for k, v in dense.items()}
+    if not vision_only and cfg.vision_extra:
+        extra = []
+        for j in range(cfg.vision_extra):
+            losses = vision_losses(state, extra_vision_batch(cfg, state.step, j))
+            extra.append(optimizer_step(state, cfg.dense_weight * sum(losses.values())))
+        logged["vision_extra"] = round(sum(extra) / len(extra), 4)
+    if state.heads is not None:
+        state.dense_losses.append(logged)
     state.model.eval()
     state.step += 1
     decay = min(cfg.ema_decay, (1 + state.step) / (10 + state.step))
@@ -520,6 +543,25 @@ def train_step(state: TrainState) -> float:
             state.ema[name].lerp_(p.detach(), 1 - decay)
     state.losses.append(loss.item())
     return state.losses[-1]
+
+
+def vision_losses(state: TrainState, batch: list[Example]) -> dict[str, torch.Tensor]:
+    """The connector-level dense losses (shape, colour, centre) of `batch`: tower and
+    connector only, no text model."""
+    embeds = visual_part(state.adapter, frame_blocks(state.adapter, batch))
+    return state.heads.vision_losses(embeds, [e.dense for e in batch])
+
+
+def optimizer_step(state: TrainState, total: torch.Tensor) -> float:
+    """Backward `total`, clip the gradient norm, step AdamW (parameters without a gradient,
+    e.g. the text model in a vision step, stay put); returns `total`."""
+    state.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    params = [*state.model.parameters()]
+    params += [*state.heads.parameters()] if state.heads is not None else []
+    torch.nn.utils.clip_grad_norm_(params, state.cfg.grad_clip)
+    state.optimizer.step()
+    return total.item()
 
 
 def train(

@@ -16,8 +16,10 @@ from transformers.models.smolvlm.modeling_smolvlm import SmolVLMConnector
 from streamrt.models.train_vqa import (
     TrainVQAConfig,
     clip_example,
+    extra_vision_batch,
     in_vision_stage,
     new_state,
+    sample_batch,
     train,
     train_step,
 )
@@ -158,6 +160,31 @@ def test_the_vision_stage_trains_the_tower_and_connector_only():
     assert "motion" in state.dense_losses[1] and state.vision_steps == 1
 
 
+def test_extra_vision_steps_move_only_the_tower_and_connector_after_a_joint_step():
+    plain, extra = new_state(tiny_cfg(dense_weight=1.0)), new_state(tiny_cfg(dense_weight=1.0))
+    extra.cfg = dataclasses.replace(extra.cfg, vision_extra=2)
+    train_step(plain)
+    train_step(extra)
+    assert extra.losses == plain.losses  # the question/answer step is the same
+    assert "vision_extra" in extra.dense_losses[0] and "vision_extra" not in plain.dense_losses[0]
+    after = dict(plain.model.named_parameters())
+    moved = {n for n, p in extra.model.named_parameters() if not torch.equal(p, after[n])}
+    assert moved and all(n.startswith(("model.vision_model.", "model.connector.")) for n in moved)
+    clips = [*sample_batch(extra.cfg, 0), *sample_batch(extra.cfg, 1)]
+    clips += [e for j in range(2) for e in extra_vision_batch(extra.cfg, 0, j)]
+    assert len({e.frames.tobytes() for e in clips}) == len(clips)  # clips of their own
+
+
+def test_a_run_with_extra_vision_steps_checks_held_out_clips_and_resumes_exactly(tmp_path):
+    cfg = tiny_cfg(dense_weight=1.0, vision_extra=1, steps=3, checkpoint_every=1, eval_clips=2)
+    whole = train(cfg, work_dir=None, log=lambda _: None)
+    train(dataclasses.replace(cfg, max_minutes=1e-6), work_dir=tmp_path, log=lambda _: None)
+    resumed = train(cfg, work_dir=tmp_path, log=lambda _: None)
+    assert [e["step"] for e in resumed.evals] == [1, 2, 3]  # the held-out check ran
+    assert resumed.losses == pytest.approx(whole.losses, rel=1e-5)
+    assert resumed.dense_losses == whole.dense_losses
+
+
 def test_dense_settings_are_checked():
     with pytest.raises(ValueError, match="dense_weight"):
         TrainVQAConfig(dense_weight=-1.0)
@@ -165,3 +192,5 @@ def test_dense_settings_are_checked():
         TrainVQAConfig(dense_weight=1.0, dense_layer=5)
     with pytest.raises(ValueError, match="vision_minutes"):
         TrainVQAConfig(dense_weight=0.0, vision_minutes=5.0)
+    with pytest.raises(ValueError, match="vision_extra"):
+        TrainVQAConfig(dense_weight=0.0, vision_minutes=0.0, vision_extra=2)
