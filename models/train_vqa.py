@@ -60,9 +60,10 @@ TRAIN_SEED_BASE = 1_000_000
 
 @dataclass
 class TrainVQAConfig(RunSchedule):
-    """One training run of the tiny Video-LLM (defaults: the shipped model's recipe, which
-    also started from the first model's weights, see `init_from` and
-    assets/tiny-vqa/TRAINING.md; the schedule fields are `RunSchedule`'s)."""
+    """One training run of the tiny Video-LLM (defaults: the first stage of the shipped
+    model's recipe, which started from the first model's weights, see `init_from`, and was
+    then resumed with `max_minutes=220`, see assets/tiny-vqa/TRAINING.md; the schedule
+    fields are `RunSchedule`'s)."""
 
     steps: int = 100_000
     max_minutes: float | None = 110.0  # the time budget ends the run, not the step count

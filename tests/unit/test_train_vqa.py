@@ -27,11 +27,14 @@ from streamrt.qa import VideoQA
 from streamrt.world.qa import aux_questions
 
 ASSET = Path(__file__).resolve().parents[2] / "assets" / "tiny-vqa"
-SHIPPED_BAR = 0.85
+SHIPPED_BAR = 0.92
 """Accuracy the shipped model must keep on `EVAL_CLIPS` held-out clips through `VideoQA`:
-the measured bar with a margin, not the issue's 90 % (0.887 on these 97 questions, 0.877
-on 1596 of 200 clips; per kind in assets/tiny-vqa/TRAINING.md)."""
-LEARNT_KINDS = ("color_frame", "first_color", "count_frame", "count_clip", "first_shape")
+above the issue's 90 % with the measured numbers' margin (0.990 on these 97 questions,
+0.958 on 1596 of 200 clips; per kind in assets/tiny-vqa/TRAINING.md)."""
+LEARNT_KINDS = (
+    *("color_frame", "first_color", "count_frame", "count_clip", "first_shape"),
+    *("color_of_shape", "position_color"),
+)
 """Kinds the shipped model answers >= 97 % of the time on 200 clips (all of them here)."""
 EVAL_CLIPS = 12
 
