@@ -180,10 +180,10 @@ class TrainVQAConfig(RunSchedule):
                 f"dense_layer must lie in 1..{self.text['num_hidden_layers']}, "
                 f"got {self.dense_layer}"
             )
-        if self.vision_minutes < 0 or (self.vision_minutes and not self.dense_weight):
-            raise ValueError("vision_minutes must be >= 0 and needs dense_weight > 0")
-        if self.vision_extra < 0 or (self.vision_extra and not self.dense_weight):
-            raise ValueError("vision_extra must be >= 0 and needs dense_weight > 0")
+        for name in ("vision_minutes", "vision_extra"):  # both train on the dense targets
+            value = getattr(self, name)
+            if value < 0 or (value and not self.dense_weight):
+                raise ValueError(f"{name} must be >= 0 and needs dense_weight > 0")
         if self.num_frames > 64:
             raise ValueError("num_frames must be <= 64 (frame numbers are vocabulary words)")
 
@@ -227,23 +227,26 @@ class Example:
     """Per-token targets (`cfg.dense_weight > 0` only)."""
 
 
-def clip_example(cfg: TrainVQAConfig, seed: int, caption: bool | None = None) -> Example:
-    """The clip of world seed `seed` with its questions (every kind the clip settles), and
-    the caption question if `caption` (default `cfg.caption_task`)."""
+def clip_example(
+    cfg: TrainVQAConfig, seed: int, caption: bool | None = None, dense: bool | None = None
+) -> Example:
+    """The clip of world seed `seed` with its questions (every kind the clip settles), the
+    caption question if `caption` (default `cfg.caption_task`) and the dense targets if
+    `dense` (default `cfg.dense_weight > 0`)."""
     clip = make_clip(seed, cfg.num_frames, cfg.world())
     qa = [q for q in clip.qa if cfg.kinds is None or q.kind in cfg.kinds]
     if cfg.aux_tasks:
         qa.extend(aux_questions(clip.scene, cfg.num_frames, np.random.default_rng([seed, 7])))
     if cfg.caption_task if caption is None else caption:
         qa.append(QA(CAPTION_QUESTION, clip.caption, "caption", cfg.num_frames - 1))
-    dense = dense_targets(clip.scene, cfg.num_frames, cfg.token_side) if cfg.dense_weight else None
-    return Example(clip.frames, qa, dense)
+    if bool(cfg.dense_weight) if dense is None else dense:
+        return Example(clip.frames, qa, dense_targets(clip.scene, cfg.num_frames, cfg.token_side))
+    return Example(clip.frames, qa)
 
 
 def sample_batch(cfg: TrainVQAConfig, step: int, caption: bool | None = None) -> list[Example]:
     """The clips of training step `step` (seeds >= `TRAIN_SEED_BASE`, never repeated)."""
-    first = TRAIN_SEED_BASE + (cfg.seed * 100_000_000) + step * cfg.batch_size
-    return [clip_example(cfg, first + i, caption) for i in range(cfg.batch_size)]
+    return _training_clips(cfg, step, caption)
 
 
 EXTRA_SEED_OFFSET = 50_000_000
@@ -253,9 +256,15 @@ EXTRA_SEED_OFFSET = 50_000_000
 def extra_vision_batch(cfg: TrainVQAConfig, step: int, j: int) -> list[Example]:
     """The clips of extra vision step `j` after training step `step` (never repeated, never
     one of `sample_batch`'s)."""
-    first = TRAIN_SEED_BASE + cfg.seed * 100_000_000 + EXTRA_SEED_OFFSET
-    first += (step * cfg.vision_extra + j) * cfg.batch_size
-    return [clip_example(cfg, first + i, caption=False) for i in range(cfg.batch_size)]
+    return _training_clips(cfg, step * cfg.vision_extra + j, False, EXTRA_SEED_OFFSET)
+
+
+def _training_clips(
+    cfg: TrainVQAConfig, index: int, caption: bool | None, offset: int = 0
+) -> list[Example]:
+    """Batch `index` of the training seeds past `TRAIN_SEED_BASE + offset` (per `cfg.seed`)."""
+    first = TRAIN_SEED_BASE + cfg.seed * 100_000_000 + offset + index * cfg.batch_size
+    return [clip_example(cfg, first + i, caption) for i in range(cfg.batch_size)]
 
 
 # ---------------------------------------------------------------------- model
@@ -525,16 +534,14 @@ def train_step(state: TrainState) -> float:
             dense = state.heads.losses(out.embeds, out.hidden, [e.dense for e in batch])
             total = loss + cfg.dense_weight * sum(dense.values())
     optimizer_step(state, total)
-    logged = {}
     if state.heads is not None:
         logged = {k: round(v.item(), 4) for k, v in dense.items()}
-    if not vision_only and cfg.vision_extra:
-        extra = []
-        for j in range(cfg.vision_extra):
-            losses = vision_losses(state, extra_vision_batch(cfg, state.step, j))
-            extra.append(optimizer_step(state, cfg.dense_weight * sum(losses.values())))
-        logged["vision_extra"] = round(sum(extra) / len(extra), 4)
-    if state.heads is not None:
+        if not vision_only and cfg.vision_extra:  # (vision_extra needs the heads)
+            extra = []
+            for j in range(cfg.vision_extra):
+                losses = vision_losses(state, extra_vision_batch(cfg, state.step, j))
+                extra.append(optimizer_step(state, cfg.dense_weight * sum(losses.values())))
+            logged["vision_extra"] = round(sum(extra) / len(extra), 4)
         state.dense_losses.append(logged)
     state.model.eval()
     state.step += 1

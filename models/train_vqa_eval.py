@@ -41,10 +41,8 @@ EVAL_QA_PER_KIND = 1
 def held_out(cfg: TrainVQAConfig, clips: int, first_seed: int = EVAL_SEED) -> list[Example]:
     """`clips` held-out clips (world seeds `first_seed`, `first_seed + 1`, ...), each with
     `EVAL_QA_PER_KIND` questions per kind whatever the training drew."""
-    cfg = dataclasses.replace(
-        cfg, qa_per_kind=EVAL_QA_PER_KIND, dense_weight=0.0, vision_minutes=0, vision_extra=0
-    )
-    return [clip_example(cfg, first_seed + i) for i in range(clips)]
+    cfg = dataclasses.replace(cfg, qa_per_kind=EVAL_QA_PER_KIND)
+    return [clip_example(cfg, first_seed + i, dense=False) for i in range(clips)]
 
 
 def _summary(hits: dict[str, list[bool]]) -> dict[str, Any]:
