@@ -107,7 +107,7 @@ def _given(args: argparse.Namespace, **fields) -> dict:
 
 
 def vqa_config_from(args: argparse.Namespace):
-    from streamrt.models.train_vqa import TrainVQAConfig
+    from streamrt.models.train_vqa_data import TrainVQAConfig
 
     return TrainVQAConfig(
         **_given(

@@ -6,7 +6,7 @@ compared with the world's answer). `teacher_forced_accuracy` is its fast stand-i
 training (one batched forward; correct when the answer word and `</s>` are both argmax),
 equal to it by construction of `train_vqa.clip_logits` (see tests/unit/test_train_vqa.py).
 
-Held-out clips are world seeds below `train_vqa.TRAIN_SEED_BASE`, which training never uses.
+Held-out clips are world seeds below `train_vqa_data.TRAIN_SEED_BASE`, which training never uses.
 """
 
 from __future__ import annotations
@@ -21,15 +21,8 @@ from typing import Any
 import torch
 
 from streamrt.config import QAConfig
-from streamrt.models.train_vqa import (
-    AUX_KINDS,
-    Example,
-    TrainState,
-    TrainVQAConfig,
-    averaged,
-    clip_example,
-    clip_logits,
-)
+from streamrt.models.train_vqa import TrainState, averaged, clip_logits
+from streamrt.models.train_vqa_data import AUX_KINDS, Example, TrainVQAConfig, clip_example
 from streamrt.models.vlm import MANIFEST
 
 EVAL_SEED = 0

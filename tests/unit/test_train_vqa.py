@@ -11,16 +11,8 @@ import pytest
 import torch
 
 from streamrt.apps.train import main as train_main
-from streamrt.models.train_vqa import (
-    AUX_KINDS,
-    TrainVQAConfig,
-    clip_example,
-    clip_logits,
-    init_matching,
-    new_model,
-    new_state,
-    train,
-)
+from streamrt.models.train_vqa import clip_logits, init_matching, new_model, new_state, train
+from streamrt.models.train_vqa_data import AUX_KINDS, TrainVQAConfig, clip_example
 from streamrt.models.train_vqa_eval import _summary, manifest_qa, videoqa_accuracy
 from streamrt.models.vlm import ModelFileError, model_qa_settings, resolve_model_dir
 from streamrt.qa import VideoQA

@@ -13,15 +13,12 @@ from safetensors.torch import load_file
 from test_train_vqa import tiny_cfg
 from transformers.models.smolvlm.modeling_smolvlm import SmolVLMConnector
 
-from streamrt.models.train_vqa import (
+from streamrt.models.train_vqa import in_vision_stage, new_state, train, train_step
+from streamrt.models.train_vqa_data import (
     TrainVQAConfig,
     clip_example,
     extra_vision_batch,
-    in_vision_stage,
-    new_state,
     sample_batch,
-    train,
-    train_step,
 )
 from streamrt.models.train_vqa_dense import (
     COLOR_CLASSES,
