@@ -24,9 +24,11 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from streamrt.embedded import VQA_MODEL
+
 console = Console(stderr=True, soft_wrap=True)
 TINY_RANDOM = "tiny-random"
-DEFAULT_MODEL = "assets/tiny-vqa"
+DEFAULT_MODEL = VQA_MODEL
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from streamrt.embedded import ASSET_DIRS, GEN_MODEL, resolve_model
 
 console = Console(stderr=True, soft_wrap=True)
 TINY_RANDOM = "tiny-random"
@@ -19,8 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="out.mp4", help="file (.mp4) or rtmp:// URL")
     p.add_argument(
         "--model",
-        default="assets/tiny-world",
-        help=f"generator directory (default assets/tiny-world); '{TINY_RANDOM}' builds an "
+        default=GEN_MODEL,
+        help=f"generator directory (default {GEN_MODEL}); '{TINY_RANDOM}' builds an "
         "untrained tiny model for smoke tests",
     )
     p.add_argument(
@@ -110,13 +111,14 @@ def load_generator(
         return StreamGenerator(
             GenEngine(*tiny_random_parts(VOCAB), dataclasses.replace(base, **overrides))
         )
-    path = Path(model)
+    path = resolve_model(model)
     if not (path / "streamrt.json").exists() and not (path / "model_index.json").exists():
         raise FileNotFoundError(
             f"{path} holds no streamrt generator (streamrt.json) and no diffusers Wan pipeline "
-            "(model_index.json). The embedded model (assets/tiny-world) is rebuilt by "
-            "`streamrt train gen`; or pass --model DIR (a generator or pipeline directory), "
-            f"or --model {TINY_RANDOM} for an untrained smoke test."
+            f"(model_index.json). The embedded model ({GEN_MODEL}) ships with streamrt and "
+            f"was looked for in {', '.join(str(d) for d in ASSET_DIRS)}: reinstall streamrt "
+            "if it is missing there; or pass --model DIR (a generator or pipeline "
+            f"directory), or --model {TINY_RANDOM} for an untrained smoke test."
         )
     return StreamGenerator.from_pretrained(path, config=config, checkpoint=checkpoint, **overrides)
 

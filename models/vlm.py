@@ -32,6 +32,8 @@ from typing import Any, ClassVar
 import torch
 from transformers import AutoConfig
 
+from streamrt.embedded import VQA_MODEL, resolve_model
+
 
 class VLMAdapter:
     """Common behaviour; subclasses say where the vision tower and the language model are.
@@ -349,8 +351,8 @@ def _qwen_patchify(pixels: torch.Tensor, patch: int, merge: int, temporal: int) 
     return x.reshape(n * gh * gw, c * temporal * patch * patch)
 
 
-DEFAULT_MODEL = "assets/tiny-vqa"
-"""The embedded tiny Video-LLM (`streamrt train vqa` builds it), relative to the repository."""
+DEFAULT_MODEL = VQA_MODEL
+"""The embedded tiny Video-LLM (`streamrt train vqa` builds it)."""
 MANIFEST = "streamrt.json"
 """Optional file of a model directory: `{"qa": {QAConfig fields}}`, the session settings
 the model was trained for (`VideoQA.from_pretrained` starts from them)."""
@@ -358,7 +360,6 @@ REBUILD_HINT = (
     "rebuild it: `streamrt train vqa --out DIR` for the embedded tiny model "
     f"({DEFAULT_MODEL}), or copy the file again from the original checkpoint"
 )
-_REPO = Path(__file__).resolve().parents[1]
 
 
 class ModelFileError(ValueError):
@@ -366,13 +367,9 @@ class ModelFileError(ValueError):
 
 
 def resolve_model_dir(path: str | Path = DEFAULT_MODEL) -> Path:
-    """`path` as given if it exists (or is absolute), else relative to the repository
-    checkout this package runs from (so the default works from any directory)."""
-    given = Path(path)
-    if given.exists() or given.is_absolute():
-        return given
-    in_repo = _REPO / given
-    return in_repo if in_repo.exists() else given
+    """`path` as given if it exists (or is absolute), else the shipped embedded model of
+    that name (so the default works from any directory and after a regular install)."""
+    return resolve_model(path)
 
 
 def model_qa_settings(path: str | Path) -> dict[str, Any]:

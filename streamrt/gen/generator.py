@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from streamrt.config import CacheConfig, GenConfig, from_dict, load_config
+from streamrt.embedded import resolve_model
 from streamrt.gen.engine import GenEngine
 from streamrt.gen.stream import GenStream
 
@@ -55,7 +56,7 @@ class StreamGenerator:
         """
         from streamrt.models.generator_files import PIPELINE_MANIFEST, load_generator_parts
 
-        path = Path(path)
+        path = resolve_model(path)
         if not (path / MANIFEST).exists() and (path / "model_index.json").exists():
             manifest = PIPELINE_MANIFEST
         else:
