@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5EncoderModel
 
+from streamrt.errors import StreamrtError
 
-class PromptError(ValueError):
+
+class PromptError(StreamrtError, ValueError):
     """A prompt the tokenizer cannot represent (e.g. words outside a closed vocabulary)."""
 
 

@@ -33,6 +33,7 @@ import torch
 from transformers import AutoConfig
 
 from streamrt.embedded import VQA_MODEL, resolve_model
+from streamrt.errors import StreamrtError
 
 
 class VLMAdapter:
@@ -362,7 +363,7 @@ REBUILD_HINT = (
 )
 
 
-class ModelFileError(ValueError):
+class ModelFileError(StreamrtError, ValueError):
     """A file of a Video-LLM directory is truncated or unreadable."""
 
 

@@ -20,11 +20,13 @@ from diffusers.loaders.single_file_utils import (
     convert_wan_vae_to_diffusers,
 )
 
+from streamrt.errors import StreamrtError
+
 StateDict = dict[str, torch.Tensor]
 Layout = Literal["original", "diffusers"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(StreamrtError, ValueError):
     """A checkpoint cannot be loaded: missing, corrupt, unknown layout, or not matching the config."""
 
 

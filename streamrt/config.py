@@ -17,6 +17,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from streamrt.errors import StreamrtError
+
 T = TypeVar("T")
 
 _UNITS = {
@@ -246,7 +248,7 @@ class StreamrtConfig:
     """Benchmarks."""
 
 
-class ConfigError(ValueError):
+class ConfigError(StreamrtError, ValueError):
     """A config file has an unknown key or a value of the wrong type."""
 
 

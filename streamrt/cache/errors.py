@@ -1,7 +1,9 @@
 """Errors raised by the cache manager. Every message says what to change."""
 
+from streamrt.errors import StreamrtError
 
-class CacheError(RuntimeError):
+
+class CacheError(StreamrtError, RuntimeError):
     """Base class for cache-manager errors."""
 
 

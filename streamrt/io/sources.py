@@ -17,6 +17,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from streamrt.errors import StreamrtError
+
 # Low delay for live input (ALGORITHMS/DESIGN: probe little, no frame threading); never
 # fflags=nobuffer, which drops the first GOP. A player sees no EOF when a publisher leaves
 # nginx-rtmp, so reads time out instead of hanging.
@@ -28,7 +30,7 @@ LIVE_OPTIONS = {
 }
 
 
-class SourceError(RuntimeError):
+class SourceError(StreamrtError, RuntimeError):
     """An input stream could not be opened or broke while reading."""
 
 

@@ -20,8 +20,17 @@ def test_generate_without_default_model_says_so(tmp_path, capsys):
         ]
     )
     assert rc == 2
-    assert "streamrt train gen" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds no streamrt generator" in err and "--model tiny-random" in err
+    assert "train gen" not in err  # a wrong path is a path, not a 195-minute retrain
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_generate_finds_the_embedded_model_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "o.mp4"
+    assert main(["generate", "--prompt", "a red circle", "--frames", "3", "-o", str(out)]) == 0
+    assert out.stat().st_size > 0
 
 
 def test_config_prints_effective_values(capsys):

@@ -1,0 +1,16 @@
+"""The one base of every error streamrt raises for something the user can fix.
+
+A `StreamrtError` carries a message that says what to change; the CLI prints it as one
+line and exits with code 2 (anything else is a bug: a short message and a hint to rerun
+with `--debug`). Subsystems subclass it together with the builtin they always were
+(`ValueError`, `RuntimeError`), so existing `except ValueError` code keeps working.
+"""
+
+
+class StreamrtError(Exception):
+    """Base class: a problem with the input, the files or the machine that the message
+    tells the user how to fix."""
+
+
+class InputError(StreamrtError, ValueError):
+    """A bad argument, request or input value (wrong shape, range, type or format)."""
