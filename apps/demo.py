@@ -28,6 +28,17 @@ from streamrt.apps.generate import load_generator
 
 DEFAULT_PROMPT = "a red circle moving right on a dark background"
 QUESTION = "what color was the first shape?"
+DISPLAY_PX = 384
+"""Side of the square the video panels show frames in: a 64x64 frame is 6x magnified."""
+
+
+def shown(frame: np.ndarray | None) -> np.ndarray | None:
+    """`frame` magnified by the largest whole factor that fits `DISPLAY_PX`, nearest
+    neighbour (each model pixel becomes a square of equal pixels: nothing is smoothed)."""
+    if frame is None:
+        return None
+    k = max(1, DISPLAY_PX // max(frame.shape[0], frame.shape[1]))
+    return frame.repeat(k, axis=0).repeat(k, axis=1) if k > 1 else frame
 
 
 @dataclass
@@ -247,10 +258,12 @@ def build_demo(backend: DemoBackend):
 
     def start(prompt: str, session: Session):
         try:
-            yield from backend.generate(prompt, session)
+            for frame, status in backend.generate(prompt, session):
+                yield shown(frame), status
         except (PromptError, ValueError) as exc:
             raise gr.Error(str(exc)) from None
 
+    panel = {"height": DISPLAY_PX + 40, "width": DISPLAY_PX}  # + the label's row
     with gr.Blocks(title="streamrt live demo") as demo:
         session = gr.State(Session(), time_to_live=3600, delete_callback=backend.close_session)
         gr.Markdown("# streamrt — live video generation, stylization and video QA")
@@ -260,7 +273,8 @@ def build_demo(backend: DemoBackend):
                 go = gr.Button("Start", variant="primary", elem_id="start")
                 switch = gr.Button("Switch prompt", elem_id="switch")
                 stop = gr.Button("Stop", elem_id="stop")
-            video = gr.Image(label="stream", type="numpy", elem_id="video", format="png")
+            # a fixed panel size: the page does not jump when the first frame arrives
+            video = gr.Image(label="stream", type="numpy", elem_id="video", format="png", **panel)
             status = gr.Markdown(elem_id="status")
             running = go.click(start, [prompt, session], [video, status])
             switch.click(guarded(backend.switch_prompt), [prompt, session], [status])
@@ -269,9 +283,11 @@ def build_demo(backend: DemoBackend):
             style = gr.Textbox(DEFAULT_PROMPT, label="style prompt", elem_id="style")
             with gr.Row():
                 cam = gr.Image(sources=["webcam"], type="numpy", label="webcam", elem_id="cam")
-                styled = gr.Image(label="styled", type="numpy", elem_id="styled", format="png")
+                styled = gr.Image(
+                    label="styled", type="numpy", elem_id="styled", format="png", **panel
+                )
             cam.stream(
-                guarded(backend.stylize),
+                guarded(lambda *a: shown(backend.stylize(*a))),
                 [cam, style, session],
                 [styled],
                 stream_every=1.0 / max(1, backend.fps),

@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from streamrt.embedded import resolve_shipped
 from streamrt.errors import StreamrtError
 
 T = TypeVar("T")
@@ -320,7 +321,7 @@ def load_config(path: str | Path | None = None, cls: type[T] = StreamrtConfig) -
     """Read a YAML preset into `cls` (defaults for everything it does not set)."""
     if path is None:
         return cls()
-    path = Path(path)
+    path = resolve_shipped(path)  # configs/X.yaml: the shipped preset, from any directory
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:

@@ -1,8 +1,9 @@
-"""Where the embedded tiny models live, from any working directory and any install.
+"""Where the embedded tiny models and the presets live, from any directory and install.
 
-The models ship in the repository's `assets/` folder, which installs as the package data
-`streamrt/assets/` (pyproject.toml), so a checkout, an editable install and a regular
-`pip install .` all find them. Paths a user gives are taken as given when they exist.
+The models ship in the repository's `assets/` folder and the presets in `configs/`; they
+install as the package data `streamrt/assets/` and `streamrt/configs/` (pyproject.toml),
+so a checkout, an editable install and a regular `pip install .` all find them. Paths a
+user gives are taken as given when they exist.
 """
 
 from __future__ import annotations
@@ -15,21 +16,26 @@ VQA_MODEL = "assets/tiny-vqa"
 """The embedded Video-LLM (`streamrt train vqa` builds it)."""
 
 _PACKAGE = Path(__file__).resolve().parent
+SHIPPED = ("assets", "configs")
+"""The repository folders that install as package data."""
 ASSET_DIRS = (_PACKAGE.parent / "assets", _PACKAGE / "assets")
 """A checkout's (and an editable install's) `assets/`, then a regular install's."""
 
 
-def resolve_model(path: str | Path) -> Path:
-    """`path` itself if it exists or is absolute; else, for a path under `assets/` (the
-    embedded models' names, e.g. `assets/tiny-world`), the shipped copy; else `path`
-    unchanged, so the caller's own message names what the user typed."""
+def resolve_shipped(path: str | Path) -> Path:
+    """`path` itself if it exists or is absolute; else, for a path under `assets/` or
+    `configs/` (e.g. `assets/tiny-world`, `configs/rolling-forcing.yaml`), the shipped
+    copy; else `path` unchanged, so the caller's own message names what the user typed."""
     given = Path(path)
     if given.exists() or given.is_absolute():
         return given
     parts = given.parts
-    if parts and parts[0] == "assets" and len(parts) > 1:
-        for root in ASSET_DIRS:
-            shipped = root.joinpath(*parts[1:])
+    if len(parts) > 1 and parts[0] in SHIPPED:
+        for root in (_PACKAGE.parent, _PACKAGE):  # a checkout's, then a regular install's
+            shipped = root.joinpath(*parts)
             if shipped.exists():
                 return shipped
     return given
+
+
+resolve_model = resolve_shipped

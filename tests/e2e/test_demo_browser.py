@@ -96,11 +96,25 @@ def _image_sources(page, selector: str, count: int, timeout: float = 60.0) -> li
     return seen
 
 
+def _box(page, selector: str) -> dict:
+    return page.evaluate(
+        "s => { const r = document.querySelector(s).getBoundingClientRect();"
+        " return {y: r.y, height: r.height, width: r.width} }",
+        selector,
+    )
+
+
 def test_generate_streams_live_frames_and_switches_prompt(page):
     page.fill("#prompt textarea", RED)
+    before = _box(page, "#video")
     page.click("#start")
     frames = _image_sources(page, "#video", 4)
     assert len(frames) >= 4, f"the stream showed {len(frames)} distinct frames"
+    after = _box(page, "#video")
+    assert abs(after["height"] - before["height"]) <= 1, (before, after)  # no jump
+    assert abs(after["y"] - before["y"]) <= 1, (before, after)
+    natural = page.evaluate("() => document.querySelector('#video img').naturalWidth")
+    assert natural >= 384, f"frames are shown {natural} px wide: too small to see"
     page.wait_for_function(
         "() => document.querySelector('#status').innerText.includes('frame')", timeout=30_000
     )

@@ -62,3 +62,16 @@ def test_webcam_frames_come_back_styled_one_per_frame(backend):
 def test_ask_before_feeding_says_what_to_do(backend):
     with pytest.raises(ValueError, match="feed a video first"):
         backend.ask("what color was the first shape?", Session())
+
+
+def test_frames_are_shown_magnified_nearest():
+    from streamrt.apps.demo import DISPLAY_PX, shown
+
+    frame = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    big = shown(frame)
+    k = DISPLAY_PX // 64
+    assert big.shape == (64 * k, 64 * k, 3) and big.dtype == np.uint8
+    blocks = big.reshape(64, k, 64, k, 3)
+    assert (blocks == frame[:, None, :, None, :]).all()  # every k x k square is one pixel
+    assert shown(np.zeros((500, 400, 3), np.uint8)).shape == (500, 400, 3)  # never shrinks
+    assert shown(None) is None

@@ -15,6 +15,8 @@ CHECK = (
     "print(streamrt.kernels.__file__); "
     "from streamrt.embedded import GEN_MODEL, VQA_MODEL, resolve_model; "
     "print(resolve_model(GEN_MODEL)); print(resolve_model(VQA_MODEL)); "
+    "from streamrt.config import load_config; "
+    "assert load_config('configs/rolling-forcing.yaml').gen.sampler == 'rolling'; "
     "sys.exit(0 if u.find_spec('models') is None and u.find_spec('apps') is None else 3)"
 )
 
@@ -96,6 +98,7 @@ def test_regular_install_imports_namespaced_packages(tmp_path):
     assert (target / "streamrt" / "kernels" / "__init__.py").exists()
     assert not (target / "kernels").exists() and not (target / "models").exists()
     assert (target / "streamrt" / "assets" / "tiny-world" / "streamrt.json").is_file()
+    assert (target / "streamrt" / "configs" / "rolling-forcing.yaml").is_file()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     kernels_file, gen, vqa = _check(
