@@ -375,11 +375,14 @@ class QAMemory:
         if self.index_path is None or not self.index_path.is_file():
             return None
         try:
-            data = torch.load(self.index_path, weights_only=True)
+            with warnings.catch_warnings():  # torch's own advice (weights_only=False) is wrong here
+                warnings.simplefilter("ignore")
+                data = torch.load(self.index_path, weights_only=True)
         except Exception as exc:  # a foreign or damaged file: refuse, delete nothing
             raise CacheError(
-                f"cannot read the QA index {self.index_path} ({exc}): choose another "
-                f"memory_dir, or delete {self.index_path.parent} to start afresh"
+                f"cannot read the QA index {self.index_path} ({type(exc).__name__}: it is "
+                "damaged or not a streamrt index): choose another memory_dir, or delete "
+                f"{self.index_path.parent} to start afresh"
             ) from None
         if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
             got = data.get("format") if isinstance(data, dict) else type(data).__name__
