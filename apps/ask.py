@@ -93,6 +93,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.interactive:
             return _interactive(qa, args)
         # 2. Feed the video up to --at, then answer.
+        qa.check_question(args.question)  # before the feed, not after it
         fed = 0
         for t, frame in sample_frames(args.video, args.sample_fps, until=args.at):
             qa.feed(frame, timestamp=t)

@@ -220,6 +220,11 @@ class VideoQA:
         self._last_latency = time.perf_counter() - start
         return Answer(text, stamps, self._last_latency, tuple(tokens), unknown)
 
+    def check_question(self, question: str) -> None:
+        """Raise the `InputError` that `ask(question)` would (empty, not UTF-8, over
+        `max_question_tokens`), without asking it: a caller can refuse early."""
+        self._question_ids(question)
+
     @torch.no_grad()
     def question_logits(self, question: str) -> torch.Tensor:
         """Logits `[n, vocab]` over the question's tokens on the retrieved context (for
