@@ -2,11 +2,14 @@
 
     streamrt ask --video clip.mp4 --at 12.5 "what color was the circle?"
     streamrt ask --video clip.mp4 --interactive      # questions from stdin while it plays
+    streamrt ask --video world://seed=3 "what color was the circle?"   # a procedural clip
 
 Frames are sampled at `--sample-fps` (default: the rate the model was trained for; ReKV feeds
 large models 0.5-1 fps), resized to the model's input size and fed to a `VideoQA` session;
 a question is answered from the frames fed so far. The default model is the embedded tiny
-one (assets/tiny-vqa), which knows the procedural world's clips only.
+one (assets/tiny-vqa), which knows the procedural world's clips only (words it does not
+know are named in a warning). Every problem the user can fix ends in one `error:` line and
+exit code 2; in `--interactive` mode a bad question costs that question only.
 """
 
 from __future__ import annotations
