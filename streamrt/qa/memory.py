@@ -135,7 +135,7 @@ class QAMemory:
         self.records: dict[int, FrameRecord] = {}
         self.summaries = RowBank()
         self.embeds = RowBank()
-        self.counters = {"corrupt_skipped": 0, "missing_on_restore": 0}
+        self.counters = {"corrupt_skipped": 0, "missing_on_restore": 0, "lost_on_close": 0}
         self.unindexed: list[int] = []
         """Restored disk blocks the index does not list: kept, never served."""
         self.restored = False
@@ -293,6 +293,9 @@ class QAMemory:
         not yet on disk: a block that cannot be written is reported missing on reopen,
         while the others stay servable.
 
+        Frames over the disk budget (`disk_bytes`) are dropped with a warning and counted
+        in `lost_on_close`, as frames dropped during the stream.
+
         Raises:
             DiskTierError: Something could not be written (disk full, I/O error). The
                 sequence stays open and in memory, so `close` can be called again once
@@ -305,13 +308,25 @@ class QAMemory:
             return
         self._write_index()
         failed: list[tuple[int, CacheError]] = []
+        over_budget: list[int] = []
         for i, block in self.seq.items():
             if block.tier == DISK:
                 continue
             try:
                 self.manager.offload(self.seq, i, DISK)
             except CacheError as exc:
-                failed.append((i, exc))
+                # The disk failed (full, I/O error): worth a retry. A budget or quota the
+                # user set is a choice: those frames are dropped, as during the stream.
+                if isinstance(exc.__cause__, OSError):
+                    failed.append((i, exc))
+                else:
+                    over_budget.append(i)
+                    warnings.warn(f"frame block {i} not saved to disk: {exc}", stacklevel=3)
+        if over_budget and not failed:
+            self.counters["lost_on_close"] += len(over_budget)
+            for i in over_budget:
+                self.seq.free(i)
+            self._write_index()
         if failed:
             raise DiskTierError(
                 f"{len(failed)} frame block(s) of {self.index_path.parent} could not be saved "

@@ -504,3 +504,15 @@ def test_saved_frames_survive_sigkill(model, tmp_path):
     assert answer.text == before["text"]
     again.manager.check_invariants()
     again.close()
+
+
+def test_frames_over_the_disk_budget_at_close_are_dropped_with_a_warning(model, tmp_path):
+    session = VideoQA.from_pretrained(model, tmp_path, retrieve_frames=64, disk_bytes=3 * 1024)
+    session.feed(clip_frames(6))
+    with pytest.warns(UserWarning, match="not saved to disk: .*over the disk tier budget"):
+        session.close()  # a budget is the user's choice: no retry, the session closes
+    assert session.memory.counters["lost_on_close"] == 3 and session.memory.seq.closed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the index lists exactly the saved frames
+        again = VideoQA.from_pretrained(model, tmp_path, retrieve_frames=64)
+    assert again.ask("what color ?", max_new_tokens=1).timestamps == (0.0, 1.0, 2.0)
