@@ -22,7 +22,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from streamrt.cache import CacheError, CacheManager, DiskTierError, KVSpec
@@ -31,6 +30,7 @@ from streamrt.config import CacheConfig, QAConfig
 from streamrt.errors import InputError
 from streamrt.qa import retrieval
 from streamrt.qa.context import PlannedCache, capture
+from streamrt.qa.inputs import check_frames, unknown_words
 from streamrt.qa.memory import QAMemory
 
 
@@ -184,7 +184,7 @@ class VideoQA:
         Returns the number of frames stored.
         """
         self._check_open()
-        batch = self._check_frames(frames)
+        batch = check_frames(frames, self.adapter.image_size, self.config.resize)
         stamps = self._timestamps(batch.shape[0], timestamp)
         embeds = self.adapter.encode_frames(self.adapter.pixels(batch))  # one vision batch
         for frame_embeds, t in zip(embeds, stamps):
@@ -459,54 +459,6 @@ class VideoQA:
             )
         return ids
 
-    def _check_frames(self, frames: Any) -> torch.Tensor:
-        """Frames as float `[N, H, W, 3]` in [0, 1] at the model's size, or a clear error."""
-        h, w = self.adapter.image_size
-        try:
-            t = frames if isinstance(frames, torch.Tensor) else torch.as_tensor(np.asarray(frames))
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise InputError(
-                f"frames must be an array of RGB pixels [H, W, 3] or [N, H, W, 3], got "
-                f"{type(frames).__name__} ({exc})"
-            ) from None
-        if t.ndim == 3:
-            t = t[None]
-        if t.ndim != 4 or t.shape[-1] != 3 or 0 in t.shape:
-            raise InputError(
-                f"frames must be RGB [H, W, 3] or [N, H, W, 3] with 3 channels last (model "
-                f"size {h}x{w}), got shape {tuple(t.shape)}"
-            )
-        if t.dtype == torch.uint8:
-            x = t.float() / 255.0
-        elif t.is_floating_point():
-            x = t.float()
-            if not torch.isfinite(x).all():
-                raise InputError("frames contain NaN or infinite values: pass finite pixels")
-            if x.min() < 0 or x.max() > 1:
-                raise InputError(
-                    f"float frames must lie in [0, 1], got [{x.min():.3g}, {x.max():.3g}]: "
-                    "divide uint8 pixels by 255"
-                )
-        else:
-            raise InputError(
-                f"frames must be uint8 or float in [0, 1], got dtype {t.dtype}: convert them"
-            )
-        if tuple(x.shape[1:3]) != (h, w):
-            if not self.config.resize:
-                raise InputError(
-                    f"frames are {x.shape[1]}x{x.shape[2]} but the model takes {h}x{w}: resize "
-                    "them or open the session with resize=True"
-                )
-            # As the transformers image processors: bilinear with antialiasing.
-            x = (
-                torch.nn.functional.interpolate(
-                    x.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", antialias=True
-                )
-                .permute(0, 2, 3, 1)
-                .clamp(0, 1)
-            )
-        return x
-
     def _timestamps(self, n: int, timestamp: Any) -> list[float]:
         step = 1.0 / self.config.fps
         try:
@@ -557,22 +509,6 @@ def question_ids(tokenizer: Any, config: QAConfig, question: Any) -> list[int]:
     if not ids:
         raise InputError(f"the question {question!r} has no tokens for this tokenizer")
     return ids
-
-
-def unknown_words(tokenizer: Any, question: str) -> tuple[str, ...]:
-    """Words of `question` the tokenizer maps to its unknown token (closed vocabularies,
-    like the tiny models'; subword tokenizers have none), in order, each once."""
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is None:
-        return ()
-    try:
-        enc = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError:  # slow tokenizers have no offsets
-        return ()
-    words = [
-        question[a:b] for tok, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if tok == unk
-    ]
-    return tuple(dict.fromkeys(words))
 
 
 def lay_out(adapter: Any, blocks: SequenceABC[tuple[str, int]]) -> tuple[torch.Tensor, int]:
