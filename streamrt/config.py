@@ -199,8 +199,13 @@ class QAConfig:
     fps: float = 1.0
     """Frame rate assumed for frames fed without a timestamp."""
 
-    resize: bool = False
-    """Resize frames of another size to the model's input size instead of refusing them."""
+    resize: bool = True
+    """Resize frames of another size to the model's input size (bilinear, antialiased, as
+    the transformers image processors do); False refuses them instead."""
+
+    max_question_tokens: int = 512
+    """Longest question accepted, in tokens (after `question_template`); longer ones are
+    refused before they hold the session, since prefill time grows with their length."""
 
     session: str = "default"
     """Name of the session's sequence; a `memory_dir` may hold several sessions."""

@@ -58,6 +58,7 @@ _STAT_NAMES = [
     "corrupt",
     "discarded_tmp",
     "write_errors",
+    "missing",
 ]
 
 
@@ -238,14 +239,17 @@ class DiskStore:
         Raises:
             KeyError: No block is stored under ``key``.
             ValueError: ``out`` does not match the stored block.
-            CorruptBlockError: The file failed a check; the block is dropped from the
-                index and its file renamed ``*.corrupt``.
+            CorruptBlockError: The file failed a check (the block is dropped from the
+                index and its file renamed ``*.corrupt``) or was removed outside the store
+                (the block is dropped from the index).
             DiskTierError: The file could not be read.
         """
         with self._lock:
             entry = self._lookup(key)
             # Opened under the lock: a concurrent put replaces the name, not this inode.
             f = self._open_block(entry)
+            if f is None:
+                raise self._forget_missing(entry)
         with f:
             if out is None:
                 out = torch.empty(entry.shape, dtype=entry.dtype)
@@ -268,8 +272,8 @@ class DiskStore:
         """Re-reads every block and checks its checksum.
 
         Returns:
-            Keys of the blocks found corrupt; each is dropped and its file renamed
-            ``*.corrupt``, as in ``get``.
+            Keys of the blocks found corrupt or missing; each is dropped (a corrupt
+            file renamed ``*.corrupt``), as in ``get``.
         """
         # One buffer, grown to the largest block, serves every read.
         buf = bytearray()
@@ -280,6 +284,10 @@ class DiskStore:
                 if entry is None:
                     continue
                 f = self._open_block(entry)
+                if f is None:
+                    self._forget_missing(entry)
+                    bad.append(key)
+                    continue
             if len(buf) < entry.nbytes:
                 buf = bytearray(entry.nbytes)
             with f:
@@ -290,13 +298,32 @@ class DiskStore:
         return bad
 
     def _open_block(self, entry: DiskEntry):
+        """The block's file opened for reading, or None if it was removed from the disk."""
         try:
             return open(entry.path, "rb", buffering=0)
+        except FileNotFoundError:
+            return None
         except OSError as exc:
             raise DiskTierError(
                 f"cannot open block {entry.key!r} at {entry.path}: {exc.strerror or exc}; "
-                f"was the file removed outside the store?"
+                "fix the file's permissions or the volume"
             ) from exc
+
+    def _forget_missing(self, entry: DiskEntry) -> CorruptBlockError:
+        """Drops a block whose file was removed outside the store (call under the lock);
+        reported like a corrupt block, since its data is gone the same way."""
+        self._drop(entry)
+        self._stats["missing"] += 1
+        warnings.warn(
+            f"disk tier: {entry.path} was removed outside the store; block {entry.key!r} "
+            "is no longer served",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return CorruptBlockError(
+            f"block {entry.key!r} is missing: its file {entry.path} was removed outside the "
+            "store; it was dropped from the disk tier; recompute it"
+        )
 
     def _scan(self) -> None:
         """Drops temp files of interrupted writes and indexes every block whose header checks out."""
@@ -373,6 +400,54 @@ def _prepare_root(root: Path) -> None:
             f"disk tier root {root} is not writable ({exc.strerror or exc}); {fix}"
         ) from exc
     _unlink_quietly(probe)
+
+
+def write_file_atomically(path: Path, data: bytes | memoryview) -> None:
+    """Writes ``data`` to ``path`` crash-safely (temp file, fsync, rename, fsync of the dir).
+
+    A crash or a failure leaves the previous file or the new one, never a torn one, and no
+    temp file after a failure.
+
+    Raises:
+        DiskTierError: The write failed; the message says why (disk full: free space).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
+    stage, fd = "creating the temp file", -1
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        stage = "writing"
+        _write_all(fd, memoryview(data))
+        stage = "fsync of the temp file"
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        stage = "renaming the temp file"
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        _unlink_quietly(tmp)
+        what = f"writing {path} ({len(memoryview(data))} bytes) failed while {stage}"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            full = "disk full" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+            raise DiskTierError(
+                f"{full}: {what}; the previous file, if any, is unchanged. Free space on "
+                f"that volume or choose a directory on a larger one"
+            ) from exc
+        raise DiskTierError(f"{what}: {exc.strerror or exc}") from exc
+
+
+def remove_stale_temp_files(directory: Path, stem: str) -> int:
+    """Deletes the temp files ``write_file_atomically`` left for ``directory/stem`` when a
+    process died mid-write; returns how many."""
+    removed = 0
+    for tmp in Path(directory).glob(f".{stem}.*{_TMP_SUFFIX}"):
+        _unlink_quietly(tmp)
+        removed += 1
+    return removed
 
 
 def _check_key(key: str) -> None:

@@ -8,7 +8,8 @@
 
 Modules: `video_qa` (the public API and the per-step loop), `memory` (frame blocks and
 their index on the `CacheManager`, persistence), `retrieval` (ReKV scoring and selection),
-`context` (the transformers `Cache` and projection hooks the runtime attaches through).
+`context` (the transformers `Cache` and projection hooks the runtime attaches through),
+`inputs` (checks of frames and questions, with messages that say what to fix).
 Model adapters live in `streamrt.models.vlm`.
 """
 

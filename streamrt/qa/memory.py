@@ -10,13 +10,15 @@ summary key `[L, H_kv * D]`, mean visual embedding) used by retrieval; with a di
 records are written to `<memory_dir>/<session>.index.pt` (temp file + rename) on `save_index`
 and `close`, and a later process restores the blocks and records together.
 
-Invariant: `records` holds exactly the frame blocks present in the sequence's table
-(blocks dropped by the manager or found corrupt are pruned from it before use).
+Invariant: `records` holds exactly the servable frame blocks of the sequence's table
+(blocks dropped by the manager or found corrupt are pruned from it before use); the
+table may also hold `unindexed` disk blocks a reopen found without a record, which are
+kept on disk and never served.
 """
 
 from __future__ import annotations
 
-import os
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +33,12 @@ from streamrt.cache import (
     CacheError,
     CacheManager,
     CorruptBlockError,
+    DiskTierError,
     KVSpec,
     OutOfBlocksError,
+    SpecMismatchError,
 )
+from streamrt.cache.disk_store import remove_stale_temp_files, write_file_atomically
 from streamrt.cache.policies import SinkWindowPolicy, contiguous_plan
 from streamrt.cache.sequence import AttentionPlan
 
@@ -119,12 +124,23 @@ class QAMemory:
         self.index_path = None if index_dir is None else index_dir / f"{session}.index.pt"
         persistent = self.index_path is not None and manager.disk is not None
         policy = SinkWindowPolicy(sink_blocks=self.num_sink, window_blocks=window_frames)
-        self.seq = manager.open_sequence(consumer, policy, seq_id=session, restore=persistent)
+        try:
+            self.seq = manager.open_sequence(consumer, policy, seq_id=session, restore=persistent)
+        except SpecMismatchError as exc:
+            where = index_dir if index_dir is not None else manager.disk.root
+            raise SpecMismatchError(
+                f"the memory in {where} was written by another model ({exc}): open it with "
+                f"that model, choose another memory_dir, or delete {where}"
+            ) from None
         self.records: dict[int, FrameRecord] = {}
         self.summaries = RowBank()
         self.embeds = RowBank()
         self.counters = {"corrupt_skipped": 0, "missing_on_restore": 0, "lost_on_close": 0}
+        self.unindexed: list[int] = []
+        """Restored disk blocks the index does not list: kept, never served."""
         self.restored = False
+        if self.index_path is not None:
+            remove_stale_temp_files(self.index_path.parent, self.index_path.name)
         if self.seq.table:
             self._reconcile(window_frames)
 
@@ -231,10 +247,28 @@ class QAMemory:
     # ------------------------------------------------------------------ persistence
 
     def save_index(self) -> None:
-        """Write the frame index next to the disk tier (atomically: temp file + rename)."""
-        if self.index_path is None:
+        """Give every frame a copy on disk, then write the frame index (atomically).
+
+        Blocks on the device or the host stay where they are; each gets a clean copy in
+        the disk tier (written once: later saves skip it), so an index saved before a
+        crash finds every frame it lists.
+
+        Raises:
+            DiskTierError: A block or the index could not be written (disk full, I/O
+                error); the previous index stays in place and every block it lists is kept.
+        """
+        if self.index_path is None or self.manager.disk is None:
             return
-        self._persist_sink()
+        table = self.seq.table
+        copies = [i for i, b in self.seq.items() if b.tier != DISK and b.disk_key is None]
+        for i in copies:
+            tier = table[i].tier
+            self.manager.offload(self.seq, i, DISK)
+            self.manager.fetch(self.seq, i, tier)
+        self._write_index()
+
+    def _write_index(self) -> None:
+        """Write the records of every frame in the table (temp file + rename)."""
         self._prune()
         idx = sorted(self.records)
         recs = [self.records[i] for i in idx]
@@ -248,54 +282,73 @@ class QAMemory:
             "summary": torch.stack([r.summary for r in recs]) if recs else torch.zeros(0),
             "embed": torch.stack([r.embed for r in recs]) if recs else torch.zeros(0, hidden),
         }
-        tmp = self.index_path.with_name(f".{self.index_path.name}.{os.getpid()}.tmp")
-        torch.save(data, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.index_path)
-
-    def _persist_sink(self) -> None:
-        """Give the sink a clean copy on disk (it never changes after the prefill), so an
-        index saved before a crash still finds it; the sink stays on the device."""
-        if self.manager.disk is None:
-            return
-        table = self.seq.table
-        need = [i for i in range(self.num_sink) if i in table and table[i].disk_key is None]
-        need = [i for i in need if table[i].tier != DISK]
-        if need:
-            self.manager.offload(self.seq, need, DISK)
-            self.manager.fetch(self.seq, need)
+        buf = io.BytesIO()
+        torch.save(data, buf)
+        write_file_atomically(self.index_path, buf.getbuffer())
 
     def close(self) -> None:
-        """Persist everything to the disk tier (if any) and free the sequence's memory."""
+        """Persist everything to the disk tier (if any) and free the sequence's memory.
+
+        The index is written first (it is small and lists every frame), then the blocks
+        not yet on disk: a block that cannot be written is reported missing on reopen,
+        while the others stay servable.
+
+        Frames over the disk budget (`disk_bytes`) are dropped with a warning and counted
+        in `lost_on_close`, as frames dropped during the stream.
+
+        Raises:
+            DiskTierError: Something could not be written (disk full, I/O error). The
+                sequence stays open and in memory, so `close` can be called again once
+                there is room; what was written is kept.
+        """
         if self.seq.closed:
             return
         if self.index_path is None or self.manager.disk is None:
             self.manager.close_sequence(self.seq)
             return
+        self._write_index()
+        failed: list[tuple[int, CacheError]] = []
+        over_budget: list[int] = []
         for i, block in self.seq.items():
             if block.tier == DISK:
                 continue
             try:
                 self.manager.offload(self.seq, i, DISK)
             except CacheError as exc:
-                self.counters["lost_on_close"] += 1
-                warnings.warn(f"frame block {i} could not be saved to disk: {exc}", stacklevel=2)
-        self.save_index()
+                # The disk failed (full, I/O error): worth a retry. A budget or quota the
+                # user set is a choice: those frames are dropped, as during the stream.
+                if isinstance(exc.__cause__, OSError):
+                    failed.append((i, exc))
+                else:
+                    over_budget.append(i)
+                    warnings.warn(f"frame block {i} not saved to disk: {exc}", stacklevel=3)
+        if over_budget and not failed:
+            self.counters["lost_on_close"] += len(over_budget)
+            for i in over_budget:
+                self.seq.free(i)
+            self._write_index()
+        if failed:
+            raise DiskTierError(
+                f"{len(failed)} frame block(s) of {self.index_path.parent} could not be saved "
+                f"({failed[0][1]}); they are still in memory: free space there and close "
+                "again, or open the session with another memory_dir"
+            )
         self.manager.close_sequence(self.seq, keep_disk=True)
 
     def _reconcile(self, window_frames: int) -> None:
-        """Match restored disk blocks with the saved index; bring sink + window back."""
+        """Match restored disk blocks with the saved index; bring sink + window back.
+
+        Blocks the index does not list (written after the last save) stay on disk unserved,
+        and blocks without a readable index refuse the reopen: it never deletes a block.
+        """
         data = self._load_index()
-        if data is None:  # blocks without an index cannot be retrieved: start afresh
-            warnings.warn(
-                f"{len(self.seq.table)} block(s) in {self.manager.disk.root} have no readable "
-                f"index {self.index_path.name} (the session was not closed): discarding them",
-                stacklevel=3,
+        if data is None:
+            raise CacheError(
+                f"the memory in {self.index_path.parent} holds {len(self.seq.table)} block(s) "
+                f"of session {self.seq.seq_id!r} but no readable index {self.index_path.name} "
+                "(the session was never saved): its frames cannot be served. Choose another "
+                "memory_dir or session, or delete that directory to start afresh"
             )
-            for i in list(self.seq.table):
-                self.seq.free(i)
-            return
         saved_sink = data["sink_tokens"].tolist()
         if saved_sink != self.sink_tokens or not self.has_sink:
             raise CacheError(
@@ -309,8 +362,13 @@ class QAMemory:
             self._record(
                 i, FrameRecord(float(data["timestamp"][j]), data["summary"][j], data["embed"][j])
             )
-        for i in [i for i in self.seq.table if i >= self.num_sink and i not in self.records]:
-            self.seq.free(i)  # written after the index was saved: no summary, not servable
+        self.unindexed = [i for i in self.seq.table if i >= self.num_sink and i not in self.records]
+        if self.unindexed:
+            warnings.warn(
+                f"{len(self.unindexed)} frame block(s) in {self.manager.disk.root} were written "
+                "after the index was last saved: they are kept on disk but not served",
+                stacklevel=3,
+            )
         if self.counters["missing_on_restore"]:
             warnings.warn(
                 f"{self.counters['missing_on_restore']} indexed frame block(s) are missing or "
@@ -332,12 +390,21 @@ class QAMemory:
         if self.index_path is None or not self.index_path.is_file():
             return None
         try:
-            data = torch.load(self.index_path, weights_only=True)
-        except Exception as exc:  # a torn or foreign file: say so, serve nothing from it
-            warnings.warn(f"cannot read the QA index {self.index_path}: {exc}", stacklevel=4)
-            return None
-        if data.get("format") != INDEX_FORMAT:
-            raise CacheError(f"{self.index_path}: unknown index format {data.get('format')!r}")
+            with warnings.catch_warnings():  # torch's own advice (weights_only=False) is wrong here
+                warnings.simplefilter("ignore")
+                data = torch.load(self.index_path, weights_only=True)
+        except Exception as exc:  # a foreign or damaged file: refuse, delete nothing
+            raise CacheError(
+                f"cannot read the QA index {self.index_path} ({type(exc).__name__}: it is "
+                "damaged or not a streamrt index): choose another memory_dir, or delete "
+                f"{self.index_path.parent} to start afresh"
+            ) from None
+        if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+            got = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise CacheError(
+                f"{self.index_path}: unknown index format {got!r}: choose another memory_dir, "
+                f"or delete {self.index_path.parent} to start afresh"
+            )
         saved = data["fingerprint"]
         ours = {k: v for k, v in self.fingerprint.items() if k != "sink_tokens"}
         if saved != ours:
@@ -346,10 +413,11 @@ class QAMemory:
                 for k in ours
                 if saved.get(k) != ours[k]
             ]
-            raise CacheError(
+            raise SpecMismatchError(
                 f"the memory in {self.index_path.parent} was written by another model ("
                 + "; ".join(diffs)
-                + "): open it with that model or use a new memory_dir"
+                + f"): open it with that model, choose another memory_dir, or delete "
+                f"{self.index_path.parent}"
             )
         return data
 

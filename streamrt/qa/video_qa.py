@@ -22,14 +22,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from streamrt.cache import CacheManager, DiskTierError, KVSpec
+from streamrt.cache import CacheError, CacheManager, DiskTierError, KVSpec
 from streamrt.cache.sequence import AttentionPlan
 from streamrt.config import CacheConfig, QAConfig
+from streamrt.errors import InputError
 from streamrt.qa import retrieval
 from streamrt.qa.context import PlannedCache, capture
+from streamrt.qa.inputs import check_frames, unknown_words
 from streamrt.qa.memory import QAMemory
 
 
@@ -45,6 +46,20 @@ class Answer:
     """Wall time from the call to the last decoded token."""
     token_ids: tuple[int, ...] = ()
     """The generated token ids."""
+    unknown_words: tuple[str, ...] = ()
+    """Words of the question the tokenizer does not know (mapped to its unknown token):
+    the model never saw them, so the answer cannot be about them."""
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What the user should know about this answer, one message each (empty: none)."""
+        if not self.unknown_words:
+            return ()
+        words = ", ".join(repr(w) for w in self.unknown_words)
+        return (
+            f"the model does not know the word(s) {words}: the answer ignores them; "
+            "rephrase with words it knows",
+        )
 
 
 class VideoQA:
@@ -70,16 +85,19 @@ class VideoQA:
         self.tokenizer = tokenizer
         self.config = config or QAConfig()
         cfg = self.config
-        if cfg.window_frames < 1 or cfg.retrieve_frames < 1 or cfg.group_frames < 1:
-            raise ValueError(
+        counts = (cfg.window_frames, cfg.retrieve_frames, cfg.group_frames)
+        if min(counts) < 1:
+            raise InputError(
                 "window_frames, retrieve_frames and group_frames must be >= 1, got "
                 f"{cfg.window_frames}, {cfg.retrieve_frames}, {cfg.group_frames}"
             )
-        if cfg.fps <= 0:
-            raise ValueError(f"fps must be > 0, got {cfg.fps}")
+        if not (math.isfinite(cfg.fps) and cfg.fps > 0):
+            raise InputError(f"fps must be a finite number > 0, got {cfg.fps}")
+        if cfg.max_question_tokens < 1:
+            raise InputError(f"max_question_tokens must be >= 1, got {cfg.max_question_tokens}")
         self.memory_dir = _prepare_dir(memory_dir)
         if manager is not None and self.memory_dir is not None and manager.disk is None:
-            raise ValueError(
+            raise InputError(
                 "memory_dir needs a disk tier, but the shared cache manager has none: set its "
                 "cache.disk_dir, or let the session make its own manager"
             )
@@ -145,7 +163,7 @@ class VideoQA:
         known = {f.name for f in fields(QAConfig)}
         unknown = sorted(set(config) - known)
         if unknown:
-            raise ValueError(f"unknown QA option(s) {unknown}; known: {', '.join(sorted(known))}")
+            raise InputError(f"unknown QA option(s) {unknown}; known: {', '.join(sorted(known))}")
         path = resolve_model_dir() if path is None else resolve_model_dir(path)
         cfg = QAConfig(**{**model_qa_settings(path), **config})
         adapter = load_adapter(path, dtype=dtype_from_name(cfg.dtype), device=cfg.device)
@@ -166,7 +184,7 @@ class VideoQA:
         Returns the number of frames stored.
         """
         self._check_open()
-        batch = self._check_frames(frames)
+        batch = check_frames(frames, self.adapter.image_size, self.config.resize)
         stamps = self._timestamps(batch.shape[0], timestamp)
         embeds = self.adapter.encode_frames(self.adapter.pixels(batch))  # one vision batch
         for frame_embeds, t in zip(embeds, stamps):
@@ -181,9 +199,10 @@ class VideoQA:
         # 1. Check inputs; frames committed after this point are not part of the answer.
         cutoff = self._committed_below
         ids = self._question_ids(question)
-        max_new = self.config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-        if max_new < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+        unknown = unknown_words(self.tokenizer, question)
+        max_new = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new!r}")
         with self._lock:
             self._check_open()
             # 2-3. Retrieve frames and fetch their blocks back to the device.
@@ -199,7 +218,12 @@ class VideoQA:
             self._questions += 1
         text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         self._last_latency = time.perf_counter() - start
-        return Answer(text, stamps, self._last_latency, tuple(tokens))
+        return Answer(text, stamps, self._last_latency, tuple(tokens), unknown)
+
+    def check_question(self, question: str) -> None:
+        """Raise the `InputError` that `ask(question)` would (empty, not UTF-8, over
+        `max_question_tokens`), without asking it: a caller can refuse early."""
+        self._question_ids(question)
 
     @torch.no_grad()
     def question_logits(self, question: str) -> torch.Tensor:
@@ -228,18 +252,28 @@ class VideoQA:
             }
 
     def save(self) -> None:
-        """Write the frame index now (with `memory_dir`), so a crash keeps the frames
-        already on disk retrievable; `close` does this and also saves every other frame."""
+        """Persist the session now (with `memory_dir`): every frame fed so far gets a copy
+        on disk (frames stay where they are) and the index lists them, so a later process
+        restores all of them even if this one is killed.
+
+        Raises:
+            DiskTierError: The disk is full or failed; the previous save stays intact.
+        """
         with self._lock:
             self._check_open()
             self.memory.save_index()
 
     def close(self) -> None:
-        """Save the session (with `memory_dir`) and free its memory. Idempotent."""
+        """Save the session (with `memory_dir`) and free its memory. Idempotent.
+
+        Raises:
+            DiskTierError: Some frames could not be written (disk full); nothing is freed,
+                so `close` can be called again after freeing space.
+        """
         with self._lock:
             if not self._closed:
+                self.memory.close()  # on a DiskTierError the session stays open: retry
                 self._closed = True
-                self.memory.close()
 
     def __enter__(self) -> VideoQA:
         return self
@@ -285,12 +319,12 @@ class VideoQA:
         """Per-layer chosen frames (time order), fetched; and those this call moved up."""
         frames = self.memory.candidates(cutoff)
         if not frames and cutoff > self.memory.num_sink:
-            raise ValueError(
+            raise InputError(
                 "every frame fed so far was dropped (the host and disk tiers had no room): "
                 "raise host_bytes or give the session a memory_dir"
             )
         if not frames:
-            raise ValueError("no frames have been fed yet: feed at least one frame before asking")
+            raise InputError("no frames have been fed yet: feed at least one frame before asking")
         moved: list[int] = []
         while True:
             chosen = self._select(ids, frames, cutoff)
@@ -302,8 +336,9 @@ class VideoQA:
             frames = [f for f in frames if f not in lost]
             if not frames:
                 self.memory.release(moved)
-                raise ValueError(
-                    "every stored frame failed its checksum: nothing left to answer from"
+                raise CacheError(
+                    "every stored frame failed its checksum or is missing on disk: nothing "
+                    "left to answer from; feed new frames or use a new memory_dir"
                 )
 
     def _select(self, ids: list[int], frames: list[int], cutoff: int) -> list[list[int]]:
@@ -408,58 +443,39 @@ class VideoQA:
         return text_ids(self.tokenizer, text)
 
     def _question_ids(self, question: Any) -> list[int]:
-        return question_ids(self.tokenizer, self.config, question)
-
-    def _check_frames(self, frames: Any) -> torch.Tensor:
-        """Frames as float `[N, H, W, 3]` in [0, 1] at the model's size, or a clear error."""
-        t = frames if isinstance(frames, torch.Tensor) else torch.as_tensor(np.asarray(frames))
-        if t.ndim == 3:
-            t = t[None]
-        h, w = self.adapter.image_size
-        if t.ndim != 4 or t.shape[-1] != 3 or t.shape[0] == 0:
-            raise ValueError(
-                f"frames must be RGB [H, W, 3] or [N, H, W, 3] (model size {h}x{w}), got shape "
-                f"{tuple(t.shape)}"
+        limit = self.config.max_question_tokens
+        # Cheap bound first, so a megabyte of text is not even tokenized (no tokenizer
+        # here makes a token out of more than a few dozen characters).
+        if isinstance(question, str) and len(question) > 64 * limit:
+            raise InputError(
+                f"the question is {len(question)} characters long, over the limit of "
+                f"{limit} tokens (max_question_tokens): ask a shorter question"
             )
-        if t.dtype == torch.uint8:
-            x = t.float() / 255.0
-        elif t.is_floating_point():
-            x = t.float()
-            if not torch.isfinite(x).all():
-                raise ValueError("frames contain NaN or infinite values")
-            if x.min() < 0 or x.max() > 1:
-                raise ValueError(
-                    f"float frames must lie in [0, 1], got [{x.min():.3g}, {x.max():.3g}]"
-                )
-        else:
-            raise ValueError(f"frames must be uint8 or float in [0, 1], got dtype {t.dtype}")
-        if tuple(x.shape[1:3]) != (h, w):
-            if not self.config.resize:
-                raise ValueError(
-                    f"frames are {x.shape[1]}x{x.shape[2]} but the model takes {h}x{w}: resize "
-                    "them or open the session with resize=True"
-                )
-            x = (
-                torch.nn.functional.interpolate(
-                    x.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", antialias=True
-                )
-                .permute(0, 2, 3, 1)
-                .clamp(0, 1)
+        ids = question_ids(self.tokenizer, self.config, question)
+        if len(ids) > limit:
+            raise InputError(
+                f"the question is {len(ids)} tokens long, over the limit of {limit} tokens "
+                "(max_question_tokens): ask a shorter question"
             )
-        return x
+        return ids
 
     def _timestamps(self, n: int, timestamp: Any) -> list[float]:
         step = 1.0 / self.config.fps
-        if timestamp is None:
-            stamps = [self._next_ts + k * step for k in range(n)]
-        elif isinstance(timestamp, (int, float)):
-            stamps = [float(timestamp) + k * step for k in range(n)]
-        else:
-            stamps = [float(t) for t in timestamp]
-            if len(stamps) != n:
-                raise ValueError(f"got {len(stamps)} timestamps for {n} frames")
+        try:
+            if timestamp is None:
+                stamps = [self._next_ts + k * step for k in range(n)]
+            elif isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool):
+                stamps = [float(timestamp) + k * step for k in range(n)]
+            else:
+                stamps = [float(t) for t in timestamp]
+        except (TypeError, ValueError):
+            raise InputError(
+                f"timestamp must be seconds (a number or one per frame), got {timestamp!r}"
+            ) from None
+        if len(stamps) != n:
+            raise InputError(f"got {len(stamps)} timestamps for {n} frames: give one per frame")
         if not all(math.isfinite(t) for t in stamps):
-            raise ValueError(f"timestamps must be finite numbers, got {stamps}")
+            raise InputError(f"timestamps must be finite numbers of seconds, got {stamps}")
         self._next_ts = stamps[-1] + step
         return stamps
 
@@ -481,10 +497,17 @@ def text_ids(tokenizer: Any, text: str) -> list[int]:
 def question_ids(tokenizer: Any, config: QAConfig, question: Any) -> list[int]:
     """Token ids of `question` put through `config.question_template`, or a clear error."""
     if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"the question must be non-empty text, got {question!r}")
+        raise InputError(f"the question must be non-empty text, got {question!r}")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: undecodable bytes from argv or a file
+        raise InputError(
+            "the question is not valid text (it holds bytes that are not UTF-8): "
+            "ask it again in UTF-8"
+        ) from None
     ids = text_ids(tokenizer, config.question_template.format(question=question.strip()))
     if not ids:
-        raise ValueError(f"the question {question!r} has no tokens for this tokenizer")
+        raise InputError(f"the question {question!r} has no tokens for this tokenizer")
     return ids
 
 
@@ -519,6 +542,10 @@ def _prepare_dir(memory_dir: str | Path | None) -> Path | None:
     if memory_dir is None:
         return None
     path = Path(memory_dir)
+    if path.exists() and not path.is_dir():
+        raise DiskTierError(
+            f"memory_dir {path} is a file, not a directory: choose another memory_dir"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".probe.{threading.get_ident()}"

@@ -80,6 +80,7 @@ def test_round_trip_is_bit_exact(tmp_path, dtype):
         "corrupt": 0,
         "discarded_tmp": 0,
         "write_errors": 0,
+        "missing": 0,
     }
 
 
