@@ -100,17 +100,7 @@ def load_generator(
     from streamrt.gen.generator import StreamGenerator
 
     if model == TINY_RANDOM:
-        from streamrt.config import GenConfig, load_config
-        from streamrt.gen.engine import GenEngine
-        from streamrt.models.generator_files import tiny_random_parts
-        from streamrt.world import VOCAB
-
-        base = load_config(config).gen if config else GenConfig()
-        import dataclasses
-
-        return StreamGenerator(
-            GenEngine(*tiny_random_parts(VOCAB), dataclasses.replace(base, **overrides))
-        )
+        return StreamGenerator.tiny_random(config, **overrides)
     path = resolve_model(model)
     if not (path / "streamrt.json").exists() and not (path / "model_index.json").exists():
         raise FileNotFoundError(

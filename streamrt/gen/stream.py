@@ -15,6 +15,7 @@ from streamrt.gen.forward import chunk_rows, streaming_forward
 from streamrt.gen.noise import DriftingNoise
 from streamrt.gen.samplers import make_sampler
 from streamrt.gen.schedule import shifted_sigmas
+from streamrt.gen.settings import fit_window
 from streamrt.models.codec import tensor_to_frames
 
 if TYPE_CHECKING:
@@ -42,10 +43,10 @@ class GenStream:
         # Two-branch CFG runs a second (unconditional) sequence; RCFG needs none.
         self.rcfg = config.guidance_scale != 1.0 and config.rcfg
         self.guided = config.guidance_scale != 1.0 and not config.rcfg
+        self._check_capacity()
         self.seqs = [engine.open_sequence(f"{stream_id}-c", config)]
         if self.guided:
             self.seqs.append(engine.open_sequence(f"{stream_id}-u", config))
-        self._check_capacity()
         self.sampler = make_sampler(config.sampler, self)
         self.decoder = engine.codec.decoder()
         self.source: Callable[[], tuple[torch.Tensor, list[float], torch.Tensor]] | None = None
@@ -66,15 +67,9 @@ class GenStream:
     # ------------------------------------------------------------------ setup
 
     def _check_capacity(self) -> None:
-        cap = self.seqs[0].policy.capacity
-        in_flight = self.config.chunk_frames * (
-            1 if self.config.sampler == "chunkwise" else len(self.sigmas)
-        )
-        if cap is not None and cap <= in_flight:
-            raise ValueError(
-                f"cache policy {self.config.policy!r} keeps {cap} frames but the {self.config.sampler} "
-                f"sampler has {in_flight} frames in flight: enlarge the window (policy_args)"
-            )
+        """Refuse a window that cannot hold the sampler's frames in flight (every policy
+        argument counts as the user's here: `GenEngine.open_stream` has sized the rest)."""
+        fit_window(self.config, given=self.config.policy_args)
 
     def set_prompt(self, prompt: str, recache: bool = True) -> None:
         """Switch the prompt. With `recache`, the kept clean frames are re-run at t=0 under
