@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from streamrt.embedded import ASSET_DIRS, GEN_MODEL, resolve_model
+from streamrt.errors import StreamrtError
 
 console = Console(stderr=True, soft_wrap=True)
 TINY_RANDOM = "tiny-random"
@@ -164,8 +165,8 @@ def _run(args: argparse.Namespace) -> int:
             for frame in frames:
                 sink.write(frame)
                 bar.update(task, advance=1, fps=stats["frames"] / max(stats["seconds"], 1e-9))
-    except OSError as exc:  # the output could not be opened or broke (disk full, server gone)
-        console.print(f"[red]error:[/] {exc}")
+    except (OSError, StreamrtError) as exc:  # the output broke, or the stream ran past
+        console.print(f"[red]error:[/] {exc}")  # what the model allows (its RoPE table)
         return 2
     console.print(
         f"wrote {sink.frames} frames to {args.output}: "

@@ -126,6 +126,7 @@ def _check_rope_range(transformer: torch.nn.Module, rows: list[RowContext], tpf:
         name = rows[0].seq.policy.name
         raise InputError(
             f"frame position {last} is past this model's RoPE table of {limit} frames "
-            f"(rope_max_seq_len): cache policy {name!r} does not bound positions; for streams "
-            "this long use a windowed policy (sink_window, deep_sink, ema_sink, participative)"
+            f"(rope_max_seq_len): cache policy {name!r} places frames at positions that grow "
+            "with the stream; for streams this long use one that keeps them bounded "
+            "(sink_window with relative positions, deep_sink, ema_sink, participative)"
         )

@@ -294,3 +294,26 @@ def test_an_explicit_cache_config_wins_over_the_preset():
     default = StreamGenerator.from_pretrained(GEN_MODEL)
     assert default.engine.cache.budgets["device"] == 2**30
     assert math.isclose(default.engine.config.shift, 1.0)  # the shipped model's own
+
+
+def test_positions_past_the_rope_table_are_refused(tmp_path, capsys):
+    from streamrt.config import GenConfig
+    from streamrt.gen.engine import GenEngine
+    from streamrt.models.generator_files import tiny_random_parts
+    from streamrt.world import VOCAB
+
+    parts = tiny_random_parts(VOCAB, rope_max_seq_len=8)
+    cfg = GenConfig(height=32, width=32, policy="full", policy_args={})
+    stream = GenEngine(*parts, cfg).open_stream(PROMPT)
+    stream.next_latents()
+    stream.next_latents()  # frames 0..5: inside the 8-frame table
+    with pytest.raises(InputError, match="frame position 8 is past this model's RoPE table of 8"):
+        stream.next_latents()
+    with pytest.raises(InputError, match=r"128x32 is 16x4 patches .* up to 64x64"):
+        GenEngine(*parts, cfg).open_stream(PROMPT, width=128)
+    # The CLI says the same in one line, mid-stream (the shipped model's table: 64 frames).
+    out = tmp_path / "o.mp4"
+    argv = ["generate", "--prompt", PROMPT, "--policy", "full", "--frames", "70", "-o", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "past this model's RoPE table of 64 frames" in err and "Traceback" not in err
