@@ -118,10 +118,13 @@ class GenConfig:
     """After a chunk is finished, rewrite its K/V with one forward at t=0 on the clean frames."""
 
     policy: str = "sink_window"
-    """Cache policy name (see streamrt.cache.POLICIES)."""
+    """Cache policy name (see streamrt.cache.POLICIES). Switched without `policy_args`, the
+    new policy starts from its own default arguments."""
 
     policy_args: dict = field(default_factory=lambda: {"sink_blocks": 3, "window_blocks": 18})
-    """Arguments of the policy, in latent frames (one block = one latent frame)."""
+    """Arguments of the policy, in latent frames (one block = one latent frame). A window
+    left unset grows to hold the frames the sampler keeps in flight (chunk_frames, or
+    steps x chunk_frames for rolling / stream_batch); one set too small is refused."""
 
     height: int = 64
     """Output height in pixels."""
