@@ -31,6 +31,9 @@ class GenStream:
     """
 
     def __init__(self, engine: GenEngine, stream_id: str, prompt: str, config: GenConfig) -> None:
+        # Refuse a window that cannot hold the sampler's frames in flight before opening
+        # anything (every argument counts as the user's: `open_stream` sized the others).
+        config = fit_window(config, given=config.policy_args)
         self.engine = engine
         self.config = config
         self.stream_id = stream_id
@@ -43,7 +46,6 @@ class GenStream:
         # Two-branch CFG runs a second (unconditional) sequence; RCFG needs none.
         self.rcfg = config.guidance_scale != 1.0 and config.rcfg
         self.guided = config.guidance_scale != 1.0 and not config.rcfg
-        self._check_capacity()
         self.seqs = [engine.open_sequence(f"{stream_id}-c", config)]
         if self.guided:
             self.seqs.append(engine.open_sequence(f"{stream_id}-u", config))
@@ -65,11 +67,6 @@ class GenStream:
         self.set_prompt(prompt, recache=False)
 
     # ------------------------------------------------------------------ setup
-
-    def _check_capacity(self) -> None:
-        """Refuse a window that cannot hold the sampler's frames in flight (every policy
-        argument counts as the user's here: `GenEngine.open_stream` has sized the rest)."""
-        fit_window(self.config, given=self.config.policy_args)
 
     def set_prompt(self, prompt: str, recache: bool = True) -> None:
         """Switch the prompt. With `recache`, the kept clean frames are re-run at t=0 under
