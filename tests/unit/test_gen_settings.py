@@ -26,7 +26,7 @@ from streamrt.models.codec import tensor_to_frames
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 PROMPT = "a red circle moving right on a dark background"
-CHUNKS = 12  # 36 frames: past the largest capacity below (24) plus a window in flight
+CHUNKS = 8  # 24 frames out (+ up to 9 in flight): past every capacity below (at most 24)
 CASES = [(p, {}, s) for p in sorted(POLICIES) for s in SAMPLERS] + [
     ("sink_window", {"adaptive_tau": 0.2}, s) for s in SAMPLERS
 ]
