@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from streamrt.embedded import ASSET_DIRS, GEN_MODEL, resolve_model
+from streamrt.errors import StreamrtError
 
 console = Console(stderr=True, soft_wrap=True)
 TINY_RANDOM = "tiny-random"
@@ -100,17 +101,7 @@ def load_generator(
     from streamrt.gen.generator import StreamGenerator
 
     if model == TINY_RANDOM:
-        from streamrt.config import GenConfig, load_config
-        from streamrt.gen.engine import GenEngine
-        from streamrt.models.generator_files import tiny_random_parts
-        from streamrt.world import VOCAB
-
-        base = load_config(config).gen if config else GenConfig()
-        import dataclasses
-
-        return StreamGenerator(
-            GenEngine(*tiny_random_parts(VOCAB), dataclasses.replace(base, **overrides))
-        )
+        return StreamGenerator.tiny_random(config, **overrides)
     path = resolve_model(model)
     if not (path / "streamrt.json").exists() and not (path / "model_index.json").exists():
         raise FileNotFoundError(
@@ -174,8 +165,8 @@ def _run(args: argparse.Namespace) -> int:
             for frame in frames:
                 sink.write(frame)
                 bar.update(task, advance=1, fps=stats["frames"] / max(stats["seconds"], 1e-9))
-    except OSError as exc:  # the output could not be opened or broke (disk full, server gone)
-        console.print(f"[red]error:[/] {exc}")
+    except (OSError, StreamrtError) as exc:  # the output broke, or the stream ran past
+        console.print(f"[red]error:[/] {exc}")  # what the model allows (its RoPE table)
         return 2
     console.print(
         f"wrote {sink.frames} frames to {args.output}: "

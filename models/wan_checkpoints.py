@@ -391,6 +391,20 @@ def _assign(
     return model
 
 
+def cast_like_diffusers(model: torch.nn.Module, dtype: str | torch.dtype) -> torch.nn.Module:
+    """Cast a built model's parameters in place as loading does (`_cast`): floating
+    parameters to `dtype`, the class's `_keep_in_fp32_modules` stay float32."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    keep_fp32 = set(getattr(type(model), "_keep_in_fp32_modules", None) or [])
+    for name, param in model.named_parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(
+                torch.float32 if keep_fp32.intersection(name.split(".")) else dtype
+            )
+    return model
+
+
 def _cast(key: str, value: torch.Tensor, dtype: torch.dtype, keep_fp32: set[str]) -> torch.Tensor:
     """Cast like diffusers' `from_pretrained`: `_keep_in_fp32_modules` name components stay fp32.
 

@@ -119,10 +119,13 @@ class GenConfig:
     """After a chunk is finished, rewrite its K/V with one forward at t=0 on the clean frames."""
 
     policy: str = "sink_window"
-    """Cache policy name (see streamrt.cache.POLICIES)."""
+    """Cache policy name (see streamrt.cache.POLICIES). Switched without `policy_args`, the
+    new policy starts from its own default arguments."""
 
     policy_args: dict = field(default_factory=lambda: {"sink_blocks": 3, "window_blocks": 18})
-    """Arguments of the policy, in latent frames (one block = one latent frame)."""
+    """Arguments of the policy, in latent frames (one block = one latent frame). A window
+    left unset grows to hold the frames the sampler keeps in flight (chunk_frames, or
+    steps x chunk_frames for rolling / stream_batch); one set too small is refused."""
 
     height: int = 64
     """Output height in pixels."""
@@ -227,17 +230,6 @@ class QAConfig:
 
 
 @dataclass
-class BenchConfig:
-    """Defaults of `streamrt bench`."""
-
-    repeats: int = 3
-    """Times each measurement is repeated; the best is reported (machines here are noisy)."""
-
-    json_path: str | None = None
-    """Write the numbers to this JSON file as well as printing the table."""
-
-
-@dataclass
 class StreamrtConfig:
     """All subsystems; a YAML preset fills any subset of these sections."""
 
@@ -250,12 +242,16 @@ class StreamrtConfig:
     qa: QAConfig = field(default_factory=QAConfig)
     """Streaming video question answering."""
 
-    bench: BenchConfig = field(default_factory=BenchConfig)
-    """Benchmarks."""
-
 
 class ConfigError(StreamrtError, ValueError):
     """A config file has an unknown key or a value of the wrong type."""
+
+
+_REMOVED = {
+    "bench": "the 'bench' section is gone (nothing read it): give `streamrt bench` its "
+    "settings as flags (--repeats, --json); delete the section",
+}
+"""Sections presets once had, with what to do instead (instead of a bare 'unknown key')."""
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -303,6 +299,8 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>", prefix
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        if key not in fields and not prefix and key in _REMOVED:
+            raise ConfigError(f"{source}: {_REMOVED[key]}")
         if key not in fields:
             raise ConfigError(
                 f"{source}: unknown key '{dotted}'; known keys here: {', '.join(fields)}"
@@ -334,6 +332,21 @@ def load_config(path: str | Path | None = None, cls: type[T] = StreamrtConfig) -
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return from_dict(cls, data, str(path))
+
+
+def read_preset(path: str | Path) -> tuple[StreamrtConfig, dict[str, dict[str, Any]]]:
+    """A preset, checked, and the keys it sets: `(config, {section: {key: value}})`.
+
+    The second part tells what the file actually says, apart from the defaults filling in
+    the rest: a preset's value wins over a model's own setting even where it equals the
+    dataclass default.
+    """
+    cfg = load_config(path)
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return cfg, {
+        section: {k: getattr(getattr(cfg, section), k) for k in (data.get(section) or {})}
+        for section in data
+    }
 
 
 def field_docs(cls: type) -> dict[str, str]:

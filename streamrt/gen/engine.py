@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Collection
 from typing import Any
 
 import torch
 
 from streamrt.cache import CacheManager, KVSpec, Sequence
 from streamrt.config import CacheConfig, GenConfig
+from streamrt.errors import InputError
 from streamrt.gen.attention import attach_streaming
+from streamrt.gen.settings import apply_changes, fit_window
 from streamrt.kernels import set_attention_backend
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,8 +36,26 @@ class GenEngine:
         config: GenConfig,
         cache: CacheManager | None = None,
         cache_config: CacheConfig | None = None,
+        given_policy_args: Collection[str] | None = None,
     ) -> None:
-        self.config = config
+        """
+        Args:
+            transformer: A diffusers `WanTransformer3DModel`.
+            text_encoder: Prompt encoder (`streamrt.models.text.TextEncoder`).
+            codec: Latent <-> pixel codec (`streamrt.models.codec`).
+            config: The requested settings; `self.config` holds them with the policy's
+                window sized for the sampler (`streamrt.gen.settings.fit_window`).
+            cache: A cache manager to share; None: one built from `cache_config`.
+            cache_config: Budgets of the engine's own cache manager (a preset's `cache:`
+                section); None: `CacheConfig()` defaults. Its device defaults to the model's.
+            given_policy_args: The policy arguments the user set (never resized); None:
+                every key of `config.policy_args`.
+        """
+        self.requested = config
+        self.given = frozenset(
+            config.policy_args if given_policy_args is None else given_policy_args
+        )
+        self.config = fit_window(config, self.given)
         self.device = torch.device(
             config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         )
@@ -52,7 +73,12 @@ class GenEngine:
             1,
             self.dtype,
         )
-        self.cache = cache or CacheManager(cache_config or CacheConfig(device=str(self.device)))
+        if cache is None:
+            cache_config = cache_config or CacheConfig()
+            if cache_config.device is None:
+                cache_config = dataclasses.replace(cache_config, device=str(self.device))
+            cache = CacheManager(cache_config)
+        self.cache = cache
         self.lock = self.state.lock
         self.parallel = None
         """`streamrt.parallel.RowParallel` to split every forward's rows over ranks (set by
@@ -65,9 +91,21 @@ class GenEngine:
         p = self.transformer.config.patch_size
         step = self.codec.spatial * max(p[1], p[2])
         if height % step or width % step or height <= 0 or width <= 0:
-            raise ValueError(
+            raise InputError(
                 f"resolution {width}x{height} must be a positive multiple of {step} "
                 f"(codec downsampling {self.codec.spatial} x patch size {p[1]}x{p[2]})"
+            )
+        rope = getattr(self.transformer.config, "rope_max_seq_len", None)
+        s = self.codec.spatial
+        ph, pw = height // s // p[1], width // s // p[2]
+        if rope is not None and max(ph, pw) > rope:
+            raise InputError(
+                f"resolution {width}x{height} is {pw}x{ph} patches but this model's RoPE "
+                f"table covers {rope} per side (rope_max_seq_len): use a size up to "
+                f"{rope * s * p[2]}x{rope * s * p[1]} (e.g. --size 64x64 for the embedded "
+                "model), or a model made "
+                "for this resolution (--model DIR of a diffusers Wan pipeline, with "
+                "--checkpoint FILE for causal generator weights)"
             )
         c = self.transformer.config.in_channels
         if c != self.codec.latent_channels:
@@ -105,8 +143,14 @@ class GenEngine:
         return self._prompts[prompt]
 
     def open_stream(self, prompt: str, config: GenConfig | None = None, **overrides: Any):
+        """A new stream of `prompt`: the engine's settings (or `config`) with `overrides`,
+        its window sized for its sampler (`streamrt.gen.settings`)."""
         from streamrt.gen.stream import GenStream
 
-        cfg = dataclasses.replace(config or self.config, **overrides)
+        if config is None or config is self.config:
+            base, given = self.requested, self.given
+        else:
+            base, given = config, frozenset(config.policy_args)
+        cfg = fit_window(*apply_changes(base, given, overrides))
         with self.lock:
             return GenStream(self, f"g{next(self._stream_ids)}", prompt, cfg)

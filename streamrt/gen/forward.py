@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from streamrt.cache import Sequence
+from streamrt.errors import InputError
 from streamrt.gen.attention import ForwardContext, RowContext, StreamingState
 
 
@@ -92,6 +93,7 @@ def _forward(
             f"streaming needs a temporal patch size of 1 (one block per latent frame), got {p_t}"
         )
     grid = (height // p_h, width // p_w)
+    _check_rope_range(transformer, rows, grid[0] * grid[1])
     ctx = ForwardContext(rows, grid, text_key, scores, parallel, local)
     ctx.prepare(transformer.rope, grid[0] * grid[1])
     frame_timesteps = frame_timesteps.to(latents.device).float()
@@ -106,3 +108,25 @@ def _forward(
         return transformer(latents, timestep, prompt_embeds, return_dict=False)[0]
     finally:
         state.current = None
+
+
+def _check_rope_range(transformer: torch.nn.Module, rows: list[RowContext], tpf: int) -> None:
+    """Refuse frame positions past the model's RoPE table (an index error deep inside)."""
+    limit = getattr(transformer.config, "rope_max_seq_len", None)
+    if limit is None:
+        return
+    last = max(
+        max(
+            [int(r.query_frames.max())]
+            + [(s + n - 1) // tpf for s, n in zip(r.plan.starts, r.plan.lengths)]
+        )
+        for r in rows
+    )
+    if last >= limit:
+        name = rows[0].seq.policy.name
+        raise InputError(
+            f"frame position {last} is past this model's RoPE table of {limit} frames "
+            f"(rope_max_seq_len): cache policy {name!r} places frames at positions that grow "
+            "with the stream; for streams this long use one that keeps them bounded "
+            "(sink_window with relative positions, deep_sink, ema_sink, participative)"
+        )

@@ -7,7 +7,6 @@ gen.set_prompt("a blue square moving up on a light background")
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -15,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from streamrt.config import CacheConfig, GenConfig, from_dict, load_config
+from streamrt.config import CacheConfig, GenConfig, from_dict, read_preset
 from streamrt.embedded import resolve_model
 from streamrt.gen.engine import GenEngine
+from streamrt.gen.settings import apply_changes
 from streamrt.gen.stream import GenStream
 
 MANIFEST = "streamrt.json"
@@ -44,13 +44,19 @@ class StreamGenerator:
     ) -> StreamGenerator:
         """Load a generator; `overrides` set `GenConfig` fields.
 
+        Settings: the directory's own (`streamrt.json`), then the preset's `gen:` keys,
+        then `overrides`; the policy's window is sized for the sampler unless given
+        (`streamrt.gen.settings`).
+
         Args:
             path: A streamrt generator directory (`streamrt.json`, see `save_pretrained`) or a
                 diffusers Wan pipeline directory (`model_index.json`: transformer/,
                 text_encoder/, tokenizer/, vae/), e.g. Wan2.1-T2V-1.3B-Diffusers.
-            config: Optional YAML preset whose `gen:` section fills the config first
-                (e.g. configs/wan-1.3b-self-forcing.yaml).
-            cache: Cache budgets (default: `CacheConfig()` on the model's device).
+            config: Optional YAML preset (e.g. configs/wan-1.3b-self-forcing.yaml): every
+                key of its `gen:` section overrides the directory's setting, its `cache:`
+                section sets the cache budgets.
+            cache: Cache budgets, overriding the preset's (default: `CacheConfig()` on the
+                model's device).
             checkpoint: Causal generator weights replacing the directory's transformer
                 (Self-Forcing / CausVid / Rolling / Reward Forcing / StreamDiffusionV2 `.pt`).
         """
@@ -61,14 +67,35 @@ class StreamGenerator:
             manifest = PIPELINE_MANIFEST
         else:
             manifest = _read_manifest(path)
-        gen_cfg = from_dict(GenConfig, manifest.get("gen", {}), str(path / MANIFEST))
-        if config is not None:
-            preset = load_config(config)
-            gen_cfg = dataclasses.replace(gen_cfg, **_changed(preset.gen))
-        gen_cfg = dataclasses.replace(gen_cfg, **overrides)
+        base = from_dict(GenConfig, manifest.get("gen", {}), str(path / MANIFEST))
+        gen_cfg, given, cache = _settings(base, config, cache, overrides)
         ckpt = Path(checkpoint) if checkpoint is not None else None
         transformer, text_encoder, codec = load_generator_parts(path, manifest, gen_cfg, ckpt)
-        return cls(GenEngine(transformer, text_encoder, codec, gen_cfg, cache_config=cache))
+        engine = GenEngine(
+            transformer, text_encoder, codec, gen_cfg, cache_config=cache, given_policy_args=given
+        )
+        return cls(engine)
+
+    @classmethod
+    def tiny_random(
+        cls,
+        config: str | Path | None = None,
+        cache: CacheConfig | None = None,
+        **overrides: Any,
+    ) -> StreamGenerator:
+        """An untrained tiny generator for smoke tests (`streamrt generate --model tiny-random`):
+        `GenConfig` defaults, then the preset (`gen:` and `cache:`), then `overrides`."""
+        from streamrt.models.generator_files import tiny_random_parts
+        from streamrt.models.wan_checkpoints import cast_like_diffusers
+        from streamrt.world import VOCAB
+
+        gen_cfg, given, cache = _settings(GenConfig(), config, cache, overrides)
+        transformer, text_encoder, codec = tiny_random_parts(VOCAB)
+        cast_like_diffusers(transformer, gen_cfg.dtype)
+        engine = GenEngine(
+            transformer, text_encoder, codec, gen_cfg, cache_config=cache, given_policy_args=given
+        )
+        return cls(engine)
 
     def save_pretrained(self, path: str | Path) -> None:
         from streamrt.models.generator_files import save_generator_parts
@@ -152,14 +179,20 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _changed(cfg: GenConfig) -> dict[str, Any]:
-    """Fields of `cfg` that differ from the defaults (what a preset actually set)."""
-    default = GenConfig()
-    return {
-        f.name: getattr(cfg, f.name)
-        for f in dataclasses.fields(cfg)
-        if getattr(cfg, f.name) != getattr(default, f.name)
-    }
+def _settings(
+    base: GenConfig,
+    config: str | Path | None,
+    cache: CacheConfig | None,
+    overrides: dict[str, Any],
+) -> tuple[GenConfig, frozenset[str], CacheConfig | None]:
+    """Requested generation settings, the policy arguments the user gave, cache budgets."""
+    given: frozenset[str] = frozenset()
+    if config is not None:
+        preset, keys = read_preset(config)
+        base, given = apply_changes(base, given, keys.get("gen", {}))
+        cache = cache or preset.cache
+    base, given = apply_changes(base, given, overrides)
+    return base, given, cache
 
 
 __all__ = ["StreamGenerator"]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from streamrt.errors import InputError
 from streamrt.gen.schedule import predict_x0, renoise
 
 if TYPE_CHECKING:
@@ -150,7 +151,25 @@ SAMPLERS: dict[str, type[Sampler]] = {
 }
 
 
+def frames_in_flight(sampler: str, steps: int, chunk_frames: int) -> tuple[int, str]:
+    """Frames a sampler writes to the cache before the oldest of them is finished, and a
+    description of why, for messages.
+
+        chunkwise                 one chunk:                  chunk_frames
+        rolling, stream_batch     one chunk per step:  steps x chunk_frames
+    """
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    if sampler == ChunkwiseSampler.name:
+        return (
+            chunk_frames,
+            f"the {sampler} sampler with one chunk of {chunk_frames} frames in flight",
+        )
+    n = steps * chunk_frames
+    return n, f"the {sampler} sampler with {steps} steps x {chunk_frames} frames in flight"
+
+
 def make_sampler(name: str, stream: GenStream) -> Sampler:
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+        raise InputError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
     return SAMPLERS[name](stream)

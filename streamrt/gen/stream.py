@@ -15,6 +15,7 @@ from streamrt.gen.forward import chunk_rows, streaming_forward
 from streamrt.gen.noise import DriftingNoise
 from streamrt.gen.samplers import make_sampler
 from streamrt.gen.schedule import shifted_sigmas
+from streamrt.gen.settings import fit_window
 from streamrt.models.codec import tensor_to_frames
 
 if TYPE_CHECKING:
@@ -30,6 +31,9 @@ class GenStream:
     """
 
     def __init__(self, engine: GenEngine, stream_id: str, prompt: str, config: GenConfig) -> None:
+        # Refuse a window that cannot hold the sampler's frames in flight before opening
+        # anything (every argument counts as the user's: `open_stream` sized the others).
+        config = fit_window(config, given=config.policy_args)
         self.engine = engine
         self.config = config
         self.stream_id = stream_id
@@ -45,7 +49,6 @@ class GenStream:
         self.seqs = [engine.open_sequence(f"{stream_id}-c", config)]
         if self.guided:
             self.seqs.append(engine.open_sequence(f"{stream_id}-u", config))
-        self._check_capacity()
         self.sampler = make_sampler(config.sampler, self)
         self.decoder = engine.codec.decoder()
         self.source: Callable[[], tuple[torch.Tensor, list[float], torch.Tensor]] | None = None
@@ -64,17 +67,6 @@ class GenStream:
         self.set_prompt(prompt, recache=False)
 
     # ------------------------------------------------------------------ setup
-
-    def _check_capacity(self) -> None:
-        cap = self.seqs[0].policy.capacity
-        in_flight = self.config.chunk_frames * (
-            1 if self.config.sampler == "chunkwise" else len(self.sigmas)
-        )
-        if cap is not None and cap <= in_flight:
-            raise ValueError(
-                f"cache policy {self.config.policy!r} keeps {cap} frames but the {self.config.sampler} "
-                f"sampler has {in_flight} frames in flight: enlarge the window (policy_args)"
-            )
 
     def set_prompt(self, prompt: str, recache: bool = True) -> None:
         """Switch the prompt. With `recache`, the kept clean frames are re-run at t=0 under

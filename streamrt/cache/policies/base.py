@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from streamrt.cache.block import DEVICE
 from streamrt.cache.sequence import AttentionPlan
+from streamrt.errors import InputError
 
 if TYPE_CHECKING:
     from streamrt.cache.sequence import Sequence
@@ -24,6 +27,46 @@ class CachePolicy(ABC):
 
     capacity: int | None = None
     """Device blocks the sequence may hold before its own blocks are evicted (None: no limit)."""
+
+    window_arg: ClassVar[str | None] = None
+    """Constructor argument counting the newest blocks, which the policy never evicts while
+    they are the newest. Every frame a sampler keeps in flight (one chunk; or every chunk of
+    a rolling / stream-batch window) is written there, so it must hold them all. None: the
+    policy itself never evicts (only memory pressure does)."""
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The constructor's default arguments."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+    @classmethod
+    def fit_args(
+        cls, args: dict[str, Any], in_flight: int, given: Collection[str], why: str
+    ) -> dict[str, Any]:
+        """`args` with the window (`window_arg`) large enough for `in_flight` frames.
+
+        Arguments named in `given` (set by the user) are never changed: too small, they
+        raise `InputError` naming the smallest value that works. The others (the policy's
+        or the model's defaults) grow to `in_flight`.
+
+        Args:
+            args: Constructor arguments (missing ones take the policy's defaults).
+            in_flight: Frames the sampler writes before the oldest of them is finished.
+            given: Names of the arguments the user set.
+            why: What keeps the frames in flight, for the message
+                (e.g. "the rolling sampler with 4 steps x 3 frames in flight").
+        """
+        key = cls.window_arg
+        window = {**cls.defaults(), **args}.get(key) if key else None
+        if not isinstance(window, int) or window >= in_flight:
+            return dict(args)
+        if key in given:
+            raise InputError(
+                f"{key}={window} is too small for {why}: use {key} >= {in_flight} "
+                f"(cache policy {cls.name!r})"
+            )
+        return {**args, key: in_flight}
 
     @abstractmethod
     def select_victims(self, seq: Sequence, n: int) -> list[int]:

@@ -46,6 +46,7 @@ class DeepSinkPolicy(CachePolicy):
     """
 
     name = "deep_sink"
+    window_arg = "window_blocks"
 
     def __init__(self, sink_blocks: int = 10, window_blocks: int = 11) -> None:
         if sink_blocks < 1:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from streamrt.cache.block import DEVICE
 from streamrt.cache.policies.base import CachePolicy, contiguous_plan
+from streamrt.errors import InputError
 
 if TYPE_CHECKING:
     from streamrt.cache.sequence import AttentionPlan, Sequence
@@ -50,6 +52,27 @@ class ParticipativePolicy(CachePolicy):
     """
 
     name = "participative"
+    window_arg = "recent_blocks"
+
+    @classmethod
+    def fit_args(
+        cls, args: dict[str, Any], in_flight: int, given: Collection[str], why: str
+    ) -> dict[str, Any]:
+        """Grow `recent_blocks` to the frames in flight and, unless the user set it, the
+        budget by as much, so the number of candidates C = N - S - R stays the same."""
+        out = super().fit_args(args, in_flight, given, why)
+        full = {**cls.defaults(), **out}
+        grown = full["recent_blocks"] - {**cls.defaults(), **args}["recent_blocks"]
+        if grown and "budget_blocks" not in given:
+            out["budget_blocks"] = full["budget_blocks"] + grown
+        need = full["sink_blocks"] + full["recent_blocks"] + 1
+        if "budget_blocks" in given and full["budget_blocks"] < need:
+            raise InputError(
+                f"budget_blocks={full['budget_blocks']} is too small for {why}: "
+                f"recent_blocks {full['recent_blocks']} + sink_blocks {full['sink_blocks']} + 1 "
+                f"candidate: use budget_blocks >= {need} (cache policy {cls.name!r})"
+            )
+        return out
 
     def __init__(
         self, sink_blocks: int = 3, budget_blocks: int = 16, recent_blocks: int = 4

@@ -45,6 +45,7 @@ class SinkWindowPolicy(CachePolicy):
     """
 
     name = "sink_window"
+    window_arg = "window_blocks"
 
     def __init__(
         self,
