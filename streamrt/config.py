@@ -320,17 +320,26 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>", prefix
         raise ConfigError(f"{source}: {exc}") from None
 
 
-def load_config(path: str | Path | None = None, cls: type[T] = StreamrtConfig) -> T:  # type: ignore[assignment]
-    """Read a YAML preset into `cls` (defaults for everything it does not set)."""
-    if path is None:
-        return cls()
+def _read_yaml(path: str | Path) -> tuple[Path, dict[str, Any]]:
     path = resolve_shipped(path)  # configs/X.yaml: the shipped preset, from any directory
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a preset is a mapping of sections (gen:, cache:, ...)")
+    return path, data
+
+
+def load_config(path: str | Path | None = None, cls: type[T] = StreamrtConfig) -> T:  # type: ignore[assignment]
+    """Read a YAML preset into `cls` (defaults for everything it does not set)."""
+    if path is None:
+        return cls()
+    path, data = _read_yaml(path)
     return from_dict(cls, data, str(path))
 
 
@@ -341,8 +350,8 @@ def read_preset(path: str | Path) -> tuple[StreamrtConfig, dict[str, dict[str, A
     the rest: a preset's value wins over a model's own setting even where it equals the
     dataclass default.
     """
-    cfg = load_config(path)
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    path, data = _read_yaml(path)
+    cfg = from_dict(StreamrtConfig, data, str(path))
     return cfg, {
         section: {k: getattr(getattr(cfg, section), k) for k in (data.get(section) or {})}
         for section in data
