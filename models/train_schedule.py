@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from streamrt.errors import InputError
+
 CHECKPOINT = "checkpoint.pt"
 """File name of a run's resumable state inside its work directory."""
 
@@ -62,6 +64,18 @@ class RunSchedule:
 
     checkpoint_every: int = 100
     """Steps between checkpoints (each also exports the model and redraws its loss curve)."""
+
+    def __post_init__(self) -> None:
+        """Refuse a schedule that cannot run (subclasses call this first)."""
+        for name in ("steps", "threads", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise InputError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
+            raise InputError(f"max_minutes (--minutes) must be > 0, got {self.max_minutes}")
+        if not 0 < self.lr < math.inf:
+            raise InputError(f"lr must be a finite number > 0, got {self.lr}")
 
 
 def progress(cfg: RunSchedule, step: int, seconds: float) -> float:

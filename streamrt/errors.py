@@ -14,3 +14,7 @@ class StreamrtError(Exception):
 
 class InputError(StreamrtError, ValueError):
     """A bad argument, request or input value (wrong shape, range, type or format)."""
+
+
+class NonFiniteError(StreamrtError, ValueError):
+    """Weights, latents or settings hold NaN or infinity (a broken checkpoint or config)."""

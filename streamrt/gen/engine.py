@@ -10,8 +10,10 @@ import torch
 
 from streamrt.cache import CacheManager, KVSpec, Sequence
 from streamrt.config import CacheConfig, GenConfig
+from streamrt.devices import resolve_device
+from streamrt.errors import InputError
 from streamrt.gen.attention import attach_streaming
-from streamrt.kernels import set_attention_backend
+from streamrt.kernels import available_backends, set_attention_backend
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,9 +37,13 @@ class GenEngine:
         cache_config: CacheConfig | None = None,
     ) -> None:
         self.config = config
-        self.device = torch.device(
-            config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        self.device = resolve_device(config.device, "gen.device")
+        if config.attention not in available_backends(self.device):
+            raise InputError(
+                f"gen.attention is {config.attention!r}, which needs CUDA and its package "
+                f"installed (pip install 'streamrt[gpu]'); usable here: "
+                f"{', '.join(available_backends(self.device))}"
+            )
         self.dtype = _DTYPES[config.dtype]
         self.transformer = transformer.to(self.device).eval()
         self.text_encoder = text_encoder

@@ -11,16 +11,30 @@ import numpy as np
 import torch
 
 from streamrt.config import GenConfig
+from streamrt.errors import NonFiniteError
 from streamrt.gen.forward import chunk_rows, streaming_forward
 from streamrt.gen.noise import DriftingNoise
 from streamrt.gen.samplers import make_sampler
 from streamrt.gen.schedule import shifted_sigmas
 from streamrt.models.codec import tensor_to_frames
+from streamrt.models.text import PromptError
 
 if TYPE_CHECKING:
     from streamrt.gen.engine import GenEngine
 
 _PROMPT_IDS = itertools.count()
+
+
+def check_prompt(prompt: str) -> str:
+    """`prompt` if it is non-empty text, else a `PromptError` saying what to pass."""
+    if not isinstance(prompt, str):
+        raise PromptError(f"the prompt must be text, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise PromptError(
+            "the prompt is empty: describe the video, e.g. 'a red circle moving right on a "
+            "dark background'"
+        )
+    return prompt
 
 
 class GenStream:
@@ -33,6 +47,7 @@ class GenStream:
         self.engine = engine
         self.config = config
         self.stream_id = stream_id
+        engine.encode_prompt(check_prompt(prompt))  # a bad prompt fails before any allocation
         c, h, w = engine.latent_shape(config.height, config.width)
         self.latent_shape = (c, h, w)
         p = engine.transformer.config.patch_size
@@ -80,7 +95,7 @@ class GenStream:
         """Switch the prompt. With `recache`, the kept clean frames are re-run at t=0 under
         the new prompt so the self-attention cache follows it (LongLive's KV re-cache)."""
         engine = self.engine
-        cond = engine.encode_prompt(prompt)
+        cond = engine.encode_prompt(check_prompt(prompt))
         self.embeds = cond
         self.text_id = next(_PROMPT_IDS)
         if self.guided:
@@ -202,6 +217,12 @@ class GenStream:
         t0 = time.perf_counter()
         x0 = self.sampler.next_chunk()
         self.stats["seconds"] += time.perf_counter() - t0
+        if self.stats["chunks"] == 0 and not bool(torch.isfinite(x0).all()):
+            raise NonFiniteError(
+                "the model produced NaN/inf latents in its first chunk: its weights hold "
+                "non-finite values or the settings overflow (guidance_scale, shift, float16); "
+                "check the checkpoint and the gen: settings"
+            )
         self.stats["chunks"] += 1
         return x0
 
