@@ -54,6 +54,7 @@ from streamrt.models.train_schedule import (
     RunSchedule,
     lr_at,
     progress,
+    read_checkpoint,
     resume_or_new,
     run_steps,
     torch_threads,
@@ -348,7 +349,7 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
 
 def load_checkpoint(path: Path, cfg: TrainGenConfig | None = None) -> TrainState:
     """A state from `path`; `cfg` (e.g. more steps) replaces the saved config if given."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = read_checkpoint(path)
     state = new_state(cfg or TrainGenConfig(**blob["config"]))
     state.transformer.load_state_dict(blob["transformer"])
     state.text_encoder.model.load_state_dict(blob["text"])

@@ -107,6 +107,39 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The dict a run saved at `path`, read with `torch.load(weights_only=True)`.
+
+    A checkpoint holds only tensors and plain containers, which is all `weights_only`
+    unpickles; anything else (a crafted file whose pickle would run code) is refused.
+
+    Raises:
+        CheckpointError: the file is not such a checkpoint (foreign, crafted or truncated).
+    """
+    import pickle
+
+    from streamrt.models.wan_keys import CheckpointError
+
+    fix = "delete it or pass --fresh to start a new run"
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" in str(error):
+            raise CheckpointError(
+                f"{path}: refused to resume: the file holds pickled objects other than tensors "
+                f"and plain containers (not a streamrt training checkpoint); {fix}"
+            ) from None
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({error}); {fix}") from None
+    except Exception as error:
+        first = (str(error).splitlines() or [""])[0]
+        raise CheckpointError(
+            f"{path}: corrupt or truncated checkpoint ({type(error).__name__}: {first}); {fix}"
+        ) from None
+    if not isinstance(blob, dict) or not {"config", "step"} <= blob.keys():
+        raise CheckpointError(f"{path}: not a streamrt training checkpoint; {fix}")
+    return blob
+
+
 def resume_or_new(
     cfg: RunSchedule,
     work_dir: str | Path | None,
