@@ -22,6 +22,7 @@ from diffusers import AutoencoderKLWan
 from transformers import UMT5Config, UMT5EncoderModel
 
 from streamrt.config import GenConfig
+from streamrt.errors import InputError
 from streamrt.models.codec import PixelCodec, WanVAECodec
 from streamrt.models.text import TextEncoder, word_tokenizer
 from streamrt.models.wan import build_wan, tiny_wan_config
@@ -100,7 +101,7 @@ def load_generator_parts(
         with _reading([path / "vae"], "VAE"):
             codec = WanVAECodec(load_wan_vae(path / "vae"))
     else:
-        raise ValueError(f"{path}/streamrt.json: unknown codec {codec_name!r} (pixel, wan_vae)")
+        raise InputError(f"{path}/streamrt.json: unknown codec {codec_name!r} (pixel, wan_vae)")
     return transformer, text, codec
 
 

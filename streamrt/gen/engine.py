@@ -71,13 +71,13 @@ class GenEngine:
         p = self.transformer.config.patch_size
         step = self.codec.spatial * max(p[1], p[2])
         if height % step or width % step or height <= 0 or width <= 0:
-            raise ValueError(
+            raise InputError(
                 f"resolution {width}x{height} must be a positive multiple of {step} "
                 f"(codec downsampling {self.codec.spatial} x patch size {p[1]}x{p[2]})"
             )
         c = self.transformer.config.in_channels
         if c != self.codec.latent_channels:
-            raise ValueError(
+            raise InputError(
                 f"transformer expects {c} latent channels but the codec makes {self.codec.latent_channels}"
             )
         return c, height // self.codec.spatial, width // self.codec.spatial
@@ -88,7 +88,7 @@ class GenEngine:
         if existing is None:
             self.cache.register(self.consumer, spec, priority=10, offload=False)
         elif existing.spec != spec:
-            raise ValueError(
+            raise InputError(
                 "every stream of one engine must use the same resolution (tokens per frame "
                 f"{existing.spec.tokens_per_block}, got {tokens_per_frame})"
             )

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from streamrt.errors import InputError
 from streamrt.gen.schedule import predict_x0, renoise
 
 if TYPE_CHECKING:
@@ -152,5 +153,5 @@ SAMPLERS: dict[str, type[Sampler]] = {
 
 def make_sampler(name: str, stream: GenStream) -> Sampler:
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+        raise InputError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
     return SAMPLERS[name](stream)

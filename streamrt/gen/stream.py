@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from streamrt.config import GenConfig
-from streamrt.errors import NonFiniteError
+from streamrt.errors import InputError, NonFiniteError
 from streamrt.gen.forward import chunk_rows, streaming_forward
 from streamrt.gen.noise import DriftingNoise
 from streamrt.gen.samplers import make_sampler
@@ -58,9 +58,13 @@ class GenStream:
         self.rcfg = config.guidance_scale != 1.0 and config.rcfg
         self.guided = config.guidance_scale != 1.0 and not config.rcfg
         self.seqs = [engine.open_sequence(f"{stream_id}-c", config)]
-        if self.guided:
-            self.seqs.append(engine.open_sequence(f"{stream_id}-u", config))
-        self._check_capacity()
+        try:  # a refused stream gives its blocks back: the other streams keep their room
+            if self.guided:
+                self.seqs.append(engine.open_sequence(f"{stream_id}-u", config))
+            self._check_capacity()
+        except Exception:
+            self.close()
+            raise
         self.sampler = make_sampler(config.sampler, self)
         self.decoder = engine.codec.decoder()
         self.source: Callable[[], tuple[torch.Tensor, list[float], torch.Tensor]] | None = None
@@ -86,7 +90,7 @@ class GenStream:
             1 if self.config.sampler == "chunkwise" else len(self.sigmas)
         )
         if cap is not None and cap <= in_flight:
-            raise ValueError(
+            raise InputError(
                 f"cache policy {self.config.policy!r} keeps {cap} frames but the {self.config.sampler} "
                 f"sampler has {in_flight} frames in flight: enlarge the window (policy_args)"
             )
