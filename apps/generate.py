@@ -102,6 +102,11 @@ def load_generator(
     from streamrt.gen.generator import StreamGenerator
 
     if model == TINY_RANDOM:
+        if checkpoint is not None:
+            raise InputError(
+                f"--checkpoint replaces a model directory's weights; --model {TINY_RANDOM} has "
+                "none: pass --model DIR (with transformer/config.json) as well"
+            )
         from streamrt.config import GenConfig, load_config
         from streamrt.gen.engine import GenEngine
         from streamrt.models.generator_files import tiny_random_parts

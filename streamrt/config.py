@@ -40,11 +40,11 @@ def parse_bytes(value: int | str, what: str = "size") -> int:
     """Parse 1048576, "512MiB", "2 GB" into a byte count."""
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
-            raise ValueError(f"{what} must be >= 0, got {value}")
+            raise InputError(f"{what} must be >= 0, got {value}")
         return value
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(
+        raise InputError(
             f"{what}: cannot read {value!r} as a size; write e.g. 4096, '512MiB' or '2GiB'"
         )
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

@@ -36,7 +36,7 @@ from typing import Literal
 from streamrt.cache.block import DEVICE, HOST
 from streamrt.cache.manager import CacheManager
 from streamrt.cache.sequence import Sequence
-from streamrt.errors import InputError
+from streamrt.errors import InputError, UnknownNameError
 
 Action = Literal["pin", "offload", "free"]
 
@@ -242,7 +242,9 @@ class AgentKV:
         """The open agent's sequence, or an `InputError` naming the open agents."""
         if agent not in self.agents:
             known = ", ".join(map(repr, self.agents)) or "none"
-            raise InputError(f"no open agent {agent!r}; open agents: {known} (call open first)")
+            raise UnknownNameError(
+                f"no open agent {agent!r}; open agents: {known} (call open first)"
+            )
         return self.agents[agent]
 
     def _move(self, seq: Sequence, tier: str) -> None:
