@@ -18,6 +18,8 @@ class Parser(argparse.ArgumentParser):
     """An `ArgumentParser` whose errors are `InputError`s (subparsers inherit the class)."""
 
     def error(self, message: str):  # type: ignore[override]
+        if message.endswith("expected one argument"):
+            message += " (write a value that starts with '-' as --option=VALUE)"
         raise InputError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 

@@ -363,6 +363,11 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>", prefix
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value or {}, source, dotted + ".")
+        elif typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+            choices = ", ".join(map(str, typing.get_args(tp)))
+            raise ConfigError(
+                f"{source}: key '{dotted}': unknown {key} {value!r}; choose one of {choices}"
+            )
         elif not _type_ok(value, tp):
             raise ConfigError(
                 f"{source}: key '{dotted}' must be {_describe(tp)}, got {value!r} ({type(value).__name__})"
