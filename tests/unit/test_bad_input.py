@@ -438,3 +438,15 @@ def test_a_failing_stream_leaves_another_on_the_same_generator_undisturbed(parts
     b.next_frames()  # the stream whose prompt was refused keeps going
     gen.engine.cache.check_invariants()
     assert len(gen.engine.cache.sequences) == 2  # the failed streams gave their blocks back
+
+
+def test_non_finite_weights_fail_at_the_first_chunk_not_as_a_black_video():
+    from streamrt.errors import NonFiniteError
+
+    transformer, text, codec = tiny_random_parts(VOCAB)
+    with torch.no_grad():
+        transformer.proj_out.weight.fill_(math.nan)
+    gen = StreamGenerator(GenEngine(transformer, text, codec, GenConfig(**SMALL)))
+    with pytest.raises(NonFiniteError, match="NaN/inf latents in its first chunk"):
+        next(gen.stream(PROMPT, num_frames=3))
+    assert gen.engine.cache.sequences == {}  # the failed stream was closed
