@@ -274,12 +274,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    torch_threads = args.threads if getattr(args, "threads", None) else default_threads()
-    if args.command != "config":
-        import torch
+    if args.command == "config":
+        return int(args.func(args) or 0)
+    import torch
 
-        torch.set_num_threads(torch_threads)
-    return int(args.func(args) or 0)
+    before = torch.get_num_threads()  # restored: in-process callers keep their setting
+    torch.set_num_threads(args.threads or default_threads())
+    try:
+        return int(args.func(args) or 0)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _message(exc: BaseException) -> str:
