@@ -191,6 +191,9 @@ CLI_CASES = {
     "bench pipeline ranks": (["bench", "pipeline", "--ranks", "0"], "--ranks: must be >= 1"),
     "bench pipeline samplers": (["bench", "pipeline", "--samplers", "euler"], "unknown sampler"),
     "bench unknown": (["bench", "speed"], "invalid choice: 'speed'"),
+    # demo
+    "demo port": (["demo", "--port", "0"], "--port: must be >= 1 and <= 65535"),
+    "demo model": (["demo", "--model", F + "/none"], "holds no streamrt generator"),
     # train
     "train steps -1": (["train", "gen", "--steps", "-1"], "--steps: must be >= 1, got -1"),
     "train batch 0": (["train", "gen", "--batch-size", "0"], "--batch-size: must be >= 1"),
