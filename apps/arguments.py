@@ -98,3 +98,13 @@ def existing_dir(text: str) -> str:
         what = "is a file, not a directory" if Path(text).exists() else "does not exist"
         raise argparse.ArgumentTypeError(f"directory {text} {what}")
     return text
+
+
+def new_file(text: str) -> str:
+    """Type of an option naming a file to write: its directory must exist ('' : none)."""
+    parent = Path(text).parent
+    if text and not parent.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"cannot write {text}: directory {parent} does not exist (create it first)"
+        )
+    return text

@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from streamrt.apps.arguments import Parser, count, existing_dir, positive, size
+from streamrt.apps.arguments import Parser, count, existing_dir, new_file, positive, size
 from streamrt.errors import StreamrtError
 from streamrt.threads import ENV as THREADS_ENV
 from streamrt.threads import default_threads
@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure speed against a baseline in the same run")
     bench_sub = bench.add_subparsers(dest="suite", required=True)
     cache = bench_sub.add_parser("cache", help="block allocation and tier-move throughput")
-    cache.add_argument("--json", metavar="PATH", help="also write the numbers to PATH")
+    cache.add_argument(
+        "--json", type=new_file, metavar="PATH", help="also write the numbers to PATH"
+    )
     cache.add_argument("--repeats", type=count(1), default=5, help="best of N (default 5)")
     cache.add_argument(
         "--block-mib", type=positive, default=2.0, help="block size for move benchmarks"
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen_b.add_argument(
         "--long-size", type=size, default="32x32", help="frame size of the long-stream measurement"
     )
-    gen_b.add_argument("--json", metavar="PATH")
+    gen_b.add_argument("--json", type=new_file, metavar="PATH")
     q = bench_sub.add_parser(
         "quality", help="long rollouts per cache policy: adherence, dynamics, drift, copying"
     )
@@ -143,9 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts", type=count(1, 4), default=4, help="how many of the fixed prompts (1-4)"
     )
     q.add_argument(
-        "--plot", default="bench-quality.png", help="PNG of the metrics over time ('' for none)"
+        "--plot",
+        type=new_file,
+        default="bench-quality.png",
+        help="PNG of the metrics over time ('' for none)",
     )
-    q.add_argument("--json", metavar="PATH")
+    q.add_argument("--json", type=new_file, metavar="PATH")
     qa_b = bench_sub.add_parser(
         "qa", help="video QA memory: encode FPS, answer latency vs re-prefill, needle accuracy"
     )
@@ -174,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[1, 10, 100],
         help="needle stream lengths in windows (default 1,10,100)",
     )
-    qa_b.add_argument("--json", metavar="PATH")
+    qa_b.add_argument("--json", type=new_file, metavar="PATH")
     pipe = bench_sub.add_parser(
         "pipeline", help="row-parallel generation on N local ranks vs one process"
     )
@@ -190,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=["stream_batch", "chunkwise"],
         help="comma-separated (default stream_batch,chunkwise)",
     )
-    pipe.add_argument("--json", metavar="PATH")
+    pipe.add_argument("--json", type=new_file, metavar="PATH")
     bench.set_defaults(func=_cmd_bench)
 
     from streamrt.apps.demo import add_arguments as demo_arguments

@@ -180,6 +180,8 @@ CLI_CASES = {
     "bench cache mib": (["bench", "cache", "--block-mib", "big"], "expected a number, got 'big'"),
     "bench cache mib 0": (["bench", "cache", "--block-mib", "0"], "must be > 0"),
     "bench cache dir": (["bench", "cache", "--disk-dir", F + "/none"], "does not exist"),
+    "bench cache json": (["bench", "cache", "--json", F + "/none/x.json"], "/none does not exist"),
+    "bench quality plot": (["bench", "quality", "--plot", F + "/none/q.png"], "create it first"),
     "bench gen window": (["bench", "gen", "--window", "2"], "--window: must be >= 4"),
     "bench gen chunks": (["bench", "gen", "--chunks", "-1"], "--chunks: must be >= 1"),
     "bench gen long size": (["bench", "gen", "--long-size", "32"], "expected WIDTHxHEIGHT"),
