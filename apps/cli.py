@@ -1,7 +1,8 @@
-"""`streamrt` command line: generate, bench, config.
+"""`streamrt` command line: generate, stream, ask, train, bench, demo, config.
 
-Sub-commands are added as their subsystems land; each prints what it does and fails
-with a message that says what to fix.
+Every error the user can fix (a `StreamrtError`, or a missing/unreadable path) is printed
+by `main` as one line, `error: <what to fix>`, exit code 2; anything else is a bug: one
+`error: unexpected ...` line, exit code 1, and `--debug` shows its traceback.
 """
 
 from __future__ import annotations
@@ -214,7 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """`--threads` on every command that runs a model, `--debug` after any command too."""
     for name, command in _leaf_commands(parser):
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+        command.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show the full traceback of any error",
+        )
         if name != "config" and "--threads" not in command._option_string_actions:
             command.add_argument(
                 "--threads",
@@ -270,9 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(_message(exc))
         return 2
     except Exception as exc:
+        text = _message(exc)
+        text = text if len(text) <= 300 else text[:297] + "..."
         _say(
-            f"unexpected {type(exc).__name__}: {_message(exc)} "
-            "(a bug: rerun with --debug for the traceback)"
+            f"unexpected {type(exc).__name__}: {text} (a bug: rerun with --debug for the traceback)"
         )
         return 1
 
