@@ -193,6 +193,9 @@ CLI_CASES = {
     "bench pipeline ranks": (["bench", "pipeline", "--ranks", "0"], "--ranks: must be >= 1"),
     "bench pipeline samplers": (["bench", "pipeline", "--samplers", "euler"], "unknown sampler"),
     "bench unknown": (["bench", "speed"], "invalid choice: 'speed'"),
+    # ask (its own messages, through the same exit code)
+    "ask video missing": (["ask", "--video", F + "/no.mp4", "--model", "tiny-random", "q"], "does not exist"),
+    "ask not a video": (["ask", "--video", F + "/fps0.yaml", "--model", "tiny-random", "q"], "as a video"),
     # demo
     "demo port": (["demo", "--port", "0"], "--port: must be >= 1 and <= 65535"),
     "demo model": (["demo", "--model", F + "/none"], "holds no streamrt generator"),
