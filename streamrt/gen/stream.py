@@ -236,6 +236,11 @@ class GenStream:
         t0 = time.perf_counter()
         with torch.no_grad():
             pixels = self.decoder.decode(x0.float())
+        if self.stats["first_frame_s"] is None and not bool(torch.isfinite(pixels).all()):
+            raise NonFiniteError(
+                "the codec (VAE) decoded NaN/inf pixels from finite latents: its weights hold "
+                "non-finite values; restore the model directory's vae/"
+            )
         frames = tensor_to_frames(pixels)
         self.stats["seconds"] += time.perf_counter() - t0
         if self.stats["first_frame_s"] is None:

@@ -458,3 +458,15 @@ def test_non_finite_weights_fail_at_the_first_chunk_not_as_a_black_video():
     with pytest.raises(NonFiniteError, match="NaN/inf latents in its first chunk"):
         next(gen.stream(PROMPT, num_frames=3))
     assert gen.engine.cache.sequences == {}  # the failed stream was closed
+
+
+def test_non_finite_vae_weights_fail_at_the_first_frames():
+    from streamrt.errors import NonFiniteError
+
+    transformer, text, codec = tiny_random_parts(VOCAB, codec="wan_vae")
+    with torch.no_grad():
+        for p in codec.vae.decoder.parameters():
+            p.fill_(math.nan)
+    gen = StreamGenerator(GenEngine(transformer, text, codec, GenConfig(**SMALL)))
+    with pytest.raises(NonFiniteError, match=r"codec \(VAE\) decoded NaN/inf pixels"):
+        next(gen.stream(PROMPT, num_frames=3))
