@@ -375,6 +375,7 @@ API_CASES = {
     "cache size text": (lambda p: CacheConfig(host_bytes="lots"), InputError, "write e.g. 4096"),
     "kvspec zero layers": (lambda p: KVSpec(num_layers=0, num_kv_heads=2, head_dim=8, tokens_per_block=4), InputError, "num_layers must be a positive int"),
     "cache unknown consumer": (lambda p: CacheManager(device_bytes=4096).open_sequence("nobody", "full"), UnknownNameError, "register it first"),
+    "cache unknown block": (lambda p: _written_block(None), UnknownNameError, "block 99 is not in sequence"),
     "cache wrong block shape": (lambda p: _written_block(torch.zeros(3, 3)), SpecMismatchError, "expected a block of shape"),
     "agent unknown": (lambda p: _agents().close("ghost"), UnknownNameError, "open agents: 'planner'"),
     "agent cold mean 0": (lambda p: _tool_durations(0), InputError, "cold_mean_s must be a positive"),
@@ -388,7 +389,10 @@ def _written_block(kv: torch.Tensor) -> None:
     mgr = CacheManager(device_bytes=spec.block_bytes * 4, host_bytes=spec.block_bytes * 4)
     mgr.register("c", spec)
     seq = mgr.open_sequence("c", "full")
-    seq.write(seq.append(), kv)
+    index = seq.append()
+    if kv is None:
+        seq.kv(99)
+    seq.write(index, kv)
 
 
 def _agents():
