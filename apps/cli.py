@@ -1,7 +1,8 @@
-"""`streamrt` command line: generate, bench, config.
+"""`streamrt` command line: generate, stream, ask, train, bench, demo, config.
 
-Sub-commands are added as their subsystems land; each prints what it does and fails
-with a message that says what to fix.
+Every error the user can fix (a `StreamrtError`, or a missing/unreadable path) is printed
+by `main` as one line, `error: <what to fix>`, exit code 2; anything else is a bug: one
+`error: unexpected ...` line, exit code 1, and `--debug` shows its traceback.
 """
 
 from __future__ import annotations
@@ -10,9 +11,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from rich.console import Console
+from streamrt.apps.arguments import Parser, count, existing_dir, new_file, positive, size
+from streamrt.errors import StreamrtError
+from streamrt.threads import ENV as THREADS_ENV
+from streamrt.threads import default_threads
 
-console = Console(stderr=True, soft_wrap=True)
+THREADS_DEFAULT_HELP = f"1, or ${THREADS_ENV}"
+SAMPLERS = ("chunkwise", "rolling", "stream_batch")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -56,13 +61,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from streamrt.config import ConfigError, load_config
+    from streamrt.config import load_config
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        console.print(f"[red]{exc}[/]")
-        return 2
+    cfg = load_config(args.config)
     print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
     return 0
 
@@ -70,8 +71,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from streamrt import __version__
 
-    parser = argparse.ArgumentParser(prog="streamrt", description=__doc__.splitlines()[0])
+    parser = Parser(prog="streamrt", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"streamrt {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from streamrt.apps.generate import add_arguments
@@ -103,87 +105,98 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure speed against a baseline in the same run")
     bench_sub = bench.add_subparsers(dest="suite", required=True)
     cache = bench_sub.add_parser("cache", help="block allocation and tier-move throughput")
-    cache.add_argument("--json", metavar="PATH", help="also write the numbers to PATH")
-    cache.add_argument("--repeats", type=int, default=5, help="best of N (default 5)")
     cache.add_argument(
-        "--block-mib", type=float, default=2.0, help="block size for move benchmarks"
+        "--json", type=new_file, metavar="PATH", help="also write the numbers to PATH"
     )
-    cache.add_argument("--blocks", type=int, default=32, help="blocks moved per measurement")
+    cache.add_argument("--repeats", type=count(1), default=5, help="best of N (default 5)")
     cache.add_argument(
-        "--ops", type=int, default=100_000, help="allocate+free pairs per measurement"
+        "--block-mib", type=positive, default=2.0, help="block size for move benchmarks"
     )
-    cache.add_argument("--disk-dir", help="directory for the disk tier (default: a temp dir)")
+    cache.add_argument("--blocks", type=count(1), default=32, help="blocks moved per measurement")
+    cache.add_argument(
+        "--ops", type=count(1), default=100_000, help="allocate+free pairs per measurement"
+    )
+    cache.add_argument(
+        "--disk-dir", type=existing_dir, help="directory for the disk tier (default: a temp dir)"
+    )
     gen_b = bench_sub.add_parser(
         "gen", help="streaming generation FPS vs recompute / batch / long streams"
     )
     gen_b.add_argument("--model", default="tiny-random", help="generator directory or tiny-random")
     gen_b.add_argument("--config", help="YAML preset")
-    gen_b.add_argument("--window", type=int, default=15, help="kept frames incl. 3 sink frames")
-    gen_b.add_argument("--chunks", type=int, default=10, help="chunks timed per measurement")
     gen_b.add_argument(
-        "--long-frames", type=int, default=20_000, help="frame index of the late measurement"
+        "--window", type=count(4), default=15, help="kept frames incl. 3 sink frames"
+    )
+    gen_b.add_argument("--chunks", type=count(1), default=10, help="chunks timed per measurement")
+    gen_b.add_argument(
+        "--long-frames", type=count(1), default=20_000, help="frame index of the late measurement"
     )
     gen_b.add_argument(
-        "--long-size", default="32x32", help="frame size of the long-stream measurement"
+        "--long-size", type=size, default="32x32", help="frame size of the long-stream measurement"
     )
-    gen_b.add_argument(
-        "--threads", type=int, help="torch threads (1 is steadier on a shared machine)"
-    )
-    gen_b.add_argument("--json", metavar="PATH")
+    gen_b.add_argument("--json", type=new_file, metavar="PATH")
     q = bench_sub.add_parser(
         "quality", help="long rollouts per cache policy: adherence, dynamics, drift, copying"
     )
     q.add_argument("--model", default="assets/tiny-world")
     q.add_argument("--config", help="YAML preset")
-    q.add_argument("--window", type=int, default=12, help="cache budget in latent frames")
-    q.add_argument("--clip-frames", type=int, default=24, help="training clip length (1x)")
-    q.add_argument("--prompts", type=int, default=4, help="how many of the fixed prompts")
+    q.add_argument("--window", type=count(4), default=12, help="cache budget in latent frames")
+    q.add_argument("--clip-frames", type=count(1), default=24, help="training clip length (1x)")
     q.add_argument(
-        "--plot", default="bench-quality.png", help="PNG of the metrics over time ('' for none)"
+        "--prompts", type=count(1, 4), default=4, help="how many of the fixed prompts (1-4)"
     )
-    q.add_argument("--json", metavar="PATH")
+    q.add_argument(
+        "--plot",
+        type=new_file,
+        default="bench-quality.png",
+        help="PNG of the metrics over time ('' for none)",
+    )
+    q.add_argument("--json", type=new_file, metavar="PATH")
     qa_b = bench_sub.add_parser(
         "qa", help="video QA memory: encode FPS, answer latency vs re-prefill, needle accuracy"
     )
     qa_b.add_argument("--model", default="tiny-random", help="Video-LLM directory or tiny-random")
     qa_b.add_argument(
-        "--max-frames", type=int, default=3600, help="stream length at 1 fps (default 1 h)"
+        "--max-frames", type=count(1), default=3600, help="stream length at 1 fps (default 1 h)"
     )
-    qa_b.add_argument("--window", type=int, default=8, help="frames in the local window")
-    qa_b.add_argument("--retrieve", type=int, help="frames retrieved per layer (default: window)")
-    qa_b.add_argument("--max-new-tokens", type=int, default=8, help="answer length in tokens")
-    qa_b.add_argument("--repeats", type=int, default=3, help="best of N (default 3)")
+    qa_b.add_argument("--window", type=count(1), default=8, help="frames in the local window")
+    qa_b.add_argument(
+        "--retrieve", type=count(1), help="frames retrieved per layer (default: window)"
+    )
+    qa_b.add_argument("--max-new-tokens", type=count(1), default=8, help="answer length in tokens")
+    qa_b.add_argument("--repeats", type=count(1), default=3, help="best of N (default 3)")
     qa_b.add_argument(
         "--baseline-max-frames",
-        type=int,
+        type=count(1),
         default=3600,
         help="measure re-prefill up to this many frames, extrapolate beyond",
     )
-    qa_b.add_argument("--trials", type=int, default=20, help="needle trials per scale (0: none)")
+    qa_b.add_argument(
+        "--trials", type=count(0), default=20, help="needle trials per scale (0: none)"
+    )
     qa_b.add_argument(
         "--needle-scales",
-        type=lambda s: [int(x) for x in s.split(",")],
+        type=count_list,
         default=[1, 10, 100],
         help="needle stream lengths in windows (default 1,10,100)",
     )
-    qa_b.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    qa_b.add_argument("--json", metavar="PATH")
+    qa_b.add_argument("--json", type=new_file, metavar="PATH")
     pipe = bench_sub.add_parser(
         "pipeline", help="row-parallel generation on N local ranks vs one process"
     )
     pipe.add_argument("--model", default="assets/tiny-world", help="generator dir or tiny-random")
-    pipe.add_argument("--ranks", type=int, default=2, help="local gloo processes (default 2)")
-    pipe.add_argument("--size", default="64x64", help="frame size WIDTHxHEIGHT")
-    pipe.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    pipe.add_argument("--warmup", type=int, default=4, help="chunks before timing")
-    pipe.add_argument("--chunks", type=int, default=10, help="chunks timed")
+    pipe.add_argument("--ranks", type=count(1), default=2, help="local gloo processes (default 2)")
+    pipe.add_argument("--size", type=size, default="64x64", help="frame size WIDTHxHEIGHT")
+    pipe.add_argument("--steps", type=count(1), help="denoising steps (default: the model's)")
+    pipe.add_argument("--warmup", type=count(0), default=4, help="chunks before timing")
+    pipe.add_argument("--chunks", type=count(1), default=10, help="chunks timed")
     pipe.add_argument(
         "--samplers",
-        type=lambda s: s.split(","),
+        type=sampler_list,
         default=["stream_batch", "chunkwise"],
         help="comma-separated (default stream_batch,chunkwise)",
     )
-    pipe.add_argument("--json", metavar="PATH")
+    pipe.add_argument("--json", type=new_file, metavar="PATH")
     bench.set_defaults(func=_cmd_bench)
 
     from streamrt.apps.demo import add_arguments as demo_arguments
@@ -195,12 +208,107 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the effective configuration (defaults + preset)")
     config.add_argument("--config", help="YAML preset from configs/")
     config.set_defaults(func=_cmd_config)
+    add_common_arguments(parser)
     return parser
 
 
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--threads` on every command that runs a model, `--debug` after any command too."""
+    for name, command in _leaf_commands(parser):
+        command.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show the full traceback of any error",
+        )
+        if name != "config" and "--threads" not in command._option_string_actions:
+            command.add_argument(
+                "--threads",
+                type=count(1),
+                help=f"torch threads (default {THREADS_DEFAULT_HELP})",
+            )
+
+
+def _leaf_commands(parser: argparse.ArgumentParser):
+    """(name, parser) of every command without sub-commands of its own."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in subs:
+        for name, child in action.choices.items():
+            if any(isinstance(a, argparse._SubParsersAction) for a in child._actions):
+                yield from _leaf_commands(child)
+            else:
+                yield name, child
+
+
+def count_list(text: str) -> list[int]:
+    """Type of a comma-separated list of whole numbers >= 1."""
+    return [count(1)(x) for x in text.split(",")]
+
+
+def sampler_list(text: str) -> list[str]:
+    """Type of a comma-separated list of sampler names."""
+    names = [x.strip() for x in text.split(",")]
+    if bad := [n for n in names if n not in SAMPLERS]:
+        raise argparse.ArgumentTypeError(f"unknown sampler(s) {bad}; choose from {SAMPLERS}")
+    return names
+
+
+USER_ERRORS = (
+    StreamrtError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+"""What the user can fix (the message says how, or names the path): one line, exit 2."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command. Exit codes: 0 done, 2 the input needs fixing, 1 a bug, 130 interrupted."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # before parsing, so argument errors show their traceback too
+        return _run(argv)
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        return 130
+    except USER_ERRORS as exc:
+        _say(_message(exc))
+        return 2
+    except Exception as exc:
+        text = _message(exc)
+        text = text if len(text) <= 300 else text[:297] + "..."
+        _say(
+            f"unexpected {type(exc).__name__}: {text} (a bug: rerun with --debug for the traceback)"
+        )
+        return 1
+
+
+def _run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    if args.command == "config":
+        return int(args.func(args) or 0)
+    import torch
+
+    before = torch.get_num_threads()  # restored: in-process callers keep their setting
+    torch.set_num_threads(args.threads or default_threads())
+    try:
+        return int(args.func(args) or 0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _message(exc: BaseException) -> str:
+    """The error as one line (an OSError as `path: reason`)."""
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _say(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

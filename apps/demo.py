@@ -307,31 +307,33 @@ def build_demo(backend: DemoBackend):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from streamrt.apps.arguments import count
+
     p.add_argument("--model", default="assets/tiny-world", help="generator dir or tiny-random")
     p.add_argument("--qa-model", help="Video-LLM directory (default: assets/tiny-vqa)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: all)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=count(1, 65535), default=7860)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         import gradio  # noqa: F401
     except ImportError:
-        print("error: the demo needs gradio: pip install 'streamrt[demo]'")
-        return 2
-    try:
-        backend = DemoBackend(args.model, args.qa_model)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}")
-        return 2
+        from streamrt.errors import InputError
+
+        raise InputError("the demo needs gradio: pip install 'streamrt[demo]'") from None
+    backend = DemoBackend(args.model, args.qa_model)  # bad models: one line from the CLI
     build_demo(backend).queue().launch(server_name=args.host, server_port=args.port)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="streamrt demo", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`streamrt demo ...` with the CLI's error handling and `--threads`."""
+    import sys
+
+    from streamrt.apps.cli import main as cli_main
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

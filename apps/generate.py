@@ -8,8 +8,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from streamrt.apps.arguments import count, finite, parse_size, size
 from streamrt.embedded import ASSET_DIRS, GEN_MODEL, resolve_model
-from streamrt.errors import StreamrtError
+from streamrt.errors import InputError
 
 console = Console(stderr=True, soft_wrap=True)
 TINY_RANDOM = "tiny-random"
@@ -17,8 +18,10 @@ TINY_RANDOM = "tiny-random"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True)
-    p.add_argument("--frames", type=int, default=48, help="frames to write (default 48)")
-    p.add_argument("-o", "--output", default="out.mp4", help="file (.mp4) or rtmp:// URL")
+    p.add_argument("--frames", type=count(1), default=48, help="frames to write (default 48)")
+    p.add_argument(
+        "-o", "--output", type=output, default="out.mp4", help="file (.mp4) or rtmp:// URL"
+    )
     p.add_argument(
         "--model",
         default=GEN_MODEL,
@@ -33,10 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", help="cache policy (full, sink_window, deep_sink, ema_sink, ...)")
     p.add_argument("--policy-args", help="e.g. sink_blocks=3,window_blocks=18")
     p.add_argument("--sampler", choices=["chunkwise", "rolling", "stream_batch"])
-    p.add_argument("--steps", type=int, help="denoising steps (timesteps evenly spaced from 1000)")
+    p.add_argument(
+        "--steps", type=count(1), help="denoising steps (timesteps evenly spaced from 1000)"
+    )
     p.add_argument("--seed", type=int)
-    p.add_argument("--size", help="WIDTHxHEIGHT in pixels")
-    p.add_argument("--noise-drift", type=float, help="latent pixels/frame of drifting noise")
+    p.add_argument("--size", type=size, help="WIDTHxHEIGHT in pixels")
+    p.add_argument("--noise-drift", type=finite, help="latent pixels/frame of drifting noise")
     p.add_argument(
         "--parallel",
         choices=["steps", "rows"],
@@ -58,22 +63,18 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         out["sampler"] = args.sampler
     if getattr(args, "parallel", None) == "steps":
         if args.sampler not in (None, "stream_batch"):
-            raise ValueError("--parallel steps runs the stream_batch sampler; use --parallel rows")
+            raise InputError("--parallel steps runs the stream_batch sampler; use --parallel rows")
         out["sampler"] = "stream_batch"
-    if args.steps:
+    if args.steps is not None:
         if args.steps < 1:
-            raise ValueError("--steps must be >= 1")
+            raise InputError(f"--steps must be >= 1, got {args.steps}")
         out["timesteps"] = even_timesteps(args.steps)
     if args.seed is not None:
         out["seed"] = args.seed
     if getattr(args, "noise_drift", None) is not None:
         out["noise_drift"] = args.noise_drift
     if args.size:
-        try:
-            w, h = (int(v) for v in args.size.lower().split("x"))
-        except ValueError:
-            raise ValueError(f"--size must look like 64x64, got {args.size!r}") from None
-        out["width"], out["height"] = w, h
+        out["width"], out["height"] = parse_size(args.size)
     return out
 
 
@@ -82,7 +83,7 @@ def parse_kv(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in filter(None, text.split(",")):
         if "=" not in item:
-            raise ValueError(f"expected key=value in {text!r}, got {item!r}")
+            raise InputError(f"expected key=value in {text!r}, got {item!r}")
         k, v = item.split("=", 1)
         for cast in (int, float):
             try:
@@ -101,6 +102,11 @@ def load_generator(
     from streamrt.gen.generator import StreamGenerator
 
     if model == TINY_RANDOM:
+        if checkpoint is not None:
+            raise InputError(
+                f"--checkpoint replaces a model directory's weights; --model {TINY_RANDOM} has "
+                "none: pass --model DIR (with transformer/config.json) as well"
+            )
         return StreamGenerator.tiny_random(config, **overrides)
     path = resolve_model(model)
     if not (path / "streamrt.json").exists() and not (path / "model_index.json").exists():
@@ -127,26 +133,24 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from streamrt.io.sinks import open_sink
-    from streamrt.models.text import PromptError
 
-    try:
-        gen = load_generator(args.model, args.config, overrides_from(args), args.checkpoint)
-        cfg = gen.engine.config
-        if args.parallel:
-            from streamrt.parallel.launch import init_from_env, parallelize
+    # 1. Load and start the stream: a bad prompt, config or checkpoint fails here, before
+    #    any file is written (the CLI prints the error as one line).
+    gen = load_generator(args.model, args.config, overrides_from(args), args.checkpoint)
+    cfg = gen.engine.config
+    if args.parallel:
+        from streamrt.parallel.launch import init_from_env, parallelize
 
-            parallel = init_from_env(str(gen.engine.device))
-            parallelize(gen, parallel)
-            if parallel.rank != 0:  # every rank runs the stream; rank 0 writes it
-                for _ in gen.stream(args.prompt, num_frames=args.frames):
-                    pass
-                return 0
-        frames = gen.stream(args.prompt, num_frames=args.frames)
-        first = next(frames)  # fails here, before any file is written, on a bad prompt or config
-        stats = gen.active.stats
-    except (FileNotFoundError, PromptError, ValueError, RuntimeError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        return 2
+        parallel = init_from_env(str(gen.engine.device))
+        parallelize(gen, parallel)
+        if parallel.rank != 0:  # every rank runs the stream; rank 0 writes it
+            for _ in gen.stream(args.prompt, num_frames=args.frames):
+                pass
+            return 0
+    frames = gen.stream(args.prompt, num_frames=args.frames)
+    first = next(frames)
+    stats = gen.active.stats
+    # 2. Write the frames with a live progress bar.
     columns = (
         TextColumn("[bold]generate"),
         BarColumn(),
@@ -154,22 +158,28 @@ def _run(args: argparse.Namespace) -> int:
         TextColumn("{task.fields[fps]:.1f} fps"),
         TimeElapsedColumn(),
     )
-    try:
-        with (
-            open_sink(args.output, cfg.fps, cfg.width, cfg.height) as sink,
-            Progress(*columns, console=console) as bar,
-        ):
-            task = bar.add_task("frames", total=args.frames, fps=0.0)
-            sink.write(first)
-            bar.update(task, advance=1)
-            for frame in frames:
-                sink.write(frame)
-                bar.update(task, advance=1, fps=stats["frames"] / max(stats["seconds"], 1e-9))
-    except (OSError, StreamrtError) as exc:  # the output broke, or the stream ran past
-        console.print(f"[red]error:[/] {exc}")  # what the model allows (its RoPE table)
-        return 2
+    with (
+        open_sink(args.output, cfg.fps, cfg.width, cfg.height) as sink,
+        Progress(*columns, console=console) as bar,
+    ):
+        task = bar.add_task("frames", total=args.frames, fps=0.0)
+        sink.write(first)
+        bar.update(task, advance=1)
+        for frame in frames:
+            sink.write(frame)
+            bar.update(task, advance=1, fps=stats["frames"] / max(stats["seconds"], 1e-9))
     console.print(
         f"wrote {sink.frames} frames to {args.output}: "
         f"{stats['frames'] / max(stats['seconds'], 1e-9):.1f} fps, first frame after {stats['first_frame_s']:.2f} s"
     )
     return 0
+
+
+def output(text: str) -> str:
+    """Type of an output option: a file the sink can write or a live URL."""
+    from streamrt.io.sinks import check_target
+
+    try:
+        return check_target(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

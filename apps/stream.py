@@ -7,16 +7,22 @@ import argparse
 
 from rich.console import Console
 
-from streamrt.apps.generate import load_generator, overrides_from
+from streamrt.apps.arguments import count, size
+from streamrt.apps.generate import load_generator, output, overrides_from
+from streamrt.errors import InputError
 
 console = Console(stderr=True, soft_wrap=True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="file, rtmp://..., webcam:N or world://seed=N")
-    p.add_argument("--output", required=True, help="file (.mp4) or rtmp://host/app/key")
+    p.add_argument(
+        "--output", type=output, required=True, help="file (.mp4) or rtmp://host/app/key"
+    )
     p.add_argument("--prompt", required=True, help="the style to apply")
-    p.add_argument("--frames", type=int, help="stop after N frames (default: until the input ends)")
+    p.add_argument(
+        "--frames", type=count(1), help="stop after N frames (default: until the input ends)"
+    )
     p.add_argument(
         "--model", default="assets/tiny-world", help="generator directory or tiny-random"
     )
@@ -27,40 +33,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy")
     p.add_argument("--policy-args")
     p.add_argument("--sampler", choices=["chunkwise", "rolling", "stream_batch"])
-    p.add_argument("--steps", type=int)
+    p.add_argument("--steps", type=count(1))
     p.add_argument("--seed", type=int)
-    p.add_argument("--size", help="WIDTHxHEIGHT of the output (input frames are resized)")
+    p.add_argument(
+        "--size", type=size, help="WIDTHxHEIGHT of the output (input frames are resized)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from streamrt.io.sinks import open_sink
     from streamrt.io.sources import SourceError, open_source
-    from streamrt.models.text import PromptError
 
+    # A bad prompt, config, checkpoint or input fails here, before the output is opened.
+    gen = load_generator(args.model, args.config, overrides_from(args), args.checkpoint)
+    cfg = gen.engine.config
+    source = open_source(args.input, (cfg.width, cfg.height), args.frames)
+    frames = gen.stylize(source, args.prompt)
     try:
-        gen = load_generator(args.model, args.config, overrides_from(args), args.checkpoint)
-        cfg = gen.engine.config
-        source = open_source(args.input, (cfg.width, cfg.height), args.frames)
-        frames = gen.stylize(source, args.prompt)
         first = next(frames)
-    except (FileNotFoundError, PromptError, ValueError, SourceError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        return 2
     except StopIteration:
-        console.print(f"[red]error:[/] {args.input} gave too few frames for one chunk")
-        return 2
-    written = 0
+        raise InputError(
+            f"{args.input} gave too few frames for one chunk ({cfg.chunk_frames} latent frames)"
+        ) from None
+    sink = open_sink(args.output, cfg.fps, cfg.width, cfg.height)
     try:
-        with open_sink(args.output, cfg.fps, cfg.width, cfg.height) as sink:
+        with sink:
             sink.write(first)
             for frame in frames:
                 sink.write(frame)
-            written = sink.frames
     except SourceError as exc:
-        console.print(f"[red]input stopped:[/] {exc} (kept the {written} frames written)")
+        console.print(f"[red]input stopped:[/] {exc} (kept the {sink.frames} frames written)")
         return 1
-    except OSError as exc:  # the output could not be opened or broke (disk full, server gone)
-        console.print(f"[red]error:[/] {exc}")
-        return 2
-    console.print(f"wrote {written} frames to {args.output}")
+    console.print(f"wrote {sink.frames} frames to {args.output}")
     return 0

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
+from streamrt.apps.arguments import count, existing_dir, non_negative, positive, probability
+
 console = Console(stderr=True, soft_wrap=True)
 
 
@@ -21,17 +23,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen = sub.add_parser("gen", help="the tiny text-to-video model (assets/tiny-world)")
     gen.add_argument("--output", default="assets/tiny-world", help="generator directory to write")
     _schedule_arguments(gen, "build/train-gen", steps=3000, batch=8, lr="2e-3", threads=2)
-    gen.add_argument("--frames", type=int, help="frames per training clip (default 9)")
+    gen.add_argument("--frames", type=count(1), help="frames per training clip (default 9)")
     gen.add_argument(
-        "--object-weight", type=float, help="extra loss weight of object pixels at the start"
+        "--object-weight", type=non_negative, help="extra loss weight of object pixels at the start"
     )
-    gen.add_argument("--object-weight-final", type=float, help="... at the end (reached linearly)")
     gen.add_argument(
-        "--progressive-prob", type=float, help="chance of frame-wise rising noise in a chunk"
+        "--object-weight-final", type=non_negative, help="... at the end (reached linearly)"
+    )
+    gen.add_argument(
+        "--progressive-prob", type=probability, help="chance of frame-wise rising noise in a chunk"
     )
     gen.add_argument(
         "--drift-prob",
-        type=float,
+        type=probability,
         help="chance of noise drifting along the caption's direction (GenConfig.noise_drift)",
     )
     gen.add_argument("--no-compile", action="store_true", help="train without torch.compile")
@@ -51,30 +55,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _schedule_arguments(vqa, "build/train-vqa", steps=100_000, batch=16, lr="1e-3", threads=1)
     vqa.add_argument(
         "--eval-clips",
-        type=int,
+        type=count(0),
         default=200,
         help="held-out clips asked through VideoQA after training (0: skip; default 200)",
     )
     vqa.add_argument(
         "--init-from",
+        type=existing_dir,
         help="model directory whose weights start a fresh run where names and shapes match "
         "(e.g. an earlier export); ignored when resuming",
     )
     vqa.add_argument(
         "--dense-weight",
-        type=float,
+        type=non_negative,
         help="weight of the dense per-token losses (shape, colour, motion, ...; 0: off)",
     )
-    vqa.add_argument("--world-fps", type=float, help="frame rate of the world clips")
+    vqa.add_argument("--world-fps", type=positive, help="frame rate of the world clips")
     vqa.add_argument(
         "--vision-minutes",
-        type=float,
+        type=non_negative,
         help="minutes of a first, vision-only stage on the dense targets (needs dense weight)",
     )
-    vqa.add_argument("--qa-per-kind", type=int, help="questions drawn per kind and clip")
+    vqa.add_argument("--qa-per-kind", type=count(1), help="questions drawn per kind and clip")
     vqa.add_argument(
         "--vision-extra",
-        type=int,
+        type=count(0),
         help="vision-only steps after each question/answer step (needs dense weight)",
     )
 
@@ -85,12 +90,13 @@ def _schedule_arguments(
     """The options every training shares (`RunSchedule` fields, checkpoint directory)."""
     p.add_argument("--work-dir", default=work_dir, help="checkpoint directory (resumed if present)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--steps", type=int, help=f"optimizer steps (default {steps})")
-    p.add_argument("--minutes", type=float, help="time budget; ends the run if reached first")
-    p.add_argument("--batch-size", type=int, help=f"clips per step (default {batch})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {lr})")
+    p.add_argument("--steps", type=count(1), help=f"optimizer steps (default {steps})")
+    p.add_argument("--minutes", type=positive, help="time budget; ends the run if reached first")
+    p.add_argument("--batch-size", type=count(1), help=f"clips per step (default {batch})")
+    p.add_argument("--lr", type=positive, help=f"peak learning rate (default {lr})")
     p.add_argument("--seed", type=int, help="seed of weights, data and noise (default 0)")
-    p.add_argument("--threads", type=int, help=f"torch threads (default {threads})")
+    # The cli adds `--threads` to every other command; here its default is the run's config.
+    p.add_argument("--threads", type=count(1), help=f"torch threads (default {threads})")
 
 
 def _given(args: argparse.Namespace, **fields) -> dict:
@@ -128,11 +134,7 @@ def run_vqa(args: argparse.Namespace) -> int:
 
     from streamrt.models import train_vqa, train_vqa_eval
 
-    try:
-        cfg = vqa_config_from(args)
-    except ValueError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        return 2
+    cfg = vqa_config_from(args)
     state = train_vqa.train(
         cfg, args.work_dir, args.output, resume=not args.fresh, log=console.print
     )
@@ -169,15 +171,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.what == "vqa":
         return run_vqa(args)
-    if args.what != "gen":
-        console.print(f"[red]error:[/] nothing to train called {args.what!r}")
-        return 2
     if not args.tune_only:
-        try:
-            cfg = config_from(args)
-        except ValueError as exc:
-            console.print(f"[red]error:[/] {exc}")
-            return 2
+        cfg = config_from(args)
         train_gen.train(cfg, args.work_dir, args.output, resume=not args.fresh, log=console.print)
         console.print(f"wrote {args.output} (checkpoint in {args.work_dir})")
     if args.tune or args.tune_only:
@@ -187,9 +182,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="streamrt train", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`streamrt train ...` with the CLI's error handling and `--threads`."""
+    from streamrt.apps.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

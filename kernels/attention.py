@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from streamrt.errors import InputError
+
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _selected = "sdpa"
 
@@ -117,7 +119,7 @@ def set_attention_backend(name: str) -> None:
     """Choose the backend `attend` uses (process-wide)."""
     global _selected
     if name not in BACKENDS:
-        raise ValueError(
+        raise InputError(
             f"unknown attention backend {name!r}; choose one of: {', '.join(BACKENDS)}"
         )
     _selected = name

@@ -22,11 +22,12 @@ from diffusers import AutoencoderKLWan
 from transformers import UMT5Config, UMT5EncoderModel
 
 from streamrt.config import GenConfig
+from streamrt.errors import InputError
 from streamrt.models.codec import PixelCodec, WanVAECodec
 from streamrt.models.text import TextEncoder, word_tokenizer
 from streamrt.models.wan import build_wan, tiny_wan_config
 from streamrt.models.wan_checkpoints import load_wan_transformer, load_wan_vae
-from streamrt.models.wan_keys import CheckpointError
+from streamrt.models.wan_keys import CheckpointError, NonFiniteWeightsError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,7 +49,7 @@ def _reading(parts: list[Path], what: str):
     the file (when the error does) or every file in them."""
     try:
         yield
-    except FileNotFoundError:
+    except (FileNotFoundError, NonFiniteWeightsError):  # they say what is wrong already
         raise
     except Exception as exc:
         files = [str(f) for part in parts if part.is_dir() for f in sorted(part.iterdir())]
@@ -74,6 +75,11 @@ def load_generator_parts(
     the directory's transformer weights; its config comes from `transformer/config.json`.
     """
     dtype = _DTYPES[cfg.dtype]
+    if checkpoint is not None and not checkpoint.exists():
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint} does not exist: pass the path of a generator checkpoint "
+            "(.pt, .pth or .safetensors)"
+        )
     for part in ("transformer", "text_encoder", "tokenizer"):
         if not (path / part).is_dir():
             raise _missing(path / part, f"the {part}")
@@ -95,7 +101,7 @@ def load_generator_parts(
         with _reading([path / "vae"], "VAE"):
             codec = WanVAECodec(load_wan_vae(path / "vae"))
     else:
-        raise ValueError(f"{path}/streamrt.json: unknown codec {codec_name!r} (pixel, wan_vae)")
+        raise InputError(f"{path}/streamrt.json: unknown codec {codec_name!r} (pixel, wan_vae)")
     return transformer, text, codec
 
 

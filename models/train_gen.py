@@ -46,6 +46,7 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from streamrt.config import CacheConfig, GenConfig
+from streamrt.errors import InputError
 from streamrt.gen.noise import DriftingNoise
 from streamrt.gen.schedule import even_timesteps
 from streamrt.models.generator_files import tiny_random_parts
@@ -53,6 +54,7 @@ from streamrt.models.train_schedule import (
     RunSchedule,
     lr_at,
     progress,
+    read_checkpoint,
     resume_or_new,
     run_steps,
     torch_threads,
@@ -153,17 +155,18 @@ class TrainGenConfig(RunSchedule):
     """`torch.compile` the training forward (about 1.3x faster on CPU after ~10 s)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_frames % self.chunk_frames:
-            raise ValueError(
+            raise InputError(
                 f"num_frames ({self.num_frames}) must be a multiple of chunk_frames "
                 f"({self.chunk_frames})"
             )
         if not 0.0 <= self.clean_prob < 1.0:
-            raise ValueError(f"clean_prob must lie in [0, 1), got {self.clean_prob}")
+            raise InputError(f"clean_prob must lie in [0, 1), got {self.clean_prob}")
         if not 0.0 <= self.progressive_prob <= 1.0:
-            raise ValueError(f"progressive_prob must lie in [0, 1], got {self.progressive_prob}")
+            raise InputError(f"progressive_prob must lie in [0, 1], got {self.progressive_prob}")
         if not 0.0 <= self.drift_prob <= 1.0:
-            raise ValueError(f"drift_prob must lie in [0, 1], got {self.drift_prob}")
+            raise InputError(f"drift_prob must lie in [0, 1], got {self.drift_prob}")
 
 
 # ---------------------------------------------------------------------- data
@@ -346,7 +349,7 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
 
 def load_checkpoint(path: Path, cfg: TrainGenConfig | None = None) -> TrainState:
     """A state from `path`; `cfg` (e.g. more steps) replaces the saved config if given."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = read_checkpoint(path)
     state = new_state(cfg or TrainGenConfig(**blob["config"]))
     state.transformer.load_state_dict(blob["transformer"])
     state.text_encoder.model.load_state_dict(blob["text"])

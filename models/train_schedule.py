@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from streamrt.errors import InputError
+
 CHECKPOINT = "checkpoint.pt"
 """File name of a run's resumable state inside its work directory."""
 
@@ -63,6 +65,18 @@ class RunSchedule:
     checkpoint_every: int = 100
     """Steps between checkpoints (each also exports the model and redraws its loss curve)."""
 
+    def __post_init__(self) -> None:
+        """Refuse a schedule that cannot run (subclasses call this first)."""
+        for name in ("steps", "threads", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise InputError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
+            raise InputError(f"max_minutes (--minutes) must be > 0, got {self.max_minutes}")
+        if not 0 < self.lr < math.inf:
+            raise InputError(f"lr must be a finite number > 0, got {self.lr}")
+
 
 def progress(cfg: RunSchedule, step: int, seconds: float) -> float:
     """How far the run is, 0..1: steps done, or time spent if a time budget runs out first."""
@@ -91,6 +105,39 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The dict a run saved at `path`, read with `torch.load(weights_only=True)`.
+
+    A checkpoint holds only tensors and plain containers, which is all `weights_only`
+    unpickles; anything else (a crafted file whose pickle would run code) is refused.
+
+    Raises:
+        CheckpointError: the file is not such a checkpoint (foreign, crafted or truncated).
+    """
+    import pickle
+
+    from streamrt.models.wan_keys import CheckpointError
+
+    fix = "delete it or pass --fresh to start a new run"
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" in str(error):
+            raise CheckpointError(
+                f"{path}: refused to resume: the file holds pickled objects other than tensors "
+                f"and plain containers (not a streamrt training checkpoint); {fix}"
+            ) from None
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({error}); {fix}") from None
+    except Exception as error:
+        first = (str(error).splitlines() or [""])[0]
+        raise CheckpointError(
+            f"{path}: corrupt or truncated checkpoint ({type(error).__name__}: {first}); {fix}"
+        ) from None
+    if not isinstance(blob, dict) or not {"config", "step"} <= blob.keys():
+        raise CheckpointError(f"{path}: not a streamrt training checkpoint; {fix}")
+    return blob
 
 
 def resume_or_new(

@@ -37,6 +37,7 @@ from transformers.cache_utils import DynamicCache
 
 from streamrt.models.train_schedule import (
     lr_at,
+    read_checkpoint,
     resume_or_new,
     run_steps,
     torch_threads,
@@ -274,7 +275,7 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
 
 def load_checkpoint(path: Path, cfg: TrainVQAConfig | None = None) -> TrainState:
     """A state from `path`; `cfg` (e.g. more steps) replaces the saved config if given."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = read_checkpoint(path)
     cfg = cfg or TrainVQAConfig(**blob["config"])
     # the saved weights replace any start: `init_from` is not read (it may be gone)
     state = new_state(dataclasses.replace(cfg, init_from=None))

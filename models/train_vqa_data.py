@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from streamrt.config import QAConfig
+from streamrt.errors import InputError
 from streamrt.models.train_schedule import RunSchedule
 from streamrt.models.train_vqa_dense import DenseTargets, dense_targets
 from streamrt.world import QA, WorldConfig, make_clip
@@ -137,23 +138,24 @@ class TrainVQAConfig(RunSchedule):
     random init); None: all random. A resumed run ignores it."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.steps < 1 or self.batch_size < 1 or self.num_frames < 1:
-            raise ValueError("steps, batch_size and num_frames must be >= 1")
+            raise InputError("steps, batch_size and num_frames must be >= 1")
         if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+            raise InputError(f"max_minutes must be > 0, got {self.max_minutes}")
         if self.dense_weight < 0:
-            raise ValueError(f"dense_weight must be >= 0, got {self.dense_weight}")
+            raise InputError(f"dense_weight must be >= 0, got {self.dense_weight}")
         if self.dense_weight and not 1 <= self.dense_layer <= self.text["num_hidden_layers"]:
-            raise ValueError(
+            raise InputError(
                 f"dense_layer must lie in 1..{self.text['num_hidden_layers']}, "
                 f"got {self.dense_layer}"
             )
         for name in ("vision_minutes", "vision_extra"):  # both train on the dense targets
             value = getattr(self, name)
             if value < 0 or (value and not self.dense_weight):
-                raise ValueError(f"{name} must be >= 0 and needs dense_weight > 0")
+                raise InputError(f"{name} must be >= 0 and needs dense_weight > 0")
         if self.num_frames > 64:
-            raise ValueError("num_frames must be <= 64 (frame numbers are vocabulary words)")
+            raise InputError("num_frames must be <= 64 (frame numbers are vocabulary words)")
 
     def qa_config(self, **overrides: Any) -> QAConfig:
         """The session settings the trained model answers under (window = whole clip)."""

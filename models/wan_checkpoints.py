@@ -44,6 +44,7 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
 from streamrt.models.wan_keys import (
     CheckpointError,
+    NonFiniteWeightsError,
     StateDict,
     config_hints,
     detect_transformer_layout,
@@ -115,6 +116,7 @@ def load_wan_transformer(
         c = model.config
         model.rope = WanRotaryPosEmbed(c.attention_head_dim, c.patch_size, c.rope_max_seq_len)
         _check_materialized(model)
+        check_finite(model, str(path))
     return model.to(device).eval()
 
 
@@ -150,6 +152,7 @@ def load_wan_vae(
         kwargs |= _validated(AutoencoderKLWan, config or {})
         model = _assign(AutoencoderKLWan, kwargs, state_dict, dtype, _vae_hints)
         _check_materialized(model)
+        check_finite(model, str(path))
     return model.to(device).eval()
 
 
@@ -459,6 +462,22 @@ def _vae_hints(state_dict: StateDict, config: Mapping[str, Any]) -> list[str]:
         if key in state_dict and state_dict[key].shape[0] != config[field]
     ]
     return hints or ["dim_mult / num_res_blocks / temperal_downsample / attn_scales"]
+
+
+def check_finite(model: torch.nn.Module, source: str) -> None:
+    """Raise a `NonFiniteWeightsError` naming the first tensors holding NaN or infinity
+    (such weights make every frame black or NaN instead of failing)."""
+    bad = [
+        name
+        for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise NonFiniteWeightsError(
+            f"{source}: weights hold NaN or infinity in {len(bad)} tensor(s), e.g. {bad[:3]}; "
+            "the checkpoint is broken (a diverged training run or a bad conversion): use "
+            "another checkpoint or re-export it"
+        )
 
 
 def _check_materialized(model: torch.nn.Module) -> None:

@@ -30,6 +30,10 @@ class CheckpointError(StreamrtError, ValueError):
     """A checkpoint cannot be loaded: missing, corrupt, unknown layout, or not matching the config."""
 
 
+class NonFiniteWeightsError(CheckpointError):
+    """A checkpoint loads but its weights hold NaN or infinity."""
+
+
 # Wan's head_dim is 128 in every released size, but heads cannot be read from weight shapes
 # (q/k/v are dim x dim), so only sizes that shipped are trusted.
 KNOWN_HEADS: dict[int, int] = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import re
 import types
 import typing
@@ -18,7 +19,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from streamrt.embedded import resolve_shipped
-from streamrt.errors import StreamrtError
+from streamrt.errors import InputError, StreamrtError
 
 T = TypeVar("T")
 
@@ -40,11 +41,11 @@ def parse_bytes(value: int | str, what: str = "size") -> int:
     """Parse 1048576, "512MiB", "2 GB" into a byte count."""
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
-            raise ValueError(f"{what} must be >= 0, got {value}")
+            raise InputError(f"{what} must be >= 0, got {value}")
         return value
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(
+        raise InputError(
             f"{what}: cannot read {value!r} as a size; write e.g. 4096, '512MiB' or '2GiB'"
         )
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
@@ -168,6 +169,64 @@ class GenConfig:
 
     device: str | None = None
     """Device for the models; None: CUDA if available, else CPU."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise an `InputError` naming the first field whose value cannot work.
+
+        Runs on construction and on `dataclasses.replace`, so presets, command-line
+        overrides and Python callers all get the same checks. Whether the resolution fits
+        the model and the device exists are checked where the model is known (`GenEngine`).
+        """
+        check_types(self, "gen")
+        if not self.timesteps:
+            raise InputError("gen.timesteps is empty: give at least one step, e.g. [1000, 500]")
+        if bad := [t for t in self.timesteps if not 0 < t <= 1000]:
+            raise InputError(f"gen.timesteps must lie in 1..1000, got {bad}")
+        _at_least(self, "gen", chunk_frames=1, height=1, width=1, max_skipped_frames=0)
+        if self.noise_drift_frames is not None:
+            _at_least(self, "gen", noise_drift_frames=0)
+        _finite(self, "gen", "shift", "noise_drift", "guidance_scale")
+        _finite(self, "gen", "fps", "similarity_threshold", "v2v_strength")
+        if self.fps <= 0:
+            raise InputError(f"gen.fps must be > 0 frames per second, got {self.fps}")
+        if self.shift <= 0:
+            raise InputError(f"gen.shift must be > 0, got {self.shift}")
+        for name in ("similarity_threshold", "v2v_strength"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise InputError(f"gen.{name} must lie in [0, 1], got {getattr(self, name)}")
+
+
+def check_types(obj: Any, section: str) -> None:
+    """Raise an `InputError` naming the first field of dataclass `obj` of the wrong type."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, tp = getattr(obj, f.name), hints[f.name]
+        if _type_ok(value, tp):
+            continue
+        if typing.get_origin(tp) is Literal:
+            choices = ", ".join(map(str, typing.get_args(tp)))
+            raise InputError(
+                f"{section}.{f.name}: unknown {f.name} {value!r}; choose one of {choices}"
+            )
+        raise InputError(
+            f"{section}.{f.name} must be {_describe(hints[f.name])}, got {value!r} "
+            f"({type(value).__name__})"
+        )
+
+
+def _at_least(obj: Any, section: str, **minimum: int) -> None:
+    for name, low in minimum.items():
+        if getattr(obj, name) < low:
+            raise InputError(f"{section}.{name} must be >= {low}, got {getattr(obj, name)}")
+
+
+def _finite(obj: Any, section: str, *names: str) -> None:
+    for name in names:
+        if not math.isfinite(getattr(obj, name)):
+            raise InputError(f"{section}.{name} must be a finite number, got {getattr(obj, name)}")
 
 
 @dataclass
@@ -308,6 +367,11 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>", prefix
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value or {}, source, dotted + ".")
+        elif typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+            choices = ", ".join(map(str, typing.get_args(tp)))
+            raise ConfigError(
+                f"{source}: key '{dotted}': unknown {key} {value!r}; choose one of {choices}"
+            )
         elif not _type_ok(value, tp):
             raise ConfigError(
                 f"{source}: key '{dotted}' must be {_describe(tp)}, got {value!r} ({type(value).__name__})"

@@ -14,3 +14,14 @@ class StreamrtError(Exception):
 
 class InputError(StreamrtError, ValueError):
     """A bad argument, request or input value (wrong shape, range, type or format)."""
+
+
+class UnknownNameError(InputError, KeyError):
+    """A name (consumer, agent, session) that was never registered or opened; still a
+    `KeyError` for code that looks names up."""
+
+    __str__ = Exception.__str__  # KeyError's would quote the message
+
+
+class NonFiniteError(StreamrtError, ValueError):
+    """Weights, latents or settings hold NaN or infinity (a broken checkpoint or config)."""

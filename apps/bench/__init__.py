@@ -65,4 +65,6 @@ def run_bench(args: argparse.Namespace) -> int:
         from streamrt.apps.bench.qa import bench_qa
 
         return bench_qa(args)
-    raise SystemExit(f"unknown bench suite {args.suite!r}")
+    from streamrt.errors import InputError
+
+    raise InputError(f"unknown bench suite {args.suite!r}: cache, gen, quality, qa or pipeline")

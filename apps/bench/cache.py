@@ -142,7 +142,6 @@ def _baselines(src: list[torch.Tensor], dst: list[torch.Tensor], root: Path) -> 
 
 
 def bench_cache(args: argparse.Namespace) -> int:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     alloc = _alloc_rates(args.ops, args.repeats)
     print_table("block allocation", alloc, ["measure", "pairs/s", "us/pair"])
     with tempfile.TemporaryDirectory(dir=args.disk_dir) as tmp:

@@ -160,8 +160,6 @@ def bench_gen(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     say = Console(stderr=True).print
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cached = _cached(args)
     say(f"cached: {cached['fps']:.1f} fps, first frame {cached['ttff']:.2f} s")

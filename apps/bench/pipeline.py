@@ -80,7 +80,7 @@ def bench_pipeline(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             out = str(Path(tmp) / "rank")
             run_local(_rank, args.ranks, args, sampler, out)
-            results = [torch.load(f"{out}.{r}") for r in range(args.ranks)]
+            results = [torch.load(f"{out}.{r}", weights_only=True) for r in range(args.ranks)]
         fps = min(r[0] for r in results)  # the slowest rank sets the stream's pace
         diff = max(float((r[1] - reference).abs().max()) for r in results)
         row = {

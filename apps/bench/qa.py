@@ -74,7 +74,7 @@ def _load(model: str) -> tuple[Any, Any, bool]:
 
         path = save_tiny_vlm(Path(tempfile.mkdtemp(prefix="streamrt-bench-qa-")), "smolvlm")
     elif not (Path(model) / "config.json").is_file():
-        raise SystemExit(
+        raise FileNotFoundError(
             f"no Video-LLM at {model}: pass --model DIR (SmolVLM, LLaVA-OneVision, Qwen2-VL) "
             f"or --model {TINY_RANDOM}"
         )
@@ -334,15 +334,10 @@ def _aims(stream: dict[str, Any], needle: list[dict[str, Any]]) -> list[dict[str
 def bench_qa(args: argparse.Namespace) -> int:
     if args.retrieve is None:
         args.retrieve = args.window  # equal context per layer: same answer cost as window-only
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    try:
-        adapter, tokenizer, tiny = _load(args.model)
-        stream = _stream(args, adapter, tokenizer)
-        needle = _needle(args, adapter, tokenizer, tiny) if args.trials > 0 else []
-    finally:
-        torch.set_num_threads(threads)
+    adapter, tokenizer, tiny = _load(args.model)
+    stream = _stream(args, adapter, tokenizer)
+    needle = _needle(args, adapter, tokenizer, tiny) if args.trials > 0 else []
     aims = _aims(stream, needle)
     device = str(adapter.device) + (
         f" ({torch.cuda.get_device_name()})" if adapter.device.type == "cuda" else ""
@@ -377,7 +372,7 @@ def bench_qa(args: argparse.Namespace) -> int:
             "model": args.model,
             "note": what,
             "device": device,
-            "threads": args.threads,
+            "threads": torch.get_num_threads(),
             "window_frames": args.window,
             "retrieve_frames": args.retrieve,
             "tokens_per_frame": adapter.tokens_per_frame,

@@ -36,6 +36,7 @@ from typing import Literal
 from streamrt.cache.block import DEVICE, HOST
 from streamrt.cache.manager import CacheManager
 from streamrt.cache.sequence import Sequence
+from streamrt.errors import InputError, UnknownNameError
 
 Action = Literal["pin", "offload", "free"]
 
@@ -44,6 +45,12 @@ class ToolDurations:
     """Per tool, the durations seen so far: an empirical CDF and a prediction."""
 
     def __init__(self, cold_mean_s: float = 1.0) -> None:
+        if not (
+            isinstance(cold_mean_s, (int, float)) and math.isfinite(cold_mean_s) and cold_mean_s > 0
+        ):
+            raise InputError(
+                f"ToolDurations: cold_mean_s must be a positive number of seconds, got {cold_mean_s!r}"
+            )
         self.cold_mean_s = cold_mean_s
         self.seen: dict[str, list[float]] = {}
 
@@ -137,6 +144,7 @@ class AgentKV:
         return seq
 
     def close(self, agent: str) -> None:
+        self._seq(agent)
         self.calls.pop(agent, None)
         self.arrivals.pop(agent, None)
         self.manager.close_sequence(self.agents.pop(agent))
@@ -144,7 +152,7 @@ class AgentKV:
     # ------------------------------------------------------------------ costs
 
     def context_bytes(self, agent: str) -> int:
-        seq = self.agents[agent]
+        seq = self._seq(agent)
         return len(seq.table) * seq.spec.block_bytes
 
     def move_s(self, agent: str) -> float:
@@ -152,7 +160,7 @@ class AgentKV:
         return self.context_bytes(agent) / self.move_bytes_per_s
 
     def recompute_s(self, agent: str) -> float:
-        tokens = sum(b.num_tokens for b in self.agents[agent].blocks())
+        tokens = sum(b.num_tokens for b in self._seq(agent).blocks())
         return tokens / self.prefill_tokens_per_s
 
     # ------------------------------------------------------------------ tool calls
@@ -184,7 +192,7 @@ class AgentKV:
         """Carry out what is due: predictive uploads and expired pins. Returns what it did."""
         now, done = self.clock(), []
         for agent, call in self.calls.items():
-            seq = self.agents[agent]
+            seq = self._seq(agent)
             if call.action == "offload" and not call.uploaded and now >= call.upload_at:
                 self._move(seq, DEVICE)
                 call.uploaded = True
@@ -231,8 +239,12 @@ class AgentKV:
     # ------------------------------------------------------------------ helpers
 
     def _seq(self, agent: str) -> Sequence:
+        """The open agent's sequence, or an `InputError` naming the open agents."""
         if agent not in self.agents:
-            raise KeyError(f"unknown agent {agent!r}; open it first")
+            known = ", ".join(map(repr, self.agents)) or "none"
+            raise UnknownNameError(
+                f"no open agent {agent!r}; open agents: {known} (call open first)"
+            )
         return self.agents[agent]
 
     def _move(self, seq: Sequence, tier: str) -> None:

@@ -30,6 +30,7 @@ from streamrt.cache.spec import Consumer, KVSpec
 from streamrt.cache.tiers import TierMoves
 from streamrt.cache.transfer import Copier
 from streamrt.config import CacheConfig
+from streamrt.errors import InputError, UnknownNameError
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _PAGE_ALIGN = 64
@@ -38,7 +39,7 @@ _LOWER = {DEVICE: HOST, HOST: DISK}
 
 def _check_name(kind: str, name: str) -> None:
     if not _NAME.match(name):
-        raise ValueError(f"{kind} name {name!r} must be 1-64 characters of A-Z a-z 0-9 _ -")
+        raise InputError(f"{kind} name {name!r} must be 1-64 characters of A-Z a-z 0-9 _ -")
 
 
 class CacheManager(TierMoves):
@@ -84,11 +85,11 @@ class CacheManager(TierMoves):
         _check_name("consumer", name)
         with self._lock:
             if name in self.consumers:
-                raise ValueError(f"consumer {name!r} is already registered")
+                raise InputError(f"consumer {name!r} is already registered")
             quotas = dict(quotas or {})
             unknown = set(quotas) - {DEVICE, HOST, DISK}
             if unknown:
-                raise ValueError(
+                raise InputError(
                     f"unknown tier(s) in quotas: {sorted(unknown)}; tiers are device, host, disk"
                 )
             page = self._page_for(spec)
@@ -155,7 +156,7 @@ class CacheManager(TierMoves):
             seq_id = seq_id or f"s{next(self._seq_ids)}"
             _check_name("sequence", seq_id)
             if (c.name, seq_id) in self.sequences:
-                raise ValueError(f"sequence {seq_id!r} of consumer {c.name!r} is already open")
+                raise InputError(f"sequence {seq_id!r} of consumer {c.name!r} is already open")
             seq = Sequence(self, seq_id, c, make_policy(policy, **policy_args))
             if restore:
                 self._restore(seq)
@@ -179,7 +180,7 @@ class CacheManager(TierMoves):
     def _consumer(self, consumer: str | Consumer) -> Consumer:
         name = consumer.name if isinstance(consumer, Consumer) else consumer
         if name not in self.consumers:
-            raise KeyError(
+            raise UnknownNameError(
                 f"unknown consumer {name!r}; register it first (known: {sorted(self.consumers)})"
             )
         return self.consumers[name]
@@ -196,7 +197,7 @@ class CacheManager(TierMoves):
         tpb = seq.spec.tokens_per_block
         n = tpb if num_tokens is None else num_tokens
         if not 1 <= n <= tpb:
-            raise ValueError(f"num_tokens must be in 1..{tpb} (tokens_per_block), got {n}")
+            raise InputError(f"num_tokens must be in 1..{tpb} (tokens_per_block), got {n}")
         with self._lock:
             self._check_open(seq)
             cap = seq.policy.capacity
@@ -220,7 +221,7 @@ class CacheManager(TierMoves):
         with self._lock:
             block = seq.table[seq.next_index - 1]
             if block.num_tokens + num_tokens > seq.spec.tokens_per_block:
-                raise ValueError(
+                raise InputError(
                     f"block {block.index} holds {block.num_tokens} of {seq.spec.tokens_per_block} tokens; "
                     f"cannot add {num_tokens}: append a new block"
                 )

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from streamrt.cache.block import DEVICE, DISK, HOST, KVBlock
+from streamrt.errors import UnknownNameError
 
 if TYPE_CHECKING:
     from streamrt.cache.manager import CacheManager
@@ -136,6 +137,11 @@ class Sequence:
 
     def kv(self, index: int, writable: bool = True) -> torch.Tensor:
         """`[2, L, T, H, D]` view of a block resident on device or host (see `CacheManager.kv`)."""
+        if index not in self.table:
+            raise UnknownNameError(
+                f"block {index} is not in sequence {self.seq_id!r} (freed, evicted or never "
+                f"appended); its blocks: {sorted(self.table)[:8]}{' ...' if len(self.table) > 8 else ''}"
+            )
         return self.manager.kv(self.table[index], writable)
 
     def write(self, index: int, kv: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from streamrt.cache.errors import SpecMismatchError
+from streamrt.errors import InputError
 
 _DTYPES = {
     "float32": torch.float32,
@@ -23,7 +24,7 @@ def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
         return name
     key = str(name).removeprefix("torch.")
     if key not in _DTYPES:
-        raise ValueError(f"unsupported KV dtype {name!r}; choose one of: {', '.join(_DTYPES)}")
+        raise InputError(f"unsupported KV dtype {name!r}; choose one of: {', '.join(_DTYPES)}")
     return _DTYPES[key]
 
 
@@ -46,7 +47,7 @@ class KVSpec:
         for name in ("num_layers", "num_kv_heads", "head_dim", "tokens_per_block"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"KVSpec.{name} must be a positive int, got {value!r}")
+                raise InputError(f"KVSpec.{name} must be a positive int, got {value!r}")
         object.__setattr__(self, "dtype", dtype_from_name(self.dtype))
 
     @property

@@ -11,10 +11,11 @@ import torch
 
 from streamrt.cache import CacheManager, KVSpec, Sequence
 from streamrt.config import CacheConfig, GenConfig
+from streamrt.devices import resolve_device
 from streamrt.errors import InputError
 from streamrt.gen.attention import attach_streaming
 from streamrt.gen.settings import apply_changes, fit_window
-from streamrt.kernels import set_attention_backend
+from streamrt.kernels import available_backends, set_attention_backend
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,9 +57,13 @@ class GenEngine:
             config.policy_args if given_policy_args is None else given_policy_args
         )
         self.config = fit_window(config, self.given)
-        self.device = torch.device(
-            config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        self.device = resolve_device(config.device, "gen.device")
+        if config.attention not in available_backends(self.device):
+            raise InputError(
+                f"gen.attention is {config.attention!r}, which needs CUDA and its package "
+                f"installed (pip install 'streamrt[gpu]'); usable here: "
+                f"{', '.join(available_backends(self.device))}"
+            )
         self.dtype = _DTYPES[config.dtype]
         self.transformer = transformer.to(self.device).eval()
         self.text_encoder = text_encoder
@@ -109,7 +114,7 @@ class GenEngine:
             )
         c = self.transformer.config.in_channels
         if c != self.codec.latent_channels:
-            raise ValueError(
+            raise InputError(
                 f"transformer expects {c} latent channels but the codec makes {self.codec.latent_channels}"
             )
         return c, height // self.codec.spatial, width // self.codec.spatial
@@ -120,7 +125,7 @@ class GenEngine:
         if existing is None:
             self.cache.register(self.consumer, spec, priority=10, offload=False)
         elif existing.spec != spec:
-            raise ValueError(
+            raise InputError(
                 "every stream of one engine must use the same resolution (tokens per frame "
                 f"{existing.spec.tokens_per_block}, got {tokens_per_frame})"
             )

@@ -89,7 +89,7 @@ def _forward(
     _, _, _num_frames, height, width = latents.shape
     p_t, p_h, p_w = transformer.config.patch_size
     if p_t != 1:
-        raise ValueError(
+        raise InputError(
             f"streaming needs a temporal patch size of 1 (one block per latent frame), got {p_t}"
         )
     grid = (height // p_h, width // p_w)

@@ -16,6 +16,7 @@ import numpy as np
 
 from streamrt.config import CacheConfig, GenConfig, from_dict, read_preset
 from streamrt.embedded import resolve_model
+from streamrt.errors import InputError
 from streamrt.gen.engine import GenEngine
 from streamrt.gen.settings import apply_changes
 from streamrt.gen.stream import GenStream
@@ -111,6 +112,10 @@ class StreamGenerator:
 
         The stream becomes the generator's active one: `set_prompt` switches it mid-stream.
         """
+        if num_frames is not None and (
+            isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1
+        ):
+            raise InputError(f"num_frames must be a whole number >= 1 or None, got {num_frames!r}")
         stream = self.engine.open_stream(prompt, **overrides)
         self.active = stream
         try:
@@ -123,7 +128,7 @@ class StreamGenerator:
     def set_prompt(self, prompt: str) -> None:
         """Switch the active stream's prompt (with KV re-cache of the kept frames)."""
         if self.active is None:
-            raise RuntimeError("no active stream: start one with stream() or stylize() first")
+            raise InputError("no active stream: start one with stream() or stylize() first")
         self.active.set_prompt(prompt)
 
     def stylize(
@@ -173,9 +178,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{file} is not valid JSON ({exc}); rebuild or restore it") from None
+        raise InputError(f"{file} is not valid JSON ({exc}); rebuild or restore it") from None
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{file}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise InputError(f"{file}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
 
 

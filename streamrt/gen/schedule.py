@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import torch
 
+from streamrt.errors import InputError
+
 
 def shifted_sigmas(timesteps: list[int], shift: float) -> list[float]:
     """`sigma(t) = s*u / (1 + (s-1)*u)`, `u = t/1000`; shift 5 maps 1000/750/500/250 to
     1.0/0.9375/0.8333/0.625."""
     if not timesteps or any(not 0 <= t <= 1000 for t in timesteps):
-        raise ValueError(
+        raise InputError(
             f"timesteps must be a non-empty list of values in 0..1000, got {timesteps}"
         )
     if list(timesteps) != sorted(timesteps, reverse=True):
-        raise ValueError(f"timesteps must be decreasing, got {timesteps}")
+        raise InputError(f"timesteps must be decreasing, got {timesteps}")
     out = []
     for t in timesteps:
         u = t / 1000.0
@@ -28,7 +30,7 @@ def shifted_sigmas(timesteps: list[int], shift: float) -> list[float]:
 def even_timesteps(steps: int) -> list[int]:
     """`steps` timesteps evenly spaced down from 1000: 4 -> [1000, 750, 500, 250]."""
     if steps < 1:
-        raise ValueError(f"the step count must be >= 1, got {steps}")
+        raise InputError(f"the step count must be >= 1, got {steps}")
     return [round(1000 - i * 1000 / steps) for i in range(steps)]
 
 

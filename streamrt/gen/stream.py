@@ -11,17 +11,31 @@ import numpy as np
 import torch
 
 from streamrt.config import GenConfig
+from streamrt.errors import NonFiniteError
 from streamrt.gen.forward import chunk_rows, streaming_forward
 from streamrt.gen.noise import DriftingNoise
 from streamrt.gen.samplers import make_sampler
 from streamrt.gen.schedule import shifted_sigmas
 from streamrt.gen.settings import fit_window
 from streamrt.models.codec import tensor_to_frames
+from streamrt.models.text import PromptError
 
 if TYPE_CHECKING:
     from streamrt.gen.engine import GenEngine
 
 _PROMPT_IDS = itertools.count()
+
+
+def check_prompt(prompt: str) -> str:
+    """`prompt` if it is non-empty text, else a `PromptError` saying what to pass."""
+    if not isinstance(prompt, str):
+        raise PromptError(f"the prompt must be text, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise PromptError(
+            "the prompt is empty: describe the video, e.g. 'a red circle moving right on a "
+            "dark background'"
+        )
+    return prompt
 
 
 class GenStream:
@@ -37,6 +51,7 @@ class GenStream:
         self.engine = engine
         self.config = config
         self.stream_id = stream_id
+        engine.encode_prompt(check_prompt(prompt))  # a bad prompt fails before any allocation
         c, h, w = engine.latent_shape(config.height, config.width)
         self.latent_shape = (c, h, w)
         p = engine.transformer.config.patch_size
@@ -47,8 +62,12 @@ class GenStream:
         self.rcfg = config.guidance_scale != 1.0 and config.rcfg
         self.guided = config.guidance_scale != 1.0 and not config.rcfg
         self.seqs = [engine.open_sequence(f"{stream_id}-c", config)]
-        if self.guided:
-            self.seqs.append(engine.open_sequence(f"{stream_id}-u", config))
+        try:  # a refused stream gives its blocks back: the other streams keep their room
+            if self.guided:
+                self.seqs.append(engine.open_sequence(f"{stream_id}-u", config))
+        except Exception:
+            self.close()
+            raise
         self.sampler = make_sampler(config.sampler, self)
         self.decoder = engine.codec.decoder()
         self.source: Callable[[], tuple[torch.Tensor, list[float], torch.Tensor]] | None = None
@@ -72,7 +91,7 @@ class GenStream:
         """Switch the prompt. With `recache`, the kept clean frames are re-run at t=0 under
         the new prompt so the self-attention cache follows it (LongLive's KV re-cache)."""
         engine = self.engine
-        cond = engine.encode_prompt(prompt)
+        cond = engine.encode_prompt(check_prompt(prompt))
         self.embeds = cond
         self.text_id = next(_PROMPT_IDS)
         if self.guided:
@@ -194,6 +213,12 @@ class GenStream:
         t0 = time.perf_counter()
         x0 = self.sampler.next_chunk()
         self.stats["seconds"] += time.perf_counter() - t0
+        if self.stats["chunks"] == 0 and not bool(torch.isfinite(x0).all()):
+            raise NonFiniteError(
+                "the model produced NaN/inf latents in its first chunk: its weights hold "
+                "non-finite values or the settings overflow (guidance_scale, shift, float16); "
+                "check the checkpoint and the gen: settings"
+            )
         self.stats["chunks"] += 1
         return x0
 
@@ -203,6 +228,11 @@ class GenStream:
         t0 = time.perf_counter()
         with torch.no_grad():
             pixels = self.decoder.decode(x0.float())
+        if self.stats["first_frame_s"] is None and not bool(torch.isfinite(pixels).all()):
+            raise NonFiniteError(
+                "the codec (VAE) decoded NaN/inf pixels from finite latents: its weights hold "
+                "non-finite values; restore the model directory's vae/"
+            )
         frames = tensor_to_frames(pixels)
         self.stats["seconds"] += time.perf_counter() - t0
         if self.stats["first_frame_s"] is None:

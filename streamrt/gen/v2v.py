@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
+from streamrt.errors import InputError
 from streamrt.gen.stream import GenStream
 from streamrt.models.codec import frames_to_tensor
 
@@ -83,12 +84,12 @@ class VideoToVideo:
         frame = np.asarray(frame)
         want = (self.stream.config.height, self.stream.config.width, 3)
         if frame.shape != want:
-            raise ValueError(
+            raise InputError(
                 f"input frame {index} has shape {frame.shape}; expected {want} (H, W, RGB)"
             )
         if frame.dtype != np.uint8:
             if not np.issubdtype(frame.dtype, np.floating) or not np.isfinite(frame).all():
-                raise ValueError(
+                raise InputError(
                     f"input frame {index} must be uint8 RGB (or finite floats in [0, 255])"
                 )
             frame = np.clip(frame, 0, 255).astype(np.uint8)

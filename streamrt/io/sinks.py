@@ -10,7 +10,26 @@ from pathlib import Path
 import av
 import numpy as np
 
+from streamrt.errors import InputError, StreamrtError
+
 LIVE_PREFIXES = ("rtmp://", "rtsp://", "srt://")
+FILE_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi")
+"""Containers that hold the H.264 stream a `VideoSink` writes (.webm, .gif, ... do not)."""
+
+
+class SinkError(StreamrtError, OSError):
+    """The output could not be opened or broke while writing (path, server, disk)."""
+
+
+def check_target(target: str | Path) -> str:
+    """`target` as text if a `VideoSink` can write it, else an `InputError` naming the choices."""
+    text = str(target)
+    if text.startswith(LIVE_PREFIXES) or Path(text).suffix.lower() in FILE_SUFFIXES:
+        return text
+    raise InputError(
+        f"cannot write video to {text!r}: name a file ending in {', '.join(FILE_SUFFIXES)} "
+        f"(H.264) or a {', '.join(p + '...' for p in LIVE_PREFIXES)} URL"
+    )
 
 
 class VideoSink:
@@ -19,13 +38,13 @@ class VideoSink:
     def __init__(
         self, target: str | Path, fps: int, width: int, height: int, fmt: str | None = None
     ) -> None:
-        self.target = str(target)
+        self.target = check_target(target) if fmt is None else str(target)
         if fmt is None and self.target.startswith("rtmp://"):
             fmt = "flv"
         try:
             self.container = av.open(self.target, mode="w", format=fmt)
         except (OSError, av.error.FFmpegError) as exc:
-            raise OSError(f"cannot open {self.target} for writing: {exc}") from None
+            raise SinkError(f"cannot open {self.target} for writing: {exc}") from None
         self.stream = self.container.add_stream("libx264", rate=Fraction(fps))
         self.stream.width, self.stream.height = width, height
         self.stream.pix_fmt = "yuv420p"
@@ -55,7 +74,7 @@ class VideoSink:
                 self.container.mux(packet)
         except (OSError, av.error.FFmpegError) as exc:
             # FFmpeg connects to a URL when it writes the header, i.e. at the first packet.
-            raise OSError(f"cannot write to {self.target}: {exc}") from None
+            raise SinkError(f"cannot write to {self.target}: {exc}") from None
         self.frames += 1
 
     def close(self) -> None:
@@ -63,7 +82,7 @@ class VideoSink:
             for packet in self.stream.encode():
                 self.container.mux(packet)
         except (OSError, av.error.FFmpegError) as exc:
-            raise OSError(f"cannot write to {self.target}: {exc}") from None
+            raise SinkError(f"cannot write to {self.target}: {exc}") from None
         finally:
             self.container.close()
 
@@ -80,6 +99,7 @@ class VideoSink:
 
 def open_sink(target: str | Path, fps: int, width: int, height: int) -> VideoSink:
     """A sink for `target` (a path such as out.mp4, or rtmp://host/app/key)."""
+    check_target(target)
     if not str(target).startswith(LIVE_PREFIXES):
         Path(target).parent.mkdir(parents=True, exist_ok=True)
     return VideoSink(target, fps, width, height)

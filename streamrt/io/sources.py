@@ -51,6 +51,11 @@ def _pyav_frames(url: str, size: tuple[int, int] | None) -> Iterator[np.ndarray]
     except (OSError, av.error.FFmpegError) as exc:
         raise SourceError(f"cannot open input {url}: {exc}") from None
     with container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+            raise SourceError(
+                f"input {url} has no video stream (it holds {', '.join(kinds)}): pass a video"
+            )
         stream = container.streams.video[0]
         stream.thread_type = "SLICE"  # frame threading adds ~2 frames of delay
         try:
@@ -92,6 +97,8 @@ def open_source(
     else:
         if "://" not in url and not Path(url).exists():
             raise SourceError(f"input file {url} does not exist")
+        if "://" not in url and Path(url).is_file() and Path(url).stat().st_size == 0:
+            raise SourceError(f"input file {url} is empty (0 bytes): pass a video file")
         frames = _pyav_frames(url, size)
     for i, frame in enumerate(frames):
         if max_frames is not None and i >= max_frames:

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from streamrt.errors import StreamrtError
 from streamrt.parallel.rows import RowParallel
 
 
@@ -20,13 +21,17 @@ def backend_for(device: str | torch.device | None) -> str:
     return "nccl" if kind == "cuda" else "gloo"
 
 
+class LaunchError(StreamrtError, RuntimeError):
+    """A parallel run was started without the process group it needs."""
+
+
 def init_from_env(device: str | None = None) -> RowParallel:
     """Join the group `torchrun` describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
     missing = [
         k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ
     ]
     if missing:
-        raise RuntimeError(
+        raise LaunchError(
             f"--parallel needs a process group, but {', '.join(missing)} is not set: launch "
             "with `torchrun --nproc_per_node=N -m streamrt.apps.cli ...`"
         )

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from streamrt.errors import InputError
+
 BOUNDARIES = ("wrap", "bounce")
 
 
@@ -51,25 +53,25 @@ class WorldConfig:
         for name in ("height", "width"):
             value = getattr(self, name)
             if value < 32 or value % 8:
-                raise ValueError(f"world.{name} must be a multiple of 8 and >= 32, got {value}")
+                raise InputError(f"world.{name} must be a multiple of 8 and >= 32, got {value}")
         if self.fps <= 0:
-            raise ValueError(f"world.fps must be > 0, got {self.fps}")
+            raise InputError(f"world.fps must be > 0, got {self.fps}")
         if self.num_frames < 1:
-            raise ValueError(f"world.num_frames must be >= 1, got {self.num_frames}")
+            raise InputError(f"world.num_frames must be >= 1, got {self.num_frames}")
         if not 1 <= self.min_objects <= self.max_objects <= 4:
-            raise ValueError(
+            raise InputError(
                 "world needs 1 <= min_objects <= max_objects <= 4, got "
                 f"{self.min_objects}..{self.max_objects}"
             )
         if self.boundary not in (*BOUNDARIES, "random"):
-            raise ValueError(
+            raise InputError(
                 f"world.boundary must be 'wrap', 'bounce' or 'random', got {self.boundary!r}"
             )
         for name in ("late_entry_prob", "early_exit_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"world.{name} must lie in [0, 1], got {getattr(self, name)}")
+                raise InputError(f"world.{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.qa_per_kind < 0:
-            raise ValueError(f"world.qa_per_kind must be >= 0, got {self.qa_per_kind}")
+            raise InputError(f"world.qa_per_kind must be >= 0, got {self.qa_per_kind}")
 
     @property
     def scale(self) -> float:

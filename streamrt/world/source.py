@@ -20,6 +20,7 @@ from urllib.parse import unquote_plus
 
 import numpy as np
 
+from streamrt.errors import InputError
 from streamrt.world.caption import build_scene, caption_for, parse_caption, sample_description
 from streamrt.world.config import WorldConfig
 from streamrt.world.scene import Scene
@@ -30,7 +31,7 @@ URL_KEYS = ("seed", "fps", "size", "frames", "caption")
 
 def _int(key: str, value: str, minimum: int) -> int:
     if not re.fullmatch(r"[0-9]+", value) or int(value) < minimum:
-        raise ValueError(f"world URL: {key} must be an integer >= {minimum}, got {value!r}")
+        raise InputError(f"world URL: {key} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -44,17 +45,17 @@ def parse_world_url(url: str) -> dict[str, object]:
             a bad value; the message names it.
     """
     if not url.startswith(SCHEME):
-        raise ValueError(f"world URL must start with {SCHEME!r}, got {url!r}")
+        raise InputError(f"world URL must start with {SCHEME!r}, got {url!r}")
     out: dict[str, object] = {}
     body = url[len(SCHEME) :]
     for pair in body.split("&") if body else []:
         key, eq, raw = pair.partition("=")
         if not eq or not key:
-            raise ValueError(f"world URL: {pair!r} is not key=value (in {url!r})")
+            raise InputError(f"world URL: {pair!r} is not key=value (in {url!r})")
         if key not in URL_KEYS:
-            raise ValueError(f"world URL: unknown key {key!r}; known keys: {', '.join(URL_KEYS)}")
+            raise InputError(f"world URL: unknown key {key!r}; known keys: {', '.join(URL_KEYS)}")
         if key in out or (key == "size" and "width" in out):
-            raise ValueError(f"world URL: {key!r} given twice")
+            raise InputError(f"world URL: {key!r} given twice")
         value = unquote_plus(raw).strip()
         if key == "seed":
             out["seed"] = _int(key, value, 0)
@@ -66,12 +67,12 @@ def parse_world_url(url: str) -> dict[str, object]:
             except ValueError:
                 fps = math.nan
             if not (math.isfinite(fps) and fps > 0):
-                raise ValueError(f"world URL: fps must be a number > 0, got {value!r}")
+                raise InputError(f"world URL: fps must be a number > 0, got {value!r}")
             out["fps"] = fps
         elif key == "size":
             m = re.fullmatch(r"([0-9]+)x([0-9]+)", value)
             if not m:
-                raise ValueError(f"world URL: size must be WIDTHxHEIGHT like 64x64, got {value!r}")
+                raise InputError(f"world URL: size must be WIDTHxHEIGHT like 64x64, got {value!r}")
             out["width"], out["height"] = int(m.group(1)), int(m.group(2))
         else:
             out["caption"] = value
@@ -101,13 +102,13 @@ class WorldSource:
             ValueError: A bad URL, caption or size; the message says which.
         """
         if isinstance(url_or_seed, bool) or not isinstance(url_or_seed, (int, str)):
-            raise ValueError(
+            raise InputError(
                 f"WorldSource needs a world:// URL or an int seed, got {url_or_seed!r}"
             )
         opts = parse_world_url(url_or_seed) if isinstance(url_or_seed, str) else {}
         seed = int(url_or_seed) if isinstance(url_or_seed, int) else int(opts.get("seed", 0))
         if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+            raise InputError(f"seed must be >= 0, got {seed}")
         overrides = {k: opts[k] for k in ("fps", "width", "height") if k in opts}
         # Endless streams: wrap so objects keep coming back, and nobody enters late or exits.
         self.config = dataclasses.replace(
@@ -119,7 +120,7 @@ class WorldSource:
         )
         self.max_frames = opts.get("frames", max_frames)
         if self.max_frames is not None and self.max_frames < 0:
-            raise ValueError(f"max_frames must be >= 0, got {self.max_frames}")
+            raise InputError(f"max_frames must be >= 0, got {self.max_frames}")
         rng = np.random.default_rng(seed)
         caption = opts.get("caption")
         description = parse_caption(caption) if caption else sample_description(rng, self.config)

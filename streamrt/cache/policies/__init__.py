@@ -10,6 +10,7 @@ from streamrt.cache.policies.ema_sink import EmaSinkPolicy
 from streamrt.cache.policies.full import FullPolicy
 from streamrt.cache.policies.participative import DeepSinkParticipativePolicy, ParticipativePolicy
 from streamrt.cache.policies.sink_window import SinkWindowPolicy
+from streamrt.errors import InputError
 
 POLICIES: dict[str, type[CachePolicy]] = {
     FullPolicy.name: FullPolicy,
@@ -26,13 +27,13 @@ def make_policy(name: str | CachePolicy, **kwargs: Any) -> CachePolicy:
     if isinstance(name, CachePolicy):
         return name
     if name not in POLICIES:
-        raise ValueError(
+        raise InputError(
             f"unknown cache policy {name!r}; choose one of: {', '.join(sorted(POLICIES))}"
         )
     try:
         return POLICIES[name](**kwargs)
     except TypeError as exc:
-        raise ValueError(f"bad arguments for cache policy {name!r}: {exc}") from None
+        raise InputError(f"bad arguments for cache policy {name!r}: {exc}") from None
 
 
 __all__ = [

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from streamrt.cache.block import DEVICE
 from streamrt.cache.policies.base import CachePolicy, contiguous_plan
+from streamrt.errors import InputError
 
 if TYPE_CHECKING:
     from streamrt.cache.sequence import AttentionPlan, Sequence
@@ -50,9 +51,9 @@ class DeepSinkPolicy(CachePolicy):
 
     def __init__(self, sink_blocks: int = 10, window_blocks: int = 11) -> None:
         if sink_blocks < 1:
-            raise ValueError(f"deep_sink needs sink_blocks >= 1, got {sink_blocks}")
+            raise InputError(f"deep_sink needs sink_blocks >= 1, got {sink_blocks}")
         if window_blocks < 1:
-            raise ValueError(f"deep_sink needs window_blocks >= 1, got {window_blocks}")
+            raise InputError(f"deep_sink needs window_blocks >= 1, got {window_blocks}")
         self.sink_blocks = sink_blocks
         self.window_blocks = window_blocks
         self.capacity = sink_blocks + window_blocks

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from streamrt.cache.block import DEVICE
 from streamrt.cache.policies.base import CachePolicy, contiguous_plan
+from streamrt.errors import InputError
 
 if TYPE_CHECKING:
     from streamrt.cache.sequence import AttentionPlan, Sequence
@@ -41,11 +42,11 @@ class EmaSinkPolicy(CachePolicy):
 
     def __init__(self, sink_blocks: int = 3, window_blocks: int = 9, alpha: float = 0.99) -> None:
         if sink_blocks < 1:
-            raise ValueError(f"ema_sink needs sink_blocks >= 1, got {sink_blocks}")
+            raise InputError(f"ema_sink needs sink_blocks >= 1, got {sink_blocks}")
         if window_blocks < 1:
-            raise ValueError(f"ema_sink needs window_blocks >= 1, got {window_blocks}")
+            raise InputError(f"ema_sink needs window_blocks >= 1, got {window_blocks}")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"ema_sink needs alpha in [0, 1], got {alpha}")
+            raise InputError(f"ema_sink needs alpha in [0, 1], got {alpha}")
         self.sink_blocks = sink_blocks
         self.window_blocks = window_blocks
         self.alpha = alpha

@@ -78,11 +78,11 @@ class ParticipativePolicy(CachePolicy):
         self, sink_blocks: int = 3, budget_blocks: int = 16, recent_blocks: int = 4
     ) -> None:
         if sink_blocks < 0:
-            raise ValueError(f"{self.name} needs sink_blocks >= 0, got {sink_blocks}")
+            raise InputError(f"{self.name} needs sink_blocks >= 0, got {sink_blocks}")
         if recent_blocks < 1:
-            raise ValueError(f"{self.name} needs recent_blocks >= 1, got {recent_blocks}")
+            raise InputError(f"{self.name} needs recent_blocks >= 1, got {recent_blocks}")
         if budget_blocks < sink_blocks + recent_blocks + 1:
-            raise ValueError(
+            raise InputError(
                 f"{self.name} needs budget_blocks >= sink_blocks + recent_blocks + 1 = "
                 f"{sink_blocks + recent_blocks + 1} (at least one candidate), got {budget_blocks}"
             )
@@ -127,7 +127,7 @@ class ParticipativePolicy(CachePolicy):
         for layer, per_row in scores.items():
             s = per_row[row].float()
             if s.shape != (plan.num_tokens,):
-                raise ValueError(
+                raise InputError(
                     f"scores of layer {layer} have {tuple(s.shape)} values for row {row}, "
                     f"the plan keeps {plan.num_tokens} tokens: pass the scores of this plan's forward"
                 )

@@ -8,6 +8,7 @@ import torch
 
 from streamrt.cache.block import DEVICE
 from streamrt.cache.policies.base import CachePolicy, contiguous_plan
+from streamrt.errors import InputError
 
 if TYPE_CHECKING:
     from streamrt.cache.sequence import AttentionPlan, Sequence
@@ -55,18 +56,18 @@ class SinkWindowPolicy(CachePolicy):
         adaptive_tau: float | None = None,
     ) -> None:
         if sink_blocks < 0 or window_blocks < 1:
-            raise ValueError(
+            raise InputError(
                 f"sink_window needs sink_blocks >= 0 and window_blocks >= 1, got {sink_blocks}, {window_blocks}"
             )
         if positions not in ("relative", "absolute"):
-            raise ValueError(f"positions must be 'relative' or 'absolute', got {positions!r}")
+            raise InputError(f"positions must be 'relative' or 'absolute', got {positions!r}")
         if adaptive_tau is not None:
             if not -1.0 <= adaptive_tau <= 1.0:
-                raise ValueError(
+                raise InputError(
                     f"adaptive_tau is a cosine similarity threshold in [-1, 1], got {adaptive_tau}"
                 )
             if sink_blocks < 1:
-                raise ValueError("adaptive_tau needs a sink to refresh: sink_blocks >= 1, got 0")
+                raise InputError("adaptive_tau needs a sink to refresh: sink_blocks >= 1, got 0")
         self.sink_blocks = sink_blocks
         self.window_blocks = window_blocks
         self.positions = positions

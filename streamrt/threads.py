@@ -1,0 +1,32 @@
+"""How many torch intra-op threads a command runs with.
+
+torch's own default (one thread per core) made `streamrt generate` 12x slower than one
+thread on a loaded 2-core machine: the tiny models' matmuls are too small to split, and
+the threads fight other processes for the cores. So commands default to `default_threads()`;
+`--threads N` or the environment variable `STREAMRT_THREADS` choose otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+from streamrt.errors import InputError
+
+ENV = "STREAMRT_THREADS"
+
+
+def default_threads() -> int:
+    """Threads when `--threads` is not given: `$STREAMRT_THREADS` if set, else 1."""
+    value = os.environ.get(ENV, "").strip()
+    return parse_threads(value, ENV) if value else 1
+
+
+def parse_threads(value: str | int, what: str = "--threads") -> int:
+    """`value` as a thread count >= 1, or an `InputError` naming `what`."""
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be a whole number of threads >= 1, got {value!r}") from None
+    if n < 1:
+        raise InputError(f"{what} must be >= 1 (torch threads), got {n}")
+    return n
