@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from streamrt.apps.generate import load_generator
+from streamrt.errors import InputError
 
 DEFAULT_PROMPT = "a red circle moving right on a dark background"
 QUESTION = "what color was the first shape?"
@@ -110,7 +111,7 @@ class LiveStylizer:
             raise self.error
         frame = np.asarray(frame)
         if frame.ndim != 3 or frame.shape[2] not in (3, 4) or frame.dtype != np.uint8:
-            raise ValueError(
+            raise InputError(
                 f"a webcam frame must be uint8 [H, W, 3], got {frame.dtype} {frame.shape}"
             )
         frame = cv2.resize(frame[..., :3], self.size, interpolation=cv2.INTER_AREA)
@@ -207,7 +208,7 @@ class DemoBackend:
         fps = session.qa.config.fps
         timed = list(_sampled(source, float(seconds), fps))
         if not timed:
-            raise ValueError(f"{source} gave no frames in its first {seconds} s")
+            raise InputError(f"{source} gave no frames in its first {seconds} s")
         start = session.fed
         for t, frame in timed:
             session.qa.feed(frame, timestamp=start + t)
@@ -216,7 +217,7 @@ class DemoBackend:
 
     def ask(self, question: str, session: Session) -> str:
         if session.qa is None:
-            raise ValueError("feed a video first: the memory is empty")
+            raise InputError("feed a video first: the memory is empty")
         answer = session.qa.ask(question)
         used = ", ".join(f"{t:.0f}s" for t in answer.timestamps[:8])
         return f"{answer.text}  (frames {used}; {answer.latency_s * 1000:.0f} ms)"

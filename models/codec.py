@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from streamrt.errors import InputError
+
 
 def frames_to_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 `[F, H, W, 3]` -> float `[1, 3, F, H, W]` in [-1, 1]."""
@@ -38,7 +40,7 @@ class PixelCodec:
 
     def __init__(self, spatial: int = 1) -> None:
         if int(spatial) != spatial or spatial < 1:
-            raise ValueError(f"PixelCodec spatial factor must be a positive integer, got {spatial}")
+            raise InputError(f"PixelCodec spatial factor must be a positive integer, got {spatial}")
         self.spatial = int(spatial)
 
     def frames_needed(self, latent_frames: int) -> int:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from streamrt.errors import InputError
+
 FAMILIES = ("smolvlm", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
 IMAGE_SIZE = 32
 """Frame side of the tiny models (4 visual tokens per frame; 64 for Qwen2-VL)."""
@@ -124,7 +126,7 @@ def tiny_vlm(
         )
         model = model_cls(cfg)
     else:
-        raise ValueError(f"unknown tiny VLM family {family!r}; choose one of {FAMILIES}")
+        raise InputError(f"unknown tiny VLM family {family!r}; choose one of {FAMILIES}")
     return model.eval()
 
 

@@ -2,8 +2,18 @@
 
 torch's own default (one thread per core) made `streamrt generate` 12x slower than one
 thread on a loaded 2-core machine: the tiny models' matmuls are too small to split, and
-the threads fight other processes for the cores. So commands default to `default_threads()`;
-`--threads N` or the environment variable `STREAMRT_THREADS` choose otherwise.
+the threads fight other processes for the cores. Measured on this project's 2-core CPU
+(tiny-world, 64x64, 96 frames, three alternating runs each, 2026-12-06):
+
+| other busy processes | 1 thread (fps) | 2 threads (fps) |
+|---|---|---|
+| about one (other jobs) | 58-59 | 65-74 |
+| 1 (a spin loop) | 29-64 | 1.4-4.9 |
+| 2 (spin loops) | 13-38 | 1.0-2.2 |
+
+Two threads win 1.2x on an idle machine and lose 10-40x under load, so commands default
+to `default_threads()` = 1; `--threads N` or the environment variable `STREAMRT_THREADS`
+choose otherwise (on a dedicated many-core CPU, more threads pay for large models).
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ class AgentKV:
     def open(self, agent: str, policy: str = "full", **policy_args) -> Sequence:
         """The agent's KV sequence (one per agent; blocks appended as its context grows)."""
         if agent in self.agents:
-            raise ValueError(f"agent {agent!r} is already open")
+            raise InputError(f"agent {agent!r} is already open")
         seq = self.manager.open_sequence(self.consumer, policy, **policy_args)
         self.agents[agent] = seq
         self.arrivals[agent] = self.clock()
@@ -169,7 +169,7 @@ class AgentKV:
         """The agent's LLM call ended in a call of `tool`: pin, offload or free its KV."""
         seq = self._seq(agent)
         if agent in self.calls:
-            raise ValueError(f"agent {agent!r} is already in a tool call")
+            raise InputError(f"agent {agent!r} is already in a tool call")
         now = self.clock()
         predicted = self.durations.predict(tool)
         move = self.move_s(agent)
@@ -225,7 +225,7 @@ class AgentKV:
         seq = self._seq(agent)
         call = self.calls.pop(agent, None)
         if call is None:
-            raise ValueError(f"agent {agent!r} is not in a tool call")
+            raise InputError(f"agent {agent!r} is not in a tool call")
         now = self.clock()
         self.durations.observe(call.tool, now - call.started if duration_s is None else duration_s)
         self.manager.pin(seq, None)

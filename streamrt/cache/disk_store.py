@@ -46,6 +46,7 @@ from streamrt.cache.disk_format import (
     read_payload,
 )
 from streamrt.cache.errors import CorruptBlockError, DiskTierError
+from streamrt.errors import InputError
 
 _BLOCK_SUFFIX = ".kv"
 _TMP_SUFFIX = ".tmp"
@@ -75,7 +76,7 @@ class DiskStore:
 
     def __init__(self, root: str | os.PathLike[str], budget_bytes: int | None = None) -> None:
         if budget_bytes is not None and budget_bytes < 0:
-            raise ValueError(f"budget_bytes must be >= 0 or None, got {budget_bytes}")
+            raise InputError(f"budget_bytes must be >= 0 or None, got {budget_bytes}")
         self.root = Path(root)
         self.budget_bytes = budget_bytes
         self._lock = threading.Lock()

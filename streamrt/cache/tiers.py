@@ -20,6 +20,7 @@ from streamrt.cache.block import DEVICE, DISK, HOST, KVBlock
 from streamrt.cache.errors import CacheError, CorruptBlockError, OutOfBlocksError
 from streamrt.cache.sequence import Sequence
 from streamrt.cache.transfer import Transfer
+from streamrt.errors import InputError
 
 if TYPE_CHECKING:
     from streamrt.cache.disk_store import DiskStore
@@ -48,7 +49,7 @@ class TierMoves:
     ) -> list[Transfer]:
         order = {DEVICE: 0, HOST: 1, DISK: 2}
         if tier not in order:
-            raise ValueError(f"unknown tier {tier!r}; tiers are device, host, disk")
+            raise InputError(f"unknown tier {tier!r}; tiers are device, host, disk")
         if tier == DISK and self.disk is None:
             raise CacheError("no disk tier: set cache.disk_dir to offload to disk")
         idx = [indices] if isinstance(indices, int) else list(indices)

@@ -68,8 +68,10 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        leave_group()  # a rank done first must not tear gloo down under a working peer
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # failed: tear down without waiting for the others
+            dist.destroy_process_group()
 
 
 def run_local(fn: Callable, world: int, *args: Any) -> None:

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from streamrt.errors import InputError
 from streamrt.world.config import BOUNDARIES, WorldConfig
 from streamrt.world.scene import Scene, WorldObject
 from streamrt.world.vocab import (
@@ -68,8 +69,8 @@ def format_caption(description: SceneDescription, with_pace: bool = False) -> st
     return f"{' and '.join(parts)} on a {description.background} background"
 
 
-def _grammar_error(caption: str, what: str) -> ValueError:
-    return ValueError(f"cannot read caption {caption!r}: {what}; write e.g. {EXAMPLE!r}")
+def _grammar_error(caption: str, what: str) -> InputError:
+    return InputError(f"cannot read caption {caption!r}: {what}; write e.g. {EXAMPLE!r}")
 
 
 def _parse_object(words: list[str], caption: str) -> ObjectDescription:
@@ -99,7 +100,7 @@ def parse_caption(caption: str) -> SceneDescription:
     words = caption.strip().rstrip(".").lower().split()
     unknown = list(dict.fromkeys(w for w in words if w not in CAPTION_WORDS))
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"caption {caption!r} has word(s) outside the world's vocabulary: "
             f"{', '.join(unknown)}. Captions use only: {' '.join(CAPTION_WORDS)}"
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from streamrt.errors import InputError
 from streamrt.world.vocab import BACKGROUNDS
 
 _FLAT = {"dark": (20, 20, 20), "light": (220, 220, 220)}
@@ -25,7 +26,7 @@ def render_background(name: str, height: int, width: int) -> np.ndarray:
     Textures have a period of 16 pixels per 64 of frame size (bands and checks 8 wide).
     """
     if name not in BACKGROUNDS:
-        raise ValueError(f"unknown background {name!r}; choose one of {', '.join(BACKGROUNDS)}")
+        raise InputError(f"unknown background {name!r}; choose one of {', '.join(BACKGROUNDS)}")
     image = np.empty((height, width, 3), dtype=np.uint8)
     if name in _FLAT:
         image[:] = _FLAT[name]
@@ -58,4 +59,4 @@ def draw_shape(
         )
         cv2.fillConvexPoly(frame, points, rgb, lineType=cv2.LINE_8)
     else:
-        raise ValueError(f"unknown shape {shape!r}")
+        raise InputError(f"unknown shape {shape!r}")

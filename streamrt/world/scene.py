@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from streamrt.errors import InputError
 from streamrt.world.config import BOUNDARIES, WorldConfig
 from streamrt.world.render import draw_shape, render_background
 from streamrt.world.vocab import BACKGROUNDS, COLORS, DIRECTIONS, PACES, SHAPES
@@ -65,11 +66,11 @@ class WorldObject:
             (self.pace, PACES),
         ):
             if value not in allowed:
-                raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+                raise InputError(f"{value!r} is not one of {', '.join(allowed)}")
         if self.size < 1 or self.speed < 0 or self.enter_frame < 0:
-            raise ValueError(f"bad object geometry or timing: {self}")
+            raise InputError(f"bad object geometry or timing: {self}")
         if self.exit_frame is not None and self.exit_frame <= self.enter_frame:
-            raise ValueError(f"exit_frame must come after enter_frame: {self}")
+            raise InputError(f"exit_frame must come after enter_frame: {self}")
 
     def on_stage(self, t: int) -> bool:
         """Whether frame `t` lies in [enter_frame, exit_frame)."""
@@ -146,9 +147,9 @@ class Scene:
 
     def __post_init__(self) -> None:
         if self.background not in BACKGROUNDS:
-            raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}")
+            raise InputError(f"background must be one of {', '.join(BACKGROUNDS)}")
         if self.boundary not in BOUNDARIES:
-            raise ValueError(f"boundary must be one of {', '.join(BOUNDARIES)}")
+            raise InputError(f"boundary must be one of {', '.join(BOUNDARIES)}")
 
     @property
     def height(self) -> int:
