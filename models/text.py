@@ -6,12 +6,28 @@ sequence is padded to `text_len`, so cross-attention K/V depend only on the prom
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5EncoderModel
 
 from streamrt.errors import StreamrtError
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers' "Loading weights" bar off while a model loads: the commands draw
+    their own progress, and a bar per load of a 1 MB model is noise."""
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 class PromptError(StreamrtError, ValueError):
@@ -56,9 +72,9 @@ class TextEncoder:
         cls, path: str | Path, text_len: int, dtype=torch.float32, device="cpu"
     ) -> TextEncoder:
         path = Path(path)
-        model = UMT5EncoderModel.from_pretrained(path / "text_encoder", torch_dtype=dtype).to(
-            device
-        )
+        with quiet_loading():
+            model = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype)
+        model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         return cls(model, tokenizer, text_len)
 

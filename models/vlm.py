@@ -34,6 +34,7 @@ from transformers import AutoConfig
 
 from streamrt.embedded import VQA_MODEL, resolve_model
 from streamrt.errors import StreamrtError
+from streamrt.models.text import quiet_loading
 
 
 class VLMAdapter:
@@ -106,7 +107,8 @@ class VLMAdapter:
         import transformers
 
         model_cls = getattr(transformers, cls.model_class)
-        model = model_cls.from_pretrained(path, dtype=dtype)
+        with quiet_loading():
+            model = model_cls.from_pretrained(path, dtype=dtype)
         if device is not None:
             model = model.to(device)
         mean, std = _image_normalisation(Path(path))
@@ -302,7 +304,8 @@ class Qwen2VLAdapter(VLMAdapter):
     ) -> VLMAdapter:
         from transformers import AutoModelForImageTextToText
 
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        with quiet_loading():
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
         if device is not None:
             model = model.to(device)
         clip_mean = (0.48145466, 0.4578275, 0.40821073)
