@@ -49,3 +49,16 @@ def fill(seq, index: int, value: float | None = None) -> torch.Tensor:
     else:
         view.fill_(value)
     return view.clone()
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    """A 4 s world clip (4 fps, 64x64) written as an mp4, for the `ask` command's tests."""
+    from streamrt.io.sinks import VideoSink
+    from streamrt.world import make_clip
+
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    with VideoSink(path, fps=4, width=64, height=64) as sink:
+        for frame in make_clip(0, 16).frames:
+            sink.write(frame)
+    return path

@@ -32,7 +32,6 @@ from streamrt.cache import CacheError, CorruptBlockError, DiskTierError, SpecMis
 from streamrt.cache import disk_store as disk_store_module
 from streamrt.cache.disk_store import DiskStore, write_file_atomically
 from streamrt.errors import InputError, StreamrtError
-from streamrt.io.sinks import VideoSink
 from streamrt.models.vlm_tiny import IMAGE_SIZE, save_tiny_vlm
 from streamrt.qa import VideoQA
 from streamrt.world import make_clip
@@ -48,15 +47,6 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def other_model(tmp_path_factory):
     return save_tiny_vlm(tmp_path_factory.mktemp("model") / "qwen2_vl", "qwen2_vl")
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory):
-    path = tmp_path_factory.mktemp("video") / "clip.mp4"
-    with VideoSink(path, fps=4, width=64, height=64) as sink:
-        for frame in make_clip(0, 16).frames:  # 4 s at 4 fps
-            sink.write(frame)
-    return path
 
 
 def clip_frames(n: int) -> torch.Tensor:

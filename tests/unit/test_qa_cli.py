@@ -9,20 +9,9 @@ import json
 import pytest
 
 from streamrt.apps.ask import add_arguments, run, sample_frames
-from streamrt.io.sinks import VideoSink
 from streamrt.models.vlm_tiny import save_tiny_vlm
-from streamrt.world import make_clip
 
 pytestmark = pytest.mark.usefixtures("one_thread_quiet")
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory):
-    path = tmp_path_factory.mktemp("video") / "clip.mp4"
-    with VideoSink(path, fps=4, width=64, height=64) as sink:
-        for frame in make_clip(0, 16).frames:  # 4 s at 4 fps
-            sink.write(frame)
-    return path
 
 
 @pytest.fixture(scope="module")
