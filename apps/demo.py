@@ -33,6 +33,10 @@ DISPLAY_PX = 384
 """Side of the square the video panels show frames in: a 64x64 frame is 6x magnified."""
 
 
+CSS = "#video img, #styled img { image-rendering: pixelated; }"
+"""The browser fits frames to the panel without smoothing them (crisp model pixels)."""
+
+
 def shown(frame: np.ndarray | None) -> np.ndarray | None:
     """`frame` magnified by the largest whole factor that fits `DISPLAY_PX`, nearest
     neighbour (each model pixel becomes a square of equal pixels: nothing is smoothed)."""
@@ -324,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
 
         raise InputError("the demo needs gradio: pip install 'streamrt[demo]'") from None
     backend = DemoBackend(args.model, args.qa_model)  # bad models: one line from the CLI
-    build_demo(backend).queue().launch(server_name=args.host, server_port=args.port)
+    build_demo(backend).queue().launch(server_name=args.host, server_port=args.port, css=CSS)
     return 0
 
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from streamrt.apps.demo import DemoBackend, build_demo
+from streamrt.apps.demo import CSS, DemoBackend, build_demo
 
 RED = "a red circle moving right on a dark background"
 BLUE = "a blue square moving up on a light background"
@@ -44,7 +44,7 @@ def app_url():
         port = s.getsockname()[1]
     demo = build_demo(DemoBackend("tiny-random"))
     demo.queue().launch(
-        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True
+        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=CSS
     )
     yield f"http://127.0.0.1:{port}/"
     demo.close()
@@ -115,6 +115,10 @@ def test_generate_streams_live_frames_and_switches_prompt(page):
     assert abs(after["y"] - before["y"]) <= 1, (before, after)
     natural = page.evaluate("() => document.querySelector('#video img').naturalWidth")
     assert natural >= 384, f"frames are shown {natural} px wide: too small to see"
+    rendering = page.evaluate(
+        "() => getComputedStyle(document.querySelector('#video img')).imageRendering"
+    )
+    assert rendering == "pixelated"  # fitted to the panel without smoothing
     page.wait_for_function(
         "() => document.querySelector('#status').innerText.includes('frame')", timeout=30_000
     )
