@@ -162,10 +162,15 @@ def _frames(stream: GenStream) -> Iterator[np.ndarray]:
 
 
 def _take(frames: Iterator[np.ndarray], n: int | None) -> Iterator[np.ndarray]:
-    for i, frame in enumerate(frames):
-        if n is not None and i >= n:
-            return
+    """The first `n` frames (all with None), stopping right after the n-th: asking for
+    one more would compute a whole chunk that nobody sees."""
+    if n is None:
+        yield from frames
+        return
+    for i, frame in enumerate(frames, 1):
         yield frame
+        if i >= n:
+            return
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -173,7 +178,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not file.exists():
         raise FileNotFoundError(
             f"{path} is neither a streamrt generator directory (no {MANIFEST}) nor a diffusers "
-            "Wan pipeline (no model_index.json); build the embedded one with `streamrt train gen`"
+            "Wan pipeline (no model_index.json): check the path (the embedded model is "
+            "'assets/tiny-world', shipped with streamrt)"
         )
     try:
         manifest = json.loads(file.read_text())

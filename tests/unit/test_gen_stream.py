@@ -53,6 +53,18 @@ def test_forward_counts_per_sampler(parts):
         gen.engine.cache.check_invariants()
 
 
+@pytest.mark.parametrize("num_frames", [1, 3, 5, 6])
+def test_stream_computes_no_chunk_past_the_frames_asked_for(parts, num_frames):
+    gen = make_gen(parts)  # 3-frame chunks
+    opened = []
+    open_stream = gen.engine.open_stream
+    gen.engine.open_stream = lambda *a, **k: opened.append(open_stream(*a, **k)) or opened[-1]
+    assert len(list(gen.stream(PROMPT, num_frames=num_frames))) == num_frames
+    chunks = -(-num_frames // 3)
+    assert opened[0].stats["frames"] == 3 * chunks  # decoded: only the chunks shown
+    assert opened[0].stats["forwards"] == 5 * chunks  # 4 steps + the clean refresh
+
+
 def test_prompt_switch_recaches_kept_frames(parts):
     gen = make_gen(parts)
     stream = gen.engine.open_stream(PROMPT, gen.engine.config)
