@@ -361,6 +361,8 @@ class VideoQA:
             scores = retrieval.internal_scores(q.cpu(), self.memory.summaries.take(frames))
             if not cfg.per_layer:
                 scores = scores.sum(0, keepdim=True)
+            elif cfg.layer_selection == "consensus" and n_layers > 1:
+                scores = retrieval.consensus(scores, cfg.retrieve_frames, cfg.group_frames)
         picks = retrieval.select(scores, cfg.retrieve_frames, cfg.group_frames)
         if len(picks) == 1:
             picks = picks * n_layers
