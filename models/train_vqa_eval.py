@@ -186,14 +186,16 @@ def plot_training(
 
 # ---------------------------------------------------------------------- needles
 
-NEEDLE_MODES: dict[str, dict[str, Any] | None] = {
+NEEDLE_MODES: dict[str, dict[str, Any] | str | None] = {
     "consensus": {"per_layer": True, "layer_selection": "consensus"},
     "independent": {"per_layer": True, "layer_selection": "independent"},
     "summed": {"per_layer": False},
     "window-only": None,
+    "oracle": "clip",
 }
-"""Memories `needle_accuracy` compares: `QAConfig` overrides, or None for [sink | window]
-only (nothing retrieved, `streamrt.apps.bench.qa.BenchQA.window_only`)."""
+"""Memories `needle_accuracy` compares: `QAConfig` overrides; None: [sink | window] only
+(nothing retrieved, `streamrt.apps.bench.qa.BenchQA.window_only`); "clip": the clip's own
+frames for every layer, exactly the in-window layout (the model's ceiling)."""
 
 
 def needle_accuracy(
@@ -202,7 +204,7 @@ def needle_accuracy(
     clips: int = 12,
     first_seed: int = EVAL_SEED,
     scale: int = 100,
-    modes: dict[str, dict[str, Any] | None] | None = None,
+    modes: dict[str, dict[str, Any] | str | None] | None = None,
     **qa_options: Any,
 ) -> dict[str, dict[str, Any]]:
     """Accuracy on needles at the start of long streams, per memory in `modes`.
@@ -216,6 +218,15 @@ def needle_accuracy(
     from streamrt.qa import VideoQA
     from streamrt.world import make_clip, render_background
 
+    class NeedleQA(BenchQA):
+        clip_only = False
+        """True: every layer gets the clip's frames (the first ones stored)."""
+
+        def _select(self, ids: list[int], frames: list[int], cutoff: int) -> list[list[int]]:
+            if self.clip_only:
+                return [frames[: cfg.num_frames]] * self.adapter.num_layers
+            return super()._select(ids, frames, cutoff)
+
     cfg = dataclasses.replace(cfg or TrainVQAConfig(), qa_per_kind=EVAL_QA_PER_KIND)
     modes = NEEDLE_MODES if modes is None else modes
     opened = VideoQA.from_pretrained(path, **qa_options)
@@ -228,13 +239,15 @@ def needle_accuracy(
         frames = clip.frames
         background = render_background(clip.scene.background, *frames.shape[1:3])
         filler = np.repeat(background[None], max(0, length - len(frames)), 0)
-        with BenchQA(adapter, tokenizer, base) as session:
+        with NeedleQA(adapter, tokenizer, base) as session:
             session.feed(frames)
             if len(filler):
                 session.feed(filler)
             for mode, options in modes.items():
-                session.config = dataclasses.replace(base, **(options or {}))
+                overrides = options if isinstance(options, dict) else {}
+                session.config = dataclasses.replace(base, **overrides)
                 session.window_only = options is None
+                session.clip_only = options == "clip"
                 for qa in clip.qa:
                     if cfg.kinds is not None and qa.kind not in cfg.kinds:
                         continue
