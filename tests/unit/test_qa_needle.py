@@ -35,3 +35,28 @@ def test_default_settings_answer_needles_far_outside_the_window():
     assert default["all"] >= 0.9, default
     assert window["all"] <= 0.5, window  # the answers come from retrieval, not the window
     assert default["all"] - window["all"] >= 0.4
+
+
+def test_the_reported_red_circle_video_answers_right_after_a_long_stream():
+    # The case: "is there a red circle?" answered "no" in a red-circle video once
+    # the circle was 100 windows back (each layer retrieved its own frames).
+    import numpy as np
+
+    from streamrt.models.train_vqa_data import TrainVQAConfig
+    from streamrt.qa import VideoQA
+    from streamrt.world import make_clip, render_background
+
+    caption = "a red circle moving right on a dark background"
+    clip = make_clip(0, 8, TrainVQAConfig().world(), caption=caption)
+    questions = {
+        "is there a red circle?": "yes",
+        "is there a yellow triangle?": "no",
+        "what color is the circle?": "red",
+        "how many shapes appear in the video?": "1",
+    }
+    with VideoQA.from_pretrained() as qa:
+        filler = render_background("dark", *clip.frames.shape[1:3])
+        qa.feed(clip.frames)
+        qa.feed(np.repeat(filler[None], SCALE * qa.config.window_frames - 8, 0))
+        answers = {q: qa.ask(q).text for q in questions}
+    assert answers == questions
