@@ -91,6 +91,10 @@ class VideoQA:
                 "window_frames, retrieve_frames and group_frames must be >= 1, got "
                 f"{cfg.window_frames}, {cfg.retrieve_frames}, {cfg.group_frames}"
             )
+        if cfg.layer_selection not in ("consensus", "independent"):
+            raise InputError(
+                f"layer_selection must be 'consensus' or 'independent', got {cfg.layer_selection!r}"
+            )
         if not (math.isfinite(cfg.fps) and cfg.fps > 0):
             raise InputError(f"fps must be a finite number > 0, got {cfg.fps}")
         if cfg.max_question_tokens < 1:

@@ -60,3 +60,11 @@ def test_the_reported_red_circle_video_answers_right_after_a_long_stream():
         qa.feed(np.repeat(filler[None], SCALE * qa.config.window_frames - 8, 0))
         answers = {q: qa.ask(q).text for q in questions}
     assert answers == questions
+
+
+def test_unknown_layer_selection_is_refused():
+    from streamrt.errors import InputError
+    from streamrt.qa import VideoQA
+
+    with pytest.raises(InputError, match="layer_selection"):
+        VideoQA.from_pretrained(layer_selection="every")
