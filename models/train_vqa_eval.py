@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from streamrt.config import QAConfig
@@ -181,3 +182,74 @@ def plot_training(
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------- needles
+
+NEEDLE_MODES: dict[str, dict[str, Any] | str | None] = {
+    "consensus": {"per_layer": True, "layer_selection": "consensus"},
+    "independent": {"per_layer": True, "layer_selection": "independent"},
+    "summed": {"per_layer": False},
+    "window-only": None,
+    "oracle": "clip",
+}
+"""Memories `needle_accuracy` compares: `QAConfig` overrides; None: [sink | window] only
+(nothing retrieved, `streamrt.apps.bench.qa.BenchQA.window_only`); "clip": the clip's own
+frames for every layer, exactly the in-window layout (the model's ceiling)."""
+
+
+def needle_accuracy(
+    path: str | Path | None = None,
+    cfg: TrainVQAConfig | None = None,
+    clips: int = 12,
+    first_seed: int = EVAL_SEED,
+    scale: int = 100,
+    modes: dict[str, dict[str, Any] | str | None] | None = None,
+    **qa_options: Any,
+) -> dict[str, dict[str, Any]]:
+    """Accuracy on needles at the start of long streams, per memory in `modes`.
+
+    Each stream is a held-out clip (the needle: every question is about it) followed by
+    its own empty background up to `scale` x `window_frames` frames, fed once into one
+    session (`VideoQA.from_pretrained(path, **qa_options)`'s settings); every question of
+    the clip is then asked under each mode's settings on the same stored frames.
+    """
+    from streamrt.apps.bench.qa import BenchQA
+    from streamrt.qa import VideoQA
+    from streamrt.world import make_clip, render_background
+
+    class NeedleQA(BenchQA):
+        clip_only = False
+        """True: every layer gets the clip's frames (the first ones stored)."""
+
+        def _select(self, ids: list[int], frames: list[int], cutoff: int) -> list[list[int]]:
+            if self.clip_only:
+                return [frames[: cfg.num_frames]] * self.adapter.num_layers
+            return super()._select(ids, frames, cutoff)
+
+    cfg = dataclasses.replace(cfg or TrainVQAConfig(), qa_per_kind=EVAL_QA_PER_KIND)
+    modes = NEEDLE_MODES if modes is None else modes
+    opened = VideoQA.from_pretrained(path, **qa_options)
+    adapter, tokenizer, base = opened.adapter, opened.tokenizer, opened.config
+    opened.close()
+    hits: dict[str, dict[str, list[bool]]] = {m: defaultdict(list) for m in modes}
+    length = scale * base.window_frames
+    for seed in range(first_seed, first_seed + clips):
+        clip = make_clip(seed, cfg.num_frames, cfg.world())  # as `held_out` draws it
+        frames = clip.frames
+        background = render_background(clip.scene.background, *frames.shape[1:3])
+        filler = np.repeat(background[None], max(0, length - len(frames)), 0)
+        with NeedleQA(adapter, tokenizer, base) as session:
+            session.feed(frames)
+            if len(filler):
+                session.feed(filler)
+            for mode, options in modes.items():
+                overrides = options if isinstance(options, dict) else {}
+                session.config = dataclasses.replace(base, **overrides)
+                session.window_only = options is None
+                session.clip_only = options == "clip"
+                for qa in clip.qa:
+                    if cfg.kinds is not None and qa.kind not in cfg.kinds:
+                        continue
+                    hits[mode][qa.kind].append(session.ask(qa.question).text == qa.answer)
+    return {m: _summary(h) for m, h in hits.items()}

@@ -253,7 +253,14 @@ class QAConfig:
     of the question's mean token embedding and each frame's mean visual embedding."""
 
     per_layer: bool = True
-    """Each layer selects its own frames (ReKV); False: one selection from summed scores."""
+    """Each layer scores frames with its own queries and keys (ReKV); False: one score per
+    frame, the layers' scores summed."""
+
+    layer_selection: Literal["consensus", "independent"] = "consensus"
+    """With `per_layer`: consensus: one selection for every layer, the frames most layers
+    rank in their top `retrieve_frames` (a coherent context, as the model saw in training);
+    independent: each layer attends to its own top frames (ReKV as published). Measured
+    on the embedded model in assets/tiny-vqa/TRAINING.md ("Needles in long streams")."""
 
     max_new_tokens: int = 16
     """Default answer length in tokens (greedy decoding stops earlier at end-of-sequence)."""

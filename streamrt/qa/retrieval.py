@@ -6,6 +6,15 @@
     external:         score[i] = cos(mean question token embedding, mean visual embedding
                       of frame i), the same for every layer
 
+Per-layer scores, one selection (`consensus`, the default): every layer nominates its own
+top `k` frames, and the frames most layers nominate are chosen for every layer (ties: the
+larger maximum over layers of the frame's standardised score). Independent per-layer choices
+(ReKV as published) hand each layer a different context; a model trained on one coherent
+clip (the embedded tiny model, every layer seeing the same frames at the same positions)
+then answers from a context it never saw, and single layers whose scores do not separate
+the frames (layer 0's keys do not depend on context: every copy of a background frame
+ties) pull in filler. See assets/tiny-vqa/TRAINING.md, "Needles in long streams".
+
 Frames are taken in groups of `group` consecutive frames (a group's score is the mean of
 its members'), best groups first, until `k` frames are chosen; the result is in time order,
 so the chosen frames are laid at consecutive positions in the order they were seen.
@@ -35,6 +44,21 @@ def external_scores(question_embed: torch.Tensor, frame_embeds: torch.Tensor) ->
     """`[1, N]` cosine scores of frame embeddings `[N, hidden]` against a question `[hidden]`."""
     q = question_embed.float()[None]
     return torch.nn.functional.cosine_similarity(frame_embeds.float(), q, dim=-1)[None]
+
+
+def consensus(scores: torch.Tensor, k: int, group: int = 1) -> torch.Tensor:
+    """`[1, N]` scores that rank frames by how many layers (rows of `scores` `[L, N]`)
+    choose them with `select(scores, k, group)`; ties go to the frame some layer singles out
+    most clearly: the larger maximum over layers of its standardised score (scale-free, so
+    no layer dominates by magnitude)."""
+    scores = scores.float()
+    votes = torch.zeros(scores.shape[1])
+    for row in select(scores, k, group):
+        votes[row] += 1
+    std = scores.std(1, keepdim=True, unbiased=False).clamp_min(1e-12)
+    z = ((scores - scores.mean(1, keepdim=True)) / std).amax(0)
+    # 2 * votes + a number in [0, 1]: the tie-break never outweighs one vote.
+    return (2 * votes + torch.sigmoid(z))[None]
 
 
 def select(scores: torch.Tensor, k: int, group: int = 1) -> list[list[int]]:

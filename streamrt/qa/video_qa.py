@@ -91,6 +91,10 @@ class VideoQA:
                 "window_frames, retrieve_frames and group_frames must be >= 1, got "
                 f"{cfg.window_frames}, {cfg.retrieve_frames}, {cfg.group_frames}"
             )
+        if cfg.layer_selection not in ("consensus", "independent"):
+            raise InputError(
+                f"layer_selection must be 'consensus' or 'independent', got {cfg.layer_selection!r}"
+            )
         if not (math.isfinite(cfg.fps) and cfg.fps > 0):
             raise InputError(f"fps must be a finite number > 0, got {cfg.fps}")
         if cfg.max_question_tokens < 1:
@@ -361,6 +365,8 @@ class VideoQA:
             scores = retrieval.internal_scores(q.cpu(), self.memory.summaries.take(frames))
             if not cfg.per_layer:
                 scores = scores.sum(0, keepdim=True)
+            elif cfg.layer_selection == "consensus" and n_layers > 1:
+                scores = retrieval.consensus(scores, cfg.retrieve_frames, cfg.group_frames)
         picks = retrieval.select(scores, cfg.retrieve_frames, cfg.group_frames)
         if len(picks) == 1:
             picks = picks * n_layers

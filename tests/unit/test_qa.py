@@ -486,6 +486,15 @@ def test_selection_rules_are_exact():
     assert retrieval.select(scores[:1], k=3, group=2) == [[0, 1, 2]]
     assert retrieval.select(scores[1:], k=4, group=4) == [[0, 1, 2, 3]]
 
+    # consensus: frame 1 has two votes; among the one-vote frames 4 stands out most in its
+    # layer (z 1.6 against 1.3 for frame 0)
+    layers = torch.tensor([[9.0, 8.0, 0, 0, 0], [0, 9.0, 8.0, 0, 0], [0, 0, 0, 8.0, 12.0]])
+    assert retrieval.select(retrieval.consensus(layers, k=2), k=2) == [[1, 4]]
+    big = layers * torch.tensor([[1.0], [1.0], [1000.0]])  # scale-free: same choice
+    assert retrieval.select(retrieval.consensus(big, k=2), k=2) == [[1, 4]]
+    assert retrieval.select(big.sum(0, keepdim=True), k=2) == [[3, 4]]  # summed: one layer rules
+    assert retrieval.consensus(layers, k=2).shape == (1, 5)
+
     # GQA: 4 query heads over 2 KV heads (D=2); each KV head gets its group's mean query.
     q = torch.tensor([[[1.0, 0, 3, 0, 0, 2, 0, 4], [3.0, 0, 1, 0, 0, 0, 0, 0]]])  # [1, n=2, 8]
     vec = retrieval.question_vectors([q], num_kv_heads=2, head_dim=2)
