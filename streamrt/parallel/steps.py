@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -160,6 +161,7 @@ class StepPipeline:
         self.world = dist.get_world_size(group)
         self.timeout = datetime.timedelta(seconds=timeout)
         self.steps = steps_of_rank(self.rank, self.world, len(config.timesteps))
+        self._check_same_setup(prompt, config)
         self.stages = [StepStage(engine, prompt, config, k) for k in self.steps]
         c, h, w = self.stages[0].stream.latent_shape
         self.shape = (2, c, config.chunk_frames, h, w)  # latents and their eps, stacked
@@ -167,6 +169,22 @@ class StepPipeline:
         self.chunk = 0
         self._recv: tuple[Any, torch.Tensor] | None = None
         self._send: tuple[Any, torch.Tensor] | None = None
+        self.log: list[tuple[int, float, float]] = []
+        """(chunk, start, end) wall-clock times (`time.time()`) of this rank's compute."""
+
+    def _check_same_setup(self, prompt: str, config: GenConfig) -> None:
+        """Every rank must run the same prompt and schedule (else the chunks would mix)."""
+        mine = (prompt, config.timesteps, config.shift, config.chunk_frames, config.seed)
+        mine += (config.height, config.width, config.guidance_scale, config.renoise)
+        every: list[Any] = [None] * self.world
+        dist.all_gather_object(every, mine, group=self.group)
+        for r, theirs in enumerate(every):
+            if theirs != every[0]:
+                raise PipelineError(
+                    f"rank {r} runs a different prompt or schedule than rank 0 "
+                    f"({theirs} vs {every[0]}): every rank of the step pipeline needs the "
+                    "same prompt and gen settings"
+                )
 
     @property
     def first(self) -> bool:
@@ -214,8 +232,10 @@ class StepPipeline:
             x, eps = buf[0:1], buf[1:2]
             if prefetch:
                 self._post_recv()  # overlaps the next chunk's transfer with this compute
+        start = time.time()
         for stage in self.stages:
             x, eps = stage.step(x, eps)
+        self.log.append((self.chunk, start, time.time()))
         self.chunk += 1
         if self.last:
             return x

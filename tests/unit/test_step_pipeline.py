@@ -58,7 +58,7 @@ def _ranks(rank: int, world: int, out: str, overrides: dict) -> None:
     pipe.close()
     e.cache.check_invariants()
     forwards = sum(s.forwards for s in pipe.stages)
-    torch.save((got, list(pipe.steps), forwards), f"{out}.{rank}")
+    torch.save((got, list(pipe.steps), forwards, pipe.log), f"{out}.{rank}")
 
 
 @pytest.mark.parametrize(
@@ -70,15 +70,18 @@ def test_ranks_equal_the_one_process_reference(world, overrides, tmp_path):
     out = str(tmp_path / "latents")
     run_pipeline_local(_ranks, world, out, overrides, timeout=120)
     ref = reference(**overrides)
-    steps = []
+    steps, logs = [], []
     for rank in range(world):
-        got, mine, forwards = torch.load(f"{out}.{rank}", weights_only=True)
+        got, mine, forwards, log = torch.load(f"{out}.{rank}", weights_only=True)
+        logs.append(log)
         steps += mine
         assert forwards == CHUNKS * len(mine)  # one forward per chunk per owned step
         if rank < world - 1:
             assert got == []  # only the last rank emits chunks
     assert steps == [0, 1, 2, 3]  # every step on exactly one rank, consecutive
     assert len(got) == CHUNKS
+    # Pipelined: rank 0 starts chunk 1 before the last rank has finished chunk 0.
+    assert logs[0][1][1] < logs[-1][0][2]
     for c, (a, b) in enumerate(zip(got, ref)):
         assert a.dtype == torch.float32 and a.shape == b.shape and a.shape[2] == 3
         assert b.abs().max() > 0.1
@@ -154,3 +157,12 @@ def test_a_stalled_rank_times_its_peer_out():
     with pytest.raises(PipelineError, match=pattern):
         run_pipeline_local(_stalls, 3, timeout=3)
     assert time.perf_counter() - t0 < 45
+
+
+def _mismatch(rank: int, world: int) -> None:
+    StepPipeline(engine(), PROMPT if rank == 0 else "a blue square", timeout=20)
+
+
+def test_ranks_with_different_prompts_are_refused():
+    with pytest.raises(PipelineError, match="rank 1 runs a different prompt"):
+        run_pipeline_local(_mismatch, 2, timeout=20)
