@@ -1,0 +1,327 @@
+"""Denoising-step pipeline: Live Avatar's timestep-forcing pipeline parallelism
+(ALGORITHMS.md 1.10), one process per group of denoising steps, each with its own cache.
+
+Semantics (the same in `StepPipelineReference`, one process, and `StepPipeline`, P ranks):
+
+    steps        t_0 > t_1 > ... > t_{n-1} from the config (`GenConfig.timesteps`, shifted
+                 as every sampler shifts them); step k runs at sigma_k.
+    step caches  one KV cache per step k (its own cache sequence; on P ranks, on the cache
+                 manager of the rank that owns step k). Step k of chunk c runs one forward
+                 of chunk c's latents at sigma_k that WRITES the K/V of chunk c as it sees
+                 it (at noise level sigma_k: timestep forcing) into cache k, and attends to
+                 cache k: the chunks before c at that same step (noise level sigma_k), plus
+                 chunk c itself. No clean (t=0) refresh: no cache ever holds clean K/V.
+    chunk c      x = noise (step 0's stream draws it) -> step 0 -> x0_0, re-noise to sigma_1
+                 (noise drawn by step 0's own generator, or the model's `x0 + v` with
+                 `renoise: predicted`) -> step 1 -> ... -> step n-1 -> x0: the finished chunk.
+    ranks        rank r owns the consecutive steps [r*n//P, (r+1)*n//P) (P <= n; P = n: one
+                 step per rank). The latents of chunk c (with the eps that made them, for
+                 residual CFG) go from rank r to rank r+1 by `isend`/`irecv`; the next
+                 chunk's `irecv` is posted before this chunk is computed and a send is only
+                 waited on before its buffer is reused, so transfers overlap compute. The
+                 last rank emits the finished chunks in order; the others emit None.
+                 Steady state: rank r works on chunk c while rank r+1 works on chunk c-1, ...,
+                 every rank busy on a different chunk, one finished chunk per step-forward.
+    noise        step k draws its re-noise from its own generator, seeded `seed + k`, in
+                 chunk order, so the result does not depend on P (2 ranks x 2 steps equals
+                 4 ranks x 1 step equals one process).
+
+How this differs from the one-process chunk-wise sampler (`samplers.ChunkwiseSampler`):
+there, ONE cache holds each finished chunk's K/V (rewritten at t=0 from the clean x0 with
+`clean_refresh`, else as written by its last step), and every step of chunk c attends to
+those same clean (or last-step) K/V of the chunks before it; all steps of chunk c run
+before chunk c+1 starts, and all noise comes from one generator. Here step k of chunk c
+attends to the chunks before c as they looked at step k (noisy, sigma_k), so no step
+waits for a later step of an older chunk: that is what lets the steps run concurrently on
+different ranks. With `renoise: predicted` (no random re-noise) the first chunk equals the
+chunk-wise sampler's first chunk, and later chunks differ (tests/unit/test_step_pipeline.py).
+
+Partial, on purpose: text-to-video only (no video-to-video source, whose chunks start at a
+lower step), one prompt for the whole run (the same on every rank; no prompt switch or
+re-cache), no decode on an extra rank, policies that need attention scores get none.
+Faults: every wait is bounded by `timeout`; a rank whose peer died or stalls raises
+`PipelineError` naming both ranks; `run_pipeline_local` stops the other ranks (no hang)
+and raises `PipelineError` naming the rank that raised (or, when every failure is a
+timeout, the lowest rank that timed out, whose message names the peer it waited on).
+Tested on gloo (CPU) only: the NCCL path is the same code but has not been run here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from streamrt.config import GenConfig
+from streamrt.errors import InputError, StreamrtError
+from streamrt.gen.schedule import predict_x0, renoise
+
+DEFAULT_TIMEOUT_S = 120.0
+
+
+class PipelineError(StreamrtError, RuntimeError):
+    """A rank of the step pipeline failed, or waited too long for its neighbour."""
+
+
+def steps_of_rank(rank: int, world: int, steps: int) -> range:
+    """The consecutive denoising steps rank `rank` of `world` owns."""
+    if not 1 <= world <= steps:
+        raise InputError(
+            f"the step pipeline needs 1..{steps} ranks for {steps} denoising steps, got {world}: "
+            "use at most one rank per step (gen.timesteps sets the steps)"
+        )
+    return range(rank * steps // world, (rank + 1) * steps // world)
+
+
+class StepStage:
+    """Denoising step `k` with its own cache: a `GenStream` used only for its sequences,
+    prompt, forward and noise generator (seeded `seed + k`)."""
+
+    def __init__(self, engine, prompt: str, config: GenConfig, k: int) -> None:
+        if engine.parallel is not None:
+            raise InputError("the step pipeline and row parallelism cannot share an engine")
+        cfg = dataclasses.replace(
+            config, sampler="chunkwise", clean_refresh=False, seed=config.seed + k
+        )
+        self.stream = engine.open_stream(prompt, cfg)
+        self.k = k
+        self.sigmas = self.stream.sigmas
+        self.forwards = 0
+
+    def initial(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pure-noise latents of the next chunk and the eps that made them (step 0 only)."""
+        x, _sigmas, eps = self.stream.initial_latents()
+        return x, eps
+
+    def step(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward of the chunk at this step, writing its K/V (at this noise level) into
+        this step's cache. Returns the latents re-noised to the next step and their eps, or
+        for the last step the finished x0 (and the velocity)."""
+        s = self.stream
+        sigma = self.sigmas[self.k]
+        blocks = s.append_chunk()
+        t = torch.full((1, x.shape[2]), sigma * 1000.0)
+        v = s.forward([blocks], x, t, noise=eps)
+        self.forwards += 1
+        for seq in s.seqs:
+            seq.policy.after_write(seq, blocks)
+        x0 = predict_x0(x, v, sigma)
+        if self.k + 1 == len(self.sigmas):
+            return x0, v
+        eps = s.next_noise(x0, v)
+        return renoise(x0, eps, self.sigmas[self.k + 1]), eps
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+class StepPipelineReference:
+    """The step pipeline in one process: one cache per step, each chunk through the step
+    caches in order. `next_latents()` is the next finished chunk `[1, C, F, h, w]`."""
+
+    def __init__(self, engine, prompt: str, config: GenConfig | None = None) -> None:
+        config = config or engine.config
+        self.stages = [StepStage(engine, prompt, config, k) for k in range(len(config.timesteps))]
+
+    def next_latents(self) -> torch.Tensor:
+        x, eps = self.stages[0].initial()
+        for stage in self.stages:
+            x, eps = stage.step(x, eps)
+        return x
+
+    def close(self) -> None:
+        for stage in self.stages:
+            stage.close()
+
+
+class StepPipeline:
+    """The step pipeline over a `torch.distributed` group (gloo on CPU, NCCL on GPU): this
+    rank's steps, each with its own cache on this rank's engine. Every rank builds the same
+    model and calls `chunks(n)` (or `next_latents()` n times, then `close()`)."""
+
+    def __init__(
+        self,
+        engine,
+        prompt: str,
+        config: GenConfig | None = None,
+        group: dist.ProcessGroup | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        config = config or engine.config
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.timeout = datetime.timedelta(seconds=timeout)
+        self.steps = steps_of_rank(self.rank, self.world, len(config.timesteps))
+        self._check_same_setup(prompt, config)
+        self.stages = [StepStage(engine, prompt, config, k) for k in self.steps]
+        c, h, w = self.stages[0].stream.latent_shape
+        self.shape = (2, c, config.chunk_frames, h, w)  # latents and their eps, stacked
+        self.device, self.dtype = engine.device, engine.dtype
+        self.chunk = 0
+        self._recv: tuple[Any, torch.Tensor] | None = None
+        self._send: tuple[Any, torch.Tensor] | None = None
+        self.log: list[tuple[int, float, float]] = []
+        """(chunk, start, end) wall-clock times (`time.time()`) of this rank's compute."""
+
+    def _check_same_setup(self, prompt: str, config: GenConfig) -> None:
+        """Every rank must run the same prompt and schedule (else the chunks would mix)."""
+        mine = (prompt, config.timesteps, config.shift, config.chunk_frames, config.seed)
+        mine += (config.height, config.width, config.guidance_scale, config.renoise)
+        every: list[Any] = [None] * self.world
+        dist.all_gather_object(every, mine, group=self.group)
+        for r, theirs in enumerate(every):
+            if theirs != every[0]:
+                raise PipelineError(
+                    f"rank {r} runs a different prompt or schedule than rank 0 "
+                    f"({theirs} vs {every[0]}): every rank of the step pipeline needs the "
+                    "same prompt and gen settings"
+                )
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.world - 1
+
+    def _peer(self, offset: int) -> int:
+        r = self.rank + offset
+        return r if self.group is None else dist.get_global_rank(self.group, r)
+
+    def _post_recv(self) -> None:
+        buf = torch.empty(self.shape, device=self.device, dtype=self.dtype)
+        self._recv = (dist.irecv(buf, self._peer(-1), group=self.group), buf)
+
+    def _wait(self, work, what: str, peer: int) -> None:
+        try:
+            ok = work.wait(self.timeout)
+        except Exception as e:  # gloo raises on a timeout or a closed peer connection
+            raise PipelineError(
+                f"rank {self.rank}: {what} rank {peer} failed at chunk {self.chunk} "
+                f"(rank {peer} died, raised or stalled past {self.timeout.total_seconds():g} s): "
+                f"{e}"
+            ) from e
+        if ok is False:
+            raise PipelineError(
+                f"rank {self.rank}: {what} rank {peer} did not complete within "
+                f"{self.timeout.total_seconds():g} s at chunk {self.chunk}"
+            )
+
+    def next_latents(self, prefetch: bool = True) -> torch.Tensor | None:
+        """Run this rank's steps on the next chunk. The last rank returns the finished chunk;
+        the others send their result on and return None. `prefetch`: post the receive of
+        the following chunk before computing this one (False for the final chunk)."""
+        if self.first:
+            x, eps = self.stages[0].initial()
+        else:
+            if self._recv is None:
+                self._post_recv()
+            work, buf = self._recv
+            self._recv = None
+            self._wait(work, "receiving latents from", self.rank - 1)
+            x, eps = buf[0:1], buf[1:2]
+            if prefetch:
+                self._post_recv()  # overlaps the next chunk's transfer with this compute
+        start = time.time()
+        for stage in self.stages:
+            x, eps = stage.step(x, eps)
+        self.log.append((self.chunk, start, time.time()))
+        self.chunk += 1
+        if self.last:
+            return x
+        if self._send is not None:  # its buffer is about to be reused
+            self._wait(self._send[0], "sending latents to", self.rank + 1)
+        payload = torch.cat([x, eps]).contiguous()
+        self._send = (dist.isend(payload, self._peer(1), group=self.group), payload)
+        return None
+
+    def chunks(self, n: int) -> Iterator[torch.Tensor]:
+        """`n` chunks: yields each finished chunk on the last rank, nothing elsewhere."""
+        for i in range(n):
+            x = self.next_latents(prefetch=i + 1 < n)
+            if x is not None:
+                yield x
+        self.flush()
+
+    def flush(self) -> None:
+        """Wait for this rank's last send (call before leaving the group)."""
+        if self._send is not None:
+            self._wait(self._send[0], "sending latents to", self.rank + 1)
+            self._send = None
+
+    def close(self) -> None:
+        self.flush()
+        for stage in self.stages:
+            stage.close()
+
+
+def _pipeline_worker(
+    rank: int, world: int, port: int, timeout: float, fn: Callable, args: tuple, errors
+) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout)
+    )
+    try:
+        fn(rank, world, *args)
+        dist.barrier()  # a rank done first must not tear gloo down under a working peer
+    except BaseException as e:
+        # Short enough for one atomic pipe write (a peer may be stopped mid-write).
+        errors.put((rank, f"{type(e).__name__}: {e}"[:1000], traceback.format_exc()[-2000:]))
+        os._exit(1)  # skip gloo's teardown, which may wait on the peers
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_pipeline_local(
+    fn: Callable, world: int, *args: Any, timeout: float = DEFAULT_TIMEOUT_S
+) -> None:
+    """`run_local` for the step pipeline: `fn(rank, world, *args)` in `world` processes
+    joined by a gloo group whose operations time out after `timeout` s. A rank that raises
+    ends the run: the other ranks are stopped and `PipelineError` names the rank that
+    failed first (the one whose error does not come from waiting on a peer) and its error."""
+    from streamrt.parallel.launch import free_port
+
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_pipeline_worker, args=(r, world, port, timeout, fn, args, errors))
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    failed = []
+    try:
+        while any(p.is_alive() for p in procs):
+            for p in procs:
+                p.join(0.05)
+            if any(p.exitcode not in (None, 0) for p in procs):
+                for p in procs:  # a moment for the peers to report what they saw
+                    p.join(2.0)
+                break
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+        while not errors.empty():
+            failed.append(errors.get())
+    if failed:
+        own = [f for f in failed if "PipelineError" not in f[1]] or failed
+        rank, msg, tb = min(own)
+        raise PipelineError(f"step pipeline: rank {rank} failed: {msg}\n{tb}")
+    bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
+    if bad:
+        raise PipelineError(f"step pipeline: rank {bad[0][0]} exited with code {bad[0][1]}")
