@@ -28,6 +28,7 @@ import threading
 import uuid
 import warnings
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -188,18 +189,9 @@ class DiskStore:
     def _write_block(self, entry: DiskEntry, header: bytes, payload: np.ndarray) -> None:
         """Temp file -> write -> fsync -> replace -> fsync dir; see the module invariants."""
         tmp = self.root / f".{entry.key}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}"
-        stage, fd = "creating the temp file", -1
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            stage = "writing"
-            prefix = PREFIX.pack(MAGIC, len(header), zlib.crc32(header))
-            _write_all(fd, memoryview(prefix + header))  # small; the payload is never copied
-            _write_all(fd, memoryview(payload))
-            stage = "fsync of the temp file"
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            stage = "renaming the temp file"
+        prefix = PREFIX.pack(MAGIC, len(header), zlib.crc32(header))
+
+        def publish() -> None:
             # Replace and index update under one lock, so the index never names a
             # file another put has already replaced.
             with self._lock:
@@ -210,14 +202,15 @@ class DiskStore:
                 self._add(entry)
                 self._stats["writes"] += 1
                 self._stats["bytes_written"] += entry.nbytes
-        except OSError as exc:
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            _unlink_quietly(tmp)
+
+        try:  # the header is small; the payload is never copied
+            _write_via_temp(tmp, (prefix + header, payload), publish)
+        except _WriteFailed as failed:
             with self._lock:
                 self._stats["write_errors"] += 1
-            raise DiskTierError(_write_error_message(self.root, entry, stage, exc)) from exc
+            raise DiskTierError(
+                _write_error_message(self.root, entry, failed.stage, failed.error)
+            ) from failed.error
         try:
             _fsync_dir(self.root)
         except OSError as exc:
@@ -414,24 +407,16 @@ def write_file_atomically(path: Path, data: bytes | memoryview) -> None:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
-    stage, fd = "creating the temp file", -1
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        stage = "writing"
-        _write_all(fd, memoryview(data))
-        stage = "fsync of the temp file"
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        stage = "renaming the temp file"
+
+    def publish() -> None:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as exc:
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        _unlink_quietly(tmp)
-        what = f"writing {path} ({len(memoryview(data))} bytes) failed while {stage}"
+
+    try:
+        _write_via_temp(tmp, (data,), publish)
+    except _WriteFailed as failed:
+        exc = failed.error
+        what = f"writing {path} ({len(memoryview(data))} bytes) failed while {failed.stage}"
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             full = "disk full" if exc.errno == errno.ENOSPC else "disk quota exceeded"
             raise DiskTierError(
@@ -439,6 +424,38 @@ def write_file_atomically(path: Path, data: bytes | memoryview) -> None:
                 f"that volume or choose a directory on a larger one"
             ) from exc
         raise DiskTierError(f"{what}: {exc.strerror or exc}") from exc
+
+
+class _WriteFailed(Exception):
+    """`_write_via_temp` failed at `stage` with `error`; the temp file is gone."""
+
+    def __init__(self, stage: str, error: OSError) -> None:
+        super().__init__(stage)
+        self.stage, self.error = stage, error
+
+
+def _write_via_temp(tmp: Path, buffers: tuple, publish: Callable[[], None]) -> None:
+    """Creates `tmp` exclusively, writes `buffers` in order, fsyncs and closes it, then
+    calls `publish` (which renames it into place). On an OSError closes the file, removes
+    `tmp` and raises `_WriteFailed` naming the stage."""
+    stage, fd = "creating the temp file", -1
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        stage = "writing"
+        for buf in buffers:
+            _write_all(fd, memoryview(buf))
+        stage = "fsync of the temp file"
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        stage = "renaming the temp file"
+        publish()
+    except OSError as exc:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        _unlink_quietly(tmp)
+        raise _WriteFailed(stage, exc) from exc
 
 
 def remove_stale_temp_files(directory: Path, stem: str) -> int:
