@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from streamrt.apps.arguments import parse_size
 from streamrt.apps.bench import print_table, write_json
 from streamrt.config import GenConfig
 
@@ -142,7 +143,7 @@ def _batch_vs_sequential(args: argparse.Namespace, cfg: GenConfig) -> tuple[floa
 def _late_vs_early(args: argparse.Namespace) -> tuple[float, float]:
     # Reaching frame 20,000 means generating every frame before it; a smaller frame keeps
     # that affordable here. Early and late are measured on the same stream and config.
-    w, h = (int(v) for v in args.long_size.lower().split("x"))
+    w, h = parse_size(args.long_size, "--long-size")
     gen = _generator(args, width=w, height=h)
     cfg = gen.engine.config
     stream = gen.engine.open_stream("a red circle moving right on a dark background", cfg)
