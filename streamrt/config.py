@@ -203,18 +203,8 @@ def check_types(obj: Any, section: str) -> None:
     """Raise an `InputError` naming the first field of dataclass `obj` of the wrong type."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        value, tp = getattr(obj, f.name), hints[f.name]
-        if _type_ok(value, tp):
-            continue
-        if typing.get_origin(tp) is Literal:
-            choices = ", ".join(map(str, typing.get_args(tp)))
-            raise InputError(
-                f"{section}.{f.name}: unknown {f.name} {value!r}; choose one of {choices}"
-            )
-        raise InputError(
-            f"{section}.{f.name} must be {_describe(hints[f.name])}, got {value!r} "
-            f"({type(value).__name__})"
-        )
+        if problem := _type_problem(f.name, getattr(obj, f.name), hints[f.name]):
+            raise InputError(f"{section}.{f.name}{problem}")
 
 
 def _at_least(obj: Any, section: str, **minimum: int) -> None:
@@ -320,6 +310,17 @@ _REMOVED = {
 """Sections presets once had, with what to do instead (instead of a bare 'unknown key')."""
 
 
+def _type_problem(name: str, value: Any, tp: Any) -> str | None:
+    """What is wrong with `value` for field `name` of type `tp`, as the end of a message
+    after the field's name (": unknown ..." or " must be ..."); None if it fits."""
+    if _type_ok(value, tp):
+        return None
+    if typing.get_origin(tp) is Literal:
+        choices = ", ".join(map(str, typing.get_args(tp)))
+        return f": unknown {name} {value!r}; choose one of {choices}"
+    return f" must be {_describe(tp)}, got {value!r} ({type(value).__name__})"
+
+
 def _type_ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -374,15 +375,8 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>", prefix
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value or {}, source, dotted + ".")
-        elif typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
-            choices = ", ".join(map(str, typing.get_args(tp)))
-            raise ConfigError(
-                f"{source}: key '{dotted}': unknown {key} {value!r}; choose one of {choices}"
-            )
-        elif not _type_ok(value, tp):
-            raise ConfigError(
-                f"{source}: key '{dotted}' must be {_describe(tp)}, got {value!r} ({type(value).__name__})"
-            )
+        elif problem := _type_problem(key, value, tp):
+            raise ConfigError(f"{source}: key '{dotted}'{problem}")
         else:
             kwargs[key] = value
     try:
