@@ -113,12 +113,11 @@ def test_generate_streams_live_frames_and_switches_prompt(page):
     after = _box(page, "#video")
     assert abs(after["height"] - before["height"]) <= 1, (before, after)  # no jump
     assert abs(after["y"] - before["y"]) <= 1, (before, after)
-    page.wait_for_function(  # the newest frame's <img> may still be loading
+    natural = page.wait_for_function(  # a frame's <img> reads 0 px wide while it loads
         "() => { const i = document.querySelector('#video img');"
-        " return i && i.complete && i.naturalWidth > 0 }",
+        " return i && i.complete && i.naturalWidth > 0 ? i.naturalWidth : false }",
         timeout=30_000,
-    )
-    natural = page.evaluate("() => document.querySelector('#video img').naturalWidth")
+    ).json_value()
     assert natural >= 384, f"frames are shown {natural} px wide: too small to see"
     rendering = page.evaluate(
         "() => getComputedStyle(document.querySelector('#video img')).imageRendering"
