@@ -125,6 +125,15 @@ def set_attention_backend(name: str) -> None:
     _selected = name
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention with the selected backend (no mask: cache policies choose the keys)."""
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Attention with the selected backend (cache policies choose the keys).
+
+    `mask` (boolean, True where a query may attend, broadcast to `[..., heads, q, k]`) only
+    hides the padding of rows batched with different key counts; it runs on SDPA, which
+    takes a mask on every device (the other backends here take none).
+    """
+    if mask is not None:
+        return sdpa(q, k, v, mask)
     return BACKENDS[_selected](q, k, v)

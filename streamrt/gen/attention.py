@@ -11,7 +11,11 @@ what one forward needs from a `ForwardContext` the sampler sets before calling t
         softmax attention, block-causal by construction: a chunk sees itself + kept past
 
     cross-attention (attn2): K/V of the prompt depend only on the prompt, so they are
-    computed once per prompt (keyed by `ForwardContext.text_key`) and reused.
+    computed once per prompt (keyed per row by `ForwardContext.text_key`) and reused.
+
+Rows may belong to different streams (the runtime batches streams into one forward): each
+row has its own plan, positions, timesteps and prompt. Rows whose plans keep different
+numbers of tokens attend in one call over keys padded to the longest, with a mask.
 
 Why processors read a context object: the Wan block passes `attention_mask=None` and
 RoPE counted from frame 0, and `attention_kwargs` never reaches processors.
@@ -55,7 +59,8 @@ class ForwardContext:
     grid: tuple[int, int]
     """Patches per frame `(height, width)`."""
     text_key: Any = None
-    """Identity of the prompt embeddings (same key: reuse cross-attention K/V)."""
+    """Identity of each row's prompt embeddings (a list, one per row; or one key for every
+    row): rows with the same key reuse the same cross-attention K/V; None: no caching."""
     scores: dict[int, torch.Tensor] | None = None
     """If a dict, self-attention stores per-layer query-key importance of kept tokens here."""
     parallel: Any = None
@@ -82,8 +87,9 @@ class StreamingState:
 
     current: ForwardContext | None = None
     text_cache: OrderedDict = field(default_factory=OrderedDict)
-    max_prompts: int = 8
-    """Prompts whose cross-attention K/V stay cached (one per live stream is typical)."""
+    max_prompts: int = 32
+    """Prompts whose cross-attention K/V stay cached (one per live stream is typical; a
+    forward needs all of its rows' prompts)."""
     lock: threading.RLock = field(default_factory=threading.RLock)
     """Held for a whole forward: processors read one context at a time."""
 
@@ -141,10 +147,7 @@ class StreamingSelfAttention:
             queries.append(apply_wan_rope(query[b], q_cos, q_sin, halves=True))
             keys.append(apply_wan_rope(k.to(query.dtype), k_cos, k_sin, halves=True))
             values.append(v.to(query.dtype))
-        if len({k.shape[0] for k in keys}) == 1:  # same layout: one batched call
-            out = attend(torch.stack(queries), torch.stack(keys), torch.stack(values))
-        else:
-            out = torch.stack([attend(q, k, v) for q, k, v in zip(queries, keys, values)])
+        out = _attend_rows(queries, keys, values)
         if ctx.scores is not None:
             importance = _key_importance(queries, keys)
             if ctx.parallel is not None:
@@ -152,6 +155,29 @@ class StreamingSelfAttention:
             ctx.scores[self.layer] = importance
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def _attend_rows(
+    queries: list[torch.Tensor], keys: list[torch.Tensor], values: list[torch.Tensor]
+) -> torch.Tensor:
+    """Attention of every row in one call: `[B, q, heads, dim]`. Rows keeping different
+    numbers of tokens are padded to the longest and masked."""
+    lengths = [k.shape[0] for k in keys]
+    longest = max(lengths)
+    if min(lengths) == longest:  # same layout: one batched call
+        return attend(torch.stack(queries), torch.stack(keys), torch.stack(values))
+
+    def padded(ts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(
+            [torch.nn.functional.pad(t, (0, 0, 0, 0, 0, longest - len(t))) for t in ts]
+        )
+
+    q = torch.stack(queries)
+    kept = (
+        torch.arange(longest, device=q.device)[None]
+        < torch.tensor(lengths, device=q.device)[:, None]
+    )
+    return attend(q, padded(keys), padded(values), mask=kept[:, None, None, :])
 
 
 def _key_importance(queries: list[torch.Tensor], keys: list[torch.Tensor]) -> torch.Tensor:
@@ -174,17 +200,38 @@ class CachedCrossAttention:
         if attn.add_k_proj is not None:
             raise NotImplementedError("image-conditioned Wan (I2V, added K/V) is not streamed yet")
         ctx = self.state.context()
-        per_layer = self.state.prompt_kv(ctx.text_key)
-        kv = per_layer.get(self.layer) if per_layer is not None else None
-        if kv is None:
-            key = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1))
-            value = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            kv = (key, value)
-            if per_layer is not None:
-                per_layer[self.layer] = kv
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        out = attend(query, *kv).flatten(2, 3).type_as(query)
+        out = attend(query, *self._prompt_kv(attn, encoder_hidden_states, ctx.text_key))
+        out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
+
+    def _prompt_kv(self, attn, text: torch.Tensor, text_key: Any):
+        """K, V `[B, text_len, heads, dim]` of every row's prompt: computed once per prompt
+        key and kept (`StreamingState.prompt_kv`), stacked per row."""
+
+        def project(x: torch.Tensor):
+            k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))
+            return k, attn.to_v(x).unflatten(2, (attn.heads, -1))
+
+        if text_key is None:
+            return project(text)
+        b = text.shape[0]
+        keys = text_key if isinstance(text_key, list) else [text_key] * b
+        per_key = {}
+        for row, key in enumerate(keys):
+            if key in per_key:
+                continue
+            per_layer = self.state.prompt_kv(key)
+            if self.layer not in per_layer:
+                per_layer[self.layer] = project(text[row : row + 1])
+            per_key[key] = per_layer[self.layer]
+        if len(per_key) == 1:
+            k, v = next(iter(per_key.values()))
+            return k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
+        return (
+            torch.cat([per_key[key][0] for key in keys]),
+            torch.cat([per_key[key][1] for key in keys]),
+        )
 
 
 def attach_streaming(transformer: torch.nn.Module) -> StreamingState:

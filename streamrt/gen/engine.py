@@ -147,6 +147,11 @@ class GenEngine:
             self._prompts[prompt] = emb
         return self._prompts[prompt]
 
+    def text_key(self, prompt: str) -> tuple:
+        """Identity of `prompt`'s embeddings under this engine's text encoder: rows with
+        the same key share cross-attention K/V."""
+        return (id(self.text_encoder), prompt)
+
     def open_stream(self, prompt: str, config: GenConfig | None = None, **overrides: Any):
         """A new stream of `prompt`: the engine's settings (or `config`) with `overrides`,
         its window sized for its sampler (`streamrt.gen.settings`)."""

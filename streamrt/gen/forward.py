@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from streamrt.cache import Sequence
 from streamrt.errors import InputError
 from streamrt.gen.attention import ForwardContext, RowContext, StreamingState
+
+if TYPE_CHECKING:
+    from streamrt.gen.engine import GenEngine
+    from streamrt.gen.stream import ForwardRequest
 
 
 def chunk_rows(
@@ -34,6 +40,36 @@ def chunk_rows(
     return rows
 
 
+def run_requests(engine: GenEngine, requests: list[ForwardRequest]) -> list[torch.Tensor]:
+    """One transformer forward over the rows of every request (of one or several streams,
+    with equal `shape_key`); each request's velocity, completed by its stream.
+
+    Rows keep their own plan (kept blocks, positions), timesteps and prompt: a stream's
+    result does not depend on what it was batched with (up to float rounding).
+    """
+    rows = [row for r in requests for row in r.rows]
+    cat = (lambda ts: ts[0]) if len(requests) == 1 else torch.cat
+    x = cat([r.x for r in requests])
+    t = cat([r.t.to(x.device) for r in requests])
+    embeds = cat([r.embeds for r in requests])
+    keys = [k for r in requests for k in r.text_keys]
+    wanted = [r for r in requests if r.scores is not None]
+    scores: dict | None = {} if wanted else None
+    with torch.no_grad(), engine.lock:
+        v = streaming_forward(
+            engine.transformer, engine.state, rows, x, t, embeds, keys, scores, engine.parallel
+        )
+    out, start = [], 0
+    for r in requests:
+        n = len(r.rows)
+        if r.scores is not None and scores is not None:
+            for layer, per_row in scores.items():
+                r.scores[layer] = list(per_row[start : start + n])
+        out.append(r.stream.complete(r, v[start : start + n]))
+        start += n
+    return out
+
+
 def streaming_forward(
     transformer: torch.nn.Module,
     state: StreamingState,
@@ -55,7 +91,7 @@ def streaming_forward(
         b = latents.shape[0]
         local = parallel.local_rows(b)
         pick = torch.tensor(local, device=latents.device)
-        key = None if text_key is None else (text_key, tuple(local))
+        key = None if text_key is None else [text_key[j] for j in local]
         v = _forward(
             transformer,
             state,

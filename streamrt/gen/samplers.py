@@ -1,4 +1,10 @@
-"""Samplers: how a stream turns noise into finished chunks, one `next_chunk()` at a time.
+"""Samplers: how a stream turns noise into finished chunks.
+
+A sampler is a schedule: `chunk_steps()` is a generator that yields one `ForwardRequest`
+per transformer forward it needs and receives that forward's velocity, returning the
+finished chunk. Whoever drives it decides how the forward runs: alone (`next_chunk`, the
+one-stream path) or batched with other streams' requests in the runtime's step loop
+(`streamrt.runtime`). Both give the same numbers.
 
     chunkwise     Self-Forcing: per chunk, n steps of denoise -> re-noise, then a t=0
                   pass rewrites the chunk's K/V with clean frames.
@@ -13,6 +19,7 @@ Every sampler is deterministic for a seed: all noise comes from the stream's gen
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,7 +29,20 @@ from streamrt.errors import InputError
 from streamrt.gen.schedule import predict_x0, renoise
 
 if TYPE_CHECKING:
-    from streamrt.gen.stream import GenStream
+    from streamrt.gen.stream import ForwardRequest, GenStream
+
+Steps = Generator["ForwardRequest", torch.Tensor, torch.Tensor]
+"""A schedule: yields forward requests, is sent each one's velocity, returns clean latents."""
+
+
+def drive(steps: Generator[ForwardRequest, torch.Tensor, object]):
+    """Run a schedule alone: every request is one forward of its own stream."""
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(request.stream.run_alone(request))
+    except StopIteration as stop:
+        return stop.value
 
 
 @dataclass
@@ -47,12 +67,16 @@ class Sampler(ABC):
     def __init__(self, stream: GenStream) -> None:
         self.stream = stream
 
-    @abstractmethod
     def next_chunk(self) -> torch.Tensor:
-        """The next finished chunk of clean latents, `[1, C, F, h, w]`."""
+        """The next finished chunk of clean latents, `[1, C, F, h, w]` (forwards run alone)."""
+        return drive(self.chunk_steps())
 
-    def _finish(self, chunk: _InFlight, x0: torch.Tensor) -> torch.Tensor:
-        self.stream.finish_chunk(chunk.blocks, x0)
+    @abstractmethod
+    def chunk_steps(self) -> Steps:
+        """The schedule of the next finished chunk."""
+
+    def _finish(self, chunk: _InFlight, x0: torch.Tensor) -> Steps:
+        yield from self.stream.finish_steps(chunk.blocks, x0)
         return x0
 
 
@@ -61,18 +85,18 @@ class ChunkwiseSampler(Sampler):
 
     name = "chunkwise"
 
-    def next_chunk(self) -> torch.Tensor:
+    def chunk_steps(self) -> Steps:
         s = self.stream
         x, sigmas, eps = s.initial_latents()
         chunk = _InFlight(x, 0, s.append_chunk(), sigmas, eps)
         for i, sigma in enumerate(sigmas):
             t = torch.full((1, x.shape[2]), sigma * 1000.0)
-            v = s.forward([chunk.blocks], x, t, noise=eps)
+            v = yield s.request([chunk.blocks], x, t, noise=eps)
             x0 = predict_x0(x, v, sigma)
             if i + 1 < len(sigmas):
                 eps = s.next_noise(x0, v)
                 x = renoise(x0, eps, sigmas[i + 1])
-        return self._finish(chunk, x0)
+        return (yield from self._finish(chunk, x0))
 
 
 class _WindowSampler(Sampler):
@@ -84,12 +108,12 @@ class _WindowSampler(Sampler):
         super().__init__(stream)
         self.window: list[_InFlight] = []
 
-    def next_chunk(self) -> torch.Tensor:
+    def chunk_steps(self) -> Steps:
         s = self.stream
         while True:
             x, sigmas, eps = s.initial_latents()
             self.window.append(_InFlight(x, 0, s.append_chunk(), sigmas, eps))
-            outs = self._denoise_window()
+            outs = yield from self._denoise_window()
             finished = None
             for chunk, (x0, vel) in zip(list(self.window), outs):
                 if chunk.level + 1 == len(chunk.sigmas):
@@ -100,10 +124,10 @@ class _WindowSampler(Sampler):
                     chunk.noise = s.next_noise(x0, vel)
                     chunk.x = renoise(x0, chunk.noise, chunk.sigmas[chunk.level])
             if finished is not None:
-                return self._finish(*finished)
+                return (yield from self._finish(*finished))
 
     @abstractmethod
-    def _denoise_window(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _denoise_window(self) -> Generator[ForwardRequest, torch.Tensor, list]:
         """One forward over every chunk in flight; (x0 estimate, velocity) of each, oldest first."""
 
     def _sigmas(self) -> list[float]:
@@ -115,14 +139,14 @@ class RollingSampler(_WindowSampler):
 
     name = "rolling"
 
-    def _denoise_window(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _denoise_window(self) -> Generator[ForwardRequest, torch.Tensor, list]:
         s = self.stream
         x = torch.cat([c.x for c in self.window], dim=2)
         f = self.window[0].x.shape[2]
         sig = torch.tensor(self._sigmas()).repeat_interleave(f)
         blocks = [b for c in self.window for b in c.blocks]
         noise = torch.cat([c.noise for c in self.window], dim=2)
-        v = s.forward([blocks], x, (sig * 1000.0)[None], noise=noise)
+        v = yield s.request([blocks], x, (sig * 1000.0)[None], noise=noise)
         x0 = predict_x0(x, v, sig.view(1, 1, -1, 1, 1).to(x))
         return list(zip(x0.split(f, dim=2), v.split(f, dim=2)))
 
@@ -132,14 +156,14 @@ class StreamBatchSampler(_WindowSampler):
 
     name = "stream_batch"
 
-    def _denoise_window(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _denoise_window(self) -> Generator[ForwardRequest, torch.Tensor, list]:
         s = self.stream
         x = torch.cat([c.x for c in self.window], dim=0)
         f = x.shape[2]
         sig = torch.tensor(self._sigmas())
         t = (sig * 1000.0)[:, None].expand(-1, f)
         noise = torch.cat([c.noise for c in self.window], dim=0)
-        v = s.forward([c.blocks for c in self.window], x, t, causal=True, noise=noise)
+        v = yield s.request([c.blocks for c in self.window], x, t, causal=True, noise=noise)
         x0 = predict_x0(x, v, sig.view(-1, 1, 1, 1, 1).to(x))
         return list(zip(x0.split(1, dim=0), v.split(1, dim=0)))
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,9 +12,10 @@ import torch
 
 from streamrt.config import GenConfig
 from streamrt.errors import NonFiniteError
-from streamrt.gen.forward import chunk_rows, streaming_forward
+from streamrt.gen.attention import RowContext
+from streamrt.gen.forward import chunk_rows, run_requests
 from streamrt.gen.noise import DriftingNoise
-from streamrt.gen.samplers import make_sampler
+from streamrt.gen.samplers import Steps, drive, make_sampler
 from streamrt.gen.schedule import shifted_sigmas
 from streamrt.gen.settings import fit_window
 from streamrt.models.codec import tensor_to_frames
@@ -23,7 +24,35 @@ from streamrt.models.text import PromptError
 if TYPE_CHECKING:
     from streamrt.gen.engine import GenEngine
 
-_PROMPT_IDS = itertools.count()
+
+@dataclass
+class ForwardRequest:
+    """One forward a stream's schedule asks for: its batch rows, inputs and what to keep.
+
+    The runtime concatenates requests of several streams into one transformer forward
+    (`streamrt.gen.forward.run_requests`); each stream then gets its own rows back.
+    """
+
+    stream: GenStream
+    rows: list[RowContext]
+    """One per batch row (guided streams: conditional rows, then unconditional ones)."""
+    x: torch.Tensor
+    """Latents `[len(rows), C, F, h, w]`."""
+    t: torch.Tensor
+    """Per-frame timesteps `[len(rows), F]`."""
+    embeds: torch.Tensor
+    """Prompt embeddings `[len(rows), text_len, dim]`."""
+    text_keys: list
+    """Per row, the identity of its prompt (cross-attention K/V are cached per key)."""
+    scores: dict | None = None
+    """A dict to receive per-layer key importance of each row (participative policies)."""
+    noise: torch.Tensor | None = None
+    """The eps that made `x` (residual CFG)."""
+
+    @property
+    def shape_key(self) -> tuple:
+        """Requests with equal keys can share one forward."""
+        return (tuple(self.x.shape[1:]), self.x.dtype, tuple(self.embeds.shape[1:]))
 
 
 def check_prompt(prompt: str) -> str:
@@ -90,22 +119,23 @@ class GenStream:
     def set_prompt(self, prompt: str, recache: bool = True) -> None:
         """Switch the prompt. With `recache`, the kept clean frames are re-run at t=0 under
         the new prompt so the self-attention cache follows it (LongLive's KV re-cache)."""
+        drive(self.prompt_steps(prompt, recache))
+
+    def prompt_steps(self, prompt: str, recache: bool = True) -> Generator:
+        """`set_prompt` as a schedule (its re-cache forwards are requests)."""
         engine = self.engine
-        cond = engine.encode_prompt(check_prompt(prompt))
-        self.embeds = cond
-        self.text_id = next(_PROMPT_IDS)
+        self.embeds = engine.encode_prompt(check_prompt(prompt))
+        self.text_key = engine.text_key(prompt)
         if self.guided:
             self.uncond = engine.encode_prompt(self.config.negative_prompt)
+            self.uncond_key = engine.text_key(self.config.negative_prompt)
         self.prompt = prompt
         self.drifting.set_prompt(prompt)
         if recache:
-            self._recache()
-
-    def _recache(self) -> None:
-        live = set(self.seqs[0].table)
-        self.clean = [(b, x0) for b, x0 in self.clean if all(i in live for i in b)]
-        for blocks, x0 in self.clean:
-            self.forward([blocks], x0, torch.zeros(1, x0.shape[2]), causal=True)
+            live = set(self.seqs[0].table)
+            self.clean = [(b, x0) for b, x0 in self.clean if all(i in live for i in b)]
+            for blocks, x0 in self.clean:
+                yield self.request([blocks], x0, torch.zeros(1, x0.shape[2]), causal=True)
 
     # ------------------------------------------------------------------ used by samplers
 
@@ -146,32 +176,51 @@ class GenStream:
         scores: dict | None = None,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Velocity for latents `x` `[B, C, F, h, w]` whose frames go to blocks `write[b]`.
+        """Velocity for latents `x` `[B, C, F, h, w]` whose frames go to blocks `write[b]`,
+        computed now in a forward of its own (`request` + `run_alone`)."""
+        return self.run_alone(self.request(write, x, t, causal, scores, noise))
+
+    def request(
+        self,
+        write: list[list[int]],
+        x: torch.Tensor,
+        t: torch.Tensor,
+        causal: bool = False,
+        scores: dict | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> ForwardRequest:
+        """The forward that gives the velocity for latents `x` `[B, C, F, h, w]` whose
+        frames go to blocks `write[b]` (see `complete` for what is done with its output).
 
         With guidance, every row runs twice (conditional, unconditional sequence) in one
-        batch and the result is `v_u + g * (v_c - v_u)`. With RCFG, `noise` (the eps that
-        made `x`) is the unconditional prediction instead (see `_rcfg`).
+        batch. The plan of each row is taken now: the blocks are already appended.
         """
-        e = self.engine
         b = x.shape[0]
         seqs = [s for s in self.seqs for _ in range(b)]
         rows = chunk_rows(seqs, write * len(self.seqs), self.tokens_per_frame, causal)
         embeds = [self.embeds.expand(b, -1, -1)]
+        keys = [self.text_key] * b
         if self.guided:
             embeds.append(self.uncond.expand(b, -1, -1))
+            keys += [self.uncond_key] * b
             x, t = torch.cat([x, x]), torch.cat([t, t])
-        key = (self.text_id, b, self.guided)
-        with torch.no_grad(), e.lock:
-            v = streaming_forward(
-                e.transformer, e.state, rows, x, t, torch.cat(embeds), key, scores, e.parallel
-            )
+        return ForwardRequest(self, rows, x, t, torch.cat(embeds), keys, scores, noise)
+
+    def run_alone(self, request: ForwardRequest) -> torch.Tensor:
+        """The velocity of `request`, in a forward of its own."""
+        return run_requests(self.engine, [request])[0]
+
+    def complete(self, request: ForwardRequest, v: torch.Tensor) -> torch.Tensor:
+        """The velocity the schedule gets from the model output `v` of `request`'s rows:
+        with guidance `v_u + g * (v_c - v_u)`; with RCFG, `noise` (the eps that made `x`)
+        is the unconditional prediction instead (see `_rcfg`)."""
         self.stats["forwards"] += 1
-        self.last_rows = rows
+        self.last_rows = request.rows
         if self.guided:
             v_c, v_u = v.chunk(2)
-            v = v_u + self.config.guidance_scale * (v_c - v_u)
-        elif self.rcfg and noise is not None:
-            v = self._rcfg(x, t, v, noise)
+            return v_u + self.config.guidance_scale * (v_c - v_u)
+        if self.rcfg and request.noise is not None:
+            return self._rcfg(request.x, request.t, v, request.noise)
         return v
 
     def _rcfg(
@@ -188,12 +237,12 @@ class GenStream:
         eps_g = noise + self.config.guidance_scale * (eps_c - noise)
         return eps_g - (x - sigma * v)
 
-    def finish_chunk(self, blocks: list[int], x0: torch.Tensor) -> None:
+    def finish_steps(self, blocks: list[int], x0: torch.Tensor) -> Generator:
         """A chunk is done: clean t=0 refresh of its K/V (if configured), policy hooks."""
         policies = [seq.policy for seq in self.seqs]
         scores: dict | None = {} if any(p.needs_scores for p in policies) else None
         if self.config.clean_refresh:
-            self.forward([blocks], x0, torch.zeros(1, x0.shape[2]), causal=True, scores=scores)
+            yield self.request([blocks], x0, torch.zeros(1, x0.shape[2]), True, scores)
             if scores is not None:
                 for r, seq in enumerate(self.seqs):
                     seq.policy.observe_scores(seq, self.last_rows[r].plan, scores, row=r)
@@ -210,9 +259,15 @@ class GenStream:
     # ------------------------------------------------------------------ output
 
     def next_latents(self) -> torch.Tensor:
+        """The next finished chunk's clean latents, its forwards run alone."""
         t0 = time.perf_counter()
-        x0 = self.sampler.next_chunk()
+        x0 = drive(self.chunk_steps())
         self.stats["seconds"] += time.perf_counter() - t0
+        return x0
+
+    def chunk_steps(self) -> Steps:
+        """The schedule of the next finished chunk (the sampler's, checked for NaN/inf)."""
+        x0 = yield from self.sampler.chunk_steps()
         if self.stats["chunks"] == 0 and not bool(torch.isfinite(x0).all()):
             raise NonFiniteError(
                 "the model produced NaN/inf latents in its first chunk: its weights hold "
@@ -224,7 +279,11 @@ class GenStream:
 
     def next_frames(self) -> np.ndarray:
         """Decode the next chunk: uint8 frames `[n, H, W, 3]`."""
-        x0 = self.next_latents()
+        return self.decode(self.next_latents())
+
+    def decode(self, x0: torch.Tensor) -> np.ndarray:
+        """uint8 frames `[n, H, W, 3]` of a finished chunk's clean latents (in stream order:
+        the decoder keeps the previous chunk's temporal context)."""
         t0 = time.perf_counter()
         with torch.no_grad():
             pixels = self.decoder.decode(x0.float())
