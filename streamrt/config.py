@@ -286,6 +286,65 @@ class QAConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """The engine that serves many streams and QA sessions (`streamrt.runtime.Runtime`)."""
+
+    scheduler: Literal["deadline", "fcfs"] = "deadline"
+    """deadline: the most urgent stream first (least playout slack), batched with as many
+    others as its deadline allows; streams ahead of playout by `ahead_s` wait; admission
+    control. fcfs: first come first served, every stream as fast as it goes, no admission
+    (the baseline)."""
+
+    max_batch: int = 8
+    """Most streams whose steps share one transformer forward."""
+
+    fps: float | None = None
+    """Playout rate of a stream that names none; None: `gen.fps`."""
+
+    ttff_s: float = 1.0
+    """Time-to-first-frame target: frame i of a stream is due `ttff_s + i / fps` after it
+    was opened."""
+
+    ahead_s: float = 1.0
+    """A stream whose next frame is due later than this waits (deadline scheduler): the
+    compute goes to streams that need it."""
+
+    admission: bool = True
+    """Refuse (or queue, see `queue_s`) a stream that the measured capacity cannot serve
+    next to the admitted ones (deadline scheduler only)."""
+
+    headroom: float = 0.85
+    """Share of the measured capacity that admission control gives out."""
+
+    queue_s: float = 0.0
+    """How long a stream that does not fit waits for room before it is refused; 0: at once."""
+
+    max_streams: int = 64
+    """Most live generation streams and QA sessions, each."""
+
+    qa_queue_frames: int = 64
+    """Frames a QA session's feed queue holds before it drops (see `qa_drop`)."""
+
+    qa_drop: Literal["oldest", "newest"] = "oldest"
+    """When a QA session's feed queue is full: drop the oldest queued frame (the memory
+    follows the live edge) or the newest one (the memory keeps every frame up to a gap)."""
+
+    def validate(self) -> None:
+        if self.max_batch < 1:
+            raise InputError(f"runtime.max_batch must be >= 1, got {self.max_batch}")
+        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
+            raise InputError(f"runtime.fps must be a number > 0 or null, got {self.fps}")
+        for name in ("ttff_s", "ahead_s", "queue_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise InputError(f"runtime.{name} must be a number >= 0, got {value}")
+        if not (0 < self.headroom <= 1):
+            raise InputError(f"runtime.headroom must be in (0, 1], got {self.headroom}")
+        if self.max_streams < 1 or self.qa_queue_frames < 1:
+            raise InputError("runtime.max_streams and runtime.qa_queue_frames must be >= 1")
+
+
+@dataclass
 class StreamrtConfig:
     """All subsystems; a YAML preset fills any subset of these sections."""
 
@@ -297,6 +356,9 @@ class StreamrtConfig:
 
     qa: QAConfig = field(default_factory=QAConfig)
     """Streaming video question answering."""
+
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """The engine serving many streams and sessions at once."""
 
 
 class ConfigError(StreamrtError, ValueError):

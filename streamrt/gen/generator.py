@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from streamrt.cache import CacheManager
 from streamrt.config import CacheConfig, GenConfig, from_dict, read_preset
 from streamrt.embedded import resolve_model
 from streamrt.errors import InputError
@@ -41,6 +42,7 @@ class StreamGenerator:
         config: str | Path | None = None,
         cache: CacheConfig | None = None,
         checkpoint: str | Path | None = None,
+        manager: CacheManager | None = None,
         **overrides: Any,
     ) -> StreamGenerator:
         """Load a generator; `overrides` set `GenConfig` fields.
@@ -60,6 +62,8 @@ class StreamGenerator:
                 model's device).
             checkpoint: Causal generator weights replacing the directory's transformer
                 (Self-Forcing / CausVid / Rolling / Reward Forcing / StreamDiffusionV2 `.pt`).
+            manager: A cache manager to share (a `streamrt.runtime.Runtime`'s); None: the
+                generator makes its own from `cache`.
         """
         from streamrt.models.generator_files import PIPELINE_MANIFEST, load_generator_parts
 
@@ -73,7 +77,13 @@ class StreamGenerator:
         ckpt = Path(checkpoint) if checkpoint is not None else None
         transformer, text_encoder, codec = load_generator_parts(path, manifest, gen_cfg, ckpt)
         engine = GenEngine(
-            transformer, text_encoder, codec, gen_cfg, cache_config=cache, given_policy_args=given
+            transformer,
+            text_encoder,
+            codec,
+            gen_cfg,
+            cache=manager,
+            cache_config=cache,
+            given_policy_args=given,
         )
         return cls(engine)
 
@@ -82,6 +92,7 @@ class StreamGenerator:
         cls,
         config: str | Path | None = None,
         cache: CacheConfig | None = None,
+        manager: CacheManager | None = None,
         **overrides: Any,
     ) -> StreamGenerator:
         """An untrained tiny generator for smoke tests (`streamrt generate --model tiny-random`):
@@ -94,7 +105,13 @@ class StreamGenerator:
         transformer, text_encoder, codec = tiny_random_parts(VOCAB)
         cast_like_diffusers(transformer, gen_cfg.dtype)
         engine = GenEngine(
-            transformer, text_encoder, codec, gen_cfg, cache_config=cache, given_policy_args=given
+            transformer,
+            text_encoder,
+            codec,
+            gen_cfg,
+            cache=manager,
+            cache_config=cache,
+            given_policy_args=given,
         )
         return cls(engine)
 

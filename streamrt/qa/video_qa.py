@@ -49,16 +49,20 @@ class Answer:
     unknown_words: tuple[str, ...] = ()
     """Words of the question the tokenizer does not know (mapped to its unknown token):
     the model never saw them, so the answer cannot be about them."""
+    notes: tuple[str, ...] = ()
+    """How the answer was degraded, if it was (e.g. fewer frames retrieved under memory
+    pressure, see `streamrt.runtime.qa`)."""
 
     @property
     def warnings(self) -> tuple[str, ...]:
         """What the user should know about this answer, one message each (empty: none)."""
         if not self.unknown_words:
-            return ()
+            return self.notes
         words = ", ".join(repr(w) for w in self.unknown_words)
         return (
             f"the model does not know the word(s) {words}: the answer ignores them; "
             "rephrase with words it knows",
+            *self.notes,
         )
 
 
@@ -159,20 +163,7 @@ class VideoQA:
         With `memory_dir`, a session saved there by an earlier process is restored (same
         model and system prompt required).
         """
-        from transformers import AutoTokenizer
-
-        from streamrt.cache.spec import dtype_from_name
-        from streamrt.models.vlm import load_adapter, model_qa_settings, resolve_model_dir
-
-        known = {f.name for f in fields(QAConfig)}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise InputError(f"unknown QA option(s) {unknown}; known: {', '.join(sorted(known))}")
-        path = resolve_model_dir() if path is None else resolve_model_dir(path)
-        cfg = QAConfig(**{**model_qa_settings(path), **config})
-        adapter = load_adapter(path, dtype=dtype_from_name(cfg.dtype), device=cfg.device)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        adapter.use_frame_wrapper(tokenizer)  # real checkpoints: a frame as the processor has it
+        adapter, tokenizer, cfg = load_qa_model(path, **config)
         return cls(adapter, tokenizer, cfg, memory_dir=memory_dir, manager=manager)
 
     # ------------------------------------------------------------------ public API
@@ -187,15 +178,25 @@ class VideoQA:
         `timestamp`: seconds of the (first) frame; None continues at `config.fps`.
         Returns the number of frames stored.
         """
+        pixels, stamps = self.prepare(frames, timestamp)
+        self.store(self.adapter.encode_frames(pixels), stamps)  # one vision batch
+        return len(stamps)
+
+    def prepare(
+        self, frames: Any, timestamp: float | SequenceABC[float] | None = None
+    ) -> tuple[torch.Tensor, list[float]]:
+        """`feed`'s first half: checked frames as the model's pixels `[N, ...]` and their
+        timestamps (a runtime encodes the pixels of several sessions in one batch)."""
         self._check_open()
         batch = check_frames(frames, self.adapter.image_size, self.config.resize)
-        stamps = self._timestamps(batch.shape[0], timestamp)
-        embeds = self.adapter.encode_frames(self.adapter.pixels(batch))  # one vision batch
+        return self.adapter.pixels(batch), self._timestamps(batch.shape[0], timestamp)
+
+    def store(self, embeds: torch.Tensor, stamps: SequenceABC[float]) -> None:
+        """`feed`'s second half: encoded frames `[N, tokens, dim]` into the memory."""
         for frame_embeds, t in zip(embeds, stamps):
             with self._lock:
                 self._check_open()
                 self._feed_one(frame_embeds, t)
-        return batch.shape[0]
 
     def ask(self, question: str, max_new_tokens: int | None = None) -> Answer:
         """Answer `question` from the frames fed before this call (safe from another thread)."""
@@ -493,6 +494,26 @@ class VideoQA:
 # ---------------------------------------------------------------------- layout
 # Module functions, so that training (`streamrt.models.train_vqa`) builds its sequences
 # with exactly the token ids and positions a session uses at inference.
+
+
+def load_qa_model(path: str | Path | None = None, **config: Any) -> tuple[Any, Any, QAConfig]:
+    """`(adapter, tokenizer, config)` of a Video-LLM directory (None: the embedded one);
+    `config` keys are `QAConfig` fields over the directory's own settings."""
+    from transformers import AutoTokenizer
+
+    from streamrt.cache.spec import dtype_from_name
+    from streamrt.models.vlm import load_adapter, model_qa_settings, resolve_model_dir
+
+    known = {f.name for f in fields(QAConfig)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise InputError(f"unknown QA option(s) {unknown}; known: {', '.join(sorted(known))}")
+    path = resolve_model_dir() if path is None else resolve_model_dir(path)
+    cfg = QAConfig(**{**model_qa_settings(path), **config})
+    adapter = load_adapter(path, dtype=dtype_from_name(cfg.dtype), device=cfg.device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    adapter.use_frame_wrapper(tokenizer)  # real checkpoints: a frame as the processor has it
+    return adapter, tokenizer, cfg
 
 
 def text_ids(tokenizer: Any, text: str) -> list[int]:

@@ -1,0 +1,204 @@
+"""A generation stream as the runtime runs it: its schedule, playout clock and output queue.
+
+The schedule (`LiveStream.schedule`) is the stream's whole life as one generator: at each
+chunk boundary it applies a pending prompt switch (with KV re-cache), then yields the
+forward requests of the next chunk, and emits the decoded frames when the chunk is done.
+It yields None at a boundary, so the scheduler decides when the next chunk starts.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Generator, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from streamrt.errors import StreamrtError
+from streamrt.runtime.playout import Playout
+
+if TYPE_CHECKING:
+    from streamrt.gen.stream import ForwardRequest, GenStream
+    from streamrt.runtime.qa import QASession
+    from streamrt.runtime.runtime import Runtime
+
+_END = object()
+
+
+class StreamFailed(StreamrtError):
+    """A stream ended with an error (the message says why); other streams keep running."""
+
+
+class LiveStream:
+    """Runtime-side state of one generation stream (see `StreamHandle` for its public face)."""
+
+    def __init__(
+        self,
+        stream_id: str,
+        gen: GenStream,
+        num_frames: int | None,
+        fps: float,
+        ttff_s: float,
+        priority: int,
+        arrival: int,
+    ) -> None:
+        self.id = stream_id
+        self.gen = gen
+        self.num_frames = num_frames
+        self.priority = priority
+        self.arrival = arrival
+        """Order of arrival (first come first served, ties)."""
+        self.playout = Playout(fps, ttff_s)
+        self.out: queue.Queue = queue.Queue()
+        self.pending: ForwardRequest | None = None
+        self.next_prompt: str | None = None
+        self.done = False
+        self.suspended = False
+        self.error: BaseException | None = None
+        self.forwards = 0
+        self.chunks = 0
+        self.frames_per_chunk: int | None = None
+        self.watchers: list[QASession] = []
+        """QA sessions fed this stream's frames (timestamps: frame index / fps)."""
+        self._steps = self.schedule()
+        next(self._steps)  # to the first chunk boundary
+
+    # ------------------------------------------------------------------ schedule
+
+    def schedule(self) -> Generator[ForwardRequest | None, torch.Tensor | None, None]:
+        gen = self.gen
+        while self.num_frames is None or self.playout.frames < self.num_frames:
+            yield None  # chunk boundary: the scheduler starts the next chunk when it wants
+            if self.next_prompt is not None:
+                prompt, self.next_prompt = self.next_prompt, None
+                yield from gen.prompt_steps(prompt)
+            x0 = yield from gen.chunk_steps()
+            self._emit(gen.decode(x0))
+
+    def _emit(self, frames: np.ndarray) -> None:
+        if self.num_frames is not None:
+            frames = frames[: self.num_frames - self.playout.frames]
+        self.chunks += 1
+        self.frames_per_chunk = self.frames_per_chunk or len(frames)
+        first = self.playout.frames
+        self.playout.produced(len(frames), time.perf_counter())
+        for i, frame in enumerate(frames):
+            self.out.put(frame)
+            for session in self.watchers:
+                session.push(frame, (first + i) / self.playout.fps)
+
+    def start_chunk(self) -> None:
+        """Leave the chunk boundary: `pending` becomes the next chunk's first forward."""
+        self._step(lambda: next(self._steps))
+
+    def deliver(self, v: torch.Tensor) -> None:
+        """The velocity of `pending`; the schedule moves on to its next request (None at
+        the next chunk boundary, after emitting the finished chunk's frames)."""
+        self.forwards += 1
+        self._step(lambda: self._steps.send(v))
+
+    def _step(self, advance) -> None:
+        try:
+            self.pending = advance()
+        except StopIteration:
+            self.finish()
+
+    @property
+    def at_boundary(self) -> bool:
+        return self.pending is None and not self.done
+
+    # ------------------------------------------------------------------ ending
+
+    def finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self.pending = None
+            self.out.put(_END)
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.finish()
+
+    def frames(self, runtime: Runtime, timeout: float | None = None) -> Iterator[np.ndarray]:
+        """Frames as they are produced; ends after `num_frames` or when the stream is
+        closed; raises `StreamFailed` if the stream failed."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while True:
+            try:
+                item = self.out.get_nowait()
+            except queue.Empty:
+                wait = runtime.wait_for_work(self)
+                if deadline is not None and time.perf_counter() > deadline:
+                    raise TimeoutError(f"stream {self.id}: no frame within {timeout} s") from None
+                try:
+                    item = self.out.get(timeout=wait)
+                except queue.Empty:
+                    continue
+            if item is _END:
+                self.out.put(_END)  # later readers end too
+                if self.error is not None:
+                    raise StreamFailed(f"stream {self.id} failed: {self.error}") from self.error
+                return
+            yield item
+
+    def stats(self, now: float) -> dict[str, Any]:
+        out = self.playout.stats(now)
+        out.update(
+            prompt=self.gen.prompt,
+            priority=self.priority,
+            chunks=self.chunks,
+            forwards=self.forwards,
+            state="failed"
+            if self.error is not None
+            else "done"
+            if self.done
+            else "suspended"
+            if self.suspended
+            else "running",
+        )
+        if self.error is not None:
+            out["error"] = str(self.error)
+        return out
+
+
+class StreamHandle:
+    """A live generation stream on a `Runtime` (thread-safe).
+
+    `frames()` yields frames `[H, W, 3]` uint8 as the runtime produces them; `set_prompt`
+    switches the prompt at the next chunk boundary (with KV re-cache); `close()` ends it
+    and frees its KV blocks.
+    """
+
+    def __init__(self, runtime: Runtime, live: LiveStream) -> None:
+        self._runtime = runtime
+        self._live = live
+        self.id = live.id
+
+    def frames(self, timeout: float | None = None) -> Iterator[np.ndarray]:
+        return self._live.frames(self._runtime, timeout)
+
+    def set_prompt(self, prompt: str) -> None:
+        self._runtime.set_prompt(self.id, prompt)
+
+    def close(self) -> None:
+        self._runtime.close_stream(self.id)
+
+    def stats(self) -> dict[str, Any]:
+        return self._runtime.stream_stats(self.id)
+
+    @property
+    def done(self) -> bool:
+        return self._live.done
+
+    @property
+    def num_frames(self) -> int | None:
+        return self._live.num_frames
+
+    @property
+    def fps(self) -> float:
+        return self._live.playout.fps
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self.frames()
