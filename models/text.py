@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5EncoderModel
 
-from streamrt.errors import StreamrtError
+from streamrt.errors import InputError
 
 
 @contextlib.contextmanager
@@ -30,7 +30,7 @@ def quiet_loading():
             logging.enable_progress_bar()
 
 
-class PromptError(StreamrtError, ValueError):
+class PromptError(InputError):
     """A prompt the tokenizer cannot represent (e.g. words outside a closed vocabulary)."""
 
 

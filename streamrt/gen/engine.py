@@ -130,10 +130,14 @@ class GenEngine:
                 f"{existing.spec.tokens_per_block}, got {tokens_per_frame})"
             )
 
-    def open_sequence(self, name: str, config: GenConfig) -> Sequence:
+    def register_consumer(self, config: GenConfig) -> None:
+        """Register the engine's cache consumer for `config`'s resolution (if not yet)."""
         _c, h, w = self.latent_shape(config.height, config.width)
         p = self.transformer.config.patch_size
         self._ensure_consumer((h // p[1]) * (w // p[2]))
+
+    def open_sequence(self, name: str, config: GenConfig) -> Sequence:
+        self.register_consumer(config)
         return self.cache.open_sequence(
             self.consumer, config.policy, seq_id=name, **config.policy_args
         )

@@ -118,16 +118,9 @@ class VideoQA:
                 device=str(adapter.device),
             )
         )
-        spec = KVSpec(
-            adapter.num_layers,
-            adapter.num_kv_heads,
-            adapter.head_dim,
-            adapter.tokens_per_frame,
-            adapter.dtype,
-        )
         self.memory = QAMemory(
             self.manager,
-            spec,
+            kv_spec(adapter),
             session=cfg.session,
             sink_tokens=self._tokenize(cfg.system_prompt) if cfg.system_prompt else [],
             window_frames=cfg.window_frames,
@@ -494,6 +487,17 @@ class VideoQA:
 # ---------------------------------------------------------------------- layout
 # Module functions, so that training (`streamrt.models.train_vqa`) builds its sequences
 # with exactly the token ids and positions a session uses at inference.
+
+
+def kv_spec(adapter: Any) -> KVSpec:
+    """The KV blocks of a session on this model: one frame's tokens per block."""
+    return KVSpec(
+        adapter.num_layers,
+        adapter.num_kv_heads,
+        adapter.head_dim,
+        adapter.tokens_per_frame,
+        adapter.dtype,
+    )
 
 
 def load_qa_model(path: str | Path | None = None, **config: Any) -> tuple[Any, Any, QAConfig]:

@@ -56,7 +56,11 @@ class Runtime:
             cache manager's budgets, `runtime:` the scheduler.
         runtime: Scheduler settings, over the preset's.
         cache: Cache budgets, over the preset's.
+        qa: Load the Video-LLM now (QA sessions need it; False: generation only).
         gen_overrides: `GenConfig` fields, over the preset's.
+
+    Every consumer of the cache manager is registered here, before the first block is
+    allocated, so the pages fit the largest block of any of them.
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class Runtime:
         runtime: RuntimeConfig | None = None,
         cache: CacheConfig | None = None,
         checkpoint: str | Path | None = None,
+        qa: bool = True,
         **gen_overrides: Any,
     ) -> None:
         from streamrt.gen.generator import StreamGenerator
@@ -92,8 +97,16 @@ class Runtime:
                 model, config, checkpoint=checkpoint, manager=self.cache, **gen_overrides
             )
         self.engine = self.generator.engine
-        self.qa_model = qa_model
+        cfg = self.engine.config
+        self.engine.latent_shape(cfg.height, cfg.width)  # a bad size fails here
+        self.engine.register_consumer(cfg)
         self._qa_parts: tuple[Any, Any, Any] | None = None
+        if qa:
+            from streamrt.qa.memory import CONSUMER
+            from streamrt.qa.video_qa import kv_spec, load_qa_model
+
+            self._qa_parts = load_qa_model(qa_model)
+            self.cache.register(CONSUMER, kv_spec(self._qa_parts[0]))
         self.scheduler = Scheduler(self.config)
         self.lock = threading.RLock()
         self.streams: dict[str, LiveStream] = {}
@@ -171,7 +184,7 @@ class Runtime:
             self.calibrate()
         running = [s for s in self.streams.values() if not s.suspended]
         fits, load = self.scheduler.admits(running, live)
-        if fits:
+        if fits or not running:  # alone it has nobody to slow down: always admitted
             self.streams[live.id] = live
             return
         if self.config.queue_s > 0:
@@ -188,7 +201,7 @@ class Runtime:
     def _admit_waiting(self, now: float) -> None:
         for live, until in list(self._waiting):
             running = [s for s in self.streams.values() if not s.suspended]
-            if self.scheduler.admits(running, live)[0]:
+            if not running or self.scheduler.admits(running, live)[0]:
                 self._waiting.remove((live, until))
                 live.playout.resume(now)
                 self.streams[live.id] = live
@@ -285,9 +298,7 @@ class Runtime:
 
     def _qa(self) -> tuple[Any, Any, Any]:
         if self._qa_parts is None:
-            from streamrt.qa.video_qa import load_qa_model
-
-            self._qa_parts = load_qa_model(self.qa_model)
+            raise InputError("this runtime was made without a Video-LLM (qa=False)")
         return self._qa_parts
 
     def session(self, session_id: str) -> QASession:

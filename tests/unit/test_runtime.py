@@ -1,0 +1,344 @@
+"""The runtime: many streams in one forward equal their solo runs; scheduling, admission,
+failure isolation, QA sessions on the one cache manager."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from streamrt.cache import OutOfBlocksError
+from streamrt.config import RuntimeConfig
+from streamrt.errors import InputError, UnknownNameError
+from streamrt.runtime import AdmissionError, Runtime, StreamFailed
+from streamrt.runtime.playout import Playout
+from streamrt.runtime.runtime import serve_all
+
+PROMPTS = [
+    "a red circle moving right on a dark background",
+    "a blue square moving up on a light background",
+    "a green triangle moving left on a striped background",
+    "a yellow circle moving down on a checkered background",
+]
+FREE = RuntimeConfig(admission=False, ahead_s=1e6)
+"""Every stream runs as fast as it goes: what it is batched with is up to the order."""
+
+
+@pytest.fixture(scope="module")
+def rt():
+    runtime = Runtime("tiny-random", runtime=FREE)
+    yield runtime
+    runtime.close()
+
+
+def _record_latents(handle) -> list[torch.Tensor]:
+    """Wrap the stream's decoder to keep the clean latents of every chunk it decodes."""
+    gen = handle._live.gen
+    seen: list[torch.Tensor] = []
+    decode = gen.decode
+
+    def keep(x0):
+        seen.append(x0.clone())
+        return decode(x0)
+
+    gen.decode = keep
+    return seen
+
+
+def _solo(rt: Runtime, prompt: str, chunks: int, **overrides) -> list[torch.Tensor]:
+    stream = rt.engine.open_stream(prompt, **overrides)
+    try:
+        return [stream.next_latents() for _ in range(chunks)]
+    finally:
+        stream.close()
+
+
+MIXED = [
+    ({}, PROMPTS[0]),
+    ({"policy": "deep_sink", "policy_args": {"sink_blocks": 2, "window_blocks": 6}}, PROMPTS[1]),
+    ({"policy": "participative"}, PROMPTS[2]),
+    ({"guidance_scale": 3.0, "seed": 5}, PROMPTS[3]),
+    ({"sampler": "stream_batch", "timesteps": [1000, 500]}, PROMPTS[0]),
+    ({"policy": "ema_sink", "timesteps": [1000, 750, 250], "seed": 2}, PROMPTS[1]),
+    ({"sampler": "rolling", "timesteps": [1000, 500]}, PROMPTS[2]),
+    ({"sampler": "rolling", "timesteps": [1000, 500], "seed": 9}, PROMPTS[3]),
+]
+
+
+def test_batched_streams_equal_their_solo_runs(rt):
+    chunks = 6
+    handles = [rt.open_stream(p, num_frames=chunks * 3, **o) for o, p in MIXED]
+    seen = {h.id: _record_latents(h) for h in handles}
+    before = dict(rt.counters)
+    frames = serve_all(handles)
+    forwards = rt.counters["forwards"] - before["forwards"]
+    rows = rt.counters["rows"] - before["rows"]
+    assert rows / forwards > 2, "streams did not share forwards"
+    for h, (overrides, prompt) in zip(handles, MIXED):
+        assert len(frames[h.id]) == chunks * 3
+        solo = _solo(rt, prompt, chunks, **overrides)
+        assert len(seen[h.id]) == chunks
+        for a, b in zip(seen[h.id], solo):
+            assert (a - b).abs().max().item() <= 1e-5, (h.id, overrides)
+
+
+def test_prompt_switch_at_a_chunk_boundary_equals_solo(rt):
+    h = rt.open_stream(PROMPTS[0], num_frames=12)
+    other = rt.open_stream(PROMPTS[2], num_frames=12)
+    seen = _record_latents(h)
+    frames = h.frames()
+    for _ in range(6):  # two chunks of three frames
+        next(frames)
+    h.set_prompt(PROMPTS[1])
+    rest = list(frames)
+    assert len(rest) == 6
+    list(other.frames())
+    stream = rt.engine.open_stream(PROMPTS[0])
+    solo = [stream.next_latents(), stream.next_latents()]
+    stream.set_prompt(PROMPTS[1])
+    solo += [stream.next_latents(), stream.next_latents()]
+    stream.close()
+    for a, b in zip(seen, solo, strict=True):
+        assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_closing_a_stream_frees_its_blocks_and_ends_its_reader(rt):
+    base = rt.cache.stats()["consumers"]["gen"]["device"]["blocks"]
+    h = rt.open_stream(PROMPTS[0])
+    frames = h.frames()
+    next(frames)
+    assert rt.cache.stats()["consumers"]["gen"]["device"]["blocks"] > base
+    h.close()
+    assert rt.cache.stats()["consumers"]["gen"]["device"]["blocks"] == base
+    assert len(list(frames)) <= 2  # what was already queued, then the end
+    assert h.stats()["state"] == "done"
+
+
+def test_a_failing_stream_ends_alone_with_its_message(rt):
+    good = rt.open_stream(PROMPTS[0], num_frames=9)
+    bad = rt.open_stream(PROMPTS[1], num_frames=9)
+
+    def broken(x0):
+        raise ValueError("decoder exploded")
+
+    bad._live.gen.decode = broken
+    out = list(good.frames())
+    assert len(out) == 9
+    with pytest.raises(StreamFailed, match="decoder exploded"):
+        list(bad.frames())
+    assert rt.stream_stats(bad.id)["state"] == "failed"
+    assert "decoder exploded" in rt.stats()["finished"][bad.id]["error"]
+
+
+def test_bad_requests_are_refused_before_anything_is_allocated(rt):
+    base = rt.cache.stats()["consumers"]["gen"]["device"]["blocks"]
+    for kwargs, match in [
+        ({"num_frames": 0}, "num_frames"),
+        ({"num_frames": 2.5}, "num_frames"),
+        ({"fps": -1}, "fps"),
+        ({"seed": "x"}, "seed"),
+        ({"priority": 1.5}, "priority"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            rt.open_stream(PROMPTS[0], **kwargs)
+    with pytest.raises(InputError, match="empty"):
+        rt.open_stream("  ")
+    with pytest.raises(UnknownNameError):
+        rt.stream("s999")
+    with pytest.raises(UnknownNameError):
+        rt.set_prompt("nope", PROMPTS[0])
+    assert rt.cache.stats()["consumers"]["gen"]["device"]["blocks"] == base
+
+
+def test_streams_are_served_concurrently_from_threads():
+    with Runtime("tiny-random", runtime=FREE).start() as runtime:
+        handles = [runtime.open_stream(p, num_frames=15) for p in PROMPTS]
+        counts: dict[str, int] = {}
+
+        def read(h):
+            counts[h.id] = sum(1 for _ in h.frames(timeout=60))
+
+        threads = [threading.Thread(target=read, args=(h,)) for h in handles]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert counts == {h.id: 15 for h in handles}
+        assert runtime.counters["rows"] > runtime.counters["forwards"]
+
+
+# ---------------------------------------------------------------------- scheduling
+
+
+def test_playout_deadlines_slack_attainment_and_gaps():
+    p = Playout(fps=10, ttff_s=1.0, now=100.0)
+    assert p.slack(100.0) == pytest.approx(1.0)
+    p.produced(3, 100.5)  # frames 0-2 due at 101.0, 101.1, 101.2: on time
+    assert p.slack(100.5) == pytest.approx(101.3 - 100.5)
+    p.produced(3, 102.0)  # frames 3-5 due at 101.3-101.5: late
+    s = p.stats(102.0)
+    assert s["frames"] == 6 and s["slo_attainment"] == pytest.approx(0.5)
+    # shown at 101.0, 101.1, 101.2, then the stall until 102.0, then 102.1, 102.2
+    assert s["gap_p50_s"] == pytest.approx(0.1)
+    assert max(p.gaps) == pytest.approx(0.8)
+    p.pause(103.0)
+    p.resume(104.0)
+    assert p.due(6) == pytest.approx(101.6 + 1.0)
+
+
+def test_deadline_scheduler_holds_streams_ahead_and_runs_the_most_urgent_first():
+    runtime = Runtime("tiny-random", runtime=RuntimeConfig(admission=False, ahead_s=0.5))
+    try:
+        late = runtime.open_stream(PROMPTS[0], fps=10)
+        ahead = runtime.open_stream(PROMPTS[1], fps=10)
+        now = late._live.playout.opened
+        late._live.playout.opened -= 5.0  # its frames were due 5 s ago
+        ahead._live.playout.opened += 5.0  # its first frame is due in 6 s
+        ready = runtime.scheduler.ready(list(runtime.streams.values()), now)
+        assert [s.id for s in ready] == [late.id]
+        for s in runtime.streams.values():
+            s.start_chunk()
+        batch = runtime.scheduler.pick(list(runtime.streams.values()), now)
+        assert batch[0].id == late.id
+        fcfs = RuntimeConfig(scheduler="fcfs")
+        from streamrt.runtime.scheduler import Scheduler
+
+        assert len(Scheduler(fcfs).ready(list(runtime.streams.values()), now)) == 2
+    finally:
+        runtime.close()
+
+
+def _fps_for_share(runtime: Runtime, share: float) -> float:
+    """A playout rate at which one stream needs about `share` of the measured machine."""
+    runtime.calibrate()
+    one = runtime.open_stream(PROMPTS[0], fps=1.0)
+    load = runtime.scheduler.load([one._live])  # load grows linearly with fps
+    one.close()
+    return share / load
+
+
+def test_admission_refuses_what_the_measured_capacity_cannot_serve():
+    runtime = Runtime("tiny-random", runtime=RuntimeConfig(headroom=0.5))
+    try:
+        fps = _fps_for_share(runtime, 0.2)
+        admitted = []
+        with pytest.raises(AdmissionError, match="capacity"):
+            for _ in range(20):
+                admitted.append(runtime.open_stream(PROMPTS[1], fps=fps))
+        lives = [h._live for h in admitted]
+        assert len(admitted) >= 2
+        assert runtime.scheduler.load(lives) <= 0.5
+        probe = runtime.engine.open_stream(PROMPTS[1])
+        from streamrt.runtime.live import LiveStream
+
+        extra = LiveStream("probe", probe, None, fps, 1.0, 0, 99)
+        assert runtime.scheduler.load([*lives, extra]) > 0.5
+        probe.close()
+        assert runtime.counters["refused"] == 1
+        admitted[0].close()
+        runtime.open_stream(PROMPTS[2], fps=fps)  # room again
+    finally:
+        runtime.close()
+
+
+def test_a_lone_stream_is_always_admitted():
+    runtime = Runtime("tiny-random", runtime=RuntimeConfig(headroom=0.5))
+    try:
+        fps = _fps_for_share(runtime, 3.0)  # more than the machine can do
+        h = runtime.open_stream(PROMPTS[0], fps=fps, num_frames=3)
+        with pytest.raises(AdmissionError):
+            runtime.open_stream(PROMPTS[1], fps=fps)
+        assert len(list(h.frames())) == 3
+    finally:
+        runtime.close()
+
+
+def test_a_queued_stream_starts_when_room_frees():
+    config = RuntimeConfig(headroom=0.5, queue_s=30.0)
+    runtime = Runtime("tiny-random", runtime=config)
+    try:
+        fps = _fps_for_share(runtime, 0.4)
+        first = runtime.open_stream(PROMPTS[0], fps=fps)
+        queued = runtime.open_stream(PROMPTS[1], fps=fps, num_frames=3)
+        assert runtime.stats()["scheduler"]["waiting"] == 1
+        first.close()
+        assert len(list(queued.frames(timeout=60))) == 3
+    finally:
+        runtime.close()
+
+
+# ---------------------------------------------------------------------- QA
+
+
+def test_qa_session_watching_a_stream_answers_from_its_frames(rt):
+    h = rt.open_stream(PROMPTS[0], num_frames=12)
+    qa = rt.open_qa(stream_id=h.id)
+    assert len(list(h.frames())) == 12
+    qa.flush()
+    assert qa.stats()["fed"] == 12
+    answer = qa.ask("what color is the shape?")
+    assert answer.text
+    assert answer.timestamps and max(answer.timestamps) <= 12 / h.fps
+    assert rt.stats()["qa"][qa.id]["stream_id"] == h.id
+    assert "qa" in str(rt.cache.stats()["consumers"])  # its blocks live in the one manager
+    qa.close()
+
+
+def test_qa_feed_queue_is_bounded_and_drops_by_policy():
+    for drop, kept_first in (("oldest", 6), ("newest", 0)):
+        runtime = Runtime("tiny-random", runtime=RuntimeConfig(qa_queue_frames=4, qa_drop=drop))
+        try:
+            qa = runtime.open_qa()
+            frames = [np.full((32, 32, 3), i * 20, np.uint8) for i in range(10)]
+            kept = sum(qa.feed(f) for f in frames)
+            session = runtime.session(qa.id)
+            assert kept == 4 and session.dropped == 6
+            assert int(session.queue[0][0][0, 0, 0]) == kept_first * 20
+            qa.flush()
+            assert qa.stats()["fed"] == 4
+        finally:
+            runtime.close()
+
+
+def test_a_question_under_memory_pressure_retrieves_fewer_frames(rt, monkeypatch):
+    qa = rt.open_qa()
+    qa.feed(np.stack([np.full((32, 32, 3), 40 * i, np.uint8) for i in range(6)]))
+    qa.flush()
+    session = rt.session(qa.id)
+    ask = type(session.qa).ask
+    tried = []
+
+    def short_of_memory(self, question, max_new_tokens=None):
+        tried.append(self.config.retrieve_frames)
+        if self.config.retrieve_frames > 2:
+            raise OutOfBlocksError("no room on the device tier")
+        return ask(self, question, max_new_tokens)
+
+    monkeypatch.setattr(type(session.qa), "ask", short_of_memory)
+    answer = qa.ask("what color is the shape?")
+    assert tried == [8, 4, 2]
+    assert any("retrieved 2 of 8" in w for w in answer.warnings)
+    assert session.qa.config.retrieve_frames == 8
+    qa.close()
+
+
+def test_encoding_is_batched_across_sessions(rt, monkeypatch):
+    a, b = rt.open_qa(), rt.open_qa()
+    adapter = rt.session(a.id).qa.adapter
+    calls = []
+    encode = adapter.encode_frames
+
+    def counted(pixels):
+        calls.append(pixels.shape[0])
+        return encode(pixels)
+
+    monkeypatch.setattr(adapter, "encode_frames", counted)
+    a.feed(np.zeros((3, 32, 32, 3), np.uint8))
+    b.feed(np.zeros((2, 32, 32, 3), np.uint8))
+    a.flush()
+    b.flush()
+    assert calls == [5]
+    a.close()
+    b.close()
