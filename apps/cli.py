@@ -197,6 +197,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated (default stream_batch,chunkwise)",
     )
     pipe.add_argument("--json", type=new_file, metavar="PATH")
+    serve_b = bench_sub.add_parser(
+        "serve", help="many streams on one runtime: batching, deadline scheduler vs FCFS"
+    )
+    serve_b.add_argument(
+        "--model", default="assets/tiny-world", help="generator dir or tiny-random"
+    )
+    serve_b.add_argument("--config", help="YAML preset")
+    serve_b.add_argument(
+        "--streams", type=count_list, default=[1, 2, 4, 8], help="concurrent streams (1,2,4,8)"
+    )
+    serve_b.add_argument("--frames", type=count(3), default=48, help="frames per stream (48)")
+    serve_b.add_argument("--fps", type=positive, default=16.0, help="playout fps of the trace")
+    serve_b.add_argument(
+        "--seconds", type=positive, default=12.0, help="length of the arrival trace (12)"
+    )
+    serve_b.add_argument(
+        "--trace", metavar="PATH", help="arrival trace JSON: replayed if it exists, else written"
+    )
+    serve_b.add_argument(
+        "--plot",
+        type=new_file,
+        default="bench-serve.png",
+        help="PNG of every stream's slack over time ('' for none)",
+    )
+    serve_b.add_argument("--json", type=new_file, metavar="PATH")
     bench.set_defaults(func=_cmd_bench)
 
     from streamrt.apps.demo import add_arguments as demo_arguments

@@ -61,10 +61,16 @@ def run_bench(args: argparse.Namespace) -> int:
         from streamrt.apps.bench.gen import bench_gen
 
         return bench_gen(args)
+    if args.suite == "serve":
+        from streamrt.apps.bench.serve import bench_serve
+
+        return bench_serve(args)
     if args.suite == "qa":
         from streamrt.apps.bench.qa import bench_qa
 
         return bench_qa(args)
     from streamrt.errors import InputError
 
-    raise InputError(f"unknown bench suite {args.suite!r}: cache, gen, quality, qa or pipeline")
+    raise InputError(
+        f"unknown bench suite {args.suite!r}: cache, gen, quality, qa, pipeline or serve"
+    )

@@ -17,6 +17,7 @@ import threading
 import time
 import warnings
 from collections import Counter
+from collections.abc import Sequence as SequenceABC
 from typing import Any
 
 import torch
@@ -401,6 +402,29 @@ class CacheManager(TierMoves):
         lengths = torch.tensor(plan.lengths, device=pool.device)
         valid = torch.arange(spec.tokens_per_block, device=pool.device)[None, :] < lengths[:, None]
         return k[valid].reshape(shape), v[valid].reshape(shape)
+
+    def device_ids(
+        self, seq: Sequence, indices: SequenceABC[int], write: bool = False
+    ) -> list[int]:
+        """Pool page ids of device blocks `indices` of `seq`, for indexed reads and writes
+        of many sequences' blocks at once (`device_table`). With `write`, stale disk copies
+        of those blocks are dropped first (as `kv` does)."""
+        blocks = [seq.table[i] for i in indices]
+        off = [b.index for b in blocks if b.tier != DEVICE]
+        if off:
+            raise CacheError(
+                f"blocks {off} of {seq.seq_id!r} are not on the device; fetch them first"
+            )
+        if write:
+            for b in blocks:
+                if b.disk_key is not None:
+                    self.kv(b)
+        return [b.block_id for b in blocks]
+
+    def device_table(self, spec: KVSpec) -> torch.Tensor:
+        """The device pool seen as `[pages, 2, layers, tokens, heads, head_dim]` of `spec`:
+        index it with `device_ids` (one read or write for every row of a batch)."""
+        return self._pool(DEVICE).typed(spec)
 
     def write_layer(
         self, seq: Sequence, indices: list[int], layer: int, k: torch.Tensor, v: torch.Tensor

@@ -47,8 +47,6 @@ class RowContext:
     """Kept blocks (the written ones included) and their positions."""
     query_frames: torch.Tensor
     """RoPE frame position of each input frame, `[num_frames]`."""
-    rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    """(q_cos, q_sin, k_cos, k_sin), filled by `ForwardContext.prepare`."""
 
 
 @dataclass
@@ -69,16 +67,80 @@ class ForwardContext:
     local: list[int] | None = None
     """Indices into `rows` of the batch's rows (parallel only; padded with dummies)."""
 
+    batch: BatchLayout | None = None
+    """Index tensors, RoPE tables and mask shared by every layer (`prepare`)."""
+
     def prepare(self, rope: torch.nn.Module, tokens_per_frame: int) -> None:
-        """Build the RoPE tables once per forward (shared by every layer)."""
-        h, w = self.grid
-        for row in self.rows:
-            frames = torch.tensor(
-                [s // tokens_per_frame for s in row.plan.starts], dtype=torch.long
-            )
-            k_tab = wan_rope_halves(*wan_rope_cos_sin(rope, frames, h, w))
-            q_tab = wan_rope_halves(*wan_rope_cos_sin(rope, row.query_frames, h, w))
-            row.rope = (*q_tab, *k_tab)
+        """Everything the layers share, built once per forward (`BatchLayout`)."""
+        self.batch = BatchLayout.build(self, rope, tokens_per_frame)
+
+
+@dataclass
+class BatchLayout:
+    """What every layer of one forward reads: per layer, the K/V of all rows are written
+    with one indexed write and the kept K/V of all rows read with one indexed read of the
+    cache's device pool; rows keeping fewer blocks are padded (with a valid page) and
+    masked. RoPE tables are per row, at the positions its plan assigns."""
+
+    table: torch.Tensor
+    """The device pool, `[pages, 2, layers, tokens_per_block, heads, head_dim]`."""
+    write_ids: torch.Tensor
+    """Pages receiving the forward's frames, every row's in row order `[rows * frames]`."""
+    read_ids: torch.Tensor
+    """Pages each computed row attends to, padded `[local rows, most kept blocks]`."""
+    lengths: list[int]
+    """Kept tokens per computed row."""
+    mask: torch.Tensor | None
+    """`[rows, 1, 1, keys]`, True on real keys; None when no row is padded."""
+    q_rope: tuple[torch.Tensor, torch.Tensor]
+    """cos/sin halves for the queries `[rows, q_tokens, 1, head_dim / 2]`."""
+    k_rope: tuple[torch.Tensor, torch.Tensor]
+    """cos/sin halves for the kept keys `[rows, keys, 1, head_dim / 2]`."""
+
+    @classmethod
+    def build(cls, ctx: ForwardContext, rope: torch.nn.Module, tpf: int) -> BatchLayout:
+        h, w = ctx.grid
+        seq = ctx.rows[0].seq
+        manager, spec = seq.manager, seq.spec
+        if any(r.seq.spec != spec or r.seq.manager is not manager for r in ctx.rows):
+            raise RuntimeError("rows of one forward must share a cache manager and KV layout")
+        table = manager.device_table(spec)
+        write = [i for r in ctx.rows for i in manager.device_ids(r.seq, r.write, write=True)]
+        local = ctx.rows if ctx.local is None else [ctx.rows[j] for j in ctx.local]
+        reads, q_tabs, k_tabs = [], [], []
+        for row in local:
+            plan = row.plan
+            if any(n != spec.tokens_per_block for n in plan.lengths):
+                raise RuntimeError("generation blocks hold one whole latent frame each")
+            reads.append(manager.device_ids(row.seq, plan.indices))
+            frames = torch.tensor([s // tpf for s in plan.starts], dtype=torch.long)
+            k_tabs.append(wan_rope_halves(*wan_rope_cos_sin(rope, frames, h, w)))
+            q_tabs.append(wan_rope_halves(*wan_rope_cos_sin(rope, row.query_frames, h, w)))
+        most = max(len(r) for r in reads)
+        device = table.device
+        read_ids = torch.tensor([r + [r[0]] * (most - len(r)) for r in reads], device=device)
+        lengths = [len(r) * spec.tokens_per_block for r in reads]
+        keys = most * spec.tokens_per_block
+        mask = None
+        if min(lengths) < keys:
+            kept = torch.tensor(lengths, device=device)[:, None]
+            mask = (torch.arange(keys, device=device)[None] < kept)[:, None, None, :]
+
+        def stacked(tabs: list[tuple[torch.Tensor, torch.Tensor]]):
+            def pad(t: torch.Tensor) -> torch.Tensor:
+                return torch.nn.functional.pad(t, (0, 0, 0, 0, 0, keys - t.shape[0]))
+
+            return tuple(torch.stack([pad(t) for t in part]) for part in zip(*tabs))
+
+        return cls(
+            table,
+            torch.tensor(write, device=device),
+            read_ids,
+            lengths,
+            mask,
+            tuple(torch.stack(part) for part in zip(*q_tabs)),
+            stacked(k_tabs),
+        )
 
 
 @dataclass
@@ -125,66 +187,38 @@ class StreamingSelfAttention:
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
     ):
         ctx = self.state.context()
+        batch = ctx.batch
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
-        keys, values, queries = [], [], []
-        rows = ctx.rows
-        all_keys, all_values = key, value
-        if ctx.parallel is not None:  # this rank holds rows ctx.local; share their K/V
-            all_keys = ctx.parallel.gather(key, len(rows))
-            all_values = ctx.parallel.gather(value, len(rows))
-            rows = [ctx.rows[j] for j in ctx.local]
+        if ctx.parallel is not None:  # this rank holds rows ctx.local; every rank writes all
+            key_all = ctx.parallel.gather(key, len(ctx.rows))
+            value_all = ctx.parallel.gather(value, len(ctx.rows))
+        else:
+            key_all, value_all = key, value
         # Every row writes before any row reads: rows that share a sequence (stream batch)
         # all see the K/V this forward computed for the frames in flight.
-        for b, row in enumerate(ctx.rows):
-            if row.write:
-                row.seq.write_layer(row.write, self.layer, all_keys[b], all_values[b])
-        for b, row in enumerate(rows):
-            k, v = row.seq.gather(self.layer, row.plan)
-            q_cos, q_sin, k_cos, k_sin = row.rope
-            queries.append(apply_wan_rope(query[b], q_cos, q_sin, halves=True))
-            keys.append(apply_wan_rope(k.to(query.dtype), k_cos, k_sin, halves=True))
-            values.append(v.to(query.dtype))
-        out = _attend_rows(queries, keys, values)
+        table = batch.table
+        block = table.shape[3:]
+        table[batch.write_ids, 0, self.layer] = key_all.reshape(-1, *block).to(table.dtype)
+        table[batch.write_ids, 1, self.layer] = value_all.reshape(-1, *block).to(table.dtype)
+        rows = batch.read_ids.shape[0]
+        k = table[batch.read_ids, 0, self.layer].reshape(rows, -1, *block[1:]).to(query.dtype)
+        v = table[batch.read_ids, 1, self.layer].reshape(rows, -1, *block[1:]).to(query.dtype)
+        query = apply_wan_rope(query, *batch.q_rope, halves=True)
+        k = apply_wan_rope(k, *batch.k_rope, halves=True)
+        out = attend(query, k, v, mask=batch.mask)
         if ctx.scores is not None:
-            importance = _key_importance(queries, keys)
+            importance = torch.einsum("bqhd,bkhd->bk", query.float(), k.float())
             if ctx.parallel is not None:
                 importance = ctx.parallel.gather(importance, len(ctx.rows))
-            ctx.scores[self.layer] = importance
+            lengths = batch.lengths
+            if ctx.parallel is not None:
+                lengths = [len(r.plan.indices) * block[0] for r in ctx.rows]
+            ctx.scores[self.layer] = [s[:n] for s, n in zip(importance, lengths)]
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
-
-
-def _attend_rows(
-    queries: list[torch.Tensor], keys: list[torch.Tensor], values: list[torch.Tensor]
-) -> torch.Tensor:
-    """Attention of every row in one call: `[B, q, heads, dim]`. Rows keeping different
-    numbers of tokens are padded to the longest and masked."""
-    lengths = [k.shape[0] for k in keys]
-    longest = max(lengths)
-    if min(lengths) == longest:  # same layout: one batched call
-        return attend(torch.stack(queries), torch.stack(keys), torch.stack(values))
-
-    def padded(ts: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(
-            [torch.nn.functional.pad(t, (0, 0, 0, 0, 0, longest - len(t))) for t in ts]
-        )
-
-    q = torch.stack(queries)
-    kept = (
-        torch.arange(longest, device=q.device)[None]
-        < torch.tensor(lengths, device=q.device)[:, None]
-    )
-    return attend(q, padded(keys), padded(values), mask=kept[:, None, None, :])
-
-
-def _key_importance(queries: list[torch.Tensor], keys: list[torch.Tensor]) -> torch.Tensor:
-    """Per kept token `j`: `sum_r q_r . k_j` over the forward's queries and heads (Deep Forcing)."""
-    return torch.stack(
-        [torch.einsum("qhd,khd->k", q.float(), k.float()) for q, k in zip(queries, keys)]
-    )
 
 
 class CachedCrossAttention:

@@ -11,7 +11,6 @@ from test_gen_exactness import streamed_forward
 
 from conftest import SMALL, make_manager
 from streamrt.cache import DEVICE, make_policy
-from streamrt.gen.attention import _key_importance
 from streamrt.kernels import apply_rope, sdpa
 from streamrt.models.wan import build_wan, tiny_wan_config
 
@@ -240,7 +239,8 @@ def test_participative_selection_follows_query_key_scores(target, other):
         scores = {}
         for layer in range(SMALL.num_layers):
             k, _ = seq.gather(layer, plan)
-            scores[layer] = _key_importance([q], [apply_rope(k, plan.token_positions())])
+            keys = apply_rope(k, plan.token_positions())
+            scores[layer] = [torch.einsum("qhd,khd->k", q.float(), keys.float())]
         seq.policy.observe_scores(seq, plan, scores)
     kept = seq.plan().indices
     assert evicted[0] == 3  # anti-aligned keys: the first candidate to go

@@ -1,0 +1,285 @@
+"""`streamrt bench serve`: the runtime serving many streams, against baselines in the same run.
+
+    concurrency  1, 2, 4 and 8 streams at once on one runtime (their forwards batched),
+                 against the same streams run one after another: aggregate and per-stream
+                 fps. Aim: 8 batched streams >= 2x the aggregate fps of one stream.
+    deadlines    a bursty arrival trace (replayable from JSON) served by the deadline
+                 scheduler (admission control, most urgent first, streams ahead of playout
+                 wait) and by first-come-first-served: SLO attainment (share of frames ready
+                 by their playout time) and p99 inter-frame gap as a viewer sees them.
+                 Aim: where FCFS meets < 50% of deadlines, the scheduler meets >= 90% for
+                 the streams it admits. A plot shows each stream's slack over time.
+
+The trace is sized from the machine: a stream's measured load at the trace's fps says
+how many streams fit (`capacity`); the bursts bring about twice that many.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from streamrt.apps.bench import print_table, write_json
+
+PROMPTS = [
+    "a red circle moving right on a dark background",
+    "a blue square moving up on a light background",
+    "a green triangle moving left on a striped background",
+    "a yellow circle moving down on a checkered background",
+]
+console = Console(stderr=True)
+
+
+def _runtime(args: argparse.Namespace, **runtime: Any):
+    from streamrt.config import RuntimeConfig
+    from streamrt.runtime import Runtime
+
+    return Runtime(args.model, config=args.config, runtime=RuntimeConfig(**runtime), qa=False)
+
+
+# ---------------------------------------------------------------------- concurrency
+
+
+def _concurrency(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rt = _runtime(args, admission=False, ahead_s=1e9, max_batch=max(args.streams))
+    rows = []
+    try:
+        list(rt.open_stream(PROMPTS[0], num_frames=args.frames).frames())  # warm-up
+        for n in args.streams:
+            console.print(f"concurrency: {n} stream(s) batched, then one after another")
+            batched, per_stream = _batched(rt, n, args.frames)
+            sequential = _sequential(rt, n, args.frames)
+            rows.append(
+                {
+                    "streams": n,
+                    "batched fps (all)": batched,
+                    "per-stream fps": per_stream,
+                    "one after another fps (all)": sequential,
+                    "batched / sequential": batched / sequential,
+                }
+            )
+    finally:
+        rt.close()
+    base = rows[0]["batched fps (all)"]
+    for row in rows:
+        row["vs 1 stream"] = row["batched fps (all)"] / base
+    return rows
+
+
+def _batched(rt, n: int, frames: int) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    handles = [rt.open_stream(PROMPTS[i % 4], num_frames=frames, seed=i) for i in range(n)]
+    done: dict[str, float] = {}
+    pending = {h.id: h.frames() for h in handles}
+    while pending:  # read round-robin; the reader drives the runtime's steps
+        for key in list(pending):
+            try:
+                next(pending[key])
+            except StopIteration:
+                done[key] = time.perf_counter() - t0
+                del pending[key]
+    total = time.perf_counter() - t0
+    per_stream = sum(frames / s for s in done.values()) / n
+    return n * frames / total, per_stream
+
+
+def _sequential(rt, n: int, frames: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(n):
+        list(rt.open_stream(PROMPTS[i % 4], num_frames=frames, seed=i).frames())
+    return n * frames / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------- deadlines
+
+
+def make_trace(capacity: float, fps: float, seconds: float, seed: int = 0) -> list[dict]:
+    """Bursts of arrivals: at 0 s about twice what fits, then smaller bursts every third of
+    the run, each stream lasting half the run."""
+    import random
+
+    rng = random.Random(seed)
+    per_burst = [max(2, round(2 * capacity))] + [max(1, round(capacity))] * 2
+    trace = []
+    for burst, count in enumerate(per_burst):
+        start = burst * seconds / 3
+        for _ in range(count):
+            trace.append(
+                {
+                    "t": round(start + rng.uniform(0, 0.3), 3),
+                    "prompt": PROMPTS[len(trace) % 4],
+                    "seed": len(trace),
+                    "fps": fps,
+                    "num_frames": int(fps * seconds / 2),
+                }
+            )
+    return sorted(trace, key=lambda a: a["t"])
+
+
+def replay(rt, trace: list[dict], limit_s: float) -> dict[str, Any]:
+    """Open the trace's streams at their times on a started runtime; sample every stream's
+    slack; wait until every admitted stream ended (or `limit_s`)."""
+    from streamrt.runtime import AdmissionError
+
+    rt.start()
+    t0 = time.perf_counter()
+    handles, refused, samples = [], 0, []
+    pending = list(trace)
+    readers = []
+    while time.perf_counter() - t0 < limit_s:
+        now = time.perf_counter() - t0
+        while pending and pending[0]["t"] <= now:
+            a = pending.pop(0)
+            try:
+                h = rt.open_stream(
+                    a["prompt"], num_frames=a["num_frames"], fps=a["fps"], seed=a["seed"]
+                )
+            except AdmissionError:
+                refused += 1
+                continue
+            handles.append(h)
+            reader = threading.Thread(target=lambda h=h: sum(1 for _ in h.frames()), daemon=True)
+            reader.start()
+            readers.append(reader)
+        stats = rt.stats()
+        live = {**stats["finished"], **stats["streams"]}
+        samples.append(
+            (
+                now,
+                {
+                    h.id: live[h.id]["slack_s"]
+                    for h in handles
+                    if live.get(h.id, {}).get("state") == "running"
+                },
+            )
+        )
+        if not pending and all(h.done for h in handles):
+            break
+        time.sleep(0.1)
+    rt.close()
+    lives = [h._live for h in handles]
+    frames = sum(s.playout.frames for s in lives)
+    on_time = sum(s.playout.on_time for s in lives)
+    gaps = sorted(g for s in lives for g in s.playout.gaps)
+    p99 = gaps[min(len(gaps) - 1, math.ceil(0.99 * len(gaps)) - 1)] if gaps else float("nan")
+    return {
+        "arrived": len(trace),
+        "admitted": len(handles),
+        "refused": refused,
+        "frames": frames,
+        "slo_attainment": on_time / frames if frames else float("nan"),
+        "gap_p99_s": p99,
+        "wall_s": time.perf_counter() - t0,
+        "samples": samples,
+    }
+
+
+def _deadlines(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    probe = _runtime(args)
+    probe.calibrate()
+    h = probe.open_stream(PROMPTS[0], fps=args.fps)
+    capacity = probe.config.headroom / probe.scheduler.load([h._live])
+    probe.close()
+    if args.trace and Path(args.trace).exists():
+        trace = json.loads(Path(args.trace).read_text())
+        console.print(f"trace: {len(trace)} arrivals from {args.trace}")
+    else:
+        trace = make_trace(capacity, args.fps, args.seconds)
+        if args.trace:
+            Path(args.trace).write_text(json.dumps(trace, indent=1))
+            console.print(f"wrote the trace to {args.trace}")
+    limit = max(a["t"] for a in trace) + 4 * args.seconds
+    results = {}
+    for kind in ("fcfs", "deadline"):
+        console.print(f"deadlines: replaying {len(trace)} arrivals with the {kind} scheduler")
+        results[kind] = replay(_runtime(args, scheduler=kind), trace, limit)
+    rows = [
+        {
+            "scheduler": kind,
+            "arrived": r["arrived"],
+            "admitted": r["admitted"],
+            "refused": r["refused"],
+            "SLO attainment (admitted)": r["slo_attainment"],
+            "gap p99 (s)": r["gap_p99_s"],
+            "frames": r["frames"],
+        }
+        for kind, r in results.items()
+    ]
+    meta = {"capacity_streams": capacity, "fps": args.fps, "trace": trace, "results": results}
+    return rows, meta
+
+
+def _plot(path: str, results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), sharey=True)
+    for ax, (kind, r) in zip(axes, results.items()):
+        ids = sorted({k for _, s in r["samples"] for k in s}, key=lambda k: int(k[1:]))
+        for k in ids:
+            pts = [(t, s[k]) for t, s in r["samples"] if k in s]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_title(f"{kind}: slack per stream (< 0: late)")
+        ax.set_xlabel("time (s)")
+    axes[0].set_ylabel("slack (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    console.print(f"wrote {path}")
+
+
+def bench_serve(args: argparse.Namespace) -> int:
+    payload: dict[str, Any] = {"model": args.model}
+    conc = _concurrency(args)
+    payload["concurrency"] = conc
+    print_table(
+        f"{args.frames} frames per stream, batched on one runtime vs one after another",
+        conc,
+        list(conc[0]),
+    )
+    rows, meta = _deadlines(args)
+    payload["deadlines"] = {k: v for k, v in meta.items() if k != "results"}
+    payload["deadlines"]["rows"] = rows
+    print_table(
+        f"bursty arrivals at {args.fps:g} fps (capacity ~{meta['capacity_streams']:.1f} streams)",
+        rows,
+        list(rows[0]),
+    )
+    eight = next((r for r in conc if r["streams"] == max(args.streams)), conc[-1])
+    fcfs, dl = (meta["results"][k] for k in ("fcfs", "deadline"))
+    aims = [
+        {
+            "measure": f"{eight['streams']} batched streams vs 1 (aggregate fps)",
+            "value": eight["vs 1 stream"],
+            "aim": ">= 2",
+        },
+        {
+            "measure": "FCFS SLO attainment",
+            "value": fcfs["slo_attainment"],
+            "aim": "< 0.5 (overload)",
+        },
+        {
+            "measure": "deadline scheduler SLO attainment (admitted)",
+            "value": dl["slo_attainment"],
+            "aim": ">= 0.9",
+        },
+    ]
+    payload["aims"] = aims
+    print_table("aims", aims, ["measure", "value", "aim"])
+    if args.plot:
+        _plot(args.plot, meta["results"])
+    for r in meta["results"].values():
+        r["samples"] = [(t, s) for t, s in r["samples"]]
+    payload["deadlines"]["results"] = meta["results"]
+    write_json(args.json, payload)
+    return 0
