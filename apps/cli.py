@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--streams", type=count_list, default=[1, 2, 4, 8], help="concurrent streams (1,2,4,8)"
     )
     serve_b.add_argument("--frames", type=count(3), default=48, help="frames per stream (48)")
+    serve_b.add_argument("--size", type=size, default="64x64", help="frame size WIDTHxHEIGHT")
     serve_b.add_argument("--fps", type=positive, default=16.0, help="playout fps of the trace")
     serve_b.add_argument(
         "--seconds", type=positive, default=12.0, help="length of the arrival trace (12)"

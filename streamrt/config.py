@@ -319,6 +319,13 @@ class RuntimeConfig:
     queue_s: float = 0.0
     """How long a stream that does not fit waits for room before it is refused; 0: at once."""
 
+    suspend_late_s: float = 1.0
+    """Overload's last resort (deadline scheduler): when the most urgent stream is this many
+    seconds late, the lowest-priority stream (the latest among equals) is suspended: its
+    KV moves to the host tier and its playout clock stops; it resumes, KV back on the
+    device, bit-exact, when admission control has room for it again. At most one change
+    per this many seconds. 0: never suspend."""
+
     max_streams: int = 64
     """Most live generation streams and QA sessions, each."""
 
@@ -334,7 +341,7 @@ class RuntimeConfig:
             raise InputError(f"runtime.max_batch must be >= 1, got {self.max_batch}")
         if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
             raise InputError(f"runtime.fps must be a number > 0 or null, got {self.fps}")
-        for name in ("ttff_s", "ahead_s", "queue_s"):
+        for name in ("ttff_s", "ahead_s", "queue_s", "suspend_late_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise InputError(f"runtime.{name} must be a number >= 0, got {value}")

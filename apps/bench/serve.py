@@ -41,7 +41,17 @@ def _runtime(args: argparse.Namespace, **runtime: Any):
     from streamrt.config import RuntimeConfig
     from streamrt.runtime import Runtime
 
-    return Runtime(args.model, config=args.config, runtime=RuntimeConfig(**runtime), qa=False)
+    from streamrt.apps.arguments import parse_size
+
+    width, height = parse_size(args.size)
+    return Runtime(
+        args.model,
+        config=args.config,
+        runtime=RuntimeConfig(**runtime),
+        qa=False,
+        height=height,
+        width=width,
+    )
 
 
 # ---------------------------------------------------------------------- concurrency
@@ -239,11 +249,12 @@ def _plot(path: str, results: dict[str, Any]) -> None:
 
 
 def bench_serve(args: argparse.Namespace) -> int:
-    payload: dict[str, Any] = {"model": args.model}
+    payload: dict[str, Any] = {"model": args.model, "size": args.size}
     conc = _concurrency(args)
     payload["concurrency"] = conc
     print_table(
-        f"{args.frames} frames per stream, batched on one runtime vs one after another",
+        f"{args.frames} frames per stream at {payload['size']}, batched on one runtime vs one "
+        "after another",
         conc,
         list(conc[0]),
     )

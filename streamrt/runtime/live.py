@@ -56,6 +56,9 @@ class LiveStream:
         self.next_prompt: str | None = None
         self.done = False
         self.suspended = False
+        """Set by the scheduler: no new chunk starts (see `RuntimeConfig.suspend_late_s`)."""
+        self.offloaded = False
+        """Its KV blocks are on the host tier (moved at the chunk boundary after suspension)."""
         self.error: BaseException | None = None
         self.forwards = 0
         self.chunks = 0

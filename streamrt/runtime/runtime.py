@@ -118,7 +118,16 @@ class Runtime:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self.counters = {"steps": 0, "forwards": 0, "rows": 0, "refused": 0, "encoded": 0}
+        self.counters = {
+            "steps": 0,
+            "forwards": 0,
+            "rows": 0,
+            "refused": 0,
+            "suspended": 0,
+            "resumed": 0,
+            "encoded": 0,
+        }
+        self._last_change = 0.0
 
     # ------------------------------------------------------------------ streams
 
@@ -184,6 +193,21 @@ class Runtime:
             self.calibrate()
         running = [s for s in self.streams.values() if not s.suspended]
         fits, load = self.scheduler.admits(running, live)
+        if not fits and needs_room:  # room from lower-priority streams, lowest first
+            lower = sorted(
+                (s for s in running if s.priority < live.priority),
+                key=lambda s: (s.priority, -s.arrival),
+            )
+            make_room = []
+            for victim in lower:
+                make_room.append(victim)
+                rest = [s for s in running if s not in make_room]
+                if self.scheduler.admits(rest, live)[0]:
+                    now = time.perf_counter()
+                    for s in make_room:
+                        self._suspend(s, now)
+                    running, fits = rest, True
+                    break
         if fits or not running:  # alone it has nobody to slow down: always admitted
             self.streams[live.id] = live
             return
@@ -213,6 +237,52 @@ class Runtime:
                 )
                 live.gen.close()
                 self._retire(live)
+
+    # ------------------------------------------------------------------ overload
+
+    def _suspend(self, live: LiveStream, now: float) -> None:
+        live.suspended = True
+        live.playout.pause(now)
+        self._last_change = now
+        self.counters["suspended"] += 1
+
+    def _resume(self, live: LiveStream, now: float) -> None:
+        if live.offloaded:
+            for seq in live.gen.seqs:
+                for transfer in self.cache.fetch(seq, list(seq.table)):
+                    transfer.wait()
+            live.offloaded = False
+        live.suspended = False
+        live.playout.resume(now)
+        self._last_change = now
+        self.counters["resumed"] += 1
+
+    def _rebalance(self, now: float) -> None:
+        """Overload's degrade order: suspend the lowest-priority stream when the most urgent
+        is `suspend_late_s` late; resume suspended streams (highest priority first) when
+        admission control has room; move a suspended stream's KV to the host at its chunk
+        boundary."""
+        for live in self.streams.values():
+            if live.suspended and not live.offloaded and live.at_boundary:
+                for seq in live.gen.seqs:
+                    for transfer in self.cache.offload(seq, list(seq.table)):
+                        transfer.wait()
+                live.offloaded = True
+        late_s = self.config.suspend_late_s
+        if self.config.scheduler != "deadline" or not late_s or now - self._last_change < late_s:
+            return
+        running = [s for s in self.streams.values() if not s.suspended and not s.done]
+        if len(running) > 1 and min(s.playout.slack(now) for s in running) < -late_s:
+            self._suspend(min(running, key=lambda s: (s.priority, -s.arrival)), now)
+            return
+        waiting = sorted(
+            (s for s in self.streams.values() if s.suspended and not s.done),
+            key=lambda s: (-s.priority, s.arrival),
+        )
+        for live in waiting:
+            if self.scheduler.admits(running, live)[0]:
+                self._resume(live, now)
+                return
 
     def stream(self, stream_id: str) -> StreamHandle:
         return StreamHandle(self, self._live(stream_id))
@@ -324,6 +394,7 @@ class Runtime:
         with self.lock:
             now = time.perf_counter()
             self._admit_waiting(now)
+            self._rebalance(now)
             ready = self.scheduler.ready(list(self.streams.values()), now)
             for live in ready:
                 if live.at_boundary:
@@ -384,8 +455,8 @@ class Runtime:
             for s in self.streams.values()
             if not s.done and not s.suspended
         ]
-        if self._waiting:
-            waits.append(0.05)
+        if self._waiting or any(s.suspended for s in self.streams.values()):
+            waits.append(0.05)  # look again for room
         return max(min(waits, default=0.1), 0.001)
 
     def _encode_estimate(self) -> float:

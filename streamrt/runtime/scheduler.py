@@ -88,7 +88,8 @@ class Scheduler:
     # ------------------------------------------------------------------ per step
 
     def ready(self, streams: list[LiveStream], now: float) -> list[LiveStream]:
-        live = [s for s in streams if not s.done and not s.suspended]
+        # A suspended stream still finishes the chunk it is in (then its KV can move).
+        live = [s for s in streams if not s.done and (not s.suspended or s.pending is not None)]
         if self.config.scheduler == "fcfs":
             return live
         return [

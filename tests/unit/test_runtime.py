@@ -269,6 +269,49 @@ def test_a_queued_stream_starts_when_room_frees():
         runtime.close()
 
 
+def test_a_higher_priority_stream_suspends_a_lower_one_which_resumes_bit_exactly():
+    runtime = Runtime("tiny-random", runtime=RuntimeConfig(headroom=0.5, suspend_late_s=0.2))
+    try:
+        fps = _fps_for_share(runtime, 0.4)
+        low = runtime.open_stream(PROMPTS[0], fps=fps, num_frames=12, priority=0)
+        seen = _record_latents(low)
+        frames = low.frames()
+        for _ in range(3):
+            next(frames)
+        high = runtime.open_stream(PROMPTS[1], fps=fps, num_frames=6, priority=1)
+        assert runtime.stream_stats(low.id)["state"] == "suspended"
+        runtime.step()  # at its chunk boundary: the suspended stream's KV leaves the device
+        seqs = low._live.gen.seqs
+        assert all(b.tier == "host" for seq in seqs for b in seq.table.values())
+        assert len(list(high.frames())) == 6
+        rest = list(frames)  # room again: it resumes, its KV back on the device
+        assert len(rest) == 9
+        assert runtime.counters["suspended"] == 1 and runtime.counters["resumed"] == 1
+        solo = _solo(runtime, PROMPTS[0], 4)
+        for a, b in zip(seen, solo, strict=True):
+            assert torch.equal(a, b)
+    finally:
+        runtime.close()
+
+
+def test_sustained_lateness_suspends_the_lowest_priority_stream():
+    runtime = Runtime("tiny-random", runtime=RuntimeConfig(admission=False, suspend_late_s=0.5))
+    try:
+        a = runtime.open_stream(PROMPTS[0], priority=1)
+        b = runtime.open_stream(PROMPTS[1], priority=0)
+        c = runtime.open_stream(PROMPTS[2], priority=0)
+        for h in (a, b, c):
+            h._live.playout.opened -= 10  # ten seconds behind
+        runtime.step()
+        assert [runtime.stream_stats(h.id)["state"] for h in (a, b, c)] == [
+            "running",
+            "running",
+            "suspended",
+        ]
+    finally:
+        runtime.close()
+
+
 # ---------------------------------------------------------------------- QA
 
 
