@@ -38,10 +38,9 @@ console = Console(stderr=True)
 
 
 def _runtime(args: argparse.Namespace, **runtime: Any):
+    from streamrt.apps.arguments import parse_size
     from streamrt.config import RuntimeConfig
     from streamrt.runtime import Runtime
-
-    from streamrt.apps.arguments import parse_size
 
     width, height = parse_size(args.size)
     return Runtime(
