@@ -316,8 +316,9 @@ class RuntimeConfig:
     headroom: float = 0.85
     """Share of the measured capacity that admission control gives out."""
 
-    queue_s: float = 0.0
-    """How long a stream that does not fit waits for room before it is refused; 0: at once."""
+    queue_s: float = 10.0
+    """How long a stream that does not fit waits for room (state "waiting") before it fails
+    with `AdmissionError`; 0: refused at once."""
 
     suspend_late_s: float = 1.0
     """Overload's last resort (deadline scheduler): when the most urgent stream is this many

@@ -208,7 +208,7 @@ def _deadlines(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str
     results = {}
     for kind in ("fcfs", "deadline"):
         console.print(f"deadlines: replaying {len(trace)} arrivals with the {kind} scheduler")
-        results[kind] = replay(_runtime(args, scheduler=kind), trace, limit)
+        results[kind] = replay(_runtime(args, scheduler=kind, queue_s=0), trace, limit)
     rows = [
         {
             "scheduler": kind,

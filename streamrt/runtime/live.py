@@ -55,6 +55,8 @@ class LiveStream:
         self.pending: ForwardRequest | None = None
         self.next_prompt: str | None = None
         self.done = False
+        self.waiting = False
+        """Queued by admission control until there is room (`RuntimeConfig.queue_s`)."""
         self.suspended = False
         """Set by the scheduler: no new chunk starts (see `RuntimeConfig.suspend_late_s`)."""
         self.offloaded = False
@@ -159,6 +161,8 @@ class LiveStream:
             if self.done
             else "suspended"
             if self.suspended
+            else "waiting"
+            if self.waiting
             else "running",
         )
         if self.error is not None:

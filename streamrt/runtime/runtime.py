@@ -212,6 +212,7 @@ class Runtime:
             self.streams[live.id] = live
             return
         if self.config.queue_s > 0:
+            live.waiting = True
             live.playout.pause(time.perf_counter())
             self._waiting.append((live, time.perf_counter() + self.config.queue_s))
             return
@@ -227,6 +228,7 @@ class Runtime:
             running = [s for s in self.streams.values() if not s.suspended]
             if not running or self.scheduler.admits(running, live)[0]:
                 self._waiting.remove((live, until))
+                live.waiting = False
                 live.playout.resume(now)
                 self.streams[live.id] = live
             elif now > until:
@@ -280,7 +282,7 @@ class Runtime:
             key=lambda s: (-s.priority, s.arrival),
         )
         for live in waiting:
-            if self.scheduler.admits(running, live)[0]:
+            if not running or self.scheduler.admits(running, live)[0]:
                 self._resume(live, now)
                 return
 
