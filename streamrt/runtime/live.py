@@ -92,7 +92,8 @@ class LiveStream:
         for i, frame in enumerate(frames):
             self.out.put(frame)
             for session in self.watchers:
-                session.push(frame, (first + i) / self.playout.fps)
+                if (first + i) % session.stride == 0:
+                    session.push(frame, (first + i) / self.playout.fps)
 
     def start_chunk(self) -> None:
         """Leave the chunk boundary: `pending` becomes the next chunk's first forward."""

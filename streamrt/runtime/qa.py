@@ -23,7 +23,7 @@ import numpy as np
 
 from streamrt.cache import OutOfBlocksError
 from streamrt.config import QAConfig, RuntimeConfig
-from streamrt.errors import InputError
+from streamrt.errors import InputError, StreamrtError
 from streamrt.qa.video_qa import Answer, VideoQA
 
 if TYPE_CHECKING:
@@ -55,6 +55,10 @@ class QASession:
         self.dropped = 0
         self.fed = 0
         self.source_ended = False
+        self.stride = 1
+        """A watched stream's frames it is fed: every `stride`-th (near the QA model's fps)."""
+        self.error: str | None = None
+        """Why frames were last dropped at encoding (e.g. no room for their blocks)."""
         self.encode_s = 0.0
         """Seconds the last encode batch took per session (the scheduler's estimate)."""
 
@@ -83,6 +87,7 @@ class QASession:
             dropped=self.dropped,
             fed=self.fed,
             priority=self.priority,
+            error=self.error,
         )
         return out
 
@@ -115,15 +120,21 @@ def encode_together(work: list[tuple[QASession, list[tuple[np.ndarray, float | N
     with torch.no_grad():
         embeds = adapter.encode_frames(torch.cat([p for _, p, _ in prepared]))
     start = 0
+    stored = 0
     for session, pixels, times in prepared:
         n = pixels.shape[0]
-        session.qa.store(embeds[start : start + n], times)
-        session.fed += n
+        try:
+            session.qa.store(embeds[start : start + n], times)
+            session.fed += n
+            stored += n
+        except StreamrtError as exc:  # e.g. no room for its blocks: this session drops them
+            session.dropped += n
+            session.error = str(exc)
         start += n
     seconds = time.perf_counter() - t0
     for session, _, _ in prepared:
         session.encode_s = seconds
-    return start
+    return stored
 
 
 class QAHandle:

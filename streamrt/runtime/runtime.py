@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Iterable
@@ -37,6 +38,7 @@ from streamrt.runtime.live import LiveStream, StreamHandle
 from streamrt.runtime.qa import QAHandle, QASession
 from streamrt.runtime.scheduler import Scheduler
 
+logger = logging.getLogger(__name__)
 CALIBRATION_PROMPT = "a red circle moving right on a dark background"
 
 
@@ -126,6 +128,7 @@ class Runtime:
             "suspended": 0,
             "resumed": 0,
             "encoded": 0,
+            "step_errors": 0,
         }
         self._last_change = 0.0
 
@@ -364,7 +367,8 @@ class Runtime:
                 priority,
             )
             self.sessions[session_id] = session
-            if source is not None:
+            if source is not None:  # every k-th frame, near the model's own fps
+                session.stride = max(1, round(source.playout.fps / session.qa.config.fps))
                 source.watchers.append(session)
         return QAHandle(self, session)
 
@@ -522,7 +526,12 @@ class Runtime:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            wait = self.step()
+            try:
+                wait = self.step()
+            except Exception:
+                logger.exception("runtime step failed; the loop goes on")
+                self.counters["step_errors"] += 1
+                wait = 0.05
             if wait > 0:
                 self._wake.wait(min(wait, 0.05))
                 self._wake.clear()
