@@ -436,6 +436,44 @@ def test_v2v_errors_and_disconnect(client):
     wait_for(lambda: cache_use(client) == before, 20, "...until the socket closes")
 
 
+def test_a_browser_img_plays_the_mjpeg_and_closing_the_page_frees_the_stream(client):
+    """Headless Chromium (the system one, as tests/e2e/test_demo_browser.py) shows the MJPEG
+    in an `<img>`; closing the page disconnects, which closes the stream."""
+    import shutil
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing("playwright is not installed (pip install playwright; no browser download)")
+    chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
+    if chromium is None:
+        missing("no Chromium binary (apt: chromium)")
+    before = cache_use(client)
+    stream_id = open_stream(client)  # endless
+    src = f"{client.base_url}/v1/streams/{stream_id}/frames.mjpeg"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.set_content(f'<img id="v" src="{src}">')
+            page.wait_for_function(
+                "document.getElementById('v').naturalWidth === 64", timeout=30_000
+            )
+            wait_for(lambda: stream_stats(client, stream_id)["frames"] >= 8, 30, "no frames")
+            assert stream_stats(client, stream_id)["state"] == "running"
+            page.close()
+        finally:
+            browser.close()
+    wait_for(lambda: stream_stats(client, stream_id)["state"] == "done", 20, "not closed")
+    wait_for(lambda: cache_use(client) == before, 20, "its blocks were not freed")
+
+
+def missing(reason: str) -> None:
+    if os.environ.get("STREAMRT_REQUIRE_E2E") == "1":
+        pytest.fail(f"{reason} (STREAMRT_REQUIRE_E2E=1: the e2e tools must be installed)")
+    pytest.skip(reason)
+
+
 # ---------------------------------------------------------------------- the command
 
 
