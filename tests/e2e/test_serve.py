@@ -355,6 +355,8 @@ def test_qa_session_fed_images_and_a_video(client):
     assert r.status_code == 201, r.text
     session_id = r.json()["id"]
     url = f"/v1/qa/sessions/{session_id}/frames"
+    r = client.post(f"/v1/qa/sessions/{session_id}/ask", json={"question": "what color?"})
+    assert r.status_code == 400 and "no frames" in error_of(r)
     frames = world_frames(16, (96, 72))  # not the model's size: resized
     # 16 frames at 4 fps: 4 s, sampled at the QA model's 2 fps, from 10 s on
     r = client.post(url, content=video_bytes(frames, fps=4), params={"timestamp": 10})
