@@ -147,13 +147,11 @@ def _short(value: Any) -> str:
 
 def error_status(exc: BaseException) -> int:
     """The HTTP status of a streamrt error."""
-    from streamrt.models.text import PromptError
-
     if isinstance(exc, UnknownNameError):
         return 404
     if isinstance(exc, AdmissionError):
         return 503
-    if isinstance(exc, (InputError, PromptError)):
+    if isinstance(exc, InputError):  # PromptError too
         return 400
     return 500  # the machine or the files (a full disk, a broken checkpoint): the operator's
 
