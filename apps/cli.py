@@ -1,4 +1,4 @@
-"""`streamrt` command line: generate, stream, ask, train, bench, demo, config.
+"""`streamrt` command line: generate, stream, ask, train, bench, demo, serve, config.
 
 Every error the user can fix (a `StreamrtError`, or a missing/unreadable path) is printed
 by `main` as one line, `error: <what to fix>`, exit code 2; anything else is a bug: one
@@ -46,6 +46,12 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from streamrt.apps.demo import run
+
+    return run(args)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from streamrt.apps.serve import run
 
     return run(args)
 
@@ -230,6 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the Gradio live demo: generate, stylize webcam, ask")
     demo_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
+
+    # here, not in apps/serve.py: building the parser does not import FastAPI
+    serve = sub.add_parser("serve", help="the runtime over HTTP: streams, MJPEG, QA, v2v socket")
+    serve.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: all)")
+    serve.add_argument("--port", type=count(1, 65535), default=8000)
+    serve.add_argument("--model", default="assets/tiny-world", help="generator dir or tiny-random")
+    serve.add_argument("--qa-model", help="Video-LLM directory (default: assets/tiny-vqa)")
+    serve.add_argument("--config", help="YAML preset (its gen:, cache: and runtime: sections)")
+    serve.set_defaults(func=_cmd_serve)
 
     config = sub.add_parser("config", help="print the effective configuration (defaults + preset)")
     config.add_argument("--config", help="YAML preset from configs/")

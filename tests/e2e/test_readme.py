@@ -6,12 +6,14 @@ a reader would), from a scratch directory so that nothing depends on the reposit
 Shell blocks run line by line through bash in that directory with this venv's `streamrt`
 first on PATH. Two lines are not run as-is: the setup block's install commands (the CI
 runs them verbatim, `.ci/run` is checked to hold the test line; here the installed venv
-runs what follows the install), and `streamrt demo`, a server, which is started, asked for
-its page over HTTP, and stopped.
+runs what follows the install), and the servers, `streamrt demo` and `streamrt serve`, which
+are started, asked for a page over HTTP (the demo's page, the server's `/v1/stats`), and
+stopped.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -73,8 +75,16 @@ def _frames(path: Path) -> int:
         return sum(1 for _ in box.decode(video=0))
 
 
-def _serve_demo(line: str, cwd: Path, env: dict) -> None:
-    port = int(re.search(r"--port (\d+)", line).group(1)) + 17  # a port no real demo holds
+SERVERS = {
+    # a command that serves: the page it is asked for, and what that page must hold
+    "streamrt demo": ("/", lambda body: b"gradio" in body.lower()),
+    "streamrt serve": ("/v1/stats", lambda body: {"streams", "cache"} <= set(json.loads(body))),
+}
+
+
+def _serve(line: str, cwd: Path, env: dict) -> None:
+    path, looks_right = next(v for k, v in SERVERS.items() if line.startswith(k))
+    port = int(re.search(r"--port (\d+)", line).group(1)) + 17  # a port no real server holds
     cmd = shlex.split(line.replace(f"--port {port - 17}", f"--port {port}"))
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -85,11 +95,11 @@ def _serve_demo(line: str, cwd: Path, env: dict) -> None:
         while True:
             assert proc.poll() is None, proc.stdout.read()
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as page:
-                    assert page.status == 200 and b"gradio" in page.read().lower()
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as page:
+                    assert page.status == 200 and looks_right(page.read())
                     return
             except OSError:
-                assert time.monotonic() < deadline, "the demo did not serve its page in 120 s"
+                assert time.monotonic() < deadline, f"{cmd[:2]} did not serve {path} in 120 s"
                 time.sleep(1)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -112,8 +122,8 @@ def test_shell_line_runs(n, scratch):
             assert line in ci.splitlines(), "the README's test command is not what CI runs"
             return
         line = rest.replace(".venv/bin/", "")
-    if line.startswith("streamrt demo"):
-        _serve_demo(line, where, env)
+    if line.startswith(tuple(SERVERS)):
+        _serve(line, where, env)
         return
     proc = subprocess.run(
         ["bash", "-c", line], cwd=where, env=env, capture_output=True, text=True, timeout=600

@@ -96,6 +96,8 @@ def test_regular_install_imports_namespaced_packages(tmp_path):
         timeout=300,
     )
     assert (target / "streamrt" / "kernels" / "__init__.py").exists()
+    assert (target / "streamrt" / "runtime" / "runtime.py").exists()  # `streamrt serve` needs it
+    assert (target / "streamrt" / "apps" / "serve.py").exists()
     assert not (target / "kernels").exists() and not (target / "models").exists()
     assert (target / "streamrt" / "assets" / "tiny-world" / "streamrt.json").is_file()
     assert (target / "streamrt" / "configs" / "rolling-forcing.yaml").is_file()
