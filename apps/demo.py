@@ -5,7 +5,7 @@
     streamrt demo --config PRESET.yaml     # its gen:, cache: and runtime: sections
 
 Every browser tab is served at once by the one `Runtime` (`streamrt.runtime`): a tab's
-Generate is a stream on it (the runtime batches the forwards of every tab's stream), with
+Generate is a stream on it (the runtime batches the forwards of tabs due together), with
 a QA session attached that is fed that stream's frames, so the tab can ask about what is
 being generated; "Ask the video" is a QA session on the same runtime. Every tab's KV lives
 in the runtime's one cache manager. A bad prompt, a broken frame or a full runtime fails

@@ -72,7 +72,6 @@ def test_two_tabs_stream_at_once_on_the_one_runtime(backend):
         except Exception as exc:
             errors.append(exc)
 
-    before = dict(backend.rt.stats()["scheduler"])
     threads = [threading.Thread(target=watch, args=(i, p)) for i, p in enumerate((RED, BLUE))]
     for t in threads:
         t.start()
@@ -82,7 +81,6 @@ def test_two_tabs_stream_at_once_on_the_one_runtime(backend):
     while min(map(len, arrived)) < 24 and time.monotonic() < deadline and not errors:
         time.sleep(0.02)
     streams, sessions = _in_use(backend)
-    after = backend.rt.stats()["scheduler"]
     ids = [tab.stream.id for tab in tabs]
     watchers = [tab.watch.id for tab in tabs]
     for tab in tabs:
@@ -93,8 +91,6 @@ def test_two_tabs_stream_at_once_on_the_one_runtime(backend):
     assert not errors, errors
     assert min(map(len, arrived)) >= 24, f"frames per tab: {list(map(len, arrived))}"
     assert set(ids) <= streams and set(watchers) <= sessions  # both on the one runtime
-    rows, forwards = (after[k] - before[k] for k in ("rows", "forwards"))
-    assert rows > forwards, (rows, forwards)  # forwards that served both tabs at once
     assert not set(ids) & _in_use(backend)[0]  # Stop closed the streams
     for tab in tabs:
         backend.close_session(tab)
