@@ -2,10 +2,15 @@
 
     streamrt demo                          # http://127.0.0.1:7860, embedded tiny models
     streamrt demo --model DIR --port 8000  # a real generator directory
+    streamrt demo --config PRESET.yaml     # its gen:, cache: and runtime: sections
 
-Every browser session gets its own stream on the one shared engine (forwards are
-serialised by the engine's lock, so sessions interleave chunk by chunk). A bad prompt or
-a broken frame fails that session's request with a message; other sessions keep going.
+Every browser tab is served at once by the one `Runtime` (`streamrt.runtime`): a tab's
+Generate is a stream on it (the runtime batches the forwards of tabs due together), with
+a QA session attached that is fed that stream's frames, so the tab can ask about what is
+being generated; "Ask the video" is a QA session on the same runtime. Every tab's KV lives
+in the runtime's one cache manager. A bad prompt, a broken frame or a full runtime fails
+that tab's request with a message; other tabs keep going. A tab that stops or goes away
+closes its stream and sessions.
 
 `DemoBackend` holds everything that is not UI, so it is tested without a browser;
 `build_demo` lays the Gradio blocks over it (tests/e2e drive those with headless Chromium).
@@ -19,13 +24,18 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from streamrt.apps.generate import load_generator
-from streamrt.errors import InputError
+from streamrt.apps.generate import TINY_RANDOM, generator_path
+from streamrt.errors import InputError, UnknownNameError
+
+if TYPE_CHECKING:
+    from streamrt.config import RuntimeConfig
+    from streamrt.qa.video_qa import Answer
+    from streamrt.runtime import QAHandle, StreamHandle
 
 DEFAULT_PROMPT = "a red circle moving right on a dark background"
 QUESTION = "what color was the first shape?"
@@ -46,19 +56,32 @@ def shown(frame: np.ndarray | None) -> np.ndarray | None:
     return frame.repeat(k, axis=0).repeat(k, axis=1) if k > 1 else frame
 
 
+def answer_text(answer: Answer) -> str:
+    """An answer as the demo shows it: the text, the timestamps of the frames it used and
+    its latency, then any warnings (one line each)."""
+    stamps = ", ".join(f"{t:.1f}s" for t in answer.timestamps[:8])
+    if len(answer.timestamps) > 8:
+        stamps += f" … ({len(answer.timestamps)} frames)"
+    text = f"{answer.text}  (frames at {stamps}; {answer.latency_s * 1000:.0f} ms)"
+    return "\n\n".join([text, *(f"⚠ {w}" for w in answer.warnings)])
+
+
 @dataclass
 class Session:
     """One browser tab's live state (kept in a `gr.State`)."""
 
-    prompt_switch: str | None = None
-    """A prompt to switch the running stream to at its next chunk (LongLive re-cache)."""
+    stream: StreamHandle | None = None
+    """The tab's Generate stream on the runtime (None: not generating)."""
+    watch: QAHandle | None = None
+    """The QA session fed `stream`'s frames. It outlives a stopped stream (the user can
+    still ask about it) until the next Start or the tab goes away."""
     frames: int = 0
+    """Frames the Generate panel showed of the current stream."""
     stylizer: LiveStylizer | None = None
-    qa: Any = None
-    """This tab's `VideoQA` memory (opened on the first feed)."""
+    qa: QAHandle | None = None
+    """This tab's "Ask the video" session on the runtime (opened on the first feed)."""
     fed: float = 0.0
-    """Seconds of video in the QA memory."""
-    errors: list[str] = field(default_factory=list)
+    """Seconds of video in the "Ask the video" memory."""
 
 
 class LiveStylizer:
@@ -67,14 +90,20 @@ class LiveStylizer:
     `push(frame)` hands a frame to a worker thread that runs `VideoToVideo` over the
     frames pushed so far; `latest()` is the newest styled frame (None until the first
     chunk is done). One output per input frame, in order, as the engine makes them.
+
+    The stream is on `generator`'s engine. Its KV lives in the engine's cache manager,
+    which is not thread-safe: every call into the stream holds `lock` (the runtime's
+    lock when the engine is a runtime's), let go only while the worker waits for frames.
     """
 
-    def __init__(self, generator, prompt: str, idle_s: float = 10.0) -> None:
+    def __init__(self, generator, prompt: str, idle_s: float = 10.0, lock: Any = None) -> None:
         from streamrt.gen.v2v import VideoToVideo
 
         self.idle_s = idle_s
         """The stream ends (and frees its cache) when no frame came for this long."""
-        self.stream = generator.engine.open_stream(prompt)  # PromptError here, not later
+        self.lock = lock if lock is not None else threading.RLock()
+        with self.lock:
+            self.stream = generator.engine.open_stream(prompt)  # PromptError here, not later
         cfg = generator.engine.config
         self.size = (cfg.width, cfg.height)
         self.inputs: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=64)
@@ -85,11 +114,16 @@ class LiveStylizer:
         self._worker.start()
 
     def _frames(self) -> Iterator[np.ndarray]:
+        """Input frames; called with `lock` held (from inside the stream), which it lets
+        go while it waits, so the runtime's streams run meanwhile."""
         while True:
+            self.lock.release()
             try:
                 frame = self.inputs.get(timeout=self.idle_s)
             except queue.Empty:  # the camera stopped (tab closed, recording ended)
-                return
+                frame = None
+            finally:
+                self.lock.acquire()
             if frame is None:
                 return
             yield frame
@@ -99,14 +133,15 @@ class LiveStylizer:
         return self._worker.is_alive()
 
     def _run(self) -> None:
-        try:
-            for out in self._v2v.run(self._frames()):
-                self.outputs.append(out)
-                del self.outputs[:-4]  # a viewer only needs the newest
-        except Exception as exc:  # reported to this session; the engine keeps serving others
-            self.error = exc
-        finally:
-            self.stream.close()
+        with self.lock:
+            try:
+                for out in self._v2v.run(self._frames()):
+                    self.outputs.append(out)
+                    del self.outputs[:-4]  # a viewer only needs the newest
+            except Exception as exc:  # reported to this session; the engine serves others
+                self.error = exc
+            finally:
+                self.stream.close()
 
     def push(self, frame: np.ndarray) -> None:
         import cv2
@@ -130,53 +165,128 @@ class LiveStylizer:
         self._worker.join(timeout=10)
 
 
+def _close(handle: StreamHandle | QAHandle | None) -> None:
+    """Close a stream or QA session that may have ended or been closed already."""
+    if handle is not None:
+        with contextlib.suppress(UnknownNameError):
+            handle.close()
+
+
 class DemoBackend:
-    """Models and per-session streams behind the demo's buttons."""
+    """The runtime behind the demo's buttons: every tab's streams and QA sessions on it.
+
+    Args:
+        model: Generator directory, or "tiny-random".
+        qa_model: Video-LLM directory (None: the embedded one).
+        realtime: Show generated frames at the stream's fps (a video, not chunk bursts).
+        config: A YAML preset (its gen:, cache: and runtime: sections).
+        runtime: Scheduler settings, over the preset's (admission control, max_streams...).
+    """
 
     def __init__(
-        self, model: str = "assets/tiny-world", qa_model: str | None = None, realtime: bool = True
+        self,
+        model: str = "assets/tiny-world",
+        qa_model: str | None = None,
+        realtime: bool = True,
+        *,
+        config: str | None = None,
+        runtime: RuntimeConfig | None = None,
     ) -> None:
-        self.generator = load_generator(model, None, {})
-        self.qa_model = qa_model
+        from streamrt.runtime import Runtime
+
+        path = model if model == TINY_RANDOM else generator_path(model)
+        self.rt = Runtime(path, qa_model, config, runtime=runtime)
+        self.rt.start()
         self.realtime = realtime
-        """Pace generated frames at the model's fps (a video, not a burst)."""
+        self.tabs: dict[str, Session] = {}
+        """Open browser tabs by Gradio session id (`open_tab`), closed when they go away."""
+        self._lock = threading.Lock()
 
     @property
-    def fps(self) -> int:
-        return self.generator.engine.config.fps
+    def fps(self) -> float:
+        """Playout rate of a generated stream."""
+        return float(self.rt.config.fps or self.rt.engine.config.fps)
+
+    # ------------------------------------------------------------------ Generate
 
     def generate(
         self, prompt: str, session: Session, max_frames: int | None = None
     ) -> Iterator[tuple[np.ndarray, str]]:
-        """Frames of an endless stream for `prompt` and a status line per frame.
+        """Frames of an endless stream of `prompt` on the runtime, each with a status line,
+        as the runtime makes them. The stream is the tab's (a new Start replaces it) and
+        has a QA session attached (`ask_generated`); `stop_generate` ends it.
 
-        `session.prompt_switch` (set by another event) switches the prompt between chunks.
+        Raises `PromptError` (words the model does not know) and `AdmissionError` (the
+        runtime is full) at the first frame.
         """
-        stream = self.generator.engine.open_stream(prompt)  # PromptError: bad words
-        start, current = time.monotonic(), prompt
-        session.frames = 0
+        with self._lock:  # a new Start replaces the tab's stream (first: it takes room)
+            old = (session.stream, session.watch)
+            session.stream = session.watch = None
+        for previous in old:
+            _close(previous)
+        handle = self.rt.open_stream(prompt)
         try:
-            while max_frames is None or session.frames < max_frames:
-                if session.prompt_switch:
-                    current, session.prompt_switch = session.prompt_switch, None
-                    stream.set_prompt(current)
-                for frame in stream.next_frames():
-                    session.frames += 1
-                    if self.realtime:
-                        due = start + session.frames / self.fps
-                        time.sleep(max(0.0, due - time.monotonic()))
-                    s = stream.stats
-                    fps = s["frames"] / max(s["seconds"], 1e-9)
-                    yield frame, f"frame {session.frames} | model {fps:.0f} fps | {current}"
-                    if max_frames is not None and session.frames >= max_frames:
-                        return
+            watch = self.rt.open_qa(stream_id=handle.id, resize=True)
+        except BaseException:
+            handle.close()
+            raise
+        with self._lock:
+            session.stream, session.watch, session.frames = handle, watch, 0
+        start = time.monotonic()
+        try:
+            for frame in handle.frames():
+                if session.stream is not handle:  # replaced by a newer Start
+                    return
+                session.frames += 1
+                if self.realtime:
+                    due = start + session.frames / handle.fps
+                    time.sleep(max(0.0, due - time.monotonic()))
+                yield frame, self.status(handle, session.frames)
+                if max_frames is not None and session.frames >= max_frames:
+                    return
         finally:
-            stream.close()
+            self._end_stream(session, handle)
+
+    @staticmethod
+    def status(handle: StreamHandle, shown_frames: int) -> str:
+        s = handle.stats()
+        return f"frame {shown_frames} | {s['fps']:.0f} fps | {s['prompt']}"
+
+    def _end_stream(self, session: Session, handle: StreamHandle) -> None:
+        with self._lock:
+            if session.stream is handle:
+                session.stream = None
+        _close(handle)
+
+    def stop_generate(self, session: Session) -> str:
+        """End the tab's stream (its QA session stays: ask about what was generated)."""
+        handle = session.stream
+        if handle is None:
+            return "stopped"
+        self._end_stream(session, handle)
+        return f"stopped after {session.frames} frames"
 
     def switch_prompt(self, prompt: str, session: Session) -> str:
-        self.generator.engine.text_encoder.check(prompt)  # PromptError before the switch
-        session.prompt_switch = prompt
+        """Switch the tab's stream to `prompt` at its next chunk (with KV re-cache)."""
+        self.rt.engine.text_encoder.check(prompt)  # PromptError, also with no stream
+        handle = session.stream
+        if handle is None or handle.done:
+            raise InputError("no stream is running in this tab: press Start first")
+        handle.set_prompt(prompt)
         return f"switching to: {prompt}"
+
+    def ask_generated(self, question: str, session: Session) -> Answer:
+        """Answer `question` about the video this tab's stream generated so far."""
+        watch = session.watch
+        if watch is None:
+            raise InputError("press Start first: the question is about the generated video")
+        with contextlib.suppress(TimeoutError):  # frames still queued: answer from the rest
+            watch.flush(timeout=2.0)
+        if not watch.stats()["frames"]:
+            raise InputError("no generated frame is in the memory yet: ask again in a moment")
+        return watch.ask(question)
+
+    # ------------------------------------------------------------------ Stylize webcam
 
     def stylize(self, frame: np.ndarray | None, prompt: str, session: Session) -> np.ndarray | None:
         """One webcam frame in, the newest styled frame out (None before the first chunk)."""
@@ -185,7 +295,7 @@ class DemoBackend:
         if session.stylizer is not None and not session.stylizer.alive:
             self.stop_stylize(session)  # it ended idle: a new recording starts a new stream
         if session.stylizer is None:
-            session.stylizer = LiveStylizer(self.generator, prompt)
+            session.stylizer = LiveStylizer(self.rt.generator, prompt, lock=self.rt.lock)
         session.stylizer.push(frame)
         return session.stylizer.latest()
 
@@ -194,37 +304,61 @@ class DemoBackend:
             session.stylizer.close()
             session.stylizer = None
 
-    def close_session(self, session: Session) -> None:
-        """A tab went away: end its streams and its QA memory."""
-        self.stop_stylize(session)
-        if session.qa is not None:
-            session.qa.close()
-            session.qa = None
+    # ------------------------------------------------------------------ Ask the video
 
     def feed(self, source: str, seconds: float, session: Session) -> str:
         """Feed the first `seconds` of `source` (a video file or world://seed=N), at the
-        frame rate the QA model was trained for, into the session's memory (after what
-        was fed before)."""
-        from streamrt.qa import VideoQA
-
+        frame rate the QA model was trained for, into the tab's QA session (after what was
+        fed before); returns when they are encoded."""
         if session.qa is None:
-            session.qa = VideoQA.from_pretrained(self.qa_model, resize=True)
-        fps = session.qa.config.fps
+            session.qa = self.rt.open_qa(resize=True)
+        qa = session.qa
+        fps = qa.config.fps
         timed = list(_sampled(source, float(seconds), fps))
         if not timed:
             raise InputError(f"{source} gave no frames in its first {seconds} s")
         start = session.fed
-        for t, frame in timed:
-            session.qa.feed(frame, timestamp=start + t)
+        room = self.rt.config.qa_queue_frames  # the session's feed queue drops beyond this
+        for i, (t, frame) in enumerate(timed):
+            qa.feed(frame, timestamp=start + t)
+            if (i + 1) % room == 0:
+                qa.flush()
+        qa.flush()
         session.fed = start + timed[-1][0] + 1.0 / fps
         return f"fed {len(timed)} frames of {source} ({session.fed:.1f} s of video in memory)"
 
-    def ask(self, question: str, session: Session) -> str:
+    def ask(self, question: str, session: Session) -> Answer:
         if session.qa is None:
             raise InputError("feed a video first: the memory is empty")
-        answer = session.qa.ask(question)
-        used = ", ".join(f"{t:.0f}s" for t in answer.timestamps[:8])
-        return f"{answer.text}  (frames {used}; {answer.latency_s * 1000:.0f} ms)"
+        return session.qa.ask(question)
+
+    # ------------------------------------------------------------------ tabs
+
+    def open_tab(self, key: str, session: Session) -> None:
+        """A browser tab opened (`key`: its Gradio session id); `close_tab` ends it."""
+        with self._lock:
+            self.tabs[key] = session
+
+    def close_tab(self, key: str) -> None:
+        with self._lock:
+            session = self.tabs.pop(key, None)
+        if session is not None:
+            self.close_session(session)
+
+    def close_session(self, session: Session) -> None:
+        """A tab went away: end its stream, its stylizer and its QA sessions."""
+        with self._lock:
+            handles = (session.stream, session.watch, session.qa)
+            session.stream = session.watch = session.qa = None
+        for handle in handles:
+            _close(handle)
+        self.stop_stylize(session)
+
+    def close(self) -> None:
+        """End every tab and free the runtime."""
+        for key in list(self.tabs):
+            self.close_tab(key)
+        self.rt.close()
 
 
 def _sampled(source: str, seconds: float, fps: float) -> Iterator[tuple[float, np.ndarray]]:
@@ -248,7 +382,11 @@ def build_demo(backend: DemoBackend):
     """The Gradio Blocks app over `backend`."""
     import gradio as gr
 
-    from streamrt.models.text import PromptError
+    from streamrt.errors import StreamrtError
+
+    refused = (StreamrtError, ValueError, OSError, RuntimeError)
+    """What a request can fail with that the user can act on (a message, not a traceback):
+    a bad prompt (PromptError), a full runtime (AdmissionError), a failed stream..."""
 
     def guarded(fn):
         """Turn a bad request into a message in the browser (the app keeps running)."""
@@ -256,7 +394,7 @@ def build_demo(backend: DemoBackend):
         def run(*args):
             try:
                 return fn(*args)
-            except (PromptError, ValueError, OSError, RuntimeError) as exc:
+            except refused as exc:
                 raise gr.Error(str(exc)) from None
 
         return run
@@ -265,8 +403,19 @@ def build_demo(backend: DemoBackend):
         try:
             for frame, status in backend.generate(prompt, session):
                 yield shown(frame), status
-        except (PromptError, ValueError) as exc:
+        except refused as exc:  # a bad prompt; the runtime is full (AdmissionError)
             raise gr.Error(str(exc)) from None
+
+    def opened(session: Session, request: gr.Request) -> None:
+        backend.open_tab(request.session_hash, session)
+
+    def closed(request: gr.Request) -> None:
+        backend.close_tab(request.session_hash)
+
+    # Gradio passes the request to a parameter typed gr.Request; the hints must resolve
+    # (this module's annotations are strings, and `gr` is not one of its globals).
+    opened.__annotations__ = {"session": Session, "request": gr.Request}
+    closed.__annotations__ = {"request": gr.Request}
 
     panel = {"height": DISPLAY_PX + 40, "width": DISPLAY_PX}  # + the label's row
     with gr.Blocks(title="streamrt live demo") as demo:
@@ -281,9 +430,21 @@ def build_demo(backend: DemoBackend):
             # a fixed panel size: the page does not jump when the first frame arrives
             video = gr.Image(label="stream", type="numpy", elem_id="video", format="png", **panel)
             status = gr.Markdown(elem_id="status")
-            running = go.click(start, [prompt, session], [video, status])
+            with gr.Row():
+                gen_question = gr.Textbox(
+                    QUESTION, label="ask about the generated video", elem_id="gen_question", scale=4
+                )
+                gen_ask = gr.Button("Ask", elem_id="gen_ask", scale=1)
+            gen_answer = gr.Markdown(elem_id="gen_answer")
+            # every tab streams at once: the runtime admits or refuses (runtime.max_streams)
+            running = go.click(start, [prompt, session], [video, status], concurrency_limit=None)
             switch.click(guarded(backend.switch_prompt), [prompt, session], [status])
-            stop.click(None, None, None, cancels=[running])
+            stop.click(guarded(backend.stop_generate), [session], [status], cancels=[running])
+            gen_ask.click(
+                guarded(lambda q, s: answer_text(backend.ask_generated(q, s))),
+                [gen_question, session],
+                [gen_answer],
+            )
         with gr.Tab("Stylize webcam"):
             style = gr.Textbox(DEFAULT_PROMPT, label="style prompt", elem_id="style")
             with gr.Row():
@@ -295,8 +456,9 @@ def build_demo(backend: DemoBackend):
                 guarded(lambda *a: shown(backend.stylize(*a))),
                 [cam, style, session],
                 [styled],
-                stream_every=1.0 / max(1, backend.fps),
+                stream_every=1.0 / max(1.0, backend.fps),
                 time_limit=600,
+                concurrency_limit=None,
             )
             cam.clear(backend.stop_stylize, [session], None)
         with gr.Tab("Ask the video"):
@@ -307,7 +469,11 @@ def build_demo(backend: DemoBackend):
             ask = gr.Button("Ask", variant="primary", elem_id="ask")
             answer = gr.Markdown(elem_id="answer")
             feed.click(guarded(backend.feed), [source, seconds, session], [answer])
-            ask.click(guarded(backend.ask), [question, session], [answer])
+            ask.click(
+                guarded(lambda q, s: answer_text(backend.ask(q, s))), [question, session], [answer]
+            )
+        demo.load(opened, [session], None)
+        demo.unload(closed)  # the tab closed or reloaded: its stream and sessions end now
     return demo
 
 
@@ -316,6 +482,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", default="assets/tiny-world", help="generator dir or tiny-random")
     p.add_argument("--qa-model", help="Video-LLM directory (default: assets/tiny-vqa)")
+    p.add_argument("--config", help="YAML preset: its gen:, cache: and runtime: sections")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: all)")
     p.add_argument("--port", type=count(1, 65535), default=7860)
 
@@ -327,7 +494,7 @@ def run(args: argparse.Namespace) -> int:
         from streamrt.errors import InputError
 
         raise InputError("the demo needs gradio: pip install 'streamrt[demo]'") from None
-    backend = DemoBackend(args.model, args.qa_model)  # bad models: one line from the CLI
+    backend = DemoBackend(args.model, args.qa_model, config=args.config)  # bad: one line
     build_demo(backend).queue().launch(server_name=args.host, server_port=args.port, css=CSS)
     return 0
 

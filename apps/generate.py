@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -108,6 +109,13 @@ def load_generator(
                 "none: pass --model DIR (with transformer/config.json) as well"
             )
         return StreamGenerator.tiny_random(config, **overrides)
+    return StreamGenerator.from_pretrained(
+        generator_path(model), config=config, checkpoint=checkpoint, **overrides
+    )
+
+
+def generator_path(model: str) -> Path:
+    """The generator directory `model` names, or a FileNotFoundError that says what to pass."""
     path = resolve_model(model)
     if not (path / "streamrt.json").exists() and not (path / "model_index.json").exists():
         raise FileNotFoundError(
@@ -117,7 +125,7 @@ def load_generator(
             "if it is missing there; or pass --model DIR (a generator or pipeline "
             f"directory), or --model {TINY_RANDOM} for an untrained smoke test."
         )
-    return StreamGenerator.from_pretrained(path, config=config, checkpoint=checkpoint, **overrides)
+    return path
 
 
 def run(args: argparse.Namespace) -> int:

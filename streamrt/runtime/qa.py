@@ -146,6 +146,11 @@ class QAHandle:
         self.id = session.id
         self.stream_id = session.stream_id
 
+    @property
+    def config(self) -> QAConfig:
+        """The session's settings (e.g. `fps`: the frame rate its model was trained for)."""
+        return self._session.qa.config
+
     def feed(self, frames: Any, timestamp: float | None = None) -> int:
         """Queue one frame `[H, W, 3]` or several `[N, H, W, 3]` uint8; never blocks.
         Returns how many were queued without a drop (see `stats()["dropped"]`)."""

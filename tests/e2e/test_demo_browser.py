@@ -14,6 +14,7 @@ import time
 import pytest
 
 from streamrt.apps.demo import CSS, DemoBackend, build_demo
+from streamrt.config import RuntimeConfig
 
 RED = "a red circle moving right on a dark background"
 BLUE = "a blue square moving up on a light background"
@@ -34,15 +35,24 @@ def _chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def app_url():
+def backend():
     try:
         import gradio  # noqa: F401
     except ImportError:
         _missing("gradio is not installed")
+    # Admission control measures this (shared, loaded) machine and could refuse a tab at
+    # random; the tests need every tab served.
+    b = DemoBackend("tiny-random", runtime=RuntimeConfig(admission=False))
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def app_url(backend):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo = build_demo(DemoBackend("tiny-random"))
+    demo = build_demo(backend)
     demo.queue().launch(
         server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=CSS
     )
@@ -70,30 +80,63 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def page(browser, app_url):
+def _open(browser, app_url):
     context = browser.new_context()
     context.grant_permissions(["camera"], origin=app_url.rstrip("/"))
     pg = context.new_page()
     pg.goto(app_url)
     pg.wait_for_selector("#start", timeout=30_000)
+    return pg
+
+
+@pytest.fixture
+def page(browser, app_url):
+    pg = _open(browser, app_url)
     yield pg
-    context.close()
+    pg.context.close()
+
+
+@pytest.fixture
+def two_pages(browser, app_url):
+    """Two browser tabs of the demo (each its own Gradio session)."""
+    pages = [_open(browser, app_url) for _ in range(2)]
+    yield pages
+    for pg in pages:
+        pg.context.close()
+
+
+SHOWN_SRC = (  # the <img>'s src once it is loaded, in one call (it reads 0 px while it loads)
+    "s => { const i = document.querySelector(s + ' img');"
+    " return i && i.complete && i.naturalWidth > 0 ? i.src : null }"
+)
+
+
+def _shown_frames(pages, selector: str, count: int, timeout: float = 60.0) -> list[list[str]]:
+    """Per page, the distinct frames `selector`'s <img> showed (loaded), polled round the
+    pages until each showed `count` or `timeout` passed."""
+    seen: list[list[str]] = [[] for _ in pages]
+    deadline = time.monotonic() + timeout
+    while min(map(len, seen)) < count and time.monotonic() < deadline:
+        for pg, frames in zip(pages, seen):
+            src = pg.evaluate(SHOWN_SRC, selector)
+            if src and (not frames or src != frames[-1]):
+                frames.append(src)
+        time.sleep(0.05)
+    return seen
 
 
 def _image_sources(page, selector: str, count: int, timeout: float = 60.0) -> list[str]:
-    """The distinct `src` values `selector`'s <img> shows until `count` were seen."""
-    seen: list[str] = []
+    """The distinct frames `selector`'s <img> showed (loaded) until `count` were seen."""
+    return _shown_frames([page], selector, count, timeout)[0]
+
+
+def _eventually(check, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
-    while len(seen) < count and time.monotonic() < deadline:
-        src = page.evaluate(
-            "s => { const i = document.querySelector(s + ' img'); return i ? i.src : null }",
-            selector,
-        )
-        if src and (not seen or src != seen[-1]):
-            seen.append(src)
-        time.sleep(0.05)
-    return seen
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _box(page, selector: str) -> dict:
@@ -136,6 +179,58 @@ def test_generate_streams_live_frames_and_switches_prompt(page):
     settled = page.evaluate("() => document.querySelector('#video img').src")
     time.sleep(1.5)
     assert page.evaluate("() => document.querySelector('#video img').src") == settled
+
+
+def test_two_tabs_generate_at_the_same_time(two_pages, backend):
+    before = set(backend.rt.stats()["streams"])
+    for pg, prompt in zip(two_pages, (RED, BLUE)):
+        pg.fill("#prompt textarea", prompt)
+        pg.click("#start")
+    frames = _shown_frames(two_pages, "#video", 6, timeout=90.0)
+    streams = backend.rt.stats()["streams"]
+    ours = {k: v for k, v in streams.items() if k not in before}
+    assert [len(f) for f in frames] >= [6, 6] and min(map(len, frames)) >= 6, (
+        f"distinct frames each tab showed: {[len(f) for f in frames]} (a tab that waits for "
+        "the other's stream shows none)"
+    )
+    assert len(ours) == 2 and {s["state"] for s in ours.values()} == {"running"}, ours
+    assert {s["prompt"] for s in ours.values()} == {RED, BLUE}
+    for pg in two_pages:
+        pg.click("#stop")
+    assert _eventually(lambda: not set(ours) & set(backend.rt.stats()["streams"])), (
+        "Stop did not close the tabs' streams"
+    )
+
+
+def test_ask_about_the_generated_video(page):
+    page.fill("#prompt textarea", RED)
+    page.click("#start")
+    assert len(_image_sources(page, "#video", 3)) >= 3
+    page.click("#gen_ask")
+    page.wait_for_function(
+        "() => document.querySelector('#gen_answer').innerText.includes('ms)')", timeout=60_000
+    )
+    text = page.inner_text("#gen_answer")
+    assert "frames at " in text and text.split("(")[0].strip(), text  # an answer, its times
+    page.click("#stop")
+
+
+def test_a_closed_tab_frees_its_stream_and_sessions(browser, app_url, backend):
+    before = backend.rt.stats()
+    pg = _open(browser, app_url)
+    pg.click("#start")
+    assert len(_image_sources(pg, "#video", 2)) >= 2
+    stats = backend.rt.stats()
+    streams = set(stats["streams"]) - set(before["streams"])
+    sessions = set(stats["qa"]) - set(before["qa"])
+    assert len(streams) == 1 and len(sessions) == 1  # the stream and the QA session on it
+    pg.context.close()  # the tab goes away without pressing Stop
+
+    def freed() -> bool:
+        now = backend.rt.stats()
+        return not streams & set(now["streams"]) and not sessions & set(now["qa"])
+
+    assert _eventually(freed), "a closed tab's stream or QA session is still open"
 
 
 def test_bad_prompt_shows_the_vocabulary_and_the_app_keeps_working(page):
