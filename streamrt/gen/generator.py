@@ -76,16 +76,7 @@ class StreamGenerator:
         gen_cfg, given, cache = _settings(base, config, cache, overrides)
         ckpt = Path(checkpoint) if checkpoint is not None else None
         transformer, text_encoder, codec = load_generator_parts(path, manifest, gen_cfg, ckpt)
-        engine = GenEngine(
-            transformer,
-            text_encoder,
-            codec,
-            gen_cfg,
-            cache=manager,
-            cache_config=cache,
-            given_policy_args=given,
-        )
-        return cls(engine)
+        return cls(GenEngine(transformer, text_encoder, codec, gen_cfg, manager, cache, given))
 
     @classmethod
     def tiny_random(
@@ -104,16 +95,7 @@ class StreamGenerator:
         gen_cfg, given, cache = _settings(GenConfig(), config, cache, overrides)
         transformer, text_encoder, codec = tiny_random_parts(VOCAB)
         cast_like_diffusers(transformer, gen_cfg.dtype)
-        engine = GenEngine(
-            transformer,
-            text_encoder,
-            codec,
-            gen_cfg,
-            cache=manager,
-            cache_config=cache,
-            given_policy_args=given,
-        )
-        return cls(engine)
+        return cls(GenEngine(transformer, text_encoder, codec, gen_cfg, manager, cache, given))
 
     def save_pretrained(self, path: str | Path) -> None:
         from streamrt.models.generator_files import save_generator_parts

@@ -167,19 +167,6 @@ class GenStream:
         blocks = [[seq.append() for _ in range(self.config.chunk_frames)] for seq in self.seqs]
         return blocks[0]
 
-    def forward(
-        self,
-        write: list[list[int]],
-        x: torch.Tensor,
-        t: torch.Tensor,
-        causal: bool = False,
-        scores: dict | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Velocity for latents `x` `[B, C, F, h, w]` whose frames go to blocks `write[b]`,
-        computed now in a forward of its own (`request` + `run_alone`)."""
-        return self.run_alone(self.request(write, x, t, causal, scores, noise))
-
     def request(
         self,
         write: list[list[int]],

@@ -109,7 +109,7 @@ class StepStage:
         sigma = self.sigmas[self.k]
         blocks = s.append_chunk()
         t = torch.full((1, x.shape[2]), sigma * 1000.0)
-        v = s.forward([blocks], x, t, noise=eps)
+        v = s.run_alone(s.request([blocks], x, t, noise=eps))
         self.forwards += 1
         for seq in s.seqs:
             seq.policy.after_write(seq, blocks)
