@@ -187,7 +187,7 @@ class ProgramHandle:
         while True:
             with self.cond:
                 if not self.cond.wait_for(
-                    lambda: len(self.agent.calls) > i or self.agent.done_s is not None, timeout
+                    lambda i=i: len(self.agent.calls) > i or self.agent.done_s is not None, timeout
                 ):
                     raise TimeoutError("no token within the timeout")
                 if len(self.agent.calls) <= i:
