@@ -244,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default="assets/tiny-world", help="generator dir or tiny-random")
     serve.add_argument("--qa-model", help="Video-LLM directory (default: assets/tiny-vqa)")
     serve.add_argument("--config", help="YAML preset (its gen:, cache: and runtime: sections)")
+    serve.add_argument(
+        "--agents",
+        nargs="?",
+        const=True,
+        help="serve LLM agents (/v1/chat/completions): the embedded LM, or a causal-LM dir",
+    )
+    serve.add_argument("--agent-policy", choices=("baseline", "ttl", "offload"), default="baseline")
     serve.set_defaults(func=_cmd_serve)
 
     config = sub.add_parser("config", help="print the effective configuration (defaults + preset)")

@@ -165,21 +165,30 @@ class AgentKV:
 
     # ------------------------------------------------------------------ tool calls
 
-    def tool_call(self, agent: str, tool: str) -> ToolCall:
-        """The agent's LLM call ended in a call of `tool`: pin, offload or free its KV."""
+    def tool_call(
+        self,
+        agent: str,
+        tool: str,
+        predicted_s: float | None = None,
+        allow: tuple[Action, ...] = ("pin", "offload", "free"),
+    ) -> ToolCall:
+        """The agent's LLM call ended in a call of `tool`: pin, offload or free its KV.
+
+        `predicted_s`: the caller's hint of the duration (else the tool's median so far);
+        `allow`: the actions a scheduling policy permits (free is always possible)."""
         seq = self._seq(agent)
         if agent in self.calls:
             raise InputError(f"agent {agent!r} is already in a tool call")
         now = self.clock()
-        predicted = self.durations.predict(tool)
+        predicted = self.durations.predict(tool) if predicted_s is None else predicted_s
         move = self.move_s(agent)
         call = ToolCall(tool, "free", now, predicted)
         ttl = self.durations.best_ttl(tool, self.queue_delay_s + self.recompute_s(agent))
-        if ttl > 0 and self.durations.cdf(tool, ttl) >= 0.5:
+        if "pin" in allow and ttl > 0 and self.durations.cdf(tool, ttl) >= 0.5:
             # Likely back before the pin expires: keep it where it is, no transfer at all.
             call.action, call.ttl_s = "pin", ttl
             self.manager.pin(seq, ttl)
-        elif predicted > self.margin * 2 * move:
+        elif "offload" in allow and predicted > self.margin * 2 * move:
             call.action = "offload"
             self._move(seq, HOST)  # also refreshes the bandwidth estimate for the way back
             call.upload_at = now + max(0.0, predicted - self.move_s(agent))

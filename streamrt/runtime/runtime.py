@@ -59,6 +59,11 @@ class Runtime:
         runtime: Scheduler settings, over the preset's.
         cache: Cache budgets, over the preset's.
         qa: Load the Video-LLM now (QA sessions need it; False: generation only).
+        agents: Serve LLM agents (`streamrt.agents.AgentEngine`, `rt.agents`) on the same
+            cache manager: True the language model of the embedded Video-LLM, or a
+            transformers causal-LM directory. Its steps run when the streams' deadlines
+            leave time, like QA encoding.
+        agent_policy: The agents' KV policy across tool calls: baseline, ttl, offload.
         gen_overrides: `GenConfig` fields, over the preset's.
 
     Every consumer of the cache manager is registered here, before the first block is
@@ -75,6 +80,8 @@ class Runtime:
         cache: CacheConfig | None = None,
         checkpoint: str | Path | None = None,
         qa: bool = True,
+        agents: bool | str | Path = False,
+        agent_policy: str = "baseline",
         **gen_overrides: Any,
     ) -> None:
         from streamrt.gen.generator import StreamGenerator
@@ -109,6 +116,14 @@ class Runtime:
 
             self._qa_parts = load_qa_model(qa_model)
             self.cache.register(CONSUMER, kv_spec(self._qa_parts[0]))
+        self.agents = None
+        """The agent engine (`agents=`), registered on `self.cache` like every consumer."""
+        if agents:
+            from streamrt.agents.engine import AgentEngine
+
+            self.agents = AgentEngine.from_pretrained(
+                None if agents is True else agents, manager=self.cache, policy=agent_policy
+            )
         self.scheduler = Scheduler(self.config)
         self.lock = threading.RLock()
         self.streams: dict[str, LiveStream] = {}
@@ -409,6 +424,8 @@ class Runtime:
             spare = not batch or self._slack(batch, now) > self._encode_estimate()
             if spare and self._encode_qa():
                 return 0.0
+            if spare and self.agents is not None and self.agents.step():
+                return 0.0  # one batched forward of every running agent call
             if not batch:
                 return self._idle_wait(now)
             self._run(batch)
@@ -463,6 +480,8 @@ class Runtime:
         ]
         if self._waiting or any(s.suspended for s in self.streams.values()):
             waits.append(0.05)  # look again for room
+        if self.agents is not None and self.agents.busy:
+            waits.append(0.002)  # agents in a tool call: their return is polled
         return max(min(waits, default=0.1), 0.001)
 
     def _encode_estimate(self) -> float:
@@ -521,6 +540,8 @@ class Runtime:
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._loop, name="streamrt-runtime", daemon=True)
+            if self.agents is not None:
+                self.agents.driver = self  # agent handles wait instead of stepping
             self._thread.start()
         return self
 
@@ -542,6 +563,8 @@ class Runtime:
             self._wake.set()
             self._thread.join()
             self._thread = None
+            if self.agents is not None:
+                self.agents.driver = None
 
     def close(self) -> None:
         """Stop the loop; end every stream and session and free their blocks."""
@@ -551,6 +574,9 @@ class Runtime:
                 self.close_stream(stream_id)
             for session_id in list(self.sessions):
                 self.close_qa(session_id)
+            if self.agents is not None:
+                for agent_id in list(self.agents.agents):
+                    self.agents.close_agent(agent_id)
 
     def __enter__(self) -> Runtime:
         return self
@@ -573,6 +599,7 @@ class Runtime:
                 },
                 "finished": {s.id: s.stats(now) for s in list(self.finished.values())[-32:]},
                 "qa": {s.id: s.stats() for s in self.sessions.values()},
+                "agents": self.agents.stats() if self.agents is not None else None,
                 "scheduler": {
                     "kind": self.config.scheduler,
                     "load": self.scheduler.load(running) if self.scheduler.cost.samples else None,

@@ -1,0 +1,871 @@
+"""`AgentEngine`: continuous batching and greedy decode of a transformers causal LM on the
+shared cache manager, for agent programs (LLM calls + tool calls).
+
+    engine = AgentEngine.from_pretrained()            # the LM inside assets/tiny-vqa
+    h = engine.submit(Program("what color was the circle ?", [LLM(8), Tool("search", 0.2,
+                              "the circle was red"), LLM(8)]))
+    engine.run_until_idle()                           # or: the runtime's step loop drives it
+    h.result().outputs                                # token ids of each LLM call
+
+Each `step()`:
+
+    1. carry out due KV moves (`AgentKV.tick`: predictive uploads, expired pins) and
+       return finished tool calls (their result tokens join the context)
+    2. admit waiting calls (priority, then the policy's order) while rows and blocks last;
+       a call whose context starts with cached full blocks shares them (chained sha256
+       block hashes, `streamrt.cache.hashing`) and skips their prefill
+    3. one batched forward: a decode row per running call plus prefill chunks of new ones,
+       padded, with per-row positions and a per-row mask (the model is stock transformers;
+       the past K/V comes in through a `transformers.Cache`, `BatchCache`)
+    4. new K/V are written to each call's blocks; full blocks get their hash; a call whose
+       input is consumed appends its greedy token; EOS / max_tokens end the call
+    5. an ended call's KV follows the policy: `baseline` frees it (its full blocks stay
+       findable by hash until reused: a vLLM-style LRU prefix cache); `ttl` pins it for
+       Continuum's TTL during a tool call; `offload` (TokenCake) pins short tool calls and
+       moves long ones to host memory, uploading before the predicted return
+
+Keys are stored after RoPE (what the `Cache` receives) at their absolute positions, which
+never change (a shared prefix sits at the same positions in every context), so greedy
+outputs are the same whatever the batch composition, scheduling policy or sharing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from streamrt.agents.kv import AgentKV
+from streamrt.cache import CacheManager, KVSpec
+from streamrt.cache.errors import OutOfBlocksError
+from streamrt.cache.hashing import hash_block_tokens
+from streamrt.errors import InputError, StreamrtError, UnknownNameError
+
+logger = logging.getLogger(__name__)
+CONSUMER = "agents"
+POLICIES = ("baseline", "ttl", "offload")
+DEFAULT_MODEL = "assets/tiny-vqa"
+
+
+class ContextTooLongError(InputError):
+    """A context (prompt + max_tokens) longer than the model's positions."""
+
+
+class CallFailed(StreamrtError):
+    """An LLM call ended with an error (the message says why)."""
+
+
+# ---------------------------------------------------------------------- programs
+
+
+@dataclass
+class LLM:
+    """An LLM call: optionally append `append` to the context, then generate."""
+
+    max_tokens: int = 16
+    append: str | list[int] | None = None
+    stop: bool = True
+    """End at the model's EOS token (False: always `max_tokens` tokens)."""
+
+
+@dataclass
+class Tool:
+    """A tool call of `duration_s` seconds whose `result` joins the context when it returns."""
+
+    name: str
+    duration_s: float
+    result: str | list[int] = ""
+
+
+@dataclass
+class Program:
+    """An agent: an initial context and a sequence of LLM and tool calls."""
+
+    prompt: str | list[int]
+    steps: list[LLM | Tool]
+    priority: int = 0
+    id: str | None = None
+
+
+@dataclass(eq=False)
+class Call:
+    """One LLM call of an agent, as the scheduler sees it."""
+
+    agent: Agent
+    max_tokens: int
+    arrival: float
+    seq_no: int
+    tool_hint: tuple[str, float | None] | None = None
+    stop: bool = True
+    out: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: BaseException | None = None
+    first_token_s: float | None = None
+    done_s: float | None = None
+    preempted: bool = False
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    on_token: Callable[[int], None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+    def tokens(self, timeout: float | None = None) -> Iterator[int]:
+        """Tokens as they are generated (raises `CallFailed` if the call fails)."""
+        i = 0
+        while True:
+            with self.cond:
+                while i >= len(self.out) and not self.done:
+                    if not self.cond.wait(timeout):
+                        raise TimeoutError("no token within the timeout")
+                new, done, error = self.out[i:], self.done, self.error
+            yield from new
+            i += len(new)
+            if done and i >= len(self.out):
+                if error is not None:
+                    raise CallFailed(str(error)) from error
+                return
+
+    def wait(self, timeout: float | None = None) -> list[int]:
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.done, timeout):
+                raise TimeoutError("the call did not finish within the timeout")
+        if self.error is not None:
+            raise CallFailed(str(self.error)) from self.error
+        return list(self.out)
+
+
+@dataclass(eq=False)
+class Agent:
+    """An agent's context (token ids) and its KV sequence in the cache manager."""
+
+    id: str
+    tokens: list[int]
+    priority: int
+    arrival: float
+    computed: int = 0
+    """Tokens of `tokens` whose K/V are in the sequence's blocks."""
+    hashes: list[bytes] = field(default_factory=list)
+    """Chained hashes of the full blocks written so far."""
+    in_tool: bool = False
+    program: Program | None = None
+    step_index: int = 0
+    calls: list[Call] = field(default_factory=list)
+    tool_until: float | None = None
+    pending_result: list[int] = field(default_factory=list)
+    done_s: float | None = None
+    handle: ProgramHandle | None = None
+
+
+@dataclass
+class ProgramResult:
+    outputs: list[list[int]]
+    jct_s: float
+    ttft_s: list[float]
+
+
+class ProgramHandle:
+    """What `submit` returns: stream tokens, wait for the outputs."""
+
+    def __init__(self, engine: AgentEngine, agent: Agent) -> None:
+        self.engine, self.agent, self.id = engine, agent, agent.id
+        self.cond = threading.Condition()
+
+    def tokens(self, timeout: float | None = None) -> Iterator[int]:
+        """Every generated token of every LLM call of the program, in order."""
+        i = 0
+        while True:
+            with self.cond:
+                if not self.cond.wait_for(
+                    lambda i=i: len(self.agent.calls) > i or self.agent.done_s is not None, timeout
+                ):
+                    raise TimeoutError("no token within the timeout")
+                if len(self.agent.calls) <= i:
+                    return
+                call = self.agent.calls[i]
+            yield from call.tokens(timeout)
+            i += 1
+
+    def done(self) -> bool:
+        return self.agent.done_s is not None
+
+    def result(self, timeout: float | None = None) -> ProgramResult:
+        """Wait for the program's end; when no thread drives the engine, drive it here."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done():
+            if self.engine.driver is None:
+                if not self.engine.step():
+                    time.sleep(0.001)
+            else:
+                with self.cond:
+                    self.cond.wait(0.05)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("the program did not finish within the timeout")
+        for call in self.agent.calls:
+            if call.error is not None:
+                raise CallFailed(str(call.error)) from call.error
+        return ProgramResult(
+            [list(c.out) for c in self.agent.calls],
+            self.agent.done_s - self.agent.arrival,
+            [c.first_token_s - c.arrival for c in self.agent.calls if c.first_token_s],
+        )
+
+    def __await__(self):
+        import asyncio
+
+        return asyncio.get_running_loop().run_in_executor(None, self.result).__await__()
+
+
+# ---------------------------------------------------------------------- the model's cache
+
+
+class _PastLayer(DynamicLayer):
+    """A `DynamicLayer` that starts with the batch's padded past K/V `[B, H, P, D]`."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.device = keys.device
+        self.dtype = keys.dtype
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2]
+
+
+class BatchCache(Cache):
+    """The past K/V of every row, padded to one length; `update` appends the step's keys
+    (already rotated by the model), which the engine then writes to the blocks."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        super().__init__(layers=[_PastLayer(k, v) for k, v in zip(keys, values)])
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """transformers 5 renames `past_key_values` to `cache` in some versions."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def load_causal_lm(path: str | Path | None = None) -> tuple[torch.nn.Module, Any]:
+    """`(model, tokenizer)`: a transformers causal-LM directory, or the language model of a
+    Video-LLM directory (SmolVLM/Idefics3: its Llama text model and `lm_head`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from streamrt.embedded import resolve_shipped
+
+    root = resolve_shipped(path or DEFAULT_MODEL)
+    config_file = root / "config.json"
+    if not config_file.is_file():
+        raise InputError(f"{root}: not a model directory (no config.json)")
+    raw = json.loads(config_file.read_text())
+    tokenizer = AutoTokenizer.from_pretrained(root)
+    if "text_config" in raw and raw.get("model_type") in ("smolvlm", "idefics3"):
+        from safetensors.torch import load_file
+
+        text = dict(raw["text_config"])
+        cfg = AutoConfig.for_model(text.pop("model_type"), **text)
+        cfg.tie_word_embeddings = raw.get("tie_word_embeddings", False)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+        state = {}
+        for file in sorted(root.glob("*.safetensors")):
+            for key, value in load_file(file).items():
+                if key.startswith("model.text_model."):
+                    state["model." + key[len("model.text_model.") :]] = value
+                elif key == "lm_head.weight":
+                    state[key] = value
+        model.load_state_dict(state, strict=not cfg.tie_word_embeddings)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(root, attn_implementation="sdpa")
+    return model.eval(), tokenizer
+
+
+def lm_spec(model: torch.nn.Module, tokens_per_block: int) -> KVSpec:
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    return KVSpec(
+        cfg.num_hidden_layers,
+        getattr(cfg, "num_key_value_heads", None) or heads,
+        getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        tokens_per_block,
+        next(model.parameters()).dtype,
+    )
+
+
+# ---------------------------------------------------------------------- the engine
+
+
+class AgentEngine:
+    """Continuous-batching greedy decode of agent programs on a `CacheManager`.
+
+    Args:
+        model, tokenizer: A transformers causal LM (and its tokenizer, for text prompts).
+        manager: The cache manager (the runtime's `rt.cache`); None: a private one.
+        policy: "baseline", "ttl" or "offload" (module docstring).
+        max_batch: Running calls at most.
+        step_tokens: Tokens per forward at most (decode rows first, then prefill chunks).
+        tokens_per_block: Tokens per KV block (the prefix-sharing granularity).
+        clock: Seconds (tool durations, JCT); tests pass a fake one.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any = None,
+        manager: CacheManager | None = None,
+        *,
+        policy: str = "baseline",
+        max_batch: int = 8,
+        step_tokens: int = 256,
+        tokens_per_block: int = 16,
+        consumer: str = CONSUMER,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if policy not in POLICIES:
+            raise InputError(f"unknown policy {policy!r}; policies: {', '.join(POLICIES)}")
+        self.model, self.tokenizer, self.policy = model, tokenizer, policy
+        self.max_batch, self.step_tokens = max_batch, step_tokens
+        self.clock = clock
+        self.spec = lm_spec(model, tokens_per_block)
+        if manager is None:
+            manager = CacheManager(
+                device_bytes=self.spec.block_bytes * 256, host_bytes=self.spec.block_bytes * 256
+            )
+        self.manager = manager
+        if consumer not in manager.consumers:
+            manager.register(consumer, self.spec)
+        self.consumer = consumer
+        self.kv = AgentKV(manager, consumer, clock=clock)
+        self.eos = set()
+        for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+            eos = getattr(source, "eos_token_id", None)
+            if eos is not None:
+                self.eos.update(eos if isinstance(eos, (list, tuple)) else [eos])
+        self.max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        self.cache_kw = cache_kwarg(model)
+        self.lock = threading.RLock()
+        self.agents: dict[str, Agent] = {}
+        self.waiting: list[Call] = []
+        self.running: list[Call] = []
+        self.driver: object | None = None
+        """Set by whoever runs `step` in a thread (the runtime): `result()` then waits."""
+        self._ids = itertools.count()
+        self._seq_no = itertools.count()
+        self.counters = {
+            "steps": 0,
+            "rows": 0,
+            "prefill_tokens": 0,
+            "decode_tokens": 0,
+            "shared_tokens": 0,
+            "preempted": 0,
+            "failed": 0,
+            "resume_pin": 0,
+            "resume_offload": 0,
+            "resume_free": 0,
+            "resume_prefetched": 0,
+        }
+        self.kv_samples: list[float] = []
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path | None = None, manager: CacheManager | None = None, **kw: Any
+    ) -> AgentEngine:
+        model, tokenizer = load_causal_lm(path)
+        return cls(model, tokenizer, manager, **kw)
+
+    # ------------------------------------------------------------------ text
+
+    def encode(self, text: str | list[int]) -> list[int]:
+        if isinstance(text, list):
+            bad = [t for t in text if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise InputError(f"token ids must be in 0..{self.vocab_size - 1}, got {bad[:5]}")
+            return list(text)
+        if not isinstance(text, str):
+            raise InputError(f"a prompt is text or a list of token ids, got {type(text).__name__}")
+        if self.tokenizer is None:
+            raise InputError("this engine has no tokenizer: pass token ids")
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    def render(self, messages: list[dict[str, str]]) -> list[int]:
+        """Chat messages as token ids: the tokenizer's chat template, else "role: content"."""
+        tok = self.tokenizer
+        if tok is not None and getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+        return self.encode(text)
+
+    # ------------------------------------------------------------------ submission
+
+    def submit(self, program: Program) -> ProgramHandle:
+        """Queue an agent program; returns its handle at once."""
+        if not program.steps or not all(isinstance(s, (LLM, Tool)) for s in program.steps):
+            raise InputError("a program needs steps: LLM(...) and Tool(...) calls")
+        with self.lock:
+            agent = self.open_agent(program.prompt, program.priority, program.id)
+            agent.program = program
+            agent.handle = ProgramHandle(self, agent)
+            self._advance(agent)
+            return agent.handle
+
+    def generate(
+        self, prompts: list[str | list[int]], max_tokens: int = 16, stop: bool = True
+    ) -> list[list[int]]:
+        """Greedy outputs of independent prompts, batched together (a helper)."""
+        handles = [self.submit(Program(p, [LLM(max_tokens, stop=stop)])) for p in prompts]
+        return [h.result().outputs[0] for h in handles]
+
+    def open_agent(
+        self, prompt: str | list[int] = "", priority: int = 0, agent_id: str | None = None
+    ) -> Agent:
+        """An agent with its (empty) KV sequence; calls come with `call`."""
+        tokens = self.encode(prompt) if prompt else []
+        with self.lock:
+            agent_id = agent_id or f"p{next(self._ids)}"
+            if agent_id in self.agents:
+                raise InputError(f"program {agent_id!r} already exists")
+            agent = Agent(agent_id, tokens, priority, self.clock())
+            self.kv.open(agent_id)
+            self.agents[agent_id] = agent
+            return agent
+
+    def agent(self, agent_id: str) -> Agent:
+        with self.lock:
+            if agent_id not in self.agents:
+                raise UnknownNameError(f"no program {agent_id!r}")
+            return self.agents[agent_id]
+
+    def call(
+        self,
+        agent_id: str,
+        context: list[int] | None = None,
+        max_tokens: int = 16,
+        tool_hint: tuple[str, float | None] | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> Call:
+        """Queue one LLM call of an open agent. `context`: the agent's whole context now
+        (a chat client resends it); the part already in KV is kept (its longest common
+        prefix, in full blocks), the rest is prefilled. `tool_hint`: this call ends in a
+        tool call (name, predicted seconds): its KV is kept per the policy until the next."""
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InputError(f"max_tokens must be a whole number >= 1, got {max_tokens!r}")
+        with self.lock:
+            agent = self.agent(agent_id)
+            if any(c.agent is agent and not c.done for c in [*self.waiting, *self.running]):
+                raise InputError(f"program {agent_id!r} already has a call in progress")
+            if context is not None:
+                context = self.encode(context)
+                if not context:
+                    raise InputError("the context is empty")
+            total = len(context if context is not None else agent.tokens) + max_tokens
+            if total > self.max_positions:
+                raise ContextTooLongError(
+                    f"context of {total - max_tokens} tokens + max_tokens {max_tokens} exceeds "
+                    f"the model's {self.max_positions} positions"
+                )
+            if agent.in_tool:
+                self._tool_return(agent)
+            if context is not None:
+                self._rebase(agent, context)
+            if not agent.tokens:
+                raise InputError("the context is empty")
+            call = Call(agent, max_tokens, self.clock(), next(self._seq_no), tool_hint)
+            call.on_token = on_token
+            agent.calls.append(call)
+            self.waiting.append(call)
+        if agent.handle is not None:
+            with agent.handle.cond:
+                agent.handle.cond.notify_all()
+        return call
+
+    def close_agent(self, agent_id: str) -> None:
+        """End an agent: cancel its calls, free its KV (full blocks stay cached by hash)."""
+        with self.lock:
+            agent = self.agent(agent_id)
+            for call in [c for c in [*self.waiting, *self.running] if c.agent is agent]:
+                self._fail(call, CallFailed(f"program {agent_id!r} was closed"))
+            self.kv.close(agent_id)
+            del self.agents[agent_id]
+
+    def cancel(self, call: Call, reason: str = "cancelled") -> None:
+        """Stop a call (a client went away): its row leaves the batch, its KV is freed."""
+        with self.lock:
+            if not call.done:
+                self._fail(call, CallFailed(reason))
+                self._reset_kv(call.agent)
+
+    # ------------------------------------------------------------------ the step
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running or self._tool_agents())
+
+    def _tool_agents(self) -> list[Agent]:
+        return [a for a in self.agents.values() if a.tool_until is not None]
+
+    def step(self) -> bool:
+        """One scheduling step; False when there was nothing to run."""
+        with self.lock:
+            now = self.clock()
+            self.kv.tick()
+            for agent in self._tool_agents():
+                if now >= agent.tool_until:
+                    agent.tool_until = None
+                    self._tool_return(agent)
+                    agent.tokens.extend(agent.pending_result)
+                    agent.pending_result = []
+                    self._advance(agent)
+            self._admit()
+            rows = self._plan_rows()
+            if not rows:
+                return False
+            try:
+                self._forward(rows)
+            except Exception as exc:  # a failing forward fails its rows, not the engine
+                logger.exception("agent forward failed")
+                for call, _ in rows:
+                    self._fail(call, exc)
+                    self._reset_kv(call.agent)
+            self.counters["steps"] += 1
+            device = self.manager.stats()
+            self._sample_kv(device)
+            return True
+
+    def run_until_idle(self, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.busy:
+            if not self.step():
+                time.sleep(0.0005)
+            if time.monotonic() > deadline:
+                raise TimeoutError("the engine did not become idle")
+
+    # ------------------------------------------------------------------ admission
+
+    def _order(self, call: Call) -> tuple:
+        if self.policy == "baseline":  # FCFS by request
+            return (-call.agent.priority, not call.preempted, call.arrival, call.seq_no)
+        # Continuum: preempted, programs whose KV was kept, then program-level FCFS
+        kept = call.agent.computed > 0
+        return (-call.agent.priority, not call.preempted, not kept, call.agent.arrival)
+
+    def _admit(self) -> None:
+        self.waiting.sort(key=self._order)
+        for call in list(self.waiting):
+            if len(self.running) >= self.max_batch:
+                return
+            agent = call.agent
+            if agent.computed == 0 and not self._seq(agent).table:
+                self._share_prefix(agent)
+            need = math.ceil((len(agent.tokens) + call.max_tokens) / self.spec.tokens_per_block)
+            need -= len(self._seq(agent).table)
+            while need > self._free_blocks() and self.kv.relieve_pressure() is not None:
+                pass
+            if need > self._free_blocks() and self.running:
+                return  # room comes back when a running call ends
+            self.waiting.remove(call)
+            self.running.append(call)
+
+    def _free_blocks(self) -> int:
+        pool = self.manager.pools.get("device")
+        if pool is None:
+            return self.manager.budgets["device"] // self.spec.block_bytes
+        cached_free = pool.num_free
+        return cached_free
+
+    def _share_prefix(self, agent: Agent) -> None:
+        """Share the cached full blocks the context starts with (at least its last token
+        is always computed, for the logits)."""
+        tpb = self.spec.tokens_per_block
+        full = (len(agent.tokens) - 1) // tpb
+        hashes, parent = [], None
+        for i in range(full):
+            parent = hash_block_tokens(parent, agent.tokens[i * tpb : (i + 1) * tpb])
+            hashes.append(parent)
+        seq = self._seq(agent)
+        for block in self.manager.match_prefix(self.consumer, hashes):
+            self.manager.append_shared(seq, block)
+        agent.hashes = hashes[: len(seq.table)]
+        agent.computed = len(seq.table) * tpb
+        self.counters["shared_tokens"] += agent.computed
+
+    # ------------------------------------------------------------------ the batch
+
+    def _plan_rows(self) -> list[tuple[Call, int]]:
+        """(call, tokens to feed) per running call: decode rows first, then prefill chunks."""
+        budget, rows = self.step_tokens, []
+        for call in sorted(self.running, key=lambda c: len(c.agent.tokens) - c.agent.computed):
+            n = min(len(call.agent.tokens) - call.agent.computed, max(budget, 1))
+            if n <= 0:
+                continue
+            if not self._reserve(call, n):
+                continue
+            rows.append((call, n))
+            budget -= n
+            if budget <= 0:
+                break
+        return rows
+
+    def _reserve(self, call: Call, n: int) -> bool:
+        """Account `n` more tokens in the agent's blocks (filling the last one, then new
+        ones); on a full device, preempt the call (back to the queue, its KV freed)."""
+        agent, seq, tpb = call.agent, self._seq(call.agent), self.spec.tokens_per_block
+        try:
+            rem = n
+            if seq.table:
+                last = seq.table[max(seq.table)]
+                if last.num_tokens < tpb:
+                    k = min(tpb - last.num_tokens, rem)
+                    self.manager.extend_last(seq, k)
+                    rem -= k
+            while rem:
+                k = min(tpb, rem)
+                seq.append(k)
+                rem -= k
+        except OutOfBlocksError:
+            self.running.remove(call)
+            self._reset_kv(agent)
+            if not self.running:  # alone and still no room: it can never run
+                self._fail(call, OutOfBlocksError("the KV cache cannot hold this context"))
+                return False
+            call.preempted = True
+            self.waiting.append(call)
+            self.counters["preempted"] += 1
+            return False
+        return True
+
+    def _forward(self, rows: list[tuple[Call, int]]) -> None:
+        spec, tpb = self.spec, self.spec.tokens_per_block
+        table = self.manager.device_table(spec)
+        B = len(rows)
+        pasts = [c.agent.computed for c, _ in rows]
+        P, N = max(pasts), max(n for _, n in rows)
+        L, H, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
+        dev = table.device
+        past = torch.zeros(2, L, B, P, H, D, dtype=spec.dtype, device=dev)
+        ids = torch.zeros(B, N, dtype=torch.long, device=dev)
+        pos = torch.zeros(B, N, dtype=torch.long, device=dev)
+        mask = torch.zeros(B, 1, N, P + N, dtype=torch.bool, device=dev)
+        causal = torch.ones(N, N, dtype=torch.bool, device=dev).tril()
+        for r, (call, n) in enumerate(rows):
+            agent, p = call.agent, pasts[r]
+            seq = self._seq(agent)
+            indices = sorted(seq.table)
+            if p:
+                used = indices[: math.ceil(p / tpb)]
+                blocks = table[self.manager.device_ids(seq, used)]  # [nb, 2, L, T, H, D]
+                flat = blocks.permute(1, 2, 0, 3, 4, 5).reshape(2, L, -1, H, D)
+                past[:, :, r, :p] = flat[:, :, :p]
+                mask[r, 0, :, :p] = True
+            ids[r, :n] = torch.tensor(agent.tokens[p : p + n], dtype=torch.long)
+            pos[r] = torch.arange(p, p + N)
+            mask[r, 0, :, P : P + N] = causal
+            mask[r, 0, n:, P : P + N] = torch.eye(N, dtype=torch.bool, device=dev)[n:]
+        keys = [past[0, i].transpose(1, 2) for i in range(L)]  # [B, H, P, D]
+        values = [past[1, i].transpose(1, 2) for i in range(L)]
+        cache = BatchCache(keys, values)
+        with torch.no_grad():
+            out = self.model(
+                input_ids=ids,
+                position_ids=pos,
+                attention_mask=mask,
+                use_cache=True,
+                logits_to_keep=0,
+                **{self.cache_kw: cache},
+            )
+        new_k = torch.stack([layer.keys[:, :, P:] for layer in cache.layers])  # [L,B,H,N,D]
+        new_v = torch.stack([layer.values[:, :, P:] for layer in cache.layers])
+        new = torch.stack([new_k, new_v]).permute(2, 0, 1, 4, 3, 5)  # [B, 2, L, N, H, D]
+        self.counters["rows"] += B
+        for r, (call, n) in enumerate(rows):
+            self._write(call.agent, new[r, :, :, :n], pasts[r])
+            agent = call.agent
+            if not call.out:  # a decode row feeds the call's last generated token
+                self.counters["prefill_tokens"] += n
+            agent.computed += n
+            if agent.computed == len(agent.tokens):
+                token = int(out.logits[r, n - 1].argmax())
+                self.counters["decode_tokens"] += 1
+                self._emit(call, token)
+
+    def _write(self, agent: Agent, kv: torch.Tensor, start: int) -> None:
+        """K/V `[2, L, n, H, D]` of tokens `start..` into the agent's blocks; hash full ones."""
+        seq, tpb = self._seq(agent), self.spec.tokens_per_block
+        indices = sorted(seq.table)
+        n, done = kv.shape[2], 0
+        while done < n:
+            p = start + done
+            b, off = divmod(p, tpb)
+            m = min(tpb - off, n - done)
+            block = seq.table[indices[b]]
+            self.manager.kv(block)[:, :, off : off + m] = kv[:, :, done : done + m]
+            if off + m == tpb and len(agent.hashes) == b:
+                parent = agent.hashes[-1] if agent.hashes else None
+                h = hash_block_tokens(parent, agent.tokens[b * tpb : (b + 1) * tpb])
+                agent.hashes.append(h)
+                self.manager.commit_hash(seq, indices[b], h)
+            done += m
+
+    def _emit(self, call: Call, token: int) -> None:
+        agent = call.agent
+        now = self.clock()
+        if call.first_token_s is None:
+            call.first_token_s = now
+        with call.cond:
+            call.out.append(token)
+            agent.tokens.append(token)
+            if call.stop and token in self.eos:
+                call.finish_reason = "stop"
+            elif len(call.out) >= call.max_tokens:
+                call.finish_reason = "length"
+            call.cond.notify_all()
+        if call.on_token is not None:
+            call.on_token(token)
+        if call.done:
+            call.done_s = now
+            self._finish(call)
+
+    # ------------------------------------------------------------------ call ends
+
+    def _finish(self, call: Call) -> None:
+        self.running.remove(call)
+        agent = call.agent
+        nxt = None
+        if agent.program is not None and agent.step_index < len(agent.program.steps):
+            nxt = agent.program.steps[agent.step_index]
+        hint = call.tool_hint or ((nxt.name, nxt.duration_s) if isinstance(nxt, Tool) else None)
+        if hint is None and agent.program is None and self.policy != "baseline":
+            hint = ("client", None)  # a chat client's next turn: keep the KV like a tool call
+        if hint is not None:
+            self._tool_call(agent, *hint)
+        elif self.policy == "baseline":
+            self._reset_kv(agent)
+        if agent.program is not None:
+            self._advance(agent)
+        if agent.handle is not None:
+            with agent.handle.cond:
+                agent.handle.cond.notify_all()
+
+    def _advance(self, agent: Agent) -> None:
+        """Start the program's next step (an LLM call or a tool call) or end it."""
+        program = agent.program
+        assert program is not None
+        if agent.tool_until is not None:
+            return
+        if agent.step_index >= len(program.steps):
+            agent.done_s = self.clock()
+            self.kv.close(agent.id)
+            del self.agents[agent.id]
+            if agent.handle is not None:
+                with agent.handle.cond:
+                    agent.handle.cond.notify_all()
+            return
+        step = program.steps[agent.step_index]
+        agent.step_index += 1
+        if isinstance(step, Tool):
+            if not agent.in_tool:
+                self._tool_call(agent, step.name, step.duration_s)
+            agent.tool_until = self.clock() + step.duration_s
+            agent.pending_result = self.encode(step.result) if step.result else []
+            return
+        if step.append:
+            if agent.in_tool:
+                self._tool_return(agent)
+            agent.tokens.extend(self.encode(step.append))
+        call = Call(agent, step.max_tokens, self.clock(), next(self._seq_no), stop=step.stop)
+        agent.calls.append(call)
+        self.waiting.append(call)
+
+    def _tool_call(self, agent: Agent, tool: str, duration: float | None) -> None:
+        agent.in_tool = True
+        if self.policy == "baseline":
+            self._reset_kv(agent)
+            return
+        allow = ("pin", "free") if self.policy == "ttl" else ("pin", "offload", "free")
+        self.kv.tool_call(agent.id, tool, predicted_s=duration, allow=allow)
+
+    def _tool_return(self, agent: Agent) -> None:
+        agent.in_tool = False
+        if agent.id not in self.kv.calls:
+            return
+        resume = self.kv.tool_return(agent.id)
+        self.counters[f"resume_{resume.action}"] += 1
+        self.counters["resume_prefetched"] += resume.prefetched
+        if resume.recompute or not self._seq(agent).table:
+            self._reset_kv(agent)
+        else:  # blocks moved and came back: make their full ones findable again
+            seq = self._seq(agent)
+            for i, h in zip(sorted(seq.table), agent.hashes):
+                self.manager.commit_hash(seq, i, h)
+
+    # ------------------------------------------------------------------ KV helpers
+
+    def _seq(self, agent: Agent):
+        return self.kv.agents[agent.id]
+
+    def _reset_kv(self, agent: Agent) -> None:
+        """Free the agent's KV (full blocks stay cached by hash) and start a new sequence."""
+        if agent.id not in self.kv.agents:
+            return
+        self.kv.close(agent.id)
+        self.kv.open(agent.id)
+        agent.computed, agent.hashes = 0, []
+
+    def _rebase(self, agent: Agent, context: list[int]) -> None:
+        """The agent's context is now `context`: keep the K/V of the common prefix."""
+        common = 0
+        for a, b in zip(agent.tokens[: agent.computed], context):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(context) - 1)
+        if common < agent.computed:
+            self._reset_kv(agent)  # simple and exact: prefix sharing finds the full blocks
+        agent.tokens = list(context)
+
+    def _fail(self, call: Call, exc: BaseException) -> None:
+        for queue in (self.waiting, self.running):
+            if call in queue:
+                queue.remove(call)
+        with call.cond:
+            call.error = exc
+            call.done_s = self.clock()
+            call.cond.notify_all()
+        self.counters["failed"] += 1
+
+    def _sample_kv(self, stats: dict[str, Any]) -> None:
+        pool = self.manager.pools.get("device")
+        if pool is not None:
+            self.kv_samples.append(1.0 - pool.num_free / pool.num_blocks)
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "policy": self.policy,
+                "programs": len(self.agents),
+                "waiting": len(self.waiting),
+                "running": len(self.running),
+                **self.counters,
+            }

@@ -1,0 +1,156 @@
+"""The agent engine: continuous batching on the shared cache manager, exact greedy decode
+whatever the batch, policy or prefix sharing; programs with tool calls under each policy."""
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from streamrt.agents.engine import LLM, AgentEngine, Program, Tool, load_causal_lm
+from streamrt.cache import CacheManager
+
+PROMPTS = [
+    "what color was the circle ?",
+    "a red circle moving right on a dark background . what color was the circle ?",
+    "a blue square moving up on a light background . a red circle moving right . what shape ?",
+]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_causal_lm()
+
+
+def engine(lm, **kw):
+    model, tok = lm
+    kw.setdefault("tokens_per_block", 4)
+    return AgentEngine(model, tok, **kw)
+
+
+def reference(lm, prompt: str, n: int, stop: bool = True) -> list[int]:
+    """Stock transformers: `generate` (greedy, stops at EOS); without a stop, a plain
+    greedy loop of full forwards (no cache at all)."""
+    model, tok = lm
+    ids = torch.tensor([tok(prompt, add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        if stop:
+            cfg = GenerationConfig(max_new_tokens=n, do_sample=False, pad_token_id=0)
+            return model.generate(ids, generation_config=cfg)[0, ids.shape[1] :].tolist()
+        out = []
+        for _ in range(n):
+            out.append(int(model(ids).logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[out[-1]]])], 1)
+        return out
+
+
+def test_greedy_equals_stock_generate(lm):
+    e = engine(lm)
+    for prompt in PROMPTS[:2]:
+        assert e.generate([prompt], 12) == [reference(lm, prompt, 12)]
+    # without EOS, longer outputs (several decode steps over block boundaries)
+    assert e.generate([PROMPTS[2]], 10, stop=False) == [reference(lm, PROMPTS[2], 10, False)]
+    e.manager.check_invariants()
+
+
+def test_same_tokens_alone_together_shared_and_under_every_policy(lm):
+    alone = [engine(lm).generate([p], 9, stop=False)[0] for p in PROMPTS]
+    for policy in ("baseline", "ttl", "offload"):
+        e = engine(lm, policy=policy, step_tokens=7)  # chunked prefill mixed with decode rows
+        assert e.generate(PROMPTS, 9, stop=False) == alone
+        # again: the prompts' full blocks come from the prefix cache, not a prefill
+        before = e.counters["prefill_tokens"]
+        assert e.generate(PROMPTS[::-1], 9, stop=False) == alone[::-1]
+        assert e.counters["shared_tokens"] > 0
+        assert e.counters["prefill_tokens"] - before < sum(len(e.encode(p)) for p in PROMPTS)
+        e.manager.check_invariants()
+        assert e.manager.stats()["counters"]["prefix_hits"] > 0
+
+
+def test_prefix_hit_skips_prefill_of_the_shared_blocks(lm):
+    e = engine(lm)
+    base = PROMPTS[1]
+    e.generate([base], 2)
+    prefill = e.counters["prefill_tokens"]
+    n = len(e.encode(base))
+    longer = base + " what shape ?"
+    out = e.generate([longer], 4, stop=False)
+    # only the tokens after the shared full blocks were prefilled
+    assert e.counters["prefill_tokens"] - prefill == len(e.encode(longer)) - n // 4 * 4
+    assert out == [reference(lm, longer, 4, False)]
+
+
+def program(prompt, tool_s):
+    return Program(
+        prompt,
+        [LLM(4, stop=False), Tool("search", tool_s, "the circle was red ."), LLM(4, stop=False)],
+    )
+
+
+@pytest.mark.parametrize("policy", ["baseline", "ttl", "offload"])
+def test_programs_with_tool_calls_give_the_same_outputs_under_every_policy(lm, policy):
+    clock = Clock()
+    e = engine(lm, policy=policy, clock=clock)
+    e.kv.queue_delay_s = 5.0  # makes pinning worth it (ttl)
+    e.kv.move_bytes_per_s = 1e12  # makes offloading cheap (offload)
+    handles = [e.submit(program(p, 3.0)) for p in PROMPTS[:2]]
+    actions = []
+    while e.busy:
+        if not e.step():
+            actions += [c.action for c in e.kv.calls.values()]
+            clock.now += 0.5
+    outs = [h.result().outputs for h in handles]
+    # the reference: the whole context each call, alone, stock transformers
+    for p, out in zip(PROMPTS[:2], outs):
+        assert out[0] == reference(lm, p, 4, False)
+    solo = engine(lm).generate(
+        [e.encode(PROMPTS[0]) + outs[0][0] + e.encode("the circle was red .")], 4, stop=False
+    )
+    assert outs[0][1] == solo[0]
+    # baseline frees at the tool call; ttl/offload pin (the 1.6 s TTL expires: to host)
+    assert set(actions) == (set() if policy == "baseline" else {"pin", "offload"})
+    assert not e.agents and e.manager.stats()["consumers"]["agents"]["device"]["blocks"] == 0
+    e.manager.check_invariants()
+
+
+def test_long_tool_call_offloads_and_uploads_before_return(lm):
+    clock = Clock()
+    e = engine(lm, policy="offload", clock=clock)
+    e.kv.move_bytes_per_s = 1e9
+    h = e.submit(program(PROMPTS[0], 30.0))
+    seen = []
+    while e.busy:
+        if not e.step():
+            for a, c in e.kv.calls.items():
+                seen.append((c.action, {b.tier for b in e.kv.agents[a].blocks()}))
+            clock.now += 1.0
+    assert ("offload", {"host"}) in seen  # during the tool call
+    # uploaded by the tick before the tool returned: the resume paid no transfer
+    assert e.counters["resume_offload"] == 1 and e.counters["resume_prefetched"] == 1
+    assert h.result().outputs[0] == reference(lm, PROMPTS[0], 4, False)
+    e.manager.check_invariants()
+
+
+def test_engine_shares_a_manager_with_another_consumer_and_frees_what_it_held(lm):
+    model, tok = lm
+    from streamrt.agents.engine import lm_spec
+
+    spec = lm_spec(model, 4)
+    mgr = CacheManager(device_bytes=spec.block_bytes * 64, host_bytes=spec.block_bytes * 64)
+    mgr.register("other", spec)
+    other = mgr.open_sequence("other")
+    other.append()
+    e = AgentEngine(model, tok, mgr, tokens_per_block=4)
+    assert e.generate(PROMPTS[:2], 5, stop=False) == [
+        reference(lm, p, 5, False) for p in PROMPTS[:2]
+    ]
+    # baseline: every block freed (full ones stay findable by hash until reused)
+    assert mgr.stats()["consumers"]["agents"]["device"]["blocks"] == 0
+    assert mgr.stats()["consumers"]["other"]["device"]["blocks"] == 1
+    mgr.check_invariants()
