@@ -110,7 +110,7 @@ def test_program_keeps_kv_between_calls(server):
     assert httpx.delete(f"{url}/v1/agents/programs/{pid}").status_code == 200
 
 
-def test_bad_input_is_4xx_and_the_engine_keeps_serving(server):
+def test_bad_input_is_4xx_and_the_engine_keeps_serving(server, monkeypatch):
     url, rt = server
     ok = {"model": "tiny", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 3}
     cases = [
@@ -127,7 +127,16 @@ def test_bad_input_is_4xx_and_the_engine_keeps_serving(server):
         assert word in r.json()["error"]
     r = httpx.post(url + "/v1/chat/completions", content=b"{not json")
     assert r.status_code == 400
-    # a client leaving mid-stream: its call is cancelled and its KV freed
+    # a client leaving mid-stream: its call is cancelled and its KV freed. No EOS and a
+    # slowed step keep the call running well past the disconnect (200 tokens >= 2 s).
+    monkeypatch.setattr(rt.agents, "eos", set())
+    step = rt.agents.step
+
+    def slow_step():
+        time.sleep(0.01)
+        return step()
+
+    monkeypatch.setattr(rt.agents, "step", slow_step)
     failed = rt.agents.counters["failed"]
     with httpx.stream(
         "POST", url + "/v1/chat/completions", json={**ok, "max_tokens": 200, "stream": True}
