@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--seconds", type=positive, default=12.0, help="length of the arrival trace (12)"
     )
     serve_b.add_argument(
+        "--overload", type=positive, default=2.5, help="first burst / what the machine carries"
+    )
+    serve_b.add_argument(
         "--trace", metavar="PATH", help="arrival trace JSON: replayed if it exists, else written"
     )
     serve_b.add_argument(

@@ -42,6 +42,36 @@ logger = logging.getLogger(__name__)
 CALIBRATION_PROMPT = "a red circle moving right on a dark background"
 
 
+class FairLock:
+    """The runtime's re-entrant lock, counting the threads waiting for it, so the step loop
+    can let them in between steps (a plain RLock can be re-taken by the loop at once, and
+    a thread opening a stream or asking a question could wait for many steps)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._count = threading.Lock()
+        self.waiting = 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        with self._count:
+            self.waiting += 1
+        try:
+            return self._lock.acquire(blocking, timeout)
+        finally:
+            with self._count:
+                self.waiting -= 1
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> FairLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
 class AdmissionError(StreamrtError):
     """The runtime is at capacity: the stream was refused (retry later, or ask for less)."""
 
@@ -125,7 +155,7 @@ class Runtime:
                 None if agents is True else agents, manager=self.cache, policy=agent_policy
             )
         self.scheduler = Scheduler(self.config)
-        self.lock = threading.RLock()
+        self.lock = FairLock()
         self.streams: dict[str, LiveStream] = {}
         self.finished: dict[str, LiveStream] = {}
         self.sessions: dict[str, QASession] = {}
@@ -556,6 +586,8 @@ class Runtime:
             if wait > 0:
                 self._wake.wait(min(wait, 0.05))
                 self._wake.clear()
+            elif self.lock.waiting:  # let callers in between steps
+                time.sleep(0.0005)
 
     def stop(self) -> None:
         if self._thread is not None:
