@@ -59,8 +59,6 @@ class QASession:
         """A watched stream's frames it is fed: every `stride`-th (near the QA model's fps)."""
         self.error: str | None = None
         """Why frames were last dropped at encoding (e.g. no room for their blocks)."""
-        self.encode_s = 0.0
-        """Seconds the last encode batch took per session (the scheduler's estimate)."""
 
     def push(self, frame: np.ndarray, timestamp: float | None) -> bool:
         """Queue a frame; False if a frame was dropped to make room (or this one was)."""
@@ -116,7 +114,6 @@ def encode_together(work: list[tuple[QASession, list[tuple[np.ndarray, float | N
     if not prepared:
         return 0
     adapter = prepared[0][0].qa.adapter
-    t0 = time.perf_counter()
     with torch.no_grad():
         embeds = adapter.encode_frames(torch.cat([p for _, p, _ in prepared]))
     start = 0
@@ -131,9 +128,6 @@ def encode_together(work: list[tuple[QASession, list[tuple[np.ndarray, float | N
             session.dropped += n
             session.error = str(exc)
         start += n
-    seconds = time.perf_counter() - t0
-    for session, _, _ in prepared:
-        session.encode_s = seconds
     return stored
 
 

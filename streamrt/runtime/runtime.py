@@ -176,6 +176,8 @@ class Runtime:
             "step_errors": 0,
         }
         self._last_change = 0.0
+        self._side_s = 0.0
+        """Measured seconds of one piece of side work (EMA), for `_spare`."""
 
     # ------------------------------------------------------------------ streams
 
@@ -451,11 +453,8 @@ class Runtime:
                 if live.at_boundary:
                     self._guard(live, live.start_chunk)
             batch = self.scheduler.pick(ready, now)
-            spare = not batch or self._slack(batch, now) > self._encode_estimate()
-            if spare and self._encode_qa():
+            if self._spare(batch, now) and self._side_work():
                 return 0.0
-            if spare and self.agents is not None and self.agents.step():
-                return 0.0  # one batched forward of every running agent call
             if not batch:
                 return self._idle_wait(now)
             self._run(batch)
@@ -514,8 +513,22 @@ class Runtime:
             waits.append(0.002)  # agents in a tool call: their return is polled
         return max(min(waits, default=0.1), 0.001)
 
-    def _encode_estimate(self) -> float:
-        return max((s.encode_s for s in self.sessions.values()), default=0.0)
+    def _spare(self, batch: list[LiveStream], now: float) -> bool:
+        """Whether side work (QA encoding, an agent step) fits before the batch must run:
+        the batch's slack covers the side work's measured time plus twice the batch's."""
+        if not batch:
+            return True
+        rows = sum(len(s.pending.rows) for s in batch)
+        need = self._side_s + 2 * self.scheduler.cost.forward_s(rows)
+        return self._slack(batch, now) > need
+
+    def _side_work(self) -> bool:
+        """One piece of side work (QA frames first, then an agent step); False if none."""
+        t0 = time.perf_counter()
+        did = self._encode_qa() or (self.agents is not None and self.agents.step())
+        if did:
+            self._side_s = 0.8 * self._side_s + 0.2 * (time.perf_counter() - t0)
+        return did
 
     def _encode_qa(self) -> bool:
         """Encode queued frames of every QA session in one vision batch; False if none."""

@@ -219,6 +219,8 @@ def _fps_for_share(runtime: Runtime, share: float) -> float:
     cost.observe(1, 0.01)
     cost.observe(4, 0.04)
     cost.decode_s = 0.002
+    cost.observe = lambda rows, seconds: None  # frozen: real forwards do not move it
+    cost.observe_decode = lambda seconds: None
     one = runtime.open_stream(PROMPTS[0], fps=1.0)
     load = runtime.scheduler.load([one._live])  # load grows linearly with fps
     one.close()
@@ -389,3 +391,21 @@ def test_encoding_is_batched_across_sessions(rt, monkeypatch):
     assert calls == [5]
     a.close()
     b.close()
+
+
+def test_side_work_runs_only_when_the_batch_can_wait_for_it():
+    runtime = Runtime("tiny-random", runtime=RuntimeConfig(admission=False), qa=False)
+    try:
+        h = runtime.open_stream(PROMPTS[0])
+        live = h._live
+        live.start_chunk()
+        runtime.scheduler.cost.observe(1, 0.01)
+        runtime._side_s = 0.05  # measured side work: 50 ms
+        now = live.playout.opened
+        live.playout.opened = now - live.playout.ttff_s + 0.06  # next frame due in 60 ms
+        assert not runtime._spare([live], now)  # 50 ms + 2 x 10 ms does not fit in 60 ms
+        live.playout.opened = now - live.playout.ttff_s + 0.2
+        assert runtime._spare([live], now)
+        assert runtime._spare([], now)  # nothing due: side work always fits
+    finally:
+        runtime.close()
