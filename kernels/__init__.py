@@ -38,8 +38,10 @@ else:
         apply_rope,
         apply_wan_rope,
         rope_frequencies,
+        rotate,
         wan_rope_cos_sin,
         wan_rope_halves,
+        wan_rope_rotation,
     )
 
     __all__ = [
@@ -49,8 +51,10 @@ else:
         "attend",
         "available_backends",
         "rope_frequencies",
+        "rotate",
         "sdpa",
         "set_attention_backend",
         "wan_rope_cos_sin",
         "wan_rope_halves",
+        "wan_rope_rotation",
     ]

@@ -32,7 +32,12 @@ import torch
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
 from streamrt.cache import AttentionPlan, Sequence
-from streamrt.kernels import apply_wan_rope, attend, wan_rope_cos_sin, wan_rope_halves
+from streamrt.kernels import attend, rotate, wan_rope_cos_sin, wan_rope_halves, wan_rope_rotation
+
+
+def rotation(cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The complex RoPE table `rotate` applies, from `wan_rope_cos_sin` tables."""
+    return wan_rope_rotation(*wan_rope_halves(*cos_sin))
 
 
 @dataclass
@@ -92,10 +97,10 @@ class BatchLayout:
     """Kept tokens per computed row."""
     mask: torch.Tensor | None
     """`[rows, 1, 1, keys]`, True on real keys; None when no row is padded."""
-    q_rope: tuple[torch.Tensor, torch.Tensor]
-    """cos/sin halves for the queries `[rows, q_tokens, 1, head_dim / 2]`."""
-    k_rope: tuple[torch.Tensor, torch.Tensor]
-    """cos/sin halves for the kept keys `[rows, keys, 1, head_dim / 2]`."""
+    q_rope: torch.Tensor
+    """Complex rotation of the queries `[rows, q_tokens, 1, head_dim / 2]` (`rotate`)."""
+    k_rope: torch.Tensor
+    """Complex rotation of the kept keys `[rows, keys, 1, head_dim / 2]` (padding: 0)."""
 
     @classmethod
     def build(cls, ctx: ForwardContext, rope: torch.nn.Module, tpf: int) -> BatchLayout:
@@ -114,8 +119,8 @@ class BatchLayout:
                 raise RuntimeError("generation blocks hold one whole latent frame each")
             reads.append(manager.device_ids(row.seq, plan.indices))
             frames = torch.tensor([s // tpf for s in plan.starts], dtype=torch.long)
-            k_tabs.append(wan_rope_halves(*wan_rope_cos_sin(rope, frames, h, w)))
-            q_tabs.append(wan_rope_halves(*wan_rope_cos_sin(rope, row.query_frames, h, w)))
+            k_tabs.append(rotation(wan_rope_cos_sin(rope, frames, h, w)))
+            q_tabs.append(rotation(wan_rope_cos_sin(rope, row.query_frames, h, w)))
         most = max(len(r) for r in reads)
         device = table.device
         read_ids = torch.tensor([r + [r[0]] * (most - len(r)) for r in reads], device=device)
@@ -126,11 +131,8 @@ class BatchLayout:
             kept = torch.tensor(lengths, device=device)[:, None]
             mask = (torch.arange(keys, device=device)[None] < kept)[:, None, None, :]
 
-        def stacked(tabs: list[tuple[torch.Tensor, torch.Tensor]]):
-            def pad(t: torch.Tensor) -> torch.Tensor:
-                return torch.nn.functional.pad(t, (0, 0, 0, 0, 0, keys - t.shape[0]))
-
-            return tuple(torch.stack([pad(t) for t in part]) for part in zip(*tabs))
+        def padded(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(keys - t.shape[0], *t.shape[1:])])
 
         return cls(
             table,
@@ -138,8 +140,8 @@ class BatchLayout:
             read_ids,
             lengths,
             mask,
-            tuple(torch.stack(part) for part in zip(*q_tabs)),
-            stacked(k_tabs),
+            torch.stack(q_tabs),
+            torch.stack([padded(t) for t in k_tabs]),
         )
 
 
@@ -206,8 +208,8 @@ class StreamingSelfAttention:
         rows = batch.read_ids.shape[0]
         k = table[batch.read_ids, 0, self.layer].reshape(rows, -1, *block[1:]).to(query.dtype)
         v = table[batch.read_ids, 1, self.layer].reshape(rows, -1, *block[1:]).to(query.dtype)
-        query = apply_wan_rope(query, *batch.q_rope, halves=True)
-        k = apply_wan_rope(k, *batch.k_rope, halves=True)
+        query = rotate(query, batch.q_rope)
+        k = rotate(k, batch.k_rope)
         out = attend(query, k, v, mask=batch.mask)
         if ctx.scores is not None:
             importance = torch.einsum("bqhd,bkhd->bk", query.float(), k.float())

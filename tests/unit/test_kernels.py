@@ -66,3 +66,16 @@ def test_wan_rope_tables_equal_diffusers_from_frame_zero():
     a = torch.einsum("qhd,khd->hqk", apply_wan_rope(q, cos, sin), apply_wan_rope(k, cos, sin))
     b = torch.einsum("qhd,khd->hqk", apply_wan_rope(q, c2, s2), apply_wan_rope(k, c2, s2))
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_rotate_with_a_complex_table_equals_apply_wan_rope():
+    from streamrt.kernels import rotate, wan_rope_halves, wan_rope_rotation
+
+    cos = torch.randn(12, 1, 32)
+    sin = torch.randn(12, 1, 32)
+    halves = wan_rope_halves(cos, sin)
+    table = wan_rope_rotation(*halves)
+    x = torch.randn(3, 12, 4, 32)
+    assert torch.equal(rotate(x, table), apply_wan_rope(x, *halves, halves=True))
+    xb = x.bfloat16()  # other dtypes: apply_wan_rope's own path and precision
+    assert torch.equal(rotate(xb, table), apply_wan_rope(xb, *halves, halves=True))
