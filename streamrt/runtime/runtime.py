@@ -35,41 +35,11 @@ from streamrt.config import CacheConfig, RuntimeConfig, StreamrtConfig, read_pre
 from streamrt.errors import InputError, StreamrtError, UnknownNameError
 from streamrt.gen.forward import run_requests
 from streamrt.runtime.live import LiveStream, StreamHandle
+from streamrt.runtime.lock import FairLock
 from streamrt.runtime.qa import QAHandle, QASession
-from streamrt.runtime.scheduler import Scheduler
+from streamrt.runtime.scheduler import Scheduler, calibrate
 
 logger = logging.getLogger(__name__)
-CALIBRATION_PROMPT = "a red circle moving right on a dark background"
-
-
-class FairLock:
-    """The runtime's re-entrant lock, counting the threads waiting for it, so the step loop
-    can let them in between steps (a plain RLock can be re-taken by the loop at once, and
-    a thread opening a stream or asking a question could wait for many steps)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self._count = threading.Lock()
-        self.waiting = 0
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        with self._count:
-            self.waiting += 1
-        try:
-            return self._lock.acquire(blocking, timeout)
-        finally:
-            with self._count:
-                self.waiting -= 1
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def __enter__(self) -> FairLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
 
 
 class AdmissionError(StreamrtError):
@@ -542,31 +512,10 @@ class Runtime:
         return True
 
     def calibrate(self) -> None:
-        """Measure the forward and decode times admission control predicts from: forwards
-        of 1 and `max_batch` rows, and one decode, on scratch streams (freed after)."""
+        """Measure the forward and decode times admission control predicts from (on
+        scratch streams, freed after; see `streamrt.runtime.scheduler.calibrate`)."""
         with self.lock:
-            scratch = [
-                self.engine.open_stream(CALIBRATION_PROMPT, seed=i)
-                for i in range(max(2, min(self.config.max_batch, 4)))
-            ]
-            try:
-                for group in (scratch[:1], scratch, scratch[:1], scratch):
-                    requests = []
-                    for gen in group:
-                        blocks = gen.append_chunk()
-                        x, _sigmas, eps = gen.initial_latents()
-                        t = x.new_full((1, x.shape[2]), 500.0)
-                        requests.append(gen.request([blocks], x, t, noise=eps))
-                    t0 = time.perf_counter()
-                    outs = run_requests(self.engine, requests)
-                    rows = sum(len(r.rows) for r in requests)
-                    self.scheduler.cost.observe(rows, time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                scratch[0].decode(outs[0])
-                self.scheduler.cost.observe_decode(time.perf_counter() - t0)
-            finally:
-                for gen in scratch:
-                    gen.close()
+            calibrate(self.engine, self.scheduler.cost, self.config.max_batch)
 
     def wait_for_work(self, live: LiveStream) -> float:
         """Called by a reader waiting for frames: runs a step here when no thread does;

@@ -16,8 +16,9 @@ over the last forwards, and seconds of a chunk's decode.
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +26,8 @@ from streamrt.config import RuntimeConfig
 
 if TYPE_CHECKING:
     from streamrt.runtime.live import LiveStream
+
+CALIBRATION_PROMPT = "a red circle moving right on a dark background"
 
 
 class CostModel:
@@ -145,3 +148,30 @@ class Scheduler:
             return True, self.load([*running, new]) if self.cost.samples else 0.0
         load = self.load([*running, new])
         return load <= self.config.headroom, load
+
+
+def calibrate(engine: Any, cost: CostModel, max_batch: int) -> None:
+    """Measure forwards of 1 and of up to 4 rows (twice each) and one decode, on scratch
+    streams of `engine` (a `GenEngine`; freed after), into `cost`."""
+    from streamrt.gen.forward import run_requests
+
+    scratch = [
+        engine.open_stream(CALIBRATION_PROMPT, seed=i) for i in range(max(2, min(max_batch, 4)))
+    ]
+    try:
+        for group in (scratch[:1], scratch, scratch[:1], scratch):
+            requests = []
+            for gen in group:
+                blocks = gen.append_chunk()
+                x, _sigmas, eps = gen.initial_latents()
+                t = x.new_full((1, x.shape[2]), 500.0)
+                requests.append(gen.request([blocks], x, t, noise=eps))
+            t0 = time.perf_counter()
+            outs = run_requests(engine, requests)
+            cost.observe(sum(len(r.rows) for r in requests), time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        scratch[0].decode(outs[0])
+        cost.observe_decode(time.perf_counter() - t0)
+    finally:
+        for gen in scratch:
+            gen.close()
