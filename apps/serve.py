@@ -33,25 +33,21 @@ owns the runtime: it starts its step loop on startup and closes it on shutdown.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import io
 import json
 import logging
 import math
-import queue
 import socket
-import threading
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import numpy as np
-from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -71,8 +67,6 @@ ASK_FLUSH_S = 10.0
 """`ask` first waits this long at most for the session's queued frames to be encoded."""
 GRACE_S = 3.0
 """On shutdown, open responses (an endless MJPEG stream) get this long before they are cut."""
-V2V_QUEUE = 16
-"""Input frames a v2v socket buffers before it stops reading (the client is told by TCP)."""
 FRAMES_HINT = (
     "send one JPEG or PNG image, or a video file (mp4, webm, mkv, ...), as the request body"
 )
@@ -342,206 +336,7 @@ def ask(handle: QAHandle, question: str, flush_s: float) -> dict:
     }
 
 
-# ---------------------------------------------------------------------- video-to-video
-
-
-class _Aborted(Exception):
-    """The socket went away (or sent a bad frame): the worker stops at the next input."""
-
-
-_END = object()
-
-
-class V2VSession:
-    """One WebSocket's live video-to-video: a worker thread runs `VideoToVideo` over the
-    frames the socket receives; styled frames go to `outputs` (an asyncio queue), then one
-    last item: `_END`, the exception that ended it, or `_Aborted`.
-
-    The cache manager is not thread-safe: the worker holds the runtime's lock whenever it is
-    in the stream or `VideoToVideo` (see `_inputs`), and closes the stream under it.
-    """
-
-    def __init__(self, rt: Runtime, prompt: str, loop: asyncio.AbstractEventLoop) -> None:
-        from streamrt.gen.v2v import VideoToVideo
-
-        self.lock = rt.lock
-        with self.lock:
-            self.stream = rt.engine.open_stream(prompt)  # a bad prompt fails here
-            try:
-                self.v2v = VideoToVideo(self.stream)
-            except BaseException:
-                self.stream.close()
-                raise
-        cfg = self.stream.config
-        self.size = (cfg.width, cfg.height)
-        self.inputs: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=V2V_QUEUE)
-        self.outputs: asyncio.Queue[Any] = asyncio.Queue()
-        self.received = 0
-        self.sent = 0
-        self._loop = loop
-        self._abort: BaseException | None = None
-        self._ended = threading.Event()
-        self._worker = threading.Thread(target=self._run, name="streamrt-v2v", daemon=True)
-        self._worker.start()
-
-    # ------------------------------------------------------------------ socket side
-
-    def push_jpeg(self, data: bytes) -> None:
-        """Decode, resize to the model's size and queue an input frame (blocks while the
-        queue is full: call it in a thread)."""
-        import cv2
-
-        frame = decode_image(data) if is_image(data) else None
-        if frame is None:
-            raise InputError(
-                f"input frame {self.received} is not a JPEG or PNG image: send each frame as "
-                "one binary message of JPEG bytes"
-            )
-        if frame.shape[:2] != (self.size[1], self.size[0]):
-            frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
-        self.received += 1
-        while not self._ended.is_set():
-            with contextlib.suppress(queue.Full):
-                self.inputs.put(frame, timeout=0.1)
-                return
-
-    def end(self) -> None:
-        """No more input: the worker finishes the open chunks and sends `_END`."""
-        while not self._ended.is_set():
-            with contextlib.suppress(queue.Full):
-                self.inputs.put(None, timeout=0.1)
-                return
-
-    def abort(self, error: BaseException | None = None) -> None:
-        """Stop at the next input (the stream is closed by the worker)."""
-        if self._abort is None:
-            self._abort = error or _Aborted()
-
-    def join(self, timeout: float) -> None:
-        self._worker.join(timeout)
-
-    # ------------------------------------------------------------------ worker
-
-    def _inputs(self) -> Iterator[np.ndarray]:
-        """The frames for `VideoToVideo.run`, which the worker drives holding the runtime's
-        lock: this releases the lock while it waits for the socket and takes it back before
-        it hands `run` the next frame, so every call `run` makes into the stream holds it."""
-        while True:
-            self.lock.release()
-            try:
-                frame = self._next_input()
-            finally:
-                self.lock.acquire()
-            if frame is None:
-                return
-            yield frame
-
-    def _next_input(self) -> np.ndarray | None:
-        while True:
-            if self._abort is not None:
-                raise _Aborted
-            with contextlib.suppress(queue.Empty):
-                return self.inputs.get(timeout=0.1)
-
-    def _run(self) -> None:
-        last: Any = _END
-        try:
-            with self.lock:  # held once: `_inputs` may release it
-                for out in self.v2v.run(self._inputs()):
-                    self._emit(out)
-        except _Aborted:
-            last = self._abort
-        except Exception as exc:  # this socket's failure; the runtime keeps serving
-            last = exc
-        finally:
-            try:
-                with self.lock:
-                    self.stream.close()
-            finally:
-                self._ended.set()
-                self._emit(last)
-
-    def _emit(self, item: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown)
-            self._loop.call_soon_threadsafe(self.outputs.put_nowait, item)
-
-
-async def _v2v_receive(ws: WebSocket, session: V2VSession) -> None:
-    """Input frames from the socket until `{"end": true}` (or the socket closes: abort)."""
-    try:
-        while True:
-            message = await ws.receive()
-            if message["type"] == "websocket.disconnect":
-                session.abort()
-                return
-            if message.get("bytes") is not None:
-                await run_in_threadpool(session.push_jpeg, message["bytes"])
-                continue
-            try:
-                control = json.loads(message.get("text") or "")
-            except json.JSONDecodeError:
-                control = None
-            if control != {"end": True}:
-                raise InputError(
-                    "after the first message, send frames as binary JPEG messages and "
-                    '{"end": true} as text when the input ends'
-                )
-            await run_in_threadpool(session.end)
-            return
-    except InputError as exc:
-        session.abort(exc)
-    except Exception:  # the socket broke
-        session.abort()
-
-
-async def v2v_socket(ws: WebSocket, rt: Runtime, sessions: set[V2VSession]) -> None:
-    """The `/v1/v2v` protocol (see the README's "Server" section)."""
-    await ws.accept()
-    try:
-        start = V2VStart.model_validate(json.loads(await ws.receive_text()))
-        session = await run_in_threadpool(V2VSession, rt, start.prompt, asyncio.get_running_loop())
-    except WebSocketDisconnect:
-        return
-    except (json.JSONDecodeError, KeyError, ValidationError, StreamrtError) as exc:
-        if isinstance(exc, ValidationError):
-            text = validation_message(exc.errors())
-        elif isinstance(exc, StreamrtError):
-            text = str(exc)
-        else:
-            text = 'the first message must be a JSON text message like {"prompt": "..."}'
-        await ws.send_json({"error": text})
-        await ws.close(code=1008)
-        return
-    sessions.add(session)
-    receiver = asyncio.create_task(_v2v_receive(ws, session))
-    try:
-        await ws.send_json({"width": session.size[0], "height": session.size[1]})
-        while True:
-            item = await session.outputs.get()
-            if isinstance(item, np.ndarray):
-                await ws.send_bytes(await run_in_threadpool(encode_jpeg, item))
-                session.sent += 1
-            elif item is _END:
-                await ws.send_json({"done": True, "frames": session.sent})
-                await ws.close()
-                return
-            elif isinstance(item, _Aborted):
-                return  # the client left
-            else:
-                if not isinstance(item, StreamrtError):
-                    log.error("v2v socket failed", exc_info=item)
-                await ws.send_json({"error": _message(item)})
-                await ws.close(code=1003 if isinstance(item, InputError) else 1011)
-                return
-    except (WebSocketDisconnect, RuntimeError):  # the client left while we sent
-        pass
-    finally:
-        receiver.cancel()
-        session.abort()
-        sessions.discard(session)
-
-
-def _message(exc: BaseException) -> str:
+def error_message(exc: BaseException) -> str:
     if isinstance(exc, StreamrtError):
         return str(exc)
     return f"internal error ({type(exc).__name__}: {exc}); the server log has the traceback"
@@ -553,6 +348,9 @@ def _message(exc: BaseException) -> str:
 def create_app(runtime: Runtime, ask_flush_s: float = ASK_FLUSH_S) -> FastAPI:
     """The HTTP/WebSocket app over `runtime`, which it owns: `runtime.start()` on startup,
     `runtime.close()` on shutdown."""
+    from streamrt.apps.serve_chat import chat_once, chat_request, chat_stream
+    from streamrt.apps.serve_v2v import V2VSession, v2v_socket
+
     rt = runtime
     v2v_sessions: set[V2VSession] = set()
     # MJPEG readers wait in threads of their own: endless streams never starve the pool
@@ -596,7 +394,7 @@ def create_app(runtime: Runtime, ask_flush_s: float = ASK_FLUSH_S) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception) -> JSONResponse:
-        return _error(500, _message(exc))
+        return _error(500, error_message(exc))
 
     # ------------------------------------------------------------------ streams
 
@@ -692,150 +490,6 @@ def create_app(runtime: Runtime, ask_flush_s: float = ASK_FLUSH_S) -> FastAPI:
         await v2v_socket(ws, rt, v2v_sessions)
 
     return app
-
-
-# ---------------------------------------------------------------------- chat completions
-
-CHAT_FIELDS = {
-    "model", "messages", "max_tokens", "max_completion_tokens", "stream", "program_id",
-    "tool", "tool_duration_s", "temperature", "top_p", "n", "stop", "seed", "user",
-    "stream_options",
-}  # fmt: skip
-"""Accepted fields; sampling fields are accepted and ignored (decoding is greedy)."""
-CHAT_TIMEOUT_S = 300.0
-
-
-def chat_request(eng: Any, body: Any) -> dict[str, Any]:
-    """Validate an OpenAI chat request; render its messages; open its call (400/404 if bad)."""
-    if not isinstance(body, dict):
-        raise InputError("the body must be a JSON object (OpenAI chat completions)")
-    unknown = sorted(set(body) - CHAT_FIELDS)
-    if unknown:
-        raise InputError(f"unknown field(s) {', '.join(map(repr, unknown))}")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InputError("messages: a non-empty list of {role, content} objects")
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
-            raise InputError(f"messages[{i}]: an object with a string role")
-        if not isinstance(m.get("content"), str):
-            raise InputError(f"messages[{i}].content: a string")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = 16 if max_tokens is None else max_tokens
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise InputError(f"max_tokens: a whole number >= 1, got {max_tokens!r}")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise InputError("stream: true or false")
-    program_id, tool = body.get("program_id"), body.get("tool")
-    duration = body.get("tool_duration_s")
-    if program_id is not None and not isinstance(program_id, str):
-        raise InputError("program_id: a string (POST /v1/agents/programs makes one)")
-    if tool is not None and not isinstance(tool, str):
-        raise InputError("tool: the name of the tool this call ends in")
-    if duration is not None and (
-        isinstance(duration, bool)
-        or not isinstance(duration, (int, float))
-        or not (0 <= duration < 1e6)
-    ):
-        raise InputError("tool_duration_s: seconds >= 0")
-    if duration is not None and tool is None:
-        raise InputError("tool_duration_s needs tool")
-    ids = eng.render([{"role": m["role"], "content": m["content"]} for m in messages])
-    temporary = program_id is None
-    agent_id = eng.open_agent().id if temporary else eng.agent(program_id).id
-    try:
-        call = eng.call(agent_id, ids, max_tokens, (tool, duration) if tool else None)
-    except BaseException:
-        if temporary:
-            eng.close_agent(agent_id)
-        raise
-    return {
-        "call": call,
-        "agent": agent_id,
-        "temporary": temporary,
-        "stream": stream,
-        "model": body.get("model") or "streamrt-agents",
-        "prompt_tokens": len(ids),
-        "id": f"chatcmpl-{agent_id}-{call.seq_no}",
-        "created": int(time.time()),
-    }
-
-
-def _end(eng: Any, req: dict[str, Any]) -> None:
-    """The call is over (or abandoned): stop it, free a one-off call's agent."""
-    call = req["call"]
-    if not call.done:
-        eng.cancel(call, "the client went away")
-    if req["temporary"]:
-        with contextlib.suppress(UnknownNameError):
-            eng.close_agent(req["agent"])
-
-
-def chat_once(eng: Any, req: dict[str, Any]) -> dict[str, Any]:
-    call = req["call"]
-    try:
-        out = call.wait(CHAT_TIMEOUT_S)
-    finally:
-        _end(eng, req)
-    return {
-        "id": req["id"],
-        "object": "chat.completion",
-        "created": req["created"],
-        "model": req["model"],
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": eng.decode(out)},
-                "finish_reason": call.finish_reason,
-            }
-        ],
-        "usage": {
-            "prompt_tokens": req["prompt_tokens"],
-            "completion_tokens": len(out),
-            "total_tokens": req["prompt_tokens"] + len(out),
-        },
-    }
-
-
-async def chat_stream(eng: Any, req: dict[str, Any]) -> AsyncIterator[bytes]:
-    """SSE `chat.completion.chunk`s: the role, one per token (text delta), the finish."""
-    call = req["call"]
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-        data = {
-            "id": req["id"],
-            "object": "chat.completion.chunk",
-            "created": req["created"],
-            "model": req["model"],
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        }
-        return f"data: {json.dumps(data)}\n\n".encode()
-
-    tokens = call.tokens(CHAT_TIMEOUT_S)
-    out: list[int] = []
-    text = ""
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        while True:
-            try:
-                token = await anyio.to_thread.run_sync(next, tokens, None)
-            except StreamrtError as exc:
-                yield f"data: {json.dumps({'error': str(exc)})}\n\n".encode()
-                return
-            if token is None:
-                break
-            out.append(token)
-            now = eng.decode(out)
-            delta, text = now[len(text) :] if now.startswith(text) else now, now
-            yield chunk({"content": delta})
-        yield chunk({}, call.finish_reason)
-        yield b"data: [DONE]\n\n"
-    finally:
-        _end(eng, req)
-
-
-# ---------------------------------------------------------------------- the command
 
 
 def listen(host: str, port: int) -> socket.socket:
