@@ -155,6 +155,8 @@ class Agent:
     arrival: float
     computed: int = 0
     """Tokens of `tokens` whose K/V are in the sequence's blocks."""
+    peak: int = 0
+    """Most tokens ever computed: a forward below it recomputes lost K/V."""
     hashes: list[bytes] = field(default_factory=list)
     """Chained hashes of the full blocks written so far."""
     in_tool: bool = False
@@ -372,6 +374,7 @@ class AgentEngine:
             "prefill_tokens": 0,
             "decode_tokens": 0,
             "shared_tokens": 0,
+            "recomputed_tokens": 0,
             "preempted": 0,
             "failed": 0,
             "resume_pin": 0,
@@ -657,10 +660,31 @@ class AgentEngine:
         return True
 
     def _forward(self, rows: list[tuple[Call, int]]) -> None:
+        """Run the model on the rows, store their new K/V, emit the tokens of finished inputs."""
+        pasts = [c.agent.computed for c, _ in rows]
+        new, greedy = self._run_model(rows, pasts)
+        self.counters["rows"] += len(rows)
+        for r, (call, n) in enumerate(rows):
+            agent, p = call.agent, pasts[r]
+            self._write(agent, new[r, :, :, :n], p)
+            if not call.out:  # a decode row feeds the call's last generated token
+                self.counters["prefill_tokens"] += n
+            # K/V this agent had computed before and lost (freed, evicted, preempted)
+            self.counters["recomputed_tokens"] += max(0, min(agent.peak, p + n) - p)
+            agent.computed += n
+            agent.peak = max(agent.peak, agent.computed)
+            if agent.computed == len(agent.tokens):
+                self.counters["decode_tokens"] += 1
+                self._emit(call, greedy[r])
+
+    def _run_model(
+        self, rows: list[tuple[Call, int]], pasts: list[int]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """One padded forward of the rows: their new K/V `[B, 2, L, N, H, D]` and each
+        row's greedy next token (after its last fed token). A simulation overrides this."""
         spec, tpb = self.spec, self.spec.tokens_per_block
         table = self.manager.device_table(spec)
         B = len(rows)
-        pasts = [c.agent.computed for c, _ in rows]
         P, N = max(pasts), max(n for _, n in rows)
         L, H, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
         dev = table.device
@@ -698,17 +722,9 @@ class AgentEngine:
         new_k = torch.stack([layer.keys[:, :, P:] for layer in cache.layers])  # [L,B,H,N,D]
         new_v = torch.stack([layer.values[:, :, P:] for layer in cache.layers])
         new = torch.stack([new_k, new_v]).permute(2, 0, 1, 4, 3, 5)  # [B, 2, L, N, H, D]
-        self.counters["rows"] += B
-        for r, (call, n) in enumerate(rows):
-            self._write(call.agent, new[r, :, :, :n], pasts[r])
-            agent = call.agent
-            if not call.out:  # a decode row feeds the call's last generated token
-                self.counters["prefill_tokens"] += n
-            agent.computed += n
-            if agent.computed == len(agent.tokens):
-                token = int(out.logits[r, n - 1].argmax())
-                self.counters["decode_tokens"] += 1
-                self._emit(call, token)
+        last = torch.tensor([n - 1 for _, n in rows], device=out.logits.device)
+        greedy = out.logits[torch.arange(B, device=last.device), last].argmax(-1)
+        return new, greedy.tolist()
 
     def _write(self, agent: Agent, kv: torch.Tensor, start: int) -> None:
         """K/V `[2, L, n, H, D]` of tokens `start..` into the agent's blocks; hash full ones."""
