@@ -47,6 +47,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from streamrt.agents.kv import AgentKV
 from streamrt.cache import CacheManager, KVSpec
+from streamrt.cache.block import DEVICE
 from streamrt.cache.errors import OutOfBlocksError
 from streamrt.cache.hashing import hash_block_tokens
 from streamrt.errors import InputError, StreamrtError, UnknownNameError
@@ -629,12 +630,35 @@ class AgentEngine:
             budget -= n
             if budget <= 0:
                 break
-        return rows
+        return self._on_device(rows)
+
+    def _on_device(self, rows: list[tuple[Call, int]]) -> list[tuple[Call, int]]:
+        """The rows whose blocks are all on the device. Room-making for another row (or a
+        higher-priority consumer) may have moved a running call's blocks to the host: fetch
+        them back; a row that cannot have them back, or lost them to a later fetch, is
+        preempted like a row without room."""
+        for call, _ in rows:
+            seq = self._seq(call.agent)
+            if seq.counts[DEVICE] < len(seq.table):
+                try:
+                    off = [i for i, b in seq.items() if b.tier != DEVICE]
+                    for t in self.manager.fetch(seq, off):
+                        t.wait()
+                except OutOfBlocksError:
+                    pass  # preempted below
+        kept = []
+        for call, n in rows:
+            seq = self._seq(call.agent)
+            if seq.counts[DEVICE] == len(seq.table):
+                kept.append((call, n))
+            else:
+                self._preempt(call)
+        return kept
 
     def _reserve(self, call: Call, n: int) -> bool:
         """Account `n` more tokens in the agent's blocks (filling the last one, then new
         ones); on a full device, preempt the call (back to the queue, its KV freed)."""
-        agent, seq, tpb = call.agent, self._seq(call.agent), self.spec.tokens_per_block
+        seq, tpb = self._seq(call.agent), self.spec.tokens_per_block
         try:
             rem = n
             if seq.table:
@@ -648,16 +672,20 @@ class AgentEngine:
                 seq.append(k)
                 rem -= k
         except OutOfBlocksError:
-            self.running.remove(call)
-            self._reset_kv(agent)
-            if not self.running:  # alone and still no room: it can never run
-                self._fail(call, OutOfBlocksError("the KV cache cannot hold this context"))
-                return False
-            call.preempted = True
-            self.waiting.append(call)
-            self.counters["preempted"] += 1
+            self._preempt(call)
             return False
         return True
+
+    def _preempt(self, call: Call) -> None:
+        """Back to the queue, its KV freed (full blocks stay findable by hash)."""
+        self.running.remove(call)
+        self._reset_kv(call.agent)
+        if not self.running:  # alone and still no room: it can never run
+            self._fail(call, OutOfBlocksError("the KV cache cannot hold this context"))
+            return
+        call.preempted = True
+        self.waiting.append(call)
+        self.counters["preempted"] += 1
 
     def _forward(self, rows: list[tuple[Call, int]]) -> None:
         """Run the model on the rows, store their new K/V, emit the tokens of finished inputs."""
