@@ -657,24 +657,29 @@ class AgentEngine:
 
     def _reserve(self, call: Call, n: int) -> bool:
         """Account `n` more tokens in the agent's blocks (filling the last one, then new
-        ones); on a full device, preempt the call (back to the queue, its KV freed)."""
-        seq, tpb = self._seq(call.agent), self.spec.tokens_per_block
-        try:
-            rem = n
-            if seq.table:
-                last = seq.table[max(seq.table)]
-                if last.num_tokens < tpb:
-                    k = min(tpb - last.num_tokens, rem)
-                    self.manager.extend_last(seq, k)
-                    rem -= k
-            while rem:
-                k = min(tpb, rem)
-                seq.append(k)
-                rem -= k
-        except OutOfBlocksError:
-            self._preempt(call)
-            return False
-        return True
+        ones). On a full device, unpin kept programs first (most recently arrived first,
+        Continuum), then preempt the call (back to the queue, its KV freed)."""
+        seq, target = self._seq(call.agent), call.agent.computed + n
+        while True:
+            try:
+                self._grow(seq, target)
+                return True
+            except OutOfBlocksError:
+                if self.kv.relieve_pressure() is None:
+                    self._preempt(call)
+                    return False
+
+    def _grow(self, seq, target: int) -> None:
+        """Blocks for `target` tokens (resumes where a failed attempt stopped)."""
+        tpb = self.spec.tokens_per_block
+        while seq.next_position < target:
+            last = seq.table.get(seq.next_index - 1)
+            if last is not None and last.num_tokens < tpb:
+                self.manager.extend_last(
+                    seq, min(tpb - last.num_tokens, target - seq.next_position)
+                )
+            else:
+                seq.append(min(tpb, target - seq.next_position))
 
     def _preempt(self, call: Call) -> None:
         """Back to the queue, its KV freed (full blocks stay findable by hash)."""
