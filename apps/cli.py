@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agents_b.add_argument("--programs", type=count(1), default=24, help="real run programs (24)")
     agents_b.add_argument(
-        "--sim-programs", type=count(0), default=200, help="simulated programs (200; 0: none)"
+        "--sim-programs", type=count(0), default=150, help="simulated programs (150; 0: none)"
     )
     agents_b.add_argument("--seed", type=count(0), default=0, help="trace seed")
     agents_b.add_argument(

@@ -32,15 +32,15 @@ console = Console(stderr=True)
 POLICIES = ("baseline", "ttl", "offload")
 COLUMNS = {
     "policy": "policy",
-    "jct_mean_s": "JCT mean (s)",
-    "jct_p95_s": "JCT p95 (s)",
-    "ttft_mean_s": "TTFT mean (s)",
-    "ttft_p95_s": "TTFT p95 (s)",
+    "jct_mean_s": "JCT mean s",
+    "jct_p95_s": "JCT p95 s",
+    "ttft_mean_s": "TTFT mean s",
+    "ttft_p95_s": "TTFT p95 s",
     "kv_util": "KV util",
-    "preempted": "preempted",
-    "recomputed_tokens": "recomputed tok",
-    "resumes_kept": "resumes with KV",
-    "finished": "finished",
+    "preempted": "preempt",
+    "recomputed_tokens": "recomp tok",
+    "resumes_kept": "kept",
+    "finished": "done",
 }
 
 
