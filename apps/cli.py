@@ -285,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     agents_b.add_argument(
         "--plot", type=new_file, default="bench-agents.png", help="PNG of JCT CDFs ('' for none)"
     )
+    agents_b.add_argument(
+        "--shared-runtime",
+        action="store_true",
+        help="also run the real trace on Runtime(agents=True) beside 2 live generation streams",
+    )
+    agents_b.add_argument(
+        "--stream-model", default="assets/tiny-world", help="for --shared-runtime"
+    )
+    agents_b.add_argument("--stream-fps", type=positive, default=8.0, help="for --shared-runtime")
     agents_b.add_argument("--json", type=new_file, metavar="PATH")
     bench.set_defaults(func=_cmd_bench)
 

@@ -10,6 +10,9 @@
                  engine's own scheduling and `AgentKV` decisions with simulated time and
                  a cost model of Llama-3-8B on one H100 (`streamrt.agents.sim`).
 
+    shared       (--shared-runtime) the real trace on `Runtime(agents=True)` beside two
+                 live generation streams: the agents' JCT and the streams' SLO attainment.
+
 Per policy: mean and p95 job completion time (arrival to the end of the last LLM call),
 time to first token per call, device KV utilisation (time-weighted share of the device
 blocks held by live KV), preemptions and recomputed tokens (K/V an agent had and lost).
@@ -20,6 +23,7 @@ KV utilisation.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ from rich.console import Console
 from streamrt.apps.bench import print_table, write_json
 
 console = Console(stderr=True)
+STREAM_PROMPT = "a red circle moving right on a dark background"
 POLICIES = ("baseline", "ttl", "offload")
 COLUMNS = {
     "policy": "policy",
@@ -59,7 +64,7 @@ def _traces(args: argparse.Namespace, vocab_size: int):
         raw = json.loads(path.read_text())
         console.print(f"trace: replaying {path}")
         real = Trace.from_json(json.dumps(raw["real"]))
-        sim = Trace.from_json(json.dumps(raw["sim"])) if raw.get("sim") else None
+        sim = raw.get("sim") and args.sim_programs and Trace.from_json(json.dumps(raw["sim"]))
         return real, sim
     real = make_trace(
         args.workload,
@@ -140,6 +145,63 @@ def run_real(trace, policy: str, lm, args: argparse.Namespace, prefill_rate: flo
     out["wall_s"] = time.monotonic() - t0
     manager.check_invariants()
     return out
+
+
+# ---------------------------------------------------------------------- shared runtime
+
+
+def run_shared(trace, policy: str, args: argparse.Namespace) -> dict:
+    """The trace's programs on `Runtime(agents=True)` beside two endless live generation
+    streams (closed when the last program ends): the agents' JCT and each stream's SLO
+    attainment (share of frames ready by their playout time)."""
+    import threading
+
+    from streamrt.agents.kv import ToolDurations
+    from streamrt.runtime import Runtime
+
+    rt = Runtime(
+        args.stream_model,
+        qa=False,
+        agents=args.model or True,
+        agent_policy=policy,
+        height=32,
+        width=32,
+    )
+    try:
+        rt.agents.kv.durations = ToolDurations(cold_mean_s=trace.time_scale)
+        rt.agents.kv.queue_delay_s *= trace.time_scale
+        rt.start()
+        streams = [rt.open_stream(STREAM_PROMPT, fps=args.stream_fps, seed=i) for i in range(2)]
+        readers = [
+            threading.Thread(target=lambda h=h: sum(1 for _ in h.frames()), daemon=True)
+            for h in streams
+        ]
+        for r in readers:
+            r.start()
+        programs = sorted(trace.programs, key=lambda s: s.arrival_s)
+        t0, handles = time.monotonic(), []
+        for spec in programs:
+            time.sleep(max(0.0, t0 + spec.arrival_s - time.monotonic()))
+            handles.append((spec, rt.agents.submit(trace.program(spec))))
+        jct = []
+        for spec, h in handles:
+            h.result(timeout=args.limit_s)
+            jct.append(h.agent.done_s - (t0 + spec.arrival_s))
+        for h in streams:
+            h.close()
+        for r in readers:
+            r.join(30)
+        stats = rt.stats()
+    finally:
+        rt.close()
+    live = {**stats["finished"], **stats["streams"]}
+    jct.sort()
+    return {
+        "agents_jct_mean_s": sum(jct) / len(jct),
+        "agents_jct_p95_s": jct[min(len(jct) - 1, math.ceil(0.95 * len(jct)) - 1)],
+        "stream_slo": [live.get(h.id, {}).get("slo_attainment") for h in streams],
+        "stream_frames": [live.get(h.id, {}).get("frames") for h in streams],
+    }
 
 
 # ---------------------------------------------------------------------- tables, plot
@@ -256,7 +318,7 @@ def bench_agents(args: argparse.Namespace) -> int:
     )
     aims = _aims("real", real)
     parts = {"real": real}
-    if sim_trace is not None:
+    if sim_trace:
         config = SimConfig(
             device_kv_bytes=args.sim_kv_gib * 2**30,
             link=args.sim_link,
@@ -293,6 +355,27 @@ def bench_agents(args: argparse.Namespace) -> int:
         )
         aims += _aims("simulation", sim)
         parts["simulation"] = sim
+    if args.shared_runtime:
+        shared = {}
+        for policy in policies:
+            console.print(f"shared runtime: {policy}, agents beside 2 live streams")
+            shared[policy] = run_shared(real_trace, policy, args)
+        payload["shared_runtime"] = shared
+        print_table(
+            f"REAL run on one Runtime: the same agent trace beside 2 live {args.stream_fps:g} fps "
+            f"streams of {args.stream_model} (32x32)",
+            [
+                {
+                    "policy": p,
+                    "agents JCT mean s": r["agents_jct_mean_s"],
+                    "agents JCT p95 s": r["agents_jct_p95_s"],
+                    "stream SLO": " / ".join(f"{x:.2f}" for x in r["stream_slo"] if x is not None),
+                    "frames": " / ".join(str(x) for x in r["stream_frames"]),
+                }
+                for p, r in shared.items()
+            ],
+            ["policy", "agents JCT mean s", "agents JCT p95 s", "stream SLO", "frames"],
+        )
     payload["aims"] = aims
     if aims:
         print_table("aims", aims, ["measure", "value", "aim", "met"])

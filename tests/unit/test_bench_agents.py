@@ -99,21 +99,12 @@ def test_bench_agents_cli_tiny_run_writes_json_and_replays_its_trace(tmp_path):
         assert all(r["jct_mean_s"] > 0 and 0 <= r["kv_util"] <= 1 for r in rows.values())
     assert {a["measure"] for a in result["aims"]} >= {"real: ttl mean JCT / baseline"}
     written = json.loads(trace.read_text())
-    assert (
-        main(
-            [
-                *args[:2],
-                "--trace",
-                str(trace),
-                "--policies",
-                "ttl",
-                "--plot",
-                "",
-                "--json",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    # replayed, not regenerated; with the agents on a Runtime beside two live streams
+    replay = [*args[:2], "--trace", str(trace), "--policies", "ttl", "--sim-programs", "0"]
+    replay += ["--shared-runtime", "--plot", "", "--json", str(out)]
+    assert main(replay) == 0
     again = json.loads(out.read_text())
     assert again["real"]["trace"] == Trace.from_json(json.dumps(written["real"])).summary()
+    assert "sim" not in again
+    shared = again["shared_runtime"]["ttl"]
+    assert shared["agents_jct_mean_s"] > 0 and len(shared["stream_slo"]) == 2
