@@ -232,6 +232,69 @@ def build_parser() -> argparse.ArgumentParser:
         help="PNG of every stream's slack over time ('' for none)",
     )
     serve_b.add_argument("--json", type=new_file, metavar="PATH")
+    agents_b = bench_sub.add_parser(
+        "agents", help="agent programs under the KV policies: real tiny-LM run + GPU simulation"
+    )
+    agents_b.add_argument("--model", default=None, help="causal LM directory (default tiny-vqa)")
+    agents_b.add_argument(
+        "--workload", choices=("tool-heavy", "fast-tools"), default="tool-heavy", help="trace shape"
+    )
+    agents_b.add_argument("--programs", type=count(1), default=24, help="real run programs (24)")
+    agents_b.add_argument(
+        "--sim-programs", type=count(0), default=150, help="simulated programs (150; 0: none)"
+    )
+    agents_b.add_argument("--seed", type=count(0), default=0, help="trace seed")
+    agents_b.add_argument(
+        "--policies",
+        type=policy_list,
+        default=["baseline", "ttl", "offload"],
+        help="comma-separated",
+    )
+    agents_b.add_argument(
+        "--token-scale", type=positive, default=1 / 16, help="real run: token counts x this"
+    )
+    agents_b.add_argument(
+        "--time-scale",
+        type=positive,
+        default=0.02,
+        help="real run: tool durations, arrivals x this",
+    )
+    agents_b.add_argument(
+        "--max-context", type=count(16), default=1024, help="real run: context tokens at most"
+    )
+    agents_b.add_argument(
+        "--kv-blocks",
+        type=count(8),
+        default=384,
+        help="real run: device KV blocks (384: about half the default trace's peak KV)",
+    )
+    agents_b.add_argument("--tokens-per-block", type=count(1), default=16)
+    agents_b.add_argument("--max-batch", type=count(1), default=8, help="real run: running calls")
+    agents_b.add_argument("--step-tokens", type=count(1), default=256, help="real run: per forward")
+    agents_b.add_argument(
+        "--limit-s", type=positive, default=300.0, help="real run: stop a policy's replay after"
+    )
+    agents_b.add_argument("--sim-kv-gib", type=positive, default=48.0, help="simulated device KV")
+    agents_b.add_argument(
+        "--sim-link", choices=("pcie5", "pcie4", "nvlink-c2c"), default="pcie5", help="host link"
+    )
+    agents_b.add_argument("--sim-max-batch", type=count(1), default=128)
+    agents_b.add_argument(
+        "--trace", metavar="PATH", help="traces JSON: replayed if it exists, else written"
+    )
+    agents_b.add_argument(
+        "--plot", type=new_file, default="bench-agents.png", help="PNG of JCT CDFs ('' for none)"
+    )
+    agents_b.add_argument(
+        "--shared-runtime",
+        action="store_true",
+        help="also run the real trace on Runtime(agents=True) beside 2 live generation streams",
+    )
+    agents_b.add_argument(
+        "--stream-model", default="assets/tiny-world", help="for --shared-runtime"
+    )
+    agents_b.add_argument("--stream-fps", type=positive, default=8.0, help="for --shared-runtime")
+    agents_b.add_argument("--json", type=new_file, metavar="PATH")
     bench.set_defaults(func=_cmd_bench)
 
     from streamrt.apps.demo import add_arguments as demo_arguments
@@ -301,6 +364,16 @@ def sampler_list(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",")]
     if bad := [n for n in names if n not in SAMPLERS]:
         raise argparse.ArgumentTypeError(f"unknown sampler(s) {bad}; choose from {SAMPLERS}")
+    return names
+
+
+def policy_list(text: str) -> list[str]:
+    """Type of a comma-separated list of agent KV policies."""
+    names = [x.strip() for x in text.split(",")]
+    if bad := [n for n in names if n not in ("baseline", "ttl", "offload")]:
+        raise argparse.ArgumentTypeError(
+            f"unknown policy(s) {bad}; choose from baseline, ttl, offload"
+        )
     return names
 
 

@@ -65,6 +65,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from streamrt.apps.bench.serve import bench_serve
 
         return bench_serve(args)
+    if args.suite == "agents":
+        from streamrt.apps.bench.agents import bench_agents
+
+        return bench_agents(args)
     if args.suite == "qa":
         from streamrt.apps.bench.qa import bench_qa
 
@@ -72,5 +76,5 @@ def run_bench(args: argparse.Namespace) -> int:
     from streamrt.errors import InputError
 
     raise InputError(
-        f"unknown bench suite {args.suite!r}: cache, gen, quality, qa, pipeline or serve"
+        f"unknown bench suite {args.suite!r}: cache, gen, quality, qa, pipeline, serve or agents"
     )

@@ -47,6 +47,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from streamrt.agents.kv import AgentKV
 from streamrt.cache import CacheManager, KVSpec
+from streamrt.cache.block import DEVICE
 from streamrt.cache.errors import OutOfBlocksError
 from streamrt.cache.hashing import hash_block_tokens
 from streamrt.errors import InputError, StreamrtError, UnknownNameError
@@ -155,6 +156,8 @@ class Agent:
     arrival: float
     computed: int = 0
     """Tokens of `tokens` whose K/V are in the sequence's blocks."""
+    peak: int = 0
+    """Most tokens ever computed: a forward below it recomputes lost K/V."""
     hashes: list[bytes] = field(default_factory=list)
     """Chained hashes of the full blocks written so far."""
     in_tool: bool = False
@@ -372,6 +375,7 @@ class AgentEngine:
             "prefill_tokens": 0,
             "decode_tokens": 0,
             "shared_tokens": 0,
+            "recomputed_tokens": 0,
             "preempted": 0,
             "failed": 0,
             "resume_pin": 0,
@@ -626,41 +630,94 @@ class AgentEngine:
             budget -= n
             if budget <= 0:
                 break
-        return rows
+        return self._on_device(rows)
+
+    def _on_device(self, rows: list[tuple[Call, int]]) -> list[tuple[Call, int]]:
+        """The rows whose blocks are all on the device. Room-making for another row (or a
+        higher-priority consumer) may have moved a running call's blocks to the host: fetch
+        them back; a row that cannot have them back, or lost them to a later fetch, is
+        preempted like a row without room."""
+        for call, _ in rows:
+            seq = self._seq(call.agent)
+            if seq.counts[DEVICE] < len(seq.table):
+                try:
+                    off = [i for i, b in seq.items() if b.tier != DEVICE]
+                    for t in self.manager.fetch(seq, off):
+                        t.wait()
+                except OutOfBlocksError:
+                    pass  # preempted below
+        kept = []
+        for call, n in rows:
+            seq = self._seq(call.agent)
+            if seq.counts[DEVICE] == len(seq.table):
+                kept.append((call, n))
+            else:
+                self._preempt(call)
+        return kept
 
     def _reserve(self, call: Call, n: int) -> bool:
         """Account `n` more tokens in the agent's blocks (filling the last one, then new
-        ones); on a full device, preempt the call (back to the queue, its KV freed)."""
-        agent, seq, tpb = call.agent, self._seq(call.agent), self.spec.tokens_per_block
-        try:
-            rem = n
-            if seq.table:
-                last = seq.table[max(seq.table)]
-                if last.num_tokens < tpb:
-                    k = min(tpb - last.num_tokens, rem)
-                    self.manager.extend_last(seq, k)
-                    rem -= k
-            while rem:
-                k = min(tpb, rem)
-                seq.append(k)
-                rem -= k
-        except OutOfBlocksError:
-            self.running.remove(call)
-            self._reset_kv(agent)
-            if not self.running:  # alone and still no room: it can never run
-                self._fail(call, OutOfBlocksError("the KV cache cannot hold this context"))
-                return False
-            call.preempted = True
-            self.waiting.append(call)
-            self.counters["preempted"] += 1
-            return False
-        return True
+        ones). On a full device, unpin kept programs first (most recently arrived first,
+        Continuum), then preempt the call (back to the queue, its KV freed)."""
+        seq, target = self._seq(call.agent), call.agent.computed + n
+        while True:
+            try:
+                self._grow(seq, target)
+                return True
+            except OutOfBlocksError:
+                if self.kv.relieve_pressure() is None:
+                    self._preempt(call)
+                    return False
+
+    def _grow(self, seq, target: int) -> None:
+        """Blocks for `target` tokens (resumes where a failed attempt stopped)."""
+        tpb = self.spec.tokens_per_block
+        while seq.next_position < target:
+            last = seq.table.get(seq.next_index - 1)
+            if last is not None and last.num_tokens < tpb:
+                self.manager.extend_last(
+                    seq, min(tpb - last.num_tokens, target - seq.next_position)
+                )
+            else:
+                seq.append(min(tpb, target - seq.next_position))
+
+    def _preempt(self, call: Call) -> None:
+        """Back to the queue, its KV freed (full blocks stay findable by hash)."""
+        self.running.remove(call)
+        self._reset_kv(call.agent)
+        if not self.running:  # alone and still no room: it can never run
+            self._fail(call, OutOfBlocksError("the KV cache cannot hold this context"))
+            return
+        call.preempted = True
+        self.waiting.append(call)
+        self.counters["preempted"] += 1
 
     def _forward(self, rows: list[tuple[Call, int]]) -> None:
+        """Run the model on the rows, store their new K/V, emit the tokens of finished inputs."""
+        pasts = [c.agent.computed for c, _ in rows]
+        new, greedy = self._run_model(rows, pasts)
+        self.counters["rows"] += len(rows)
+        for r, (call, n) in enumerate(rows):
+            agent, p = call.agent, pasts[r]
+            self._write(agent, new[r, :, :, :n], p)
+            if not call.out:  # a decode row feeds the call's last generated token
+                self.counters["prefill_tokens"] += n
+            # K/V this agent had computed before and lost (freed, evicted, preempted)
+            self.counters["recomputed_tokens"] += max(0, min(agent.peak, p + n) - p)
+            agent.computed += n
+            agent.peak = max(agent.peak, agent.computed)
+            if agent.computed == len(agent.tokens):
+                self.counters["decode_tokens"] += 1
+                self._emit(call, greedy[r])
+
+    def _run_model(
+        self, rows: list[tuple[Call, int]], pasts: list[int]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """One padded forward of the rows: their new K/V `[B, 2, L, N, H, D]` and each
+        row's greedy next token (after its last fed token). A simulation overrides this."""
         spec, tpb = self.spec, self.spec.tokens_per_block
         table = self.manager.device_table(spec)
         B = len(rows)
-        pasts = [c.agent.computed for c, _ in rows]
         P, N = max(pasts), max(n for _, n in rows)
         L, H, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
         dev = table.device
@@ -698,17 +755,9 @@ class AgentEngine:
         new_k = torch.stack([layer.keys[:, :, P:] for layer in cache.layers])  # [L,B,H,N,D]
         new_v = torch.stack([layer.values[:, :, P:] for layer in cache.layers])
         new = torch.stack([new_k, new_v]).permute(2, 0, 1, 4, 3, 5)  # [B, 2, L, N, H, D]
-        self.counters["rows"] += B
-        for r, (call, n) in enumerate(rows):
-            self._write(call.agent, new[r, :, :, :n], pasts[r])
-            agent = call.agent
-            if not call.out:  # a decode row feeds the call's last generated token
-                self.counters["prefill_tokens"] += n
-            agent.computed += n
-            if agent.computed == len(agent.tokens):
-                token = int(out.logits[r, n - 1].argmax())
-                self.counters["decode_tokens"] += 1
-                self._emit(call, token)
+        last = torch.tensor([n - 1 for _, n in rows], device=out.logits.device)
+        greedy = out.logits[torch.arange(B, device=last.device), last].argmax(-1)
+        return new, greedy.tolist()
 
     def _write(self, agent: Agent, kv: torch.Tensor, start: int) -> None:
         """K/V `[2, L, n, H, D]` of tokens `start..` into the agent's blocks; hash full ones."""

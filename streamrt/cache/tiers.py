@@ -58,14 +58,16 @@ class TierMoves:
             missing = [i for i in idx if i not in seq.table]
             if missing:
                 raise KeyError(f"sequence {seq.seq_id!r} has no live block(s) {missing}")
-            protect = tuple(seq.table[i] for i in idx)
+            # Updated in place as blocks move (rebuilding it from the table after each
+            # move made a sequence's move quadratic in its length).
+            protect = [seq.table[i] for i in idx]
             transfers = []
-            for i in idx:
+            for k, i in enumerate(idx):
                 src = seq.table[i].tier
                 if (order[src] < order[tier]) != down or src == tier:
                     continue  # already there (or above it, for a fetch)
-                transfers.append(self._move(seq, i, tier, protect))
-                protect = tuple(seq.table[j] for j in idx if j in seq.table)
+                transfers.append(self._move(seq, i, tier, tuple(protect)))
+                protect[k] = seq.table[i]
             return transfers
 
     def _move(self, seq: Sequence, index: int, tier: str, protect: tuple[KVBlock, ...]) -> Transfer:
