@@ -64,8 +64,9 @@ class ForwardContext:
     text_key: Any = None
     """Identity of each row's prompt embeddings (a list, one per row; or one key for every
     row): rows with the same key reuse the same cross-attention K/V; None: no caching."""
-    scores: dict[int, torch.Tensor] | None = None
-    """If a dict, self-attention stores per-layer query-key importance of kept tokens here."""
+    scores: dict[int, list[torch.Tensor]] | None = None
+    """If a dict, self-attention stores per layer, per row, the query-key importance of the
+    row's kept tokens here."""
     parallel: Any = None
     """`streamrt.parallel.RowParallel` when the rows are split over ranks: the batch then
     holds only `local` rows, and every rank writes the K/V of all `rows`."""
@@ -213,10 +214,9 @@ class StreamingSelfAttention:
         out = attend(query, k, v, mask=batch.mask)
         if ctx.scores is not None:
             importance = torch.einsum("bqhd,bkhd->bk", query.float(), k.float())
-            if ctx.parallel is not None:
-                importance = ctx.parallel.gather(importance, len(ctx.rows))
             lengths = batch.lengths
-            if ctx.parallel is not None:
+            if ctx.parallel is not None:  # every rank keeps the scores of all rows
+                importance = ctx.parallel.gather(importance, len(ctx.rows))
                 lengths = [len(r.plan.indices) * block[0] for r in ctx.rows]
             ctx.scores[self.layer] = [s[:n] for s, n in zip(importance, lengths)]
         out = out.flatten(2, 3).type_as(query)

@@ -53,8 +53,7 @@ def run_requests(engine: GenEngine, requests: list[ForwardRequest]) -> list[torc
     t = cat([r.t.to(x.device) for r in requests])
     embeds = cat([r.embeds for r in requests])
     keys = [k for r in requests for k in r.text_keys]
-    wanted = [r for r in requests if r.scores is not None]
-    scores: dict | None = {} if wanted else None
+    scores: dict | None = {} if any(r.scores is not None for r in requests) else None
     with torch.no_grad(), engine.lock:
         v = streaming_forward(
             engine.transformer, engine.state, rows, x, t, embeds, keys, scores, engine.parallel
@@ -62,7 +61,7 @@ def run_requests(engine: GenEngine, requests: list[ForwardRequest]) -> list[torc
     out, start = [], 0
     for r in requests:
         n = len(r.rows)
-        if r.scores is not None and scores is not None:
+        if r.scores is not None:
             for layer, per_row in scores.items():
                 r.scores[layer] = list(per_row[start : start + n])
         out.append(r.stream.complete(r, v[start : start + n]))

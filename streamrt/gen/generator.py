@@ -20,7 +20,7 @@ from streamrt.embedded import resolve_model
 from streamrt.errors import InputError
 from streamrt.gen.engine import GenEngine
 from streamrt.gen.settings import apply_changes
-from streamrt.gen.stream import GenStream
+from streamrt.gen.stream import GenStream, check_num_frames
 
 MANIFEST = "streamrt.json"
 FORMAT = "streamrt-generator"
@@ -111,10 +111,7 @@ class StreamGenerator:
 
         The stream becomes the generator's active one: `set_prompt` switches it mid-stream.
         """
-        if num_frames is not None and (
-            isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1
-        ):
-            raise InputError(f"num_frames must be a whole number >= 1 or None, got {num_frames!r}")
+        check_num_frames(num_frames)
         stream = self.engine.open_stream(prompt, **overrides)
         self.active = stream
         try:

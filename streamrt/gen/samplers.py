@@ -2,7 +2,7 @@
 
 A sampler is a schedule: `chunk_steps()` is a generator that yields one `ForwardRequest`
 per transformer forward it needs and receives that forward's velocity, returning the
-finished chunk. Whoever drives it decides how the forward runs: alone (`next_chunk`, the
+finished chunk. Whoever drives it decides how the forward runs: alone (`drive`, the
 one-stream path) or batched with other streams' requests in the runtime's step loop
 (`streamrt.runtime`). Both give the same numbers.
 
@@ -66,10 +66,6 @@ class Sampler(ABC):
 
     def __init__(self, stream: GenStream) -> None:
         self.stream = stream
-
-    def next_chunk(self) -> torch.Tensor:
-        """The next finished chunk of clean latents, `[1, C, F, h, w]` (forwards run alone)."""
-        return drive(self.chunk_steps())
 
     @abstractmethod
     def chunk_steps(self) -> Steps:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from streamrt.config import GenConfig
-from streamrt.errors import NonFiniteError
+from streamrt.errors import InputError, NonFiniteError
 from streamrt.gen.attention import RowContext
 from streamrt.gen.forward import chunk_rows, run_requests
 from streamrt.gen.noise import DriftingNoise
@@ -67,6 +67,17 @@ def check_prompt(prompt: str) -> str:
     return prompt
 
 
+def check_num_frames(num_frames: int | None) -> int | None:
+    """`num_frames` if it is a whole number >= 1 or None (endless), else an `InputError`."""
+    if num_frames is not None and (
+        isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1
+    ):
+        raise InputError(
+            f"num_frames must be a whole number >= 1 or None (null: endless), got {num_frames!r}"
+        )
+    return num_frames
+
+
 class GenStream:
     """A stream of frames from one prompt (switchable), deterministic for its seed.
 
@@ -102,7 +113,6 @@ class GenStream:
         self.source: Callable[[], tuple[torch.Tensor, list[float], torch.Tensor]] | None = None
         self.drifting = DriftingNoise(config.noise_drift, config.noise_drift_frames, self.noise)
         self.clean: list[tuple[list[int], torch.Tensor]] = []
-        self.last_rows: list = []
         self.stats = {
             "chunks": 0,
             "frames": 0,
@@ -202,7 +212,6 @@ class GenStream:
         with guidance `v_u + g * (v_c - v_u)`; with RCFG, `noise` (the eps that made `x`)
         is the unconditional prediction instead (see `_rcfg`)."""
         self.stats["forwards"] += 1
-        self.last_rows = request.rows
         if self.guided:
             v_c, v_u = v.chunk(2)
             return v_u + self.config.guidance_scale * (v_c - v_u)
@@ -229,10 +238,11 @@ class GenStream:
         policies = [seq.policy for seq in self.seqs]
         scores: dict | None = {} if any(p.needs_scores for p in policies) else None
         if self.config.clean_refresh:
-            yield self.request([blocks], x0, torch.zeros(1, x0.shape[2]), True, scores)
+            refresh = self.request([blocks], x0, torch.zeros(1, x0.shape[2]), True, scores)
+            yield refresh
             if scores is not None:
                 for r, seq in enumerate(self.seqs):
-                    seq.policy.observe_scores(seq, self.last_rows[r].plan, scores, row=r)
+                    seq.policy.observe_scores(seq, refresh.rows[r].plan, scores, row=r)
         for seq in self.seqs:
             seq.policy.after_write(seq, blocks)
         self.remember_clean(blocks, x0)

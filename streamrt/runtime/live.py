@@ -149,6 +149,19 @@ class LiveStream:
                 return
             yield item
 
+    @property
+    def state(self) -> str:
+        """failed, done, suspended, waiting (for admission) or running."""
+        for name, flag in (
+            ("failed", self.error is not None),
+            ("done", self.done),
+            ("suspended", self.suspended),
+            ("waiting", self.waiting),
+        ):
+            if flag:
+                return name
+        return "running"
+
     def stats(self, now: float) -> dict[str, Any]:
         out = self.playout.stats(now)
         out.update(
@@ -156,15 +169,7 @@ class LiveStream:
             priority=self.priority,
             chunks=self.chunks,
             forwards=self.forwards,
-            state="failed"
-            if self.error is not None
-            else "done"
-            if self.done
-            else "suspended"
-            if self.suspended
-            else "waiting"
-            if self.waiting
-            else "running",
+            state=self.state,
         )
         if self.error is not None:
             out["error"] = str(self.error)

@@ -54,7 +54,6 @@ class QASession:
         self.drop = runtime_config.qa_drop
         self.dropped = 0
         self.fed = 0
-        self.source_ended = False
         self.stride = 1
         """A watched stream's frames it is fed: every `stride`-th (near the QA model's fps)."""
         self.error: str | None = None

@@ -34,6 +34,7 @@ from streamrt.cache import CacheManager
 from streamrt.config import CacheConfig, RuntimeConfig, StreamrtConfig, read_preset
 from streamrt.errors import InputError, StreamrtError, UnknownNameError
 from streamrt.gen.forward import run_requests
+from streamrt.gen.stream import check_num_frames
 from streamrt.runtime.live import LiveStream, StreamHandle
 from streamrt.runtime.lock import FairLock
 from streamrt.runtime.qa import QAHandle, QASession
@@ -169,10 +170,7 @@ class Runtime:
             priority: Higher runs first among equally urgent streams and is suspended last.
             gen_overrides: `GenConfig` fields for this stream (same resolution as the others).
         """
-        if num_frames is not None and (
-            isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1
-        ):
-            raise InputError(f"num_frames must be a whole number >= 1 or null, got {num_frames!r}")
+        check_num_frames(num_frames)
         fps = self._check_fps(fps)
         if seed is not None:
             if isinstance(seed, bool) or not isinstance(seed, int):
@@ -211,7 +209,7 @@ class Runtime:
         needs_room = self.config.scheduler == "deadline" and self.config.admission
         if needs_room and not self.scheduler.cost.ready:
             self.calibrate()
-        running = [s for s in self.streams.values() if not s.suspended]
+        running = self._running()
         fits, load = self.scheduler.admits(running, live)
         if not fits and needs_room:  # room from lower-priority streams, lowest first
             lower = sorted(
@@ -245,7 +243,7 @@ class Runtime:
 
     def _admit_waiting(self, now: float) -> None:
         for live, until in list(self._waiting):
-            running = [s for s in self.streams.values() if not s.suspended]
+            running = self._running()
             if not running or self.scheduler.admits(running, live)[0]:
                 self._waiting.remove((live, until))
                 live.waiting = False
@@ -254,11 +252,10 @@ class Runtime:
             elif now > until:
                 self._waiting.remove((live, until))
                 self.counters["refused"] += 1
-                live.fail(
-                    AdmissionError(f"no room within runtime.queue_s = {self.config.queue_s} s")
+                self._fail(
+                    live,
+                    AdmissionError(f"no room within runtime.queue_s = {self.config.queue_s} s"),
                 )
-                live.gen.close()
-                self._retire(live)
 
     # ------------------------------------------------------------------ overload
 
@@ -268,12 +265,17 @@ class Runtime:
         self._last_change = now
         self.counters["suspended"] += 1
 
+    def _move_kv(self, live: LiveStream, to_host: bool) -> None:
+        """Every KV block of a stream to the host tier, or back to the device; waited for."""
+        move = self.cache.offload if to_host else self.cache.fetch
+        for seq in live.gen.seqs:
+            for transfer in move(seq, list(seq.table)):
+                transfer.wait()
+        live.offloaded = to_host
+
     def _resume(self, live: LiveStream, now: float) -> None:
         if live.offloaded:
-            for seq in live.gen.seqs:
-                for transfer in self.cache.fetch(seq, list(seq.table)):
-                    transfer.wait()
-            live.offloaded = False
+            self._move_kv(live, to_host=False)
         live.suspended = False
         live.playout.resume(now)
         self._last_change = now
@@ -286,14 +288,11 @@ class Runtime:
         boundary."""
         for live in self.streams.values():
             if live.suspended and not live.offloaded and live.at_boundary:
-                for seq in live.gen.seqs:
-                    for transfer in self.cache.offload(seq, list(seq.table)):
-                        transfer.wait()
-                live.offloaded = True
+                self._move_kv(live, to_host=True)
         late_s = self.config.suspend_late_s
         if self.config.scheduler != "deadline" or not late_s or now - self._last_change < late_s:
             return
-        running = [s for s in self.streams.values() if not s.suspended and not s.done]
+        running = self._running()
         if len(running) > 1 and min(s.playout.slack(now) for s in running) < -late_s:
             self._suspend(min(running, key=lambda s: (s.priority, -s.arrival)), now)
             return
@@ -338,18 +337,16 @@ class Runtime:
             live = self._live(stream_id)
             self._waiting = [(s, u) for s, u in self._waiting if s is not live]
             live.finish()
-            live.gen.close()
             self._retire(live)
         self._wake.set()
 
     def _retire(self, live: LiveStream) -> None:
+        """An ended stream: its KV blocks freed, its stats kept among the last 256."""
+        live.gen.close()
         self.streams.pop(live.id, None)
         self.finished[live.id] = live
         while len(self.finished) > 256:
             self.finished.pop(next(iter(self.finished)))
-        for session in self.sessions.values():
-            if session.stream_id == live.id:
-                session.source_ended = True
 
     def stream_stats(self, stream_id: str) -> dict[str, Any]:
         with self.lock:
@@ -431,6 +428,10 @@ class Runtime:
             self.counters["steps"] += 1
             return 0.0
 
+    def _running(self) -> list[LiveStream]:
+        """Admitted streams that are neither suspended nor ended: what admission weighs."""
+        return [s for s in self.streams.values() if not s.suspended and not s.done]
+
     def _slack(self, batch: list[LiveStream], now: float) -> float:
         return min(s.playout.slack(now) for s in batch)
 
@@ -457,7 +458,6 @@ class Runtime:
             if live.chunks > chunks:
                 self.scheduler.cost.observe_decode(time.perf_counter() - t1)
             if live.done and live.id in self.streams:
-                live.gen.close()
                 self._retire(live)
 
     def _guard(self, live: LiveStream, fn) -> None:
@@ -468,15 +468,10 @@ class Runtime:
 
     def _fail(self, live: LiveStream, exc: BaseException) -> None:
         live.fail(exc)
-        live.gen.close()
         self._retire(live)
 
     def _idle_wait(self, now: float) -> float:
-        waits = [
-            s.playout.slack(now) - self.config.ahead_s
-            for s in self.streams.values()
-            if not s.done and not s.suspended
-        ]
+        waits = [s.playout.slack(now) - self.config.ahead_s for s in self._running()]
         if self._waiting or any(s.suspended for s in self.streams.values()):
             waits.append(0.05)  # look again for room
         if self.agents is not None and self.agents.busy:
@@ -585,7 +580,7 @@ class Runtime:
         with self.lock:
             now = time.perf_counter()
             a, c = self.scheduler.cost.coefficients()
-            running = [s for s in self.streams.values() if not s.suspended]
+            running = self._running()
             return {
                 "streams": {
                     s.id: s.stats(now)
