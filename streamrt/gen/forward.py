@@ -131,18 +131,21 @@ def _forward(
     _check_rope_range(transformer, rows, grid[0] * grid[1])
     ctx = ForwardContext(rows, grid, text_key, scores, parallel, local)
     ctx.prepare(transformer.rope, grid[0] * grid[1])
-    frame_timesteps = frame_timesteps.to(latents.device).float()
-    if bool((frame_timesteps == frame_timesteps[:, :1]).all()):
-        # One noise level per row: diffusers' 1-D timestep path gives the same modulation,
-        # computed once instead of once per token.
-        timestep = frame_timesteps[:, 0]
-    else:
-        timestep = frame_timesteps.repeat_interleave(grid[0] * grid[1], dim=1)
+    timestep = model_timestep(frame_timesteps.to(latents.device).float(), grid[0] * grid[1])
     state.current = ctx
     try:
         return transformer(latents, timestep, prompt_embeds, return_dict=False)[0]
     finally:
         state.current = None
+
+
+def model_timestep(frame_timesteps: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    """The timestep the model takes for per-frame timesteps `[B, F]`: one per row when every
+    frame of a row shares its noise level (diffusers' 1-D path gives the same modulation,
+    computed once instead of once per token), else one per token `[B, F * tokens]`."""
+    if bool((frame_timesteps == frame_timesteps[:, :1]).all()):
+        return frame_timesteps[:, 0]
+    return frame_timesteps.repeat_interleave(tokens_per_frame, dim=1)
 
 
 def _check_rope_range(transformer: torch.nn.Module, rows: list[RowContext], tpf: int) -> None:

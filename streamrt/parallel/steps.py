@@ -49,26 +49,23 @@ Tested on gloo (CPU) only: the NCCL path is the same code but has not been run h
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import os
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from streamrt.config import GenConfig
-from streamrt.errors import InputError, StreamrtError
+from streamrt.errors import InputError
 from streamrt.gen.schedule import predict_x0, renoise
-
-DEFAULT_TIMEOUT_S = 120.0
-
-
-class PipelineError(StreamrtError, RuntimeError):
-    """A rank of the step pipeline failed, or waited too long for its neighbour."""
+from streamrt.parallel.launch import (  # noqa: F401 (re-exported for callers of steps)
+    DEFAULT_TIMEOUT_S,
+    PipelineError,
+    check_same,
+    run_pipeline_local,
+    wait_for,
+)
 
 
 def steps_of_rank(rank: int, world: int, steps: int) -> range:
@@ -159,7 +156,7 @@ class StepPipeline:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        self.timeout = datetime.timedelta(seconds=timeout)
+        self.timeout = timeout
         self.steps = steps_of_rank(self.rank, self.world, len(config.timesteps))
         self._check_same_setup(prompt, config)
         self.stages = [StepStage(engine, prompt, config, k) for k in self.steps]
@@ -176,15 +173,7 @@ class StepPipeline:
         """Every rank must run the same prompt and schedule (else the chunks would mix)."""
         mine = (prompt, config.timesteps, config.shift, config.chunk_frames, config.seed)
         mine += (config.height, config.width, config.guidance_scale, config.renoise)
-        every: list[Any] = [None] * self.world
-        dist.all_gather_object(every, mine, group=self.group)
-        for r, theirs in enumerate(every):
-            if theirs != every[0]:
-                raise PipelineError(
-                    f"rank {r} runs a different prompt or schedule than rank 0 "
-                    f"({theirs} vs {every[0]}): every rank of the step pipeline needs the "
-                    "same prompt and gen settings"
-                )
+        check_same(self.rank, self.world, mine, self.group, "prompt and gen settings")
 
     @property
     def first(self) -> bool:
@@ -203,19 +192,8 @@ class StepPipeline:
         self._recv = (dist.irecv(buf, self._peer(-1), group=self.group), buf)
 
     def _wait(self, work, what: str, peer: int) -> None:
-        try:
-            ok = work.wait(self.timeout)
-        except Exception as e:  # gloo raises on a timeout or a closed peer connection
-            raise PipelineError(
-                f"rank {self.rank}: {what} rank {peer} failed at chunk {self.chunk} "
-                f"(rank {peer} died, raised or stalled past {self.timeout.total_seconds():g} s): "
-                f"{e}"
-            ) from e
-        if ok is False:
-            raise PipelineError(
-                f"rank {self.rank}: {what} rank {peer} did not complete within "
-                f"{self.timeout.total_seconds():g} s at chunk {self.chunk}"
-            )
+        where = f" at chunk {self.chunk}"
+        wait_for(work, self.timeout, f"rank {self.rank}: {what}", self.rank, peer, where)
 
     def next_latents(self, prefetch: bool = True) -> torch.Tensor | None:
         """Run this rank's steps on the next chunk. The last rank returns the finished chunk;
@@ -263,65 +241,3 @@ class StepPipeline:
         self.flush()
         for stage in self.stages:
             stage.close()
-
-
-def _pipeline_worker(
-    rank: int, world: int, port: int, timeout: float, fn: Callable, args: tuple, errors
-) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout)
-    )
-    try:
-        fn(rank, world, *args)
-        dist.barrier()  # a rank done first must not tear gloo down under a working peer
-    except BaseException as e:
-        # Short enough for one atomic pipe write (a peer may be stopped mid-write).
-        errors.put((rank, f"{type(e).__name__}: {e}"[:1000], traceback.format_exc()[-2000:]))
-        os._exit(1)  # skip gloo's teardown, which may wait on the peers
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_pipeline_local(
-    fn: Callable, world: int, *args: Any, timeout: float = DEFAULT_TIMEOUT_S
-) -> None:
-    """`run_local` for the step pipeline: `fn(rank, world, *args)` in `world` processes
-    joined by a gloo group whose operations time out after `timeout` s. A rank that raises
-    ends the run: the other ranks are stopped and `PipelineError` names the rank that
-    failed first (the one whose error does not come from waiting on a peer) and its error."""
-    from streamrt.parallel.launch import free_port
-
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=_pipeline_worker, args=(r, world, port, timeout, fn, args, errors))
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    failed = []
-    try:
-        while any(p.is_alive() for p in procs):
-            for p in procs:
-                p.join(0.05)
-            if any(p.exitcode not in (None, 0) for p in procs):
-                for p in procs:  # a moment for the peers to report what they saw
-                    p.join(2.0)
-                break
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-            p.join()
-        while not errors.empty():
-            failed.append(errors.get())
-    if failed:
-        own = [f for f in failed if "PipelineError" not in f[1]] or failed
-        rank, msg, tb = min(own)
-        raise PipelineError(f"step pipeline: rank {rank} failed: {msg}\n{tb}")
-    bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
-    if bad:
-        raise PipelineError(f"step pipeline: rank {bad[0][0]} exited with code {bad[0][1]}")

@@ -164,5 +164,5 @@ def _mismatch(rank: int, world: int) -> None:
 
 
 def test_ranks_with_different_prompts_are_refused():
-    with pytest.raises(PipelineError, match="rank 1 runs a different prompt"):
+    with pytest.raises(PipelineError, match="rank 1 runs different prompt"):
         run_pipeline_local(_mismatch, 2, timeout=20)

@@ -1,0 +1,152 @@
+"""The layer pipeline (block ranges per rank, hidden states point-to-point) on real gloo
+ranks equals every stream's one-process run, and keeps every rank busy."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from streamrt.config import GenConfig
+from streamrt.errors import InputError
+from streamrt.gen.engine import GenEngine
+from streamrt.models.generator_files import tiny_random_parts
+from streamrt.parallel.launch import PipelineError, run_pipeline_local
+from streamrt.parallel.layers import (
+    LayerPipeline,
+    even_ranges,
+    plan_ranges,
+    split_request,
+    stage_engine,
+)
+from streamrt.world import VOCAB
+
+PROMPTS = ["a red circle moving right on a dark background", "a blue square moving up"]
+SWITCH = "a green triangle moving left on a striped background"
+SMALL = {"height": 32, "width": 32, "policy_args": {"sink_blocks": 1, "window_blocks": 21}}
+CHUNKS = 4
+CASES = {
+    # name: (world, streams, gen overrides, prompt switches {(stream, chunk): prompt})
+    "batch-1stream-2ranks": (2, 1, {"sampler": "stream_batch"}, {}),
+    "batch-guided-switch-3ranks": (
+        3,
+        1,
+        {"sampler": "stream_batch", "guidance_scale": 3.0},
+        {(0, 2): SWITCH},
+    ),
+    "chunkwise-2streams-2ranks": (2, 2, {"sampler": "chunkwise"}, {(1, 1): SWITCH}),
+    "rolling-deep-sink-2streams-3ranks": (
+        3,
+        2,
+        {"sampler": "rolling", "policy": "deep_sink", "policy_args": {}},
+        {},
+    ),
+}
+
+
+def engine(layers: int = 4, **overrides) -> GenEngine:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(GenConfig(**SMALL), **overrides)  # 4 steps, 3-frame chunks
+    return GenEngine(*tiny_random_parts(VOCAB, num_layers=layers), cfg)
+
+
+def solo(case: str) -> list[list[torch.Tensor]]:
+    """Every stream of `case` alone in one process with the whole model."""
+    _world, streams, overrides, switches = CASES[case]
+    e = engine(**overrides)
+    out = []
+    for i in range(streams):
+        s = e.open_stream(PROMPTS[i], e.config, seed=i)
+        chunks = []
+        for c in range(CHUNKS):
+            if (i, c) in switches:
+                s.set_prompt(switches[(i, c)])
+            chunks.append(s.next_latents())
+        s.close()
+        out.append(chunks)
+    return out
+
+
+def _ranks(rank: int, world: int, case: str, out: str) -> None:
+    _world, streams, overrides, switches = CASES[case]
+    whole = engine(**overrides)
+    ranges = even_ranges(len(whole.transformer.blocks), world)
+    e = stage_engine(whole, ranges[rank])
+    pipe = LayerPipeline(e, ranges, timeout=60)
+    opened = [pipe.open_stream(PROMPTS[i], e.config, seed=i) for i in range(streams)]
+    got: list[list[torch.Tensor]] = [[] for _ in opened]
+    for i, x0 in pipe.run(opened, CHUNKS, switches):
+        got[i].append(x0)
+    for s in opened:
+        s.close()
+    e.cache.check_invariants()
+    info = (e.spec.num_layers, pipe.units, pipe.bytes_sent, pipe.log)
+    torch.save((got, info), f"{out}.{rank}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ranks_equal_every_streams_one_process_run(case, tmp_path):
+    world = CASES[case][0]
+    out = str(tmp_path / "latents")
+    run_pipeline_local(_ranks, world, case, out, timeout=120)
+    ref = solo(case)
+    results = [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
+    layers = [info[0] for _, info in results]
+    assert layers == [len(r) for r in even_ranges(4, world)]  # each cache: its blocks only
+    units = {info[1] for _, info in results}
+    assert len(units) == 1  # every rank ran every unit
+    for rank, (got, _) in enumerate(results):  # every rank follows the same streams
+        for i, (chunks, expected) in enumerate(zip(got, ref)):
+            assert len(chunks) == CHUNKS
+            for c, (a, b) in enumerate(zip(chunks, expected)):
+                assert b.abs().max() > 0.1
+                torch.testing.assert_close(
+                    a, b, rtol=0, atol=1e-5, msg=f"{case}: rank {rank} stream {i} chunk {c}"
+                )
+    # Pipelined: rank 0 starts a unit before the last rank has finished the one before it.
+    first, last = results[0][1][3], results[-1][1][3]
+    assert any(first[k + 1][1] < last[k][2] for k in range(len(last) - 1))
+    assert results[0][1][2] > 0 and results[-1][1][2] > 0  # hidden states out, velocities back
+
+
+def test_plan_ranges_balances_measured_times():
+    assert even_ranges(4, 2) == [range(0, 2), range(2, 4)]
+    assert [len(r) for r in even_ranges(4, 3)] in ([2, 1, 1], [1, 2, 1], [1, 1, 2])
+    # a slow embedding moves blocks off the first rank; a slow head off the last
+    assert plan_ranges([1.0] * 4, 2, embed_s=2.0) == [range(0, 1), range(1, 4)]
+    assert plan_ranges([1.0] * 4, 2, head_s=2.0) == [range(0, 3), range(3, 4)]
+    assert plan_ranges([4.0, 1, 1, 1, 1], 2) == [range(0, 1), range(1, 5)]
+    with pytest.raises(InputError, match=r"1\.\.4 ranks"):
+        plan_ranges([1.0] * 4, 5)
+
+
+def test_split_request_keeps_chunks_and_guidance_branches_together():
+    e = engine(sampler="stream_batch", guidance_scale=3.0)
+    s = e.open_stream(PROMPTS[0], e.config)
+    steps = s.chunk_steps()
+    req = next(steps)
+    for _ in range(3):  # fill the window: 4 chunks in flight, 8 rows (cond + uncond)
+        req = steps.send(s.run_alone(req))
+    assert len(req.rows) == 8
+    units = split_request(req, 2)
+    assert [len(u.rows) for u in units] == [4, 4]
+    seqs = [s.seqs[0], s.seqs[0], s.seqs[1], s.seqs[1]]
+    assert [r.seq for r in units[0].rows] == seqs
+    assert units[0].rows[0] is req.rows[0] and units[0].rows[2] is req.rows[4]
+    assert torch.equal(units[1].x, req.x[[2, 3, 6, 7]])
+    s.close()
+
+
+def test_participative_is_refused_with_a_reason(tmp_path):
+    with pytest.raises(PipelineError, match="needs attention scores of every layer"):
+        run_pipeline_local(_participative, 2, timeout=30)
+
+
+def _participative(rank: int, world: int) -> None:
+    whole = engine()
+    ranges = even_ranges(4, world)
+    e = stage_engine(whole, ranges[rank])
+    pipe = LayerPipeline(e, ranges, timeout=20)
+    pipe.open_stream(PROMPTS[0], e.config, policy="participative", policy_args={})
