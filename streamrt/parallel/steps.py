@@ -36,9 +36,15 @@ waits for a later step of an older chunk: that is what lets the steps run concur
 different ranks. With `renoise: predicted` (no random re-noise) the first chunk equals the
 chunk-wise sampler's first chunk, and later chunks differ (tests/unit/test_step_pipeline.py).
 
+Prompt switch: at a chunk boundary given to every rank (`chunks(n, switches)`), each step
+cache re-runs the chunks it keeps at its own noise level under the new prompt (its inputs
+are kept for that), so every rank switches at the same chunk. Cache policies: all; one that
+needs attention scores (participative) gets those of each step's own forward (there is no
+clean refresh to take them from). Decoding is the caller's (the CLI decodes on the last
+rank, which emits the chunks).
+
 Partial, on purpose: text-to-video only (no video-to-video source, whose chunks start at a
-lower step), one prompt for the whole run (the same on every rank; no prompt switch or
-re-cache), no decode on an extra rank, policies that need attention scores get none.
+lower step); the runtime and `streamrt serve` do not run on a pipeline group yet.
 Faults: every wait is bounded by `timeout`; a rank whose peer died or stalls raises
 `PipelineError` naming both ranks; `run_pipeline_local` stops the other ranks (no hang)
 and raises `PipelineError` naming the rank that raised (or, when every failure is a
@@ -58,6 +64,7 @@ import torch.distributed as dist
 
 from streamrt.config import GenConfig
 from streamrt.errors import InputError
+from streamrt.gen.samplers import drive
 from streamrt.gen.schedule import predict_x0, renoise
 from streamrt.parallel.launch import (  # noqa: F401 (re-exported for callers of steps)
     DEFAULT_TIMEOUT_S,
@@ -92,6 +99,7 @@ class StepStage:
         self.k = k
         self.sigmas = self.stream.sigmas
         self.forwards = 0
+        self.kept: list[tuple[list[int], torch.Tensor]] = []
 
     def initial(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Pure-noise latents of the next chunk and the eps that made them (step 0 only)."""
@@ -101,20 +109,44 @@ class StepStage:
     def step(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward of the chunk at this step, writing its K/V (at this noise level) into
         this step's cache. Returns the latents re-noised to the next step and their eps, or
-        for the last step the finished x0 (and the velocity)."""
+        for the last step the finished x0 (and the velocity). A policy that needs attention
+        scores (participative) gets those of this forward."""
         s = self.stream
         sigma = self.sigmas[self.k]
         blocks = s.append_chunk()
         t = torch.full((1, x.shape[2]), sigma * 1000.0)
-        v = s.run_alone(s.request([blocks], x, t, noise=eps))
+        scores: dict | None = {} if any(q.policy.needs_scores for q in s.seqs) else None
+        request = s.request([blocks], x, t, scores=scores, noise=eps)
+        v = s.run_alone(request)
         self.forwards += 1
-        for seq in s.seqs:
+        for r, seq in enumerate(s.seqs):
+            if scores is not None:
+                seq.policy.observe_scores(seq, request.rows[r].plan, scores, row=r)
             seq.policy.after_write(seq, blocks)
+        self._keep(blocks, x)
         x0 = predict_x0(x, v, sigma)
         if self.k + 1 == len(self.sigmas):
             return x0, v
         eps = s.next_noise(x0, v)
         return renoise(x0, eps, self.sigmas[self.k + 1]), eps
+
+    def _keep(self, blocks: list[int] | None = None, x: torch.Tensor | None = None) -> None:
+        """Keep this step's input latents of the chunks still cached (for a prompt
+        re-cache), with chunk `blocks` (latents `x`) added."""
+        if blocks is not None:
+            self.kept.append((blocks, x))
+        live = set(self.stream.seqs[0].table)
+        self.kept = [(b, y) for b, y in self.kept if all(i in live for i in b)]
+
+    def set_prompt(self, prompt: str) -> None:
+        """Switch the prompt; the chunks this step still caches are re-run at this step's
+        noise level under the new prompt (LongLive's re-cache, per step cache)."""
+        s = self.stream
+        drive(s.prompt_steps(prompt, recache=False))
+        self._keep()
+        t_k = self.sigmas[self.k] * 1000.0
+        for blocks, x in self.kept:
+            s.run_alone(s.request([blocks], x, torch.full((1, x.shape[2]), t_k), causal=True))
 
     def close(self) -> None:
         self.stream.close()
@@ -128,7 +160,11 @@ class StepPipelineReference:
         config = config or engine.config
         self.stages = [StepStage(engine, prompt, config, k) for k in range(len(config.timesteps))]
 
-    def next_latents(self) -> torch.Tensor:
+    def next_latents(self, prompt: str | None = None) -> torch.Tensor:
+        """The next finished chunk; `prompt`: switch to it first (every step cache)."""
+        if prompt is not None:
+            for stage in self.stages:
+                stage.set_prompt(prompt)
         x, eps = self.stages[0].initial()
         for stage in self.stages:
             x, eps = stage.step(x, eps)
@@ -195,10 +231,15 @@ class StepPipeline:
         where = f" at chunk {self.chunk}"
         wait_for(work, self.timeout, f"rank {self.rank}: {what}", self.rank, peer, where)
 
-    def next_latents(self, prefetch: bool = True) -> torch.Tensor | None:
+    def next_latents(self, prefetch: bool = True, prompt: str | None = None) -> torch.Tensor | None:
         """Run this rank's steps on the next chunk. The last rank returns the finished chunk;
         the others send their result on and return None. `prefetch`: post the receive of
-        the following chunk before computing this one (False for the final chunk)."""
+        the following chunk before computing this one (False for the final chunk).
+        `prompt`: switch this rank's step caches to it first (call with the same prompt
+        at the same chunk on every rank: the switch lands at one chunk boundary)."""
+        if prompt is not None:
+            for stage in self.stages:
+                stage.set_prompt(prompt)
         if self.first:
             x, eps = self.stages[0].initial()
         else:
@@ -223,10 +264,12 @@ class StepPipeline:
         self._send = (dist.isend(payload, self._peer(1), group=self.group), payload)
         return None
 
-    def chunks(self, n: int) -> Iterator[torch.Tensor]:
-        """`n` chunks: yields each finished chunk on the last rank, nothing elsewhere."""
+    def chunks(self, n: int, switches: dict[int, str] | None = None) -> Iterator[torch.Tensor]:
+        """`n` chunks: yields each finished chunk on the last rank, nothing elsewhere.
+        `switches[c]`: the prompt from chunk c on (every rank passes the same)."""
+        switches = switches or {}
         for i in range(n):
-            x = self.next_latents(prefetch=i + 1 < n)
+            x = self.next_latents(prefetch=i + 1 < n, prompt=switches.get(i))
             if x is not None:
                 yield x
         self.flush()

@@ -34,10 +34,13 @@ def engine(**overrides) -> GenEngine:
     return GenEngine(*tiny_random_parts(VOCAB), cfg)
 
 
-def reference(chunks: int = CHUNKS, **overrides) -> list[torch.Tensor]:
+SWITCH = "a green triangle moving left on a striped background"
+
+
+def reference(chunks: int = CHUNKS, switches=None, **overrides) -> list[torch.Tensor]:
     e = engine(**overrides)
     ref = StepPipelineReference(e, PROMPT)
-    out = [ref.next_latents() for _ in range(chunks)]
+    out = [ref.next_latents((switches or {}).get(c)) for c in range(chunks)]
     ref.close()
     e.cache.check_invariants()
     return out
@@ -51,25 +54,42 @@ def chunkwise(chunks: int = CHUNKS, **overrides) -> list[torch.Tensor]:
     return out
 
 
-def _ranks(rank: int, world: int, out: str, overrides: dict) -> None:
+def _ranks(rank: int, world: int, out: str, overrides: dict, switches: dict) -> None:
     e = engine(**overrides)
     pipe = StepPipeline(e, PROMPT, timeout=60)
-    got = list(pipe.chunks(CHUNKS))
+    got = list(pipe.chunks(CHUNKS, switches))
     pipe.close()
     e.cache.check_invariants()
     forwards = sum(s.forwards for s in pipe.stages)
     torch.save((got, list(pipe.steps), forwards, pipe.log), f"{out}.{rank}")
 
 
+PARTICIPATIVE = {"policy": "participative", "policy_args": {}}
+
+
 @pytest.mark.parametrize(
-    "world,overrides",
-    [(4, {}), (2, {}), (2, {"renoise": "predicted"}), (2, {"guidance_scale": 3.0})],
-    ids=["4ranks", "2ranks-2steps-each", "2ranks-predicted", "2ranks-guided"],
+    "world,overrides,switches",
+    [
+        (4, {}, {}),
+        (2, {}, {}),
+        (2, {"renoise": "predicted"}, {}),
+        (2, {"guidance_scale": 3.0}, {2: SWITCH}),
+        (3, PARTICIPATIVE, {3: SWITCH}),
+        (2, {"policy": "ema_sink", "policy_args": {}}, {}),
+    ],
+    ids=[
+        "4ranks",
+        "2ranks-2steps-each",
+        "2ranks-predicted",
+        "2ranks-guided-switch",
+        "3ranks-participative-switch",
+        "2ranks-ema-sink",
+    ],
 )
-def test_ranks_equal_the_one_process_reference(world, overrides, tmp_path):
+def test_ranks_equal_the_one_process_reference(world, overrides, switches, tmp_path):
     out = str(tmp_path / "latents")
-    run_pipeline_local(_ranks, world, out, overrides, timeout=120)
-    ref = reference(**overrides)
+    run_pipeline_local(_ranks, world, out, overrides, switches, timeout=120)
+    ref = reference(switches=switches, **overrides)
     steps, logs = [], []
     for rank in range(world):
         got, mine, forwards, log = torch.load(f"{out}.{rank}", weights_only=True)
@@ -80,6 +100,11 @@ def test_ranks_equal_the_one_process_reference(world, overrides, tmp_path):
             assert got == []  # only the last rank emits chunks
     assert steps == [0, 1, 2, 3]  # every step on exactly one rank, consecutive
     assert len(got) == CHUNKS
+    if switches:  # the switch changes what comes after it, and nothing before
+        plain = reference(**overrides)
+        c = min(switches)
+        torch.testing.assert_close(ref[c - 1], plain[c - 1], rtol=0, atol=1e-6)
+        assert (ref[c] - plain[c]).abs().max() > 1e-3
     # Pipelined: rank 0 starts chunk 1 before the last rank has finished chunk 0.
     assert logs[0][1][1] < logs[-1][0][2]
     for c, (a, b) in enumerate(zip(got, ref)):
