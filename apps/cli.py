@@ -188,19 +188,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     qa_b.add_argument("--json", type=new_file, metavar="PATH")
     pipe = bench_sub.add_parser(
-        "pipeline", help="row-parallel generation on N local ranks vs one process"
+        "pipeline", help="step and layer pipelines on 1, 2, 3 local processes"
     )
     pipe.add_argument("--model", default="assets/tiny-world", help="generator dir or tiny-random")
-    pipe.add_argument("--ranks", type=count(1), default=2, help="local gloo processes (default 2)")
+    pipe.add_argument(
+        "--ranks", type=count_list, default=[1, 2, 3], help="processes per run (default 1,2,3)"
+    )
+    pipe.add_argument(
+        "--modes",
+        type=choice_list("steps", "layers"),
+        default=["steps", "layers"],
+        help="comma-separated (default steps,layers)",
+    )
     pipe.add_argument("--size", type=size, default="64x64", help="frame size WIDTHxHEIGHT")
     pipe.add_argument("--steps", type=count(1), help="denoising steps (default: the model's)")
-    pipe.add_argument("--warmup", type=count(0), default=4, help="chunks before timing")
-    pipe.add_argument("--chunks", type=count(1), default=10, help="chunks timed")
+    pipe.add_argument("--warmup", type=count(1), default=4, help="chunks before timing")
+    pipe.add_argument("--chunks", type=count(1), default=16, help="chunks timed")
     pipe.add_argument(
-        "--samplers",
-        type=sampler_list,
-        default=["stream_batch", "chunkwise"],
-        help="comma-separated (default stream_batch,chunkwise)",
+        "--microbatches",
+        type=count(1),
+        help="layers: units per forward (default: enough to fill the ranks)",
+    )
+    pipe.add_argument(
+        "--streams",
+        type=count(1),
+        default=2,
+        help="layers: stream-batch streams in the pipeline at once (default 2)",
     )
     pipe.add_argument("--json", type=new_file, metavar="PATH")
     serve_b = bench_sub.add_parser(
@@ -365,6 +378,18 @@ def sampler_list(text: str) -> list[str]:
     if bad := [n for n in names if n not in SAMPLERS]:
         raise argparse.ArgumentTypeError(f"unknown sampler(s) {bad}; choose from {SAMPLERS}")
     return names
+
+
+def choice_list(*choices: str):
+    """Type of a comma-separated list of names from `choices`."""
+
+    def parse(text: str) -> list[str]:
+        names = [x.strip() for x in text.split(",")]
+        if bad := [n for n in names if n not in choices]:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(choices)}")
+        return names
+
+    return parse
 
 
 def policy_list(text: str) -> list[str]:

@@ -45,10 +45,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-drift", type=finite, help="latent pixels/frame of drifting noise")
     p.add_argument(
         "--parallel",
-        choices=["steps", "rows"],
-        help="under `torchrun --nproc_per_node=N -m streamrt.apps.cli generate ...`: split "
-        "every forward's rows over the ranks (rank 0 writes). steps: the stream-batch "
-        "sampler, one denoising step per row, so one step per rank; rows: any sampler",
+        choices=["steps", "layers"],
+        help="under `torchrun --nproc_per_node=N -m streamrt.apps.cli generate ...` (the "
+        "last rank writes): steps: the denoising-step pipeline (consecutive steps per rank, "
+        "each with its own KV cache; timestep forcing); layers: the layer pipeline (a range "
+        "of transformer blocks per rank, any sampler; stream_batch keeps every rank busy)",
+    )
+    p.add_argument(
+        "--balance",
+        action="store_true",
+        help="--parallel layers: place the block ranges from measured per-block times",
     )
 
 
@@ -62,10 +68,6 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         out["policy_args"] = parse_kv(args.policy_args)
     if args.sampler:
         out["sampler"] = args.sampler
-    if getattr(args, "parallel", None) == "steps":
-        if args.sampler not in (None, "stream_batch"):
-            raise InputError("--parallel steps runs the stream_batch sampler; use --parallel rows")
-        out["sampler"] = "stream_batch"
     if args.steps is not None:
         if args.steps < 1:
             raise InputError(f"--steps must be >= 1, got {args.steps}")
@@ -135,30 +137,30 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return _run(args)
-    finally:  # rank 0 may still be writing when the others are done
+    finally:  # the last rank may still be writing when the others are done
         leave_group()
 
 
 def _run(args: argparse.Namespace) -> int:
-    from streamrt.io.sinks import open_sink
-
     # 1. Load and start the stream: a bad prompt, config or checkpoint fails here, before
     #    any file is written (the CLI prints the error as one line).
     gen = load_generator(args.model, args.config, overrides_from(args), args.checkpoint)
-    cfg = gen.engine.config
     if args.parallel:
-        from streamrt.parallel.launch import init_from_env, parallelize
+        from streamrt.apps.generate_parallel import run_parallel
 
-        parallel = init_from_env(str(gen.engine.device))
-        parallelize(gen, parallel)
-        if parallel.rank != 0:  # every rank runs the stream; rank 0 writes it
-            for _ in gen.stream(args.prompt, num_frames=args.frames):
-                pass
-            return 0
+        return run_parallel(args, gen)
     frames = gen.stream(args.prompt, num_frames=args.frames)
     first = next(frames)
     stats = gen.active.stats
-    # 2. Write the frames with a live progress bar.
+    write_frames(args, gen.engine.config, first, frames, stats)
+    return 0
+
+
+def write_frames(args: argparse.Namespace, cfg, first, frames, stats: dict) -> None:
+    """Write `first` and then `frames` to `args.output` with a live progress bar; `stats`
+    (a stream's counters, updated as it runs) gives the fps and first-frame time shown."""
+    from streamrt.io.sinks import open_sink
+
     columns = (
         TextColumn("[bold]generate"),
         BarColumn(),
@@ -180,7 +182,6 @@ def _run(args: argparse.Namespace) -> int:
         f"wrote {sink.frames} frames to {args.output}: "
         f"{stats['frames'] / max(stats['seconds'], 1e-9):.1f} fps, first frame after {stats['first_frame_s']:.2f} s"
     )
-    return 0
 
 
 def output(text: str) -> str:

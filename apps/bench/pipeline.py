@@ -1,11 +1,19 @@
-"""`streamrt bench pipeline`: row-parallel generation on N local ranks against one process,
-measured in the same run, with the frames compared.
+"""`streamrt bench pipeline`: the denoising-step and layer pipelines on 1, 2, 3 local gloo
+processes (one torch thread each), same model, same run.
 
-    ranks        the rows of every forward split over N gloo processes, one torch thread
-                 each (`streamrt.parallel`); stream batch has one row per denoising step
-    1 process    the same stream in this process, with 1 thread and with N threads (the
-                 same cores as the N ranks)
-    max |diff|   largest latent difference between the ranks' stream and one process's
+    steps     `streamrt.parallel.steps`: consecutive denoising steps per rank, each with its
+              own cache (timestep forcing); 1 process runs the same schedule alone.
+    layers    `streamrt.parallel.layers`: a range of transformer blocks per rank; a
+              stream-batch stream (one row per denoising step in flight, StreamDiffusionV2)
+              whose forwards are split into chunk units that fill the pipeline; 1 process
+              runs the same stream with the whole model.
+
+Measured on the last rank, which decodes: frames per second after `--warmup` chunks, time
+to first frame (from the moment every rank is ready), p99 of the gap between consecutive
+chunks' frames (what a player waits), the bytes each rank sends per chunk, and the largest
+latent difference from the 1-process run. The bytes per chunk are also turned, by
+arithmetic, into what Wan-1.3B at 480x832 would send and how long that takes over NVLink
+and PCIe.
 """
 
 from __future__ import annotations
@@ -16,88 +24,151 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from streamrt.apps.bench import print_table, write_json
 
 PROMPT = "a red circle moving right on a dark background"
+LINKS_GBPS = {"NVLink 4 (H100, ~400 GB/s)": 400.0, "PCIe 4.0 x16 (~25 GB/s)": 25.0}
+"""Achievable point-to-point bandwidth assumed for the arithmetic (GB/s)."""
 
 
-def _overrides(args: argparse.Namespace, sampler: str) -> dict[str, Any]:
-    """`streamrt generate`'s overrides for --size / --steps, plus the sampler and seed 0."""
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     from streamrt.apps.generate import overrides_from
 
     given = argparse.Namespace(
-        policy=None, policy_args=None, sampler=sampler, steps=args.steps, seed=0, size=args.size
+        policy=None, policy_args=None, sampler=None, steps=args.steps, seed=0, size=args.size
     )
     return overrides_from(given)
 
 
-def run_stream(args: argparse.Namespace, sampler: str, threads: int, parallel=None):
-    """(frames per second over `args.chunks` chunks after warm-up, their latents)."""
+def _rank(rank: int, world: int, args: argparse.Namespace, mode: str, out: str) -> None:
     from streamrt.apps.generate import load_generator
-    from streamrt.parallel.launch import parallelize
 
-    torch.set_num_threads(threads)
-    gen = load_generator(args.model, None, _overrides(args, sampler))
-    if parallel is not None:
-        parallelize(gen, parallel)
-    cfg = gen.engine.config
-    if sampler != "chunkwise":  # room for every chunk in flight plus 4 chunks of context
-        window = (len(cfg.timesteps) + 4) * cfg.chunk_frames
-        policy = {
-            "policy": "sink_window",
-            "policy_args": {"sink_blocks": 3, "window_blocks": window},
-        }
-        stream = gen.engine.open_stream(PROMPT, cfg, **policy)
+    torch.set_num_threads(1)
+    gen = load_generator(args.model, None, _overrides(args))
+    engine = gen.engine
+    total = args.warmup + args.chunks
+    if mode == "steps":
+        from streamrt.parallel.steps import StepPipeline
+
+        pipe = StepPipeline(engine, PROMPT)
+        chunks, decoder = pipe.chunks(total), pipe.stages[-1].stream
     else:
-        stream = gen.engine.open_stream(PROMPT, cfg)
-    out = [stream.next_latents() for _ in range(args.warmup)]
-    if parallel is not None:
-        torch.distributed.barrier()
+        from streamrt.parallel.layers import LayerPipeline, even_ranges, stage_engine
+
+        ranges = even_ranges(len(engine.transformer.blocks), world)
+        stage = stage_engine(engine, ranges[rank])
+        pipe = LayerPipeline(stage, ranges, microbatches=args.microbatches)
+        cfg = stage.config
+        window = (len(cfg.timesteps) + 4) * cfg.chunk_frames  # every chunk in flight + 4
+        streams = [
+            pipe.open_stream(
+                PROMPT,
+                cfg,
+                seed=i,
+                sampler="stream_batch",
+                policy="sink_window",
+                policy_args={"sink_blocks": 3, "window_blocks": window},
+            )
+            for i in range(args.streams)
+        ]
+        decoder = streams[0]
+        chunks = (x for i, x in pipe.run(streams, total) if i == 0)
+    dist.barrier()
     t0 = time.perf_counter()
-    out += [stream.next_latents() for _ in range(args.chunks)]
-    seconds = time.perf_counter() - t0
-    frames = args.chunks * cfg.chunk_frames
-    stream.close()
-    return frames / seconds, torch.cat(out, dim=2)
+    times, latents = [], []
+    with torch.no_grad():
+        for x0 in chunks:
+            decoder.decode(x0)
+            times.append(time.perf_counter() - t0)
+            latents.append(x0)
+    sent = pipe.bytes_sent if mode == "layers" else _step_bytes(pipe, total)
+    # latent frames per chunk (pixel codec: 1:1), of every stream
+    frames = (latents[0].shape[2] if latents else 0) * (args.streams if mode == "layers" else 1)
+    if rank == world - 1:
+        torch.save((times, torch.cat(latents, dim=2), frames), f"{out}.last")
+    torch.save(sent / total, f"{out}.{rank}")
 
 
-def _rank(rank: int, world: int, args: argparse.Namespace, sampler: str, out: str) -> None:
-    from streamrt.parallel import RowParallel
+def _step_bytes(pipe, chunks: int) -> int:
+    """Bytes this rank of the step pipeline sent: latents + eps per chunk, if not last."""
+    if pipe.last:
+        return 0
+    c, f, h, w = pipe.shape[1:]
+    return chunks * 2 * c * f * h * w * torch.finfo(pipe.dtype).bits // 8
 
-    fps, latents = run_stream(args, sampler, 1, RowParallel())
-    torch.save((fps, latents), f"{out}.{rank}")
+
+def _measure(args: argparse.Namespace, mode: str, world: int) -> dict[str, Any]:
+    from streamrt.parallel.launch import run_pipeline_local
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "r")
+        run_pipeline_local(_rank, world, args, mode, out, timeout=300)
+        times, latents, frames = torch.load(f"{out}.last", weights_only=True)
+        sent = [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
+    timed = times[args.warmup :]
+    span = timed[-1] - times[args.warmup - 1] if args.warmup else timed[-1]
+    gaps = np.diff([0.0, *times])
+    return {
+        "fps": len(timed) * frames / span,
+        "first frame s": times[0],
+        "gap p99 s": float(np.percentile(gaps[1:] if len(gaps) > 1 else gaps, 99)),
+        "KB sent/chunk": max(sent) / 1024,
+        "latents": latents,
+    }
+
+
+def wan_bytes_per_chunk(mode: str, steps: int = 4, chunk_frames: int = 3) -> float:
+    """Bytes one rank sends per chunk for Wan-1.3B at 480x832 (bf16, 16 latent channels,
+    60x104 latents, 1560 tokens per latent frame, hidden size 1536), by arithmetic."""
+    latent = 16 * chunk_frames * 60 * 104 * 2
+    if mode == "steps":
+        return 2 * latent  # latents + eps to the next rank
+    hidden = 1560 * chunk_frames * 1536 * 2
+    return (steps + 1) * hidden  # each chunk passes every hop once per step + clean refresh
 
 
 def bench_pipeline(args: argparse.Namespace) -> int:
-    from streamrt.parallel.launch import run_local
-
-    rows, payload = [], {"ranks": args.ranks, "model": args.model, "size": args.size}
-    for sampler in args.samplers:
-        one, reference = run_stream(args, sampler, 1)
-        same, _ = run_stream(args, sampler, args.ranks)
-        with tempfile.TemporaryDirectory() as tmp:
-            out = str(Path(tmp) / "rank")
-            run_local(_rank, args.ranks, args, sampler, out)
-            results = [torch.load(f"{out}.{r}", weights_only=True) for r in range(args.ranks)]
-        fps = min(r[0] for r in results)  # the slowest rank sets the stream's pace
-        diff = max(float((r[1] - reference).abs().max()) for r in results)
-        row = {
-            "sampler": sampler,
-            "ranks fps": fps,
-            "1 proc 1 thread fps": one,
-            f"1 proc {args.ranks} threads fps": same,
-            "vs 1 thread": fps / one,
-            f"vs {args.ranks} threads": fps / same,
-            "max |diff|": diff,
-        }
-        rows.append(row)
+    rows, payload = [], {"model": args.model, "size": args.size, "ranks": args.ranks}
+    for mode in args.modes:
+        base = None
+        for world in args.ranks:
+            m = _measure(args, mode, world)
+            latents = m.pop("latents")
+            base = base or {**m, "latents": latents}
+            n = min(latents.shape[2], base["latents"].shape[2])
+            diff = float((latents[:, :, :n] - base["latents"][:, :, :n]).abs().max())
+            rows.append(
+                {
+                    "mode": mode,
+                    "streams": args.streams if mode == "layers" else 1,
+                    "processes": world,
+                    **m,
+                    "vs 1 proc fps": m["fps"] / base["fps"],
+                    "vs 1 proc first frame": m["first frame s"] / base["first frame s"],
+                    "max |diff|": diff,
+                }
+            )
+            print(f"  {mode} on {world} process(es): {m['fps']:.1f} fps", flush=True)
     payload["rows"] = rows
+    aims = {"steps": "2 procs >= 1.85x fps, first frame <= 1.2x", "layers": "2 procs >= 1.6x"}
     print_table(
-        f"row-parallel generation on {args.ranks} local gloo ranks (1 thread each) vs one process",
+        "pipelines on local gloo processes, 1 torch thread each (aims: "
+        + "; ".join(f"{k}: {v}" for k, v in aims.items() if k in args.modes)
+        + ")",
         rows,
         list(rows[0]),
     )
+    wan = []
+    for mode in args.modes:
+        b = wan_bytes_per_chunk(mode)
+        row = {"mode": mode, "Wan-1.3B 480x832 MB/chunk/hop": b / 1e6}
+        row.update({f"ms over {k}": b / (gbps * 1e9) * 1e3 for k, gbps in LINKS_GBPS.items()})
+        wan.append(row)
+    print_table("what a chunk would send for Wan-1.3B at 480x832 (arithmetic)", wan, list(wan[0]))
+    payload["wan_1_3b"] = wan
     write_json(args.json, payload)
     return 0

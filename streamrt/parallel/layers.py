@@ -11,14 +11,17 @@ rows of one stream-batch forward) in flight so that every rank is busy.
                 noise, x0, re-noise), so their plans, block tables and evictions agree
                 without messages beyond the velocity; only the caller decides which rank
                 decodes (the CLI: the last).
-    in flight   units are launched in one order every rank computes the same way: rounds
-                over the streams, each stream's next forward split into `microbatches`
-                units of whole chunks, oldest chunks first. A stream-batch row sees only
-                older chunks, so a later unit reads at layer l what an earlier unit of the
-                same forward wrote at layer l, on the same rank, already done. Rank 0
-                needs a stream's velocity only when that stream's next forward is due, so
-                with S streams and M units per forward, S * M units keep the P ranks busy
-                (the bubble of one round is (P - 1) / (S * M + P - 1) of it).
+    in flight   units are launched in one order every rank computes the same way: the
+                streams form G = min(S, P) groups (one group in one process), each group's
+                next forwards batched into one (as the runtime batches streams), in rounds
+                over the groups; each forward is split into M units of whole chunks,
+                oldest chunks first (M = ceil(2P / G): two units per rank per round leave
+                slack for the velocity's round trip). A stream-batch row sees only older
+                chunks, so a later unit reads at layer l what an earlier unit of the same
+                forward wrote at layer l, on the same rank, already done. Rank 0 needs a
+                group's velocities only when its next forward is due: with G = P groups no
+                rank waits; one stream (G = 1) leaves a bubble of (P - 1) / (M + P - 1) of
+                every forward, and its clean-refresh forward (one chunk, one unit) is one.
 
 Exactness: every stream's latents equal the one-process run up to float summation order
 (tests/unit/test_layer_pipeline.py, max |diff| <= 1e-5). `plan_ranges` places the block
@@ -236,6 +239,21 @@ def split_request(request: ForwardRequest, parts: int) -> list[ForwardRequest]:
     return out
 
 
+def _concat(requests: list[ForwardRequest]) -> ForwardRequest:
+    """Several streams' (sub-)requests as one batch (rows in order)."""
+    if len(requests) == 1:
+        return requests[0]
+    first = requests[0]
+    return ForwardRequest(
+        first.stream,
+        [row for r in requests for row in r.rows],
+        torch.cat([r.x for r in requests]),
+        torch.cat([r.t for r in requests]),
+        torch.cat([r.embeds for r in requests]),
+        [k for r in requests for k in r.text_keys],
+    )
+
+
 def _merge(request: ForwardRequest, units: list[ForwardRequest], outs: list[torch.Tensor]):
     """The units' outputs back in `request`'s row order."""
     if len(units) == 1:
@@ -337,11 +355,15 @@ class LayerPipeline:
         wait_for(work, self.timeout, f"rank {self.rank}: {what}", self.rank, frm)
         return buf
 
-    def _launch(self, request: ForwardRequest, parts: int) -> torch.Tensor | None:
-        """Run this rank's share of `request` (in units); the last rank returns the output."""
-        units = split_request(request, parts)
-        outs = []
-        for unit in units:
+    def _launch(self, requests: list[ForwardRequest], parts: int) -> list[torch.Tensor | None]:
+        """Run this rank's share of `requests` (streams batched into one forward per unit,
+        each request split into `parts` units of whole chunks); the last rank returns each
+        request's output and sends it to the other ranks."""
+        subs = [split_request(r, parts) for r in requests]
+        outs: list[list[torch.Tensor]] = [[] for _ in requests]
+        for u in range(max(len(s) for s in subs)):
+            members = [(j, s[u]) for j, s in enumerate(subs) if u < len(s)]
+            unit = _concat([m for _, m in members])
             hidden = None
             if self.rank > 0:
                 hidden = self._recv(
@@ -352,16 +374,19 @@ class LayerPipeline:
                 out = self.stage(unit, hidden)
             self.log.append((self.units, start, time.time()))
             self.units += 1
-            if self.last:
-                outs.append(out)
-            else:
+            if not self.last:
                 self._send(out, self.rank + 1, HIDDEN)
+                continue
+            sizes = [len(m.rows) for _, m in members]
+            for (j, _), part in zip(members, out.split(sizes)):
+                outs[j].append(part)
         if not self.last:
-            return None
-        v = _merge(request, units, outs)
-        for r in range(self.world - 1):
-            self._send(v, r, VELOCITY)
-        return v
+            return [None] * len(requests)
+        vs = [_merge(r, s, o) for r, s, o in zip(requests, subs, outs)]
+        for v in vs:
+            for r in range(self.world - 1):
+                self._send(v, r, VELOCITY)
+        return vs
 
     def _velocity(self, flow: _Flow, v: torch.Tensor | None) -> torch.Tensor:
         if v is not None:
@@ -382,19 +407,30 @@ class LayerPipeline:
         flows = [_Flow(s, n) for s, n in zip(streams, counts)]
         for (i, c), prompt in sorted((switches or {}).items()):
             flows[i].pending.append((c, prompt))
-        parts = self.microbatches or max(1, -(-2 * self.world // max(1, len(flows))))
+        # Streams in flight: G groups (the ranks' count, or fewer streams), each batched
+        # into one forward, split into units of whole chunks.
+        groups = 1 if self.world == 1 else min(len(flows), self.world)
+        # Two units per rank per round leave slack for the velocity's round trip (one
+        # unit per group left the ranks 70% busy on 2 ranks, two units 84%).
+        parts = self.microbatches or (1 if self.world == 1 else -(-2 * self.world // groups))
         outstanding: dict[int, torch.Tensor | None] = {}
         try:
             while any(f.done < f.chunks for f in flows):
-                for i, flow in enumerate(flows):
-                    if flow.done >= flow.chunks:
-                        continue
-                    request, finished = self._advance(flow, outstanding.pop(i, None))
-                    if finished is not None:
-                        yield i, finished
-                    if request is not None:
-                        flow.waiting = request
-                        outstanding[i] = self._launch(request, parts)
+                for g in range(groups):
+                    launched = []
+                    for i in range(g, len(flows), groups):
+                        flow = flows[i]
+                        if flow.done >= flow.chunks:
+                            continue
+                        request, finished = self._advance(flow, outstanding.pop(i, None))
+                        if finished is not None:
+                            yield i, finished
+                        if request is not None:
+                            flow.waiting = request
+                            launched.append(i)
+                    if launched:
+                        vs = self._launch([flows[i].waiting for i in launched], parts)
+                        outstanding.update(zip(launched, vs))
         finally:
             self.flush()
 

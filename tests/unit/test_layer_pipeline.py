@@ -36,6 +36,7 @@ CASES = {
         {(0, 2): SWITCH},
     ),
     "chunkwise-2streams-2ranks": (2, 2, {"sampler": "chunkwise"}, {(1, 1): SWITCH}),
+    "batch-4streams-grouped-2ranks": (2, 4, {"sampler": "stream_batch"}, {(3, 2): SWITCH}),
     "rolling-deep-sink-2streams-3ranks": (
         3,
         2,
@@ -58,7 +59,7 @@ def solo(case: str) -> list[list[torch.Tensor]]:
     e = engine(**overrides)
     out = []
     for i in range(streams):
-        s = e.open_stream(PROMPTS[i], e.config, seed=i)
+        s = e.open_stream(PROMPTS[i % 2], e.config, seed=i)
         chunks = []
         for c in range(CHUNKS):
             if (i, c) in switches:
@@ -75,7 +76,7 @@ def _ranks(rank: int, world: int, case: str, out: str) -> None:
     ranges = even_ranges(len(whole.transformer.blocks), world)
     e = stage_engine(whole, ranges[rank])
     pipe = LayerPipeline(e, ranges, timeout=60)
-    opened = [pipe.open_stream(PROMPTS[i], e.config, seed=i) for i in range(streams)]
+    opened = [pipe.open_stream(PROMPTS[i % 2], e.config, seed=i) for i in range(streams)]
     got: list[list[torch.Tensor]] = [[] for _ in opened]
     for i, x0 in pipe.run(opened, CHUNKS, switches):
         got[i].append(x0)
