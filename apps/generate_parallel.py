@@ -31,11 +31,6 @@ def pipeline_latents(args: argparse.Namespace, engine, rank: int, world: int):
     if args.parallel == "steps":
         from streamrt.parallel.steps import StepPipeline
 
-        if args.sampler not in (None, "chunkwise"):
-            raise InputError(
-                "--parallel steps runs its own schedule (one cache per denoising step); "
-                f"--sampler {args.sampler} applies to --parallel layers"
-            )
         pipe = StepPipeline(engine, args.prompt, timeout=timeout)
         return pipe.chunks(n), pipe.stages[-1].stream, pipe
     from streamrt.parallel.layers import (
@@ -64,6 +59,11 @@ def run_parallel(args: argparse.Namespace, gen) -> int:
     from streamrt.apps.generate import write_frames
     from streamrt.parallel.launch import init_from_env
 
+    if args.parallel == "steps" and args.sampler not in (None, "chunkwise"):
+        raise InputError(
+            "--parallel steps runs its own schedule (one cache per denoising step); "
+            f"--sampler {args.sampler} applies to --parallel layers"
+        )
     init_from_env(str(gen.engine.device))
     rank, world = dist.get_rank(), dist.get_world_size()
     latents, stream, pipe = pipeline_latents(args, gen.engine, rank, world)

@@ -67,12 +67,6 @@ class ForwardContext:
     scores: dict[int, list[torch.Tensor]] | None = None
     """If a dict, self-attention stores per layer, per row, the query-key importance of the
     row's kept tokens here."""
-    parallel: Any = None
-    """`streamrt.parallel.RowParallel` when the rows are split over ranks: the batch then
-    holds only `local` rows, and every rank writes the K/V of all `rows`."""
-    local: list[int] | None = None
-    """Indices into `rows` of the batch's rows (parallel only; padded with dummies)."""
-
     batch: BatchLayout | None = None
     """Index tensors, RoPE tables and mask shared by every layer (`prepare`)."""
 
@@ -93,7 +87,7 @@ class BatchLayout:
     write_ids: torch.Tensor
     """Pages receiving the forward's frames, every row's in row order `[rows * frames]`."""
     read_ids: torch.Tensor
-    """Pages each computed row attends to, padded `[local rows, most kept blocks]`."""
+    """Pages each computed row attends to, padded `[rows, most kept blocks]`."""
     lengths: list[int]
     """Kept tokens per computed row."""
     mask: torch.Tensor | None
@@ -112,9 +106,8 @@ class BatchLayout:
             raise RuntimeError("rows of one forward must share a cache manager and KV layout")
         table = manager.device_table(spec)
         write = [i for r in ctx.rows for i in manager.device_ids(r.seq, r.write, write=True)]
-        local = ctx.rows if ctx.local is None else [ctx.rows[j] for j in ctx.local]
         reads, q_tabs, k_tabs = [], [], []
-        for row in local:
+        for row in ctx.rows:
             plan = row.plan
             if any(n != spec.tokens_per_block for n in plan.lengths):
                 raise RuntimeError("generation blocks hold one whole latent frame each")
@@ -195,17 +188,12 @@ class StreamingSelfAttention:
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
-        if ctx.parallel is not None:  # this rank holds rows ctx.local; every rank writes all
-            key_all = ctx.parallel.gather(key, len(ctx.rows))
-            value_all = ctx.parallel.gather(value, len(ctx.rows))
-        else:
-            key_all, value_all = key, value
         # Every row writes before any row reads: rows that share a sequence (stream batch)
         # all see the K/V this forward computed for the frames in flight.
         table = batch.table
         block = table.shape[3:]
-        table[batch.write_ids, 0, self.layer] = key_all.reshape(-1, *block).to(table.dtype)
-        table[batch.write_ids, 1, self.layer] = value_all.reshape(-1, *block).to(table.dtype)
+        table[batch.write_ids, 0, self.layer] = key.reshape(-1, *block).to(table.dtype)
+        table[batch.write_ids, 1, self.layer] = value.reshape(-1, *block).to(table.dtype)
         rows = batch.read_ids.shape[0]
         k = table[batch.read_ids, 0, self.layer].reshape(rows, -1, *block[1:]).to(query.dtype)
         v = table[batch.read_ids, 1, self.layer].reshape(rows, -1, *block[1:]).to(query.dtype)
@@ -214,11 +202,7 @@ class StreamingSelfAttention:
         out = attend(query, k, v, mask=batch.mask)
         if ctx.scores is not None:
             importance = torch.einsum("bqhd,bkhd->bk", query.float(), k.float())
-            lengths = batch.lengths
-            if ctx.parallel is not None:  # every rank keeps the scores of all rows
-                importance = ctx.parallel.gather(importance, len(ctx.rows))
-                lengths = [len(r.plan.indices) * block[0] for r in ctx.rows]
-            ctx.scores[self.layer] = [s[:n] for s, n in zip(importance, lengths)]
+            ctx.scores[self.layer] = [s[:n] for s, n in zip(importance, batch.lengths)]
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 

@@ -85,9 +85,6 @@ class GenEngine:
             cache = CacheManager(cache_config)
         self.cache = cache
         self.lock = self.state.lock
-        self.parallel = None
-        """`streamrt.parallel.RowParallel` to split every forward's rows over ranks (set by
-        `streamrt.parallel.parallelize`); None: this process computes every row."""
         self._prompts: dict[str, torch.Tensor] = {}
         self._stream_ids = itertools.count()
 

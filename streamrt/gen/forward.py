@@ -55,9 +55,7 @@ def run_requests(engine: GenEngine, requests: list[ForwardRequest]) -> list[torc
     keys = [k for r in requests for k in r.text_keys]
     scores: dict | None = {} if any(r.scores is not None for r in requests) else None
     with torch.no_grad(), engine.lock:
-        v = streaming_forward(
-            engine.transformer, engine.state, rows, x, t, embeds, keys, scores, engine.parallel
-        )
+        v = streaming_forward(engine.transformer, engine.state, rows, x, t, embeds, keys, scores)
     out, start = [], 0
     for r in requests:
         n = len(r.rows)
@@ -78,49 +76,11 @@ def streaming_forward(
     prompt_embeds: torch.Tensor,
     text_key=None,
     scores: dict | None = None,
-    parallel=None,
 ) -> torch.Tensor:
     """Run the model on `latents` `[B, C, F, H, W]` with per-frame timesteps `[B, F]`.
 
     Returns the model output (flow-matching velocity for Wan), same shape as `latents`.
-    With `parallel` (`streamrt.parallel.RowParallel`), this rank computes only its share
-    of the B rows and the result is gathered from every rank.
     """
-    if parallel is not None:
-        b = latents.shape[0]
-        local = parallel.local_rows(b)
-        pick = torch.tensor(local, device=latents.device)
-        key = None if text_key is None else [text_key[j] for j in local]
-        v = _forward(
-            transformer,
-            state,
-            rows,
-            latents[pick],
-            frame_timesteps[pick.to(frame_timesteps.device)],
-            prompt_embeds[pick.to(prompt_embeds.device)],
-            key,
-            scores,
-            parallel,
-            local,
-        )
-        return parallel.gather(v, b)
-    return _forward(
-        transformer, state, rows, latents, frame_timesteps, prompt_embeds, text_key, scores
-    )
-
-
-def _forward(
-    transformer,
-    state,
-    rows,
-    latents,
-    frame_timesteps,
-    prompt_embeds,
-    text_key,
-    scores,
-    parallel=None,
-    local=None,
-) -> torch.Tensor:
     _, _, _num_frames, height, width = latents.shape
     p_t, p_h, p_w = transformer.config.patch_size
     if p_t != 1:
@@ -129,7 +89,7 @@ def _forward(
         )
     grid = (height // p_h, width // p_w)
     _check_rope_range(transformer, rows, grid[0] * grid[1])
-    ctx = ForwardContext(rows, grid, text_key, scores, parallel, local)
+    ctx = ForwardContext(rows, grid, text_key, scores)
     ctx.prepare(transformer.rope, grid[0] * grid[1])
     timestep = model_timestep(frame_timesteps.to(latents.device).float(), grid[0] * grid[1])
     state.current = ctx

@@ -1,5 +1,2 @@
-"""Multi-process generation over torch.distributed (gloo on CPU, NCCL on GPU)."""
-
-from streamrt.parallel.rows import RowParallel
-
-__all__ = ["RowParallel"]
+"""Multi-process generation over torch.distributed (gloo on CPU, NCCL on GPU): the
+denoising-step pipeline (`steps`) and the layer pipeline (`layers`)."""

@@ -90,8 +90,6 @@ class StepStage:
     prompt, forward and noise generator (seeded `seed + k`)."""
 
     def __init__(self, engine, prompt: str, config: GenConfig, k: int) -> None:
-        if engine.parallel is not None:
-            raise InputError("the step pipeline and row parallelism cannot share an engine")
         cfg = dataclasses.replace(
             config, sampler="chunkwise", clean_refresh=False, seed=config.seed + k
         )
