@@ -151,3 +151,31 @@ def _participative(rank: int, world: int) -> None:
     e = stage_engine(whole, ranges[rank])
     pipe = LayerPipeline(e, ranges, timeout=20)
     pipe.open_stream(PROMPTS[0], e.config, policy="participative", policy_args={})
+
+
+def _fails(rank: int, world: int, bad: int, stall: bool) -> None:
+    import time
+
+    whole = engine(sampler="stream_batch")
+    ranges = even_ranges(4, world)
+    e = stage_engine(whole, ranges[rank])
+    pipe = LayerPipeline(e, ranges, timeout=5)
+    stream = pipe.open_stream(PROMPTS[0], e.config)
+    for n, _ in enumerate(pipe.run([stream], 6)):
+        if rank == bad and n == 1:
+            if stall:
+                time.sleep(60)  # alive but stuck: its peers must not wait forever
+            raise ValueError(f"boom on rank {rank}")
+
+
+@pytest.mark.parametrize("bad,stall", [(0, False), (2, False), (1, True)])
+def test_a_failing_or_stalled_rank_ends_the_run_naming_it(bad, stall):
+    import time
+
+    t0 = time.perf_counter()
+    pattern = f"rank {bad} failed: ValueError: boom on rank {bad}"
+    if stall:  # a neighbour times out waiting on it, and names it
+        pattern = f"rank \\d: (hidden states|velocity|sending).* rank {bad} (failed|did not)"
+    with pytest.raises(PipelineError, match=pattern):
+        run_pipeline_local(_fails, 3, bad, stall, timeout=30)
+    assert time.perf_counter() - t0 < 50  # the others exit: no hang
