@@ -321,11 +321,20 @@ class RuntimeConfig:
     with `AdmissionError`; 0: refused at once."""
 
     suspend_late_s: float = 1.0
-    """Overload's last resort (deadline scheduler): when the most urgent stream is this many
-    seconds late, the lowest-priority stream (the latest among equals) is suspended: its
-    KV moves to the host tier and its playout clock stops; it resumes, KV back on the
-    device, bit-exact, when admission control has room for it again. At most one change
-    per this many seconds. 0: never suspend."""
+    """Overload's degrade order (deadline scheduler): when the most urgent stream is this
+    many seconds late, first the lowest-priority stream (the latest among equals) still at
+    full quality runs fewer denoising steps (`degrade_steps`); when every stream that can
+    is degraded, the lowest-priority one is suspended: its KV moves to the host tier and
+    its playout clock stops. Recovery runs the other way when admission control has room:
+    suspended streams resume first (KV back on the device, bit-exact), then degraded
+    streams get their full steps back, highest priority first. At most one change per this
+    many seconds. 0: never degrade or suspend."""
+
+    degrade_steps: int = 2
+    """Denoising steps a degraded stream runs (its schedule thinned evenly, the first,
+    pure-noise step kept), from its next chunk; chunk-wise text-to-video streams with more
+    steps than this only (a window sampler's chunks in flight keep their schedules). 0:
+    never degrade, suspend at once."""
 
     max_streams: int = 64
     """Most live generation streams and QA sessions, each."""
@@ -342,6 +351,12 @@ class RuntimeConfig:
             raise InputError(f"runtime.max_batch must be >= 1, got {self.max_batch}")
         if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
             raise InputError(f"runtime.fps must be a number > 0 or null, got {self.fps}")
+        if isinstance(self.degrade_steps, bool) or not isinstance(self.degrade_steps, int):
+            raise InputError(
+                f"runtime.degrade_steps must be a whole number, got {self.degrade_steps!r}"
+            )
+        if self.degrade_steps < 0:
+            raise InputError(f"runtime.degrade_steps must be >= 0, got {self.degrade_steps}")
         for name in ("ttff_s", "ahead_s", "queue_s", "suspend_late_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):

@@ -58,7 +58,8 @@ def _runtime(args: argparse.Namespace, **runtime: Any):
 
 
 def _concurrency(args: argparse.Namespace) -> list[dict[str, Any]]:
-    rt = _runtime(args, admission=False, ahead_s=1e9, max_batch=max(args.streams))
+    # Full quality for every stream: no degrade (fewer steps) or suspension under load.
+    rt = _runtime(args, admission=False, ahead_s=1e9, suspend_late_s=0, max_batch=max(args.streams))
     rows = []
     try:
         list(rt.open_stream(PROMPTS[0], num_frames=args.frames).frames())  # warm-up
@@ -175,6 +176,7 @@ def replay(rt, trace: list[dict], limit_s: float) -> dict[str, Any]:
         if not pending and all(h.done for h in handles):
             break
         time.sleep(0.1)
+    counters = dict(rt.counters)
     rt.close()
     lives = [h._live for h in handles]
     frames = sum(s.playout.frames for s in lives)
@@ -188,6 +190,8 @@ def replay(rt, trace: list[dict], limit_s: float) -> dict[str, Any]:
         "frames": frames,
         "slo_attainment": on_time / frames if frames else float("nan"),
         "gap_p99_s": p99,
+        "degraded": counters["degraded"],
+        "suspended": counters["suspended"],
         "wall_s": time.perf_counter() - t0,
         "samples": samples,
     }
@@ -219,6 +223,7 @@ def _deadlines(
             "SLO attainment (admitted)": r["slo_attainment"],
             "gap p99 (s)": r["gap_p99_s"],
             "frames": r["frames"],
+            "degraded / suspended": f"{r['degraded']} / {r['suspended']}",
         }
         for kind, r in results.items()
     ]

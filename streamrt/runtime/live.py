@@ -61,6 +61,8 @@ class LiveStream:
         """Set by the scheduler: no new chunk starts (see `RuntimeConfig.suspend_late_s`)."""
         self.offloaded = False
         """Its KV blocks are on the host tier (moved at the chunk boundary after suspension)."""
+        self.full_sigmas: list[float] | None = None
+        """Its own schedule while it runs fewer steps (`degrade`); None: not degraded."""
         self.error: BaseException | None = None
         self.forwards = 0
         self.chunks = 0
@@ -110,6 +112,28 @@ class LiveStream:
             self.pending = advance()
         except StopIteration:
             self.finish()
+
+    def can_degrade(self, steps: int) -> bool:
+        gen = self.gen
+        return (
+            self.full_sigmas is None
+            and 0 < steps < len(gen.sigmas)
+            and gen.config.sampler == "chunkwise"
+            and gen.source is None
+            and not self.done
+        )
+
+    def degrade(self, steps: int) -> None:
+        """Run `steps` of its denoising steps from its next chunk (a chunk-wise stream reads
+        its schedule when a chunk starts): the schedule thinned evenly, first step kept."""
+        full = list(self.gen.sigmas)
+        self.full_sigmas = full
+        self.gen.sigmas = [full[i * len(full) // steps] for i in range(steps)]
+
+    def restore(self) -> None:
+        """Its full schedule again, from its next chunk."""
+        if self.full_sigmas is not None:
+            self.gen.sigmas, self.full_sigmas = self.full_sigmas, None
 
     @property
     def at_boundary(self) -> bool:
@@ -170,6 +194,8 @@ class LiveStream:
             chunks=self.chunks,
             forwards=self.forwards,
             state=self.state,
+            steps=len(self.gen.sigmas),
+            degraded=self.full_sigmas is not None,
         )
         if self.error is not None:
             out["error"] = str(self.error)

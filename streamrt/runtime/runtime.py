@@ -141,6 +141,8 @@ class Runtime:
             "forwards": 0,
             "rows": 0,
             "refused": 0,
+            "degraded": 0,
+            "restored": 0,
             "suspended": 0,
             "resumed": 0,
             "encoded": 0,
@@ -262,8 +264,7 @@ class Runtime:
     def _suspend(self, live: LiveStream, now: float) -> None:
         live.suspended = True
         live.playout.pause(now)
-        self._last_change = now
-        self.counters["suspended"] += 1
+        self._changed("suspended", now)
 
     def _move_kv(self, live: LiveStream, to_host: bool) -> None:
         """Every KV block of a stream to the host tier, or back to the device; waited for."""
@@ -278,14 +279,14 @@ class Runtime:
             self._move_kv(live, to_host=False)
         live.suspended = False
         live.playout.resume(now)
-        self._last_change = now
-        self.counters["resumed"] += 1
+        self._changed("resumed", now)
 
     def _rebalance(self, now: float) -> None:
-        """Overload's degrade order: suspend the lowest-priority stream when the most urgent
-        is `suspend_late_s` late; resume suspended streams (highest priority first) when
-        admission control has room; move a suspended stream's KV to the host at its chunk
-        boundary."""
+        """Overload's degrade order (`RuntimeConfig.suspend_late_s`): when the most urgent
+        stream is `suspend_late_s` late, the lowest-priority stream at full quality runs
+        fewer steps, or when none can, the lowest-priority stream is suspended; with room
+        again (admission control), suspended streams resume, then degraded ones get their
+        steps back. A suspended stream's KV moves to the host at its chunk boundary."""
         for live in self.streams.values():
             if live.suspended and not live.offloaded and live.at_boundary:
                 self._move_kv(live, to_host=True)
@@ -293,8 +294,14 @@ class Runtime:
         if self.config.scheduler != "deadline" or not late_s or now - self._last_change < late_s:
             return
         running = self._running()
-        if len(running) > 1 and min(s.playout.slack(now) for s in running) < -late_s:
-            self._suspend(min(running, key=lambda s: (s.priority, -s.arrival)), now)
+        if running and min(s.playout.slack(now) for s in running) < -late_s:
+            steps = self.config.degrade_steps
+            full = [s for s in running if s.can_degrade(steps)]
+            if full:
+                min(full, key=_lowest).degrade(steps)
+                self._changed("degraded", now)
+            elif len(running) > 1:
+                self._suspend(min(running, key=_lowest), now)
             return
         waiting = sorted(
             (s for s in self.streams.values() if s.suspended and not s.done),
@@ -304,6 +311,22 @@ class Runtime:
             if not running or self.scheduler.admits(running, live)[0]:
                 self._resume(live, now)
                 return
+        if waiting:
+            return
+        for live in sorted(running, key=lambda s: (-s.priority, s.arrival)):
+            if live.full_sigmas is None:
+                continue
+            thinned = live.gen.sigmas
+            live.restore()
+            others = [s for s in running if s is not live]
+            if self.scheduler.admits(others, live)[0]:
+                self._changed("restored", now)
+                return
+            live.degrade(len(thinned))  # no room for its full steps yet
+
+    def _changed(self, counter: str, now: float) -> None:
+        self._last_change = now
+        self.counters[counter] += 1
 
     def stream(self, stream_id: str) -> StreamHandle:
         return StreamHandle(self, self._live(stream_id))
@@ -600,6 +623,11 @@ class Runtime:
                 },
                 "cache": self.cache.stats(),
             }
+
+
+def _lowest(live: LiveStream) -> tuple[int, int]:
+    """Sort key: the lowest priority first, the latest arrival among equals."""
+    return live.priority, -live.arrival
 
 
 def serve_all(handles: Iterable[StreamHandle]) -> dict[str, list]:

@@ -22,7 +22,7 @@ PROMPTS = [
     "a green triangle moving left on a striped background",
     "a yellow circle moving down on a checkered background",
 ]
-FREE = RuntimeConfig(admission=False, ahead_s=1e6)
+FREE = RuntimeConfig(admission=False, ahead_s=1e6, suspend_late_s=0)
 """Every stream runs as fast as it goes: what it is batched with is up to the order."""
 
 
@@ -299,20 +299,66 @@ def test_a_higher_priority_stream_suspends_a_lower_one_which_resumes_bit_exactly
         runtime.close()
 
 
-def test_sustained_lateness_suspends_the_lowest_priority_stream():
+def test_sustained_lateness_degrades_then_suspends_the_lowest_priority_stream():
+    """The degrade order: fewer steps for every stream that can (lowest priority first),
+    then suspension; with room again, resume first, then the full steps back."""
     runtime = Runtime("tiny-random", runtime=RuntimeConfig(admission=False, suspend_late_s=0.5))
     try:
         a = runtime.open_stream(PROMPTS[0], priority=1)
         b = runtime.open_stream(PROMPTS[1], priority=0)
         c = runtime.open_stream(PROMPTS[2], priority=0)
-        for h in (a, b, c):
+        handles = (a, b, c)
+        for h in handles:
             h._live.playout.opened -= 10  # ten seconds behind
+
+        def states():
+            stats = [runtime.stream_stats(h.id) for h in handles]
+            return [(s["state"], s["steps"]) for s in stats]
+
         runtime.step()
-        assert [runtime.stream_stats(h.id)["state"] for h in (a, b, c)] == [
-            "running",
-            "running",
-            "suspended",
-        ]
+        assert states() == [("running", 4), ("running", 4), ("running", 2)]
+        runtime.step()  # at most one change per suspend_late_s
+        assert states() == [("running", 4), ("running", 4), ("running", 2)]
+        for expected in (
+            [("running", 4), ("running", 2), ("running", 2)],
+            [("running", 2), ("running", 2), ("running", 2)],
+            [("running", 2), ("running", 2), ("suspended", 2)],
+        ):
+            runtime._last_change -= 1
+            runtime.step()
+            assert states() == expected
+        # Caught up: the suspended stream resumes first, then the full steps come back,
+        # highest priority first.
+        for h in handles:
+            h._live.playout.opened += 1e6
+        for expected in (
+            [("running", 2), ("running", 2), ("running", 2)],
+            [("running", 4), ("running", 2), ("running", 2)],
+            [("running", 4), ("running", 4), ("running", 2)],
+        ):
+            runtime._last_change -= 1
+            runtime.step()
+            assert states() == expected
+        assert runtime.counters["degraded"] == 3 and runtime.counters["restored"] == 2
+    finally:
+        runtime.close()
+
+
+def test_a_degraded_stream_runs_the_thinned_schedule():
+    """Degraded from its first chunk, a stream's chunks equal a solo stream configured with
+    the thinned timesteps."""
+    runtime = Runtime("tiny-random", runtime=FREE)
+    try:
+        h = runtime.open_stream(PROMPTS[0], num_frames=9)
+        seen = _record_latents(h)
+        full = list(runtime.engine.config.timesteps)
+        h._live.degrade(2)
+        assert len(list(h.frames())) == 9
+        assert h._live.forwards == 3 * 3  # per chunk 2 steps + the clean refresh (not 4 + 1)
+        solo = _solo(runtime, PROMPTS[0], 3, timesteps=[full[0], full[2]])
+        for x, y in zip(seen, solo, strict=True):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+        assert not torch.allclose(seen[0], _solo(runtime, PROMPTS[0], 1)[0], atol=1e-3)
     finally:
         runtime.close()
 
