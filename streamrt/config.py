@@ -164,6 +164,11 @@ class GenConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Compute dtype of the transformer and the KV cache."""
 
+    kv_dtype: Literal["auto", "float8_e4m3fn", "float8_e5m2"] = "auto"
+    """Storage dtype of the self-attention KV blocks: auto: `dtype`; float8_e4m3fn /
+    float8_e5m2: one byte per value (half of bf16's KV memory), rounded and saturated on
+    write, upcast to `dtype` when attention reads them."""
+
     attention: Literal["sdpa", "flex", "xformers", "flash"] = "sdpa"
     """Attention backend (streamrt.kernels); sdpa is the reference the others match."""
 

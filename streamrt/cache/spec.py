@@ -15,7 +15,10 @@ _DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
 }
+"""KV block dtypes. FP8 stores K/V in one byte (writes round and saturate; readers upcast)."""
 
 
 def dtype_from_name(name: str | torch.dtype) -> torch.dtype:

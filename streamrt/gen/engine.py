@@ -76,7 +76,7 @@ class GenEngine:
             tcfg.num_attention_heads,
             tcfg.attention_head_dim,
             1,
-            self.dtype,
+            self.dtype if config.kv_dtype == "auto" else config.kv_dtype,
         )
         if cache is None:
             cache_config = cache_config or CacheConfig()
@@ -163,5 +163,10 @@ class GenEngine:
         else:
             base, given = config, frozenset(config.policy_args)
         cfg = fit_window(*apply_changes(base, given, overrides))
+        if cfg.kv_dtype != self.config.kv_dtype:
+            raise InputError(
+                f"gen.kv_dtype is the engine's ({self.config.kv_dtype}): a stream cannot "
+                f"store its KV as {cfg.kv_dtype}; set it in the engine's config"
+            )
         with self.lock:
             return GenStream(self, f"g{next(self._stream_ids)}", prompt, cfg)

@@ -60,7 +60,9 @@ def test_partial_blocks_and_positions():
     mgr.check_invariants()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn]
+)
 def test_round_trip_device_host_disk_is_bit_exact(tmp_path, dtype):
     spec = KVSpec(3, 2, 16, 8, dtype)
     mgr = CacheManager(
