@@ -28,9 +28,12 @@ Exactness: every stream's latents equal the one-process run up to float summatio
 ranges from measured per-block times (the embedding on the first rank, the head on the
 last); the pipeline is balanced once, when it starts.
 
+Cache policies that need attention scores (participative) get every layer's: each rank
+computes its layers' scores and the ranks all-gather them when the forward's velocity is
+consumed (where every rank waits for that velocity anyway).
+
 Partial, on purpose: the ranges are not moved while streams run (no live migration of a
-block's KV between ranks); cache policies that need attention scores (participative) are
-refused: each rank sees only its own layers' scores.
+block's KV between ranks).
 """
 
 from __future__ import annotations
@@ -251,6 +254,7 @@ def _concat(requests: list[ForwardRequest]) -> ForwardRequest:
         torch.cat([r.t for r in requests]),
         torch.cat([r.embeds for r in requests]),
         [k for r in requests for k in r.text_keys],
+        {} if any(r.scores is not None for r in requests) else None,
     )
 
 
@@ -326,13 +330,6 @@ class LayerPipeline:
 
     def open_stream(self, prompt: str, config=None, **overrides) -> GenStream:
         stream = self.engine.open_stream(prompt, config, **overrides)
-        if any(seq.policy.needs_scores for seq in stream.seqs):
-            stream.close()
-            raise InputError(
-                f"cache policy {stream.config.policy!r} needs attention scores of every layer, "
-                "but a layer-pipeline rank sees only its own: use --parallel steps, or a "
-                "policy without scores (sink_window, deep_sink, ema_sink)"
-            )
         seed = stream.config.seed
         check_same(self.rank, self.world, (prompt, seed), self.group, "prompt and seed")
         return stream
@@ -374,6 +371,7 @@ class LayerPipeline:
                 out = self.stage(unit, hidden)
             self.log.append((self.units, start, time.time()))
             self.units += 1
+            self._share_scores(unit, [m for _, m in members])
             if not self.last:
                 self._send(out, self.rank + 1, HIDDEN)
                 continue
@@ -387,6 +385,31 @@ class LayerPipeline:
             for r in range(self.world - 1):
                 self._send(v, r, VELOCITY)
         return vs
+
+    def _share_scores(self, unit: ForwardRequest, members: list[ForwardRequest]) -> None:
+        """The unit's attention scores (this rank's layers) to each member request, under
+        the model's layer numbers; `_gather_scores` adds the other ranks' layers."""
+        if unit.scores is None:
+            return
+        local = dict(unit.scores)
+        unit.scores.clear()
+        start = 0
+        for m in members:
+            n = len(m.rows)
+            if m.scores is not None:
+                for layer, per_row in local.items():
+                    m.scores[self.blocks.start + layer] = list(per_row[start : start + n])
+            start += n
+
+    def _gather_scores(self, request: ForwardRequest) -> None:
+        """Every rank's layers of `request`'s scores, on every rank (a policy such as
+        participative sums them over all layers). Called by every rank at the same point:
+        when the request's velocity is consumed."""
+        every: list[Any] = [None] * self.world
+        dist.all_gather_object(every, dict(request.scores), group=self.group)
+        request.scores.clear()
+        for layer, per_row in sorted((k, v) for part in every for k, v in part.items()):
+            request.scores[layer] = per_row
 
     def _velocity(self, flow: _Flow, v: torch.Tensor | None) -> torch.Tensor:
         if v is not None:
@@ -451,6 +474,8 @@ class LayerPipeline:
                     flow.steps = None
                     continue
             raw = self._velocity(flow, v_mine)
+            if flow.waiting.scores is not None:
+                self._gather_scores(flow.waiting)
             v = flow.stream.complete(flow.waiting, raw)
             flow.waiting = None
             try:

@@ -37,6 +37,17 @@ CASES = {
     ),
     "chunkwise-2streams-2ranks": (2, 2, {"sampler": "chunkwise"}, {(1, 1): SWITCH}),
     "batch-4streams-grouped-2ranks": (2, 4, {"sampler": "stream_batch"}, {(3, 2): SWITCH}),
+    "participative-guided-2streams-2ranks": (
+        2,
+        2,
+        {
+            "sampler": "chunkwise",
+            "guidance_scale": 3.0,
+            "policy": "participative",
+            "policy_args": {},
+        },
+        {},
+    ),
     "rolling-deep-sink-2streams-3ranks": (
         3,
         2,
@@ -138,19 +149,6 @@ def test_split_request_keeps_chunks_and_guidance_branches_together():
     assert units[0].rows[0] is req.rows[0] and units[0].rows[2] is req.rows[4]
     assert torch.equal(units[1].x, req.x[[2, 3, 6, 7]])
     s.close()
-
-
-def test_participative_is_refused_with_a_reason(tmp_path):
-    with pytest.raises(PipelineError, match="needs attention scores of every layer"):
-        run_pipeline_local(_participative, 2, timeout=30)
-
-
-def _participative(rank: int, world: int) -> None:
-    whole = engine()
-    ranges = even_ranges(4, world)
-    e = stage_engine(whole, ranges[rank])
-    pipe = LayerPipeline(e, ranges, timeout=20)
-    pipe.open_stream(PROMPTS[0], e.config, policy="participative", policy_args={})
 
 
 def _fails(rank: int, world: int, bad: int, stall: bool) -> None:
