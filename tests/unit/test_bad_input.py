@@ -191,7 +191,10 @@ CLI_CASES = {
     "bench qa scales": (["bench", "qa", "--needle-scales", "1,x"], "expected a whole number"),
     "bench qa model": (["bench", "qa", "--model", F + "/none", "--trials", "0"], "no Video-LLM"),
     "bench pipeline ranks": (["bench", "pipeline", "--ranks", "0"], "--ranks: must be >= 1"),
-    "bench pipeline samplers": (["bench", "pipeline", "--samplers", "euler"], "unknown sampler"),
+    "bench pipeline modes": (
+        ["bench", "pipeline", "--modes", "rows"],
+        "unknown ['rows']; choose from steps, layers",
+    ),
     "bench unknown": (["bench", "speed"], "invalid choice: 'speed'"),
     # ask (its own messages, through the same exit code)
     "ask video missing": (["ask", "--video", F + "/no.mp4", "--model", "tiny-random", "q"], "does not exist"),
