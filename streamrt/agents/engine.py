@@ -31,6 +31,7 @@ outputs are the same whatever the batch composition, scheduling policy or sharin
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -290,7 +291,7 @@ class AgentEngine:
         """One scheduling step; False when there was nothing to run."""
         with self.lock:
             now = self.clock()
-            self.kv.tick()
+            self.kv.tick(room=self._free_blocks() - sum(map(self._growth, self.running)))
             for agent in self._tool_agents():
                 if now >= agent.tool_until:
                     agent.tool_until = None
@@ -332,21 +333,33 @@ class AgentEngine:
         return (-call.agent.priority, not call.preempted, not kept, call.agent.arrival)
 
     def _admit(self) -> None:
+        """Admit waiting calls in the policy's order while their KV fits beside what the
+        running calls still need to finish (their growth is reserved: a call admitted on
+        room a running call will decode into gets preempted and recomputed later, which
+        thrashes under load). A kept program's blocks off the device count as needed."""
         self.waiting.sort(key=self._order)
+        reserved = sum(self._growth(c) for c in self.running)
         for call in list(self.waiting):
             if len(self.running) >= self.max_batch:
                 return
             agent = call.agent
             if agent.computed == 0 and not self._seq(agent).table:
                 self._share_prefix(agent)
-            need = math.ceil((len(agent.tokens) + call.max_tokens) / self.spec.tokens_per_block)
-            need -= len(self._seq(agent).table)
-            while need > self._free_blocks() and self.kv.relieve_pressure() is not None:
+            need = self._growth(call)
+            while need + reserved > self._free_blocks() and self.kv.relieve_pressure():
                 pass
-            if need > self._free_blocks() and self.running:
+            if need + reserved > self._free_blocks() and self.running:
                 return  # room comes back when a running call ends
             self.waiting.remove(call)
             self.running.append(call)
+            reserved += need
+            self._fetch(agent)  # kept blocks still on the host: room was counted above
+
+    def _growth(self, call: Call) -> int:
+        """Device blocks the call needs beyond those it holds there, to its last token."""
+        end = len(call.agent.tokens) + call.max_tokens - len(call.out)
+        seq = self._seq(call.agent)
+        return max(0, math.ceil(end / self.spec.tokens_per_block) - seq.counts[DEVICE])
 
     def _free_blocks(self) -> int:
         pool = self.manager.pools.get("device")
@@ -396,12 +409,7 @@ class AgentEngine:
         for call, _ in rows:
             seq = self._seq(call.agent)
             if seq.counts[DEVICE] < len(seq.table):
-                try:
-                    off = [i for i, b in seq.items() if b.tier != DEVICE]
-                    for t in self.manager.fetch(seq, off):
-                        t.wait()
-                except OutOfBlocksError:
-                    pass  # preempted below
+                self._fetch(call.agent)
         kept = []
         for call, n in rows:
             seq = self._seq(call.agent)
@@ -615,14 +623,25 @@ class AgentEngine:
         agent.in_tool = False
         if agent.id not in self.kv.calls:
             return
-        resume = self.kv.tool_return(agent.id)
+        resume = self.kv.tool_return(agent.id, fetch=False)  # fetched when admitted
         self.counters[f"resume_{resume.action}"] += 1
         self.counters["resume_prefetched"] += resume.prefetched
         if resume.recompute or not self._seq(agent).table:
             self._reset_kv(agent)
-        else:  # blocks moved and came back: make their full ones findable again
-            seq = self._seq(agent)
-            for i, h in zip(sorted(seq.table), agent.hashes):
+        else:
+            self._rehash(agent)
+
+    def _fetch(self, agent: Agent) -> None:
+        """The agent's blocks off the device back (a miss is preempted by `_on_device`)."""
+        with contextlib.suppress(OutOfBlocksError):
+            self.kv.fetch(agent.id)
+        self._rehash(agent)
+
+    def _rehash(self, agent: Agent) -> None:
+        """Blocks that moved and came back: make their full ones findable again."""
+        seq = self._seq(agent)
+        for i, h in zip(sorted(seq.table), agent.hashes):
+            if seq.table[i].tier == DEVICE:
                 self.manager.commit_hash(seq, i, h)
 
     # ------------------------------------------------------------------ KV helpers

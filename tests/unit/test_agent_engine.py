@@ -113,8 +113,10 @@ def test_programs_with_tool_calls_give_the_same_outputs_under_every_policy(lm, p
         [e.encode(PROMPTS[0]) + outs[0][0] + e.encode("the circle was red .")], 4, stop=False
     )
     assert outs[0][1] == solo[0]
-    # baseline frees at the tool call; ttl/offload pin (the 1.6 s TTL expires: to host)
-    assert set(actions) == (set() if policy == "baseline" else {"pin", "offload"})
+    # baseline frees at the tool call; ttl/offload pin, and when the 1.6 s TTL expires
+    # ttl frees (Continuum), offload moves the KV to the host (TokenCake)
+    expected = {"baseline": set(), "ttl": {"pin", "free"}, "offload": {"pin", "offload"}}
+    assert set(actions) == expected[policy]
     assert not e.agents and e.manager.stats()["consumers"]["agents"]["device"]["blocks"] == 0
     e.manager.check_invariants()
 
@@ -135,6 +137,31 @@ def test_long_tool_call_offloads_and_uploads_before_return(lm):
     assert e.counters["resume_offload"] == 1 and e.counters["resume_prefetched"] == 1
     assert h.result().outputs[0] == reference(lm, PROMPTS[0], 4, False)
     e.manager.check_invariants()
+
+
+def test_admission_reserves_the_growth_of_running_calls(lm):
+    """Two calls that cannot grow to their end side by side: the second waits for the
+    first instead of being admitted on room the first will decode into (then preempted
+    and recomputed)."""
+    model, tok = lm
+    from streamrt.agents.engine import lm_spec
+
+    spec = lm_spec(model, 4)
+    probe = engine(lm)
+    need = [-(-(len(probe.encode(p)) + 12) // 4) for p in (PROMPTS[0], PROMPTS[2])]
+    blocks = sum(need) - 1
+    mgr = CacheManager(device_bytes=spec.block_bytes * blocks, host_bytes=spec.block_bytes)
+    e = AgentEngine(model, tok, mgr, tokens_per_block=4)
+    handles = [e.submit(Program(p, [LLM(12, stop=False)])) for p in (PROMPTS[0], PROMPTS[2])]
+    most = 0
+    while e.busy:
+        e.step()
+        most = max(most, len(e.running))
+    assert most == 1 and e.counters["preempted"] == 0 and e.counters["recomputed_tokens"] == 0
+    assert [h.result().outputs[0] for h in handles] == [
+        reference(lm, p, 12, False) for p in (PROMPTS[0], PROMPTS[2])
+    ]
+    mgr.check_invariants()
 
 
 def test_engine_shares_a_manager_with_another_consumer_and_frees_what_it_held(lm):
