@@ -646,6 +646,11 @@ class AgentEngine:
 
     # ------------------------------------------------------------------ KV helpers
 
+    def running_sequences(self) -> list:
+        """The KV sequences of the calls in the batch (for utilisation sampling)."""
+        with self.lock:
+            return [self._seq(c.agent) for c in self.running]
+
     def _seq(self, agent: Agent):
         return self.kv.agents[agent.id]
 

@@ -266,7 +266,7 @@ def simulate(
     config = config or SimConfig()
     clock = SimClock()
     engine = SimEngine(config, policy, clock, trace.vocab_size)
-    sampler = KVSampler(engine.manager, every_s=1.0)
+    sampler = KVSampler(engine.manager, every_s=1.0, running=engine.running_sequences)
     clock.listener = sampler.add
     pending = sorted(trace.programs, key=lambda s: s.arrival_s)
     runs = []
