@@ -55,6 +55,7 @@ from streamrt.agents.program import (
     ProgramHandle,
     ProgramResult,
     Tool,
+    check_dag,
 )
 from streamrt.cache import CacheManager
 from streamrt.cache.block import DEVICE
@@ -122,6 +123,9 @@ class AgentEngine:
         self.agents: dict[str, Agent] = {}
         self.waiting: list[Call] = []
         self.running: list[Call] = []
+        self.nodes: dict[str, list[int]] = {}
+        """Outputs of ended named steps ("program_id/step_id"), while a program may wait
+        for them."""
         self.driver: object | None = None
         """Set by whoever runs `step` in a thread (the runtime): `result()` then waits."""
         self._ids = itertools.count()
@@ -183,14 +187,26 @@ class AgentEngine:
 
     def submit(self, program: Program) -> ProgramHandle:
         """Queue an agent program; returns its handle at once."""
-        if not program.steps or not all(isinstance(s, (LLM, Tool)) for s in program.steps):
-            raise InputError("a program needs steps: LLM(...) and Tool(...) calls")
+        return self.submit_all([program])[0]
+
+    def submit_all(self, programs: list[Program]) -> list[ProgramHandle]:
+        """Queue programs whose steps may wait for each other's (`LLM/Tool(after=...)`):
+        a DAG of agents; the references and the absence of cycles are checked first."""
+        for program in programs:
+            if not program.steps or not all(isinstance(s, (LLM, Tool)) for s in program.steps):
+                raise InputError("a program needs steps: LLM(...) and Tool(...) calls")
         with self.lock:
-            agent = self.open_agent(program.prompt, program.priority, program.id)
-            agent.program = program
-            agent.handle = ProgramHandle(self, agent)
-            self._advance(agent)
-            return agent.handle
+            live = {a.id: a.program for a in self.agents.values() if a.program is not None}
+            check_dag(programs, live)
+            agents = []
+            for program in programs:
+                agent = self.open_agent(program.prompt, program.priority, program.id)
+                agent.program = program
+                agent.handle = ProgramHandle(self, agent)
+                agents.append(agent)
+            for agent in agents:
+                self._advance(agent)
+            return [a.handle for a in agents]
 
     def generate(
         self, prompts: list[str | list[int]], max_tokens: int = 16, stop: bool = True
@@ -282,7 +298,12 @@ class AgentEngine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.running or self._tool_agents())
+        return bool(
+            self.waiting
+            or self.running
+            or self._tool_agents()
+            or any(a.blocked for a in self.agents.values())
+        )
 
     def _tool_agents(self) -> list[Agent]:
         return [a for a in self.agents.values() if a.tool_until is not None]
@@ -297,8 +318,12 @@ class AgentEngine:
                     agent.tool_until = None
                     self._tool_return(agent)
                     agent.tokens.extend(agent.pending_result)
-                    agent.pending_result = []
+                    if agent.pending_node is not None:
+                        self.nodes[agent.pending_node] = agent.pending_result
+                    agent.pending_result, agent.pending_node = [], None
                     self._advance(agent)
+            for agent in [a for a in self.agents.values() if a.blocked]:
+                self._advance(agent)
             self._admit()
             rows = self._plan_rows()
             if not rows:
@@ -565,6 +590,8 @@ class AgentEngine:
     def _finish(self, call: Call) -> None:
         self.running.remove(call)
         agent = call.agent
+        if call.node is not None:
+            self.nodes[call.node] = list(call.out)
         nxt = None
         if agent.program is not None and agent.step_index < len(agent.program.steps):
             nxt = agent.program.steps[agent.step_index]
@@ -588,28 +615,56 @@ class AgentEngine:
         if agent.tool_until is not None:
             return
         if agent.step_index >= len(program.steps):
-            agent.done_s = self.clock()
-            self.kv.close(agent.id)
-            del self.agents[agent.id]
-            if agent.handle is not None:
-                with agent.handle.cond:
-                    agent.handle.cond.notify_all()
+            self._end_program(agent)
             return
         step = program.steps[agent.step_index]
+        node = None if step.id is None else f"{agent.id}/{step.id}"
+        if any(ref not in self.nodes for ref in step.after):
+            if not agent.blocked and not agent.in_tool:
+                # waiting on other agents: the policy keeps or frees its KV as for a tool
+                self._tool_call(agent, "after", None)
+            agent.blocked = True
+            return
+        agent.blocked = False
         agent.step_index += 1
         if isinstance(step, Tool):
             if not agent.in_tool:
                 self._tool_call(agent, step.name, step.duration_s)
             agent.tool_until = self.clock() + step.duration_s
             agent.pending_result = self.encode(step.result) if step.result else []
+            agent.pending_node = node
             return
-        if step.append:
-            if agent.in_tool:
-                self._tool_return(agent)
-            agent.tokens.extend(self.encode(step.append))
-        call = Call(agent, step.max_tokens, self.clock(), next(self._seq_no), stop=step.stop)
+        joined = [t for ref in step.after for t in self.nodes[ref]]
+        joined += self.encode(step.append) if step.append else []
+        if agent.in_tool:  # back from waiting on other agents
+            self._tool_return(agent)
+        agent.tokens.extend(joined)
+        call = Call(
+            agent, step.max_tokens, self.clock(), next(self._seq_no), stop=step.stop, node=node
+        )
         agent.calls.append(call)
         self.waiting.append(call)
+
+    def _end_program(self, agent: Agent) -> None:
+        """The program's last step ended: close it; forget the named outputs no live
+        program can still wait for."""
+        agent.done_s = self.clock()
+        self.kv.close(agent.id)
+        del self.agents[agent.id]
+        wanted = {
+            ref
+            for a in self.agents.values()
+            if a.program is not None
+            for step in a.program.steps[a.step_index :]
+            for ref in step.after
+        }
+        for ref in [r for r in self.nodes if r not in wanted]:
+            owner = ref.partition("/")[0]
+            if owner not in self.agents:
+                del self.nodes[ref]
+        if agent.handle is not None:
+            with agent.handle.cond:
+                agent.handle.cond.notify_all()
 
     def _tool_call(self, agent: Agent, tool: str, duration: float | None) -> None:
         agent.in_tool = True

@@ -110,7 +110,9 @@ class ProgramSpec:
     """One agent program of a trace: arrival, priority and its steps.
 
     `steps` alternate `{"llm": tokens}` and `{"tool": name, "duration_s": s,
-    "result": tokens}`, first and last an LLM call."""
+    "result": tokens}`, first and last an LLM call. A step may also name itself
+    (`"id"`) and wait for steps of other programs (`"after": ["program_id/step_id"]`):
+    programs of a trace then form a DAG of agents (replay them with `submit_all`)."""
 
     id: str
     arrival_s: float
@@ -149,11 +151,12 @@ class Trace:
         """The engine's `Program` of one spec (every LLM call runs to its `max_tokens`)."""
         steps: list[LLM | Tool] = []
         for i, step in enumerate(spec.steps):
+            node = {"id": step.get("id"), "after": tuple(step.get("after", ()))}
             if "llm" in step:
-                steps.append(LLM(step["llm"], stop=False))
+                steps.append(LLM(step["llm"], stop=False, **node))
             else:
                 result = self.tokens(f"{spec.id}/{i}", step["result"])
-                steps.append(Tool(step["tool"], step["duration_s"], result))
+                steps.append(Tool(step["tool"], step["duration_s"], result, **node))
         return Program(self.prompt(spec), steps, spec.priority, spec.id)
 
     # ------------------------------------------------------------------ summary, JSON

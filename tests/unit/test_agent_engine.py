@@ -181,3 +181,57 @@ def test_engine_shares_a_manager_with_another_consumer_and_frees_what_it_held(lm
     assert mgr.stats()["consumers"]["agents"]["device"]["blocks"] == 0
     assert mgr.stats()["consumers"]["other"]["device"]["blocks"] == 1
     mgr.check_invariants()
+
+
+def dag():
+    """A planner, two workers that read its plan, a reducer that reads both workers."""
+    plan = Program(PROMPTS[0], [LLM(3, stop=False, id="plan")], id="planner")
+    workers = [
+        Program(
+            p,
+            [
+                LLM(2, stop=False, after=("planner/plan",)),
+                Tool("search", 1.0, "the circle was red ."),
+                LLM(3, stop=False, id="answer"),
+            ],
+            id=f"w{i}",
+        )
+        for i, p in enumerate(PROMPTS[1:3])
+    ]
+    reduce = Program("so :", [LLM(4, stop=False, after=("w1/answer", "w0/answer"))], id="reduce")
+    return [plan, *workers, reduce]
+
+
+@pytest.mark.parametrize("policy", ["baseline", "ttl", "offload"])
+def test_a_dag_of_agents_runs_in_dependency_order_with_the_same_outputs(lm, policy):
+    clock = Clock()
+    e = engine(lm, policy=policy, clock=clock)
+    handles = e.submit_all(dag())
+    while e.busy:
+        if not e.step():
+            clock.now += 0.5
+    plan, w0, w1, red = (h.result().outputs for h in handles)
+    calls = {h.id: h.agent.calls for h in handles}
+    # a worker starts after the plan; the reducer after both workers' answers
+    assert all(c[0].arrival >= calls["planner"][0].done_s for c in (calls["w0"], calls["w1"]))
+    assert calls["reduce"][0].arrival >= max(calls["w0"][-1].done_s, calls["w1"][-1].done_s)
+    # each joins what it waited for, in its `after` order: the same tokens as a solo run
+    solo = engine(lm)
+    assert w0[0] == solo.generate([solo.encode(PROMPTS[1]) + plan[0]], 2, stop=False)[0]
+    want = solo.generate([solo.encode("so :") + w1[1] + w0[1]], 4, stop=False)[0]
+    assert red[0] == want
+    assert not e.agents and not e.nodes
+    e.manager.check_invariants()
+
+
+def test_a_dag_with_a_cycle_or_an_unknown_step_is_refused(lm):
+    from streamrt.errors import InputError
+
+    e = engine(lm)
+    a = Program("a", [LLM(2, id="x", after=("b/y",))], id="a")
+    b = Program("b", [LLM(2, id="y", after=("a/x",))], id="b")
+    with pytest.raises(InputError, match="cycle"):
+        e.submit_all([a, b])
+    with pytest.raises(InputError, match="names no step"):
+        e.submit(Program("c", [LLM(2, after=("a/nope",))], id="c"))
+    assert not e.agents and not e.busy

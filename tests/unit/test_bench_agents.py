@@ -124,3 +124,27 @@ def test_bench_agents_cli_tiny_run_writes_json_and_replays_its_trace(tmp_path):
     assert "sim" not in again
     shared = again["shared_runtime"]["ttl"]
     assert shared["agents_jct_mean_s"] > 0 and len(shared["stream_slo"]) == 2
+
+
+def test_a_trace_replays_a_dag_of_agents_from_json():
+    trace = make_trace("tool-heavy", 3, seed=2, token_scale=0.01, time_scale=0.01)
+    a, b, c = trace.programs
+    a.steps[0]["id"] = "plan"
+    b.steps[0]["after"] = [f"{a.id}/plan"]
+    c.steps[-1]["after"] = [f"{a.id}/plan", f"{b.id}/{b.steps[-1].setdefault('id', 'end')}"]
+    again = Trace.from_json(trace.to_json())
+    programs = [again.program(p) for p in again.programs]
+    assert programs[1].steps[0].after == (f"{a.id}/plan",)
+    assert programs[2].steps[-1].after == (f"{a.id}/plan", f"{b.id}/end")
+    # ...and they run as a DAG on the simulated engine: c ends after b's last step
+    from streamrt.agents.sim import SimClock, SimEngine
+
+    clock = SimClock()
+    engine = SimEngine(SimConfig(device_kv_bytes=2**30), "offload", clock, again.vocab_size)
+    handles = engine.submit_all(programs)
+    while engine.busy:
+        if not engine.step():
+            clock.advance_to(min(engine.next_event(), clock.now + 0.01))
+    ends = {h.id: h.agent.calls[-1].done_s for h in handles}
+    assert handles[2].agent.calls[-1].arrival >= ends[b.id]
+    assert not engine.nodes
