@@ -371,9 +371,11 @@ def sampler_list(text: str) -> list[str]:
 def policy_list(text: str) -> list[str]:
     """Type of a comma-separated list of agent KV policies."""
     names = [x.strip() for x in text.split(",")]
-    if bad := [n for n in names if n not in ("baseline", "ttl", "offload")]:
+    known = ("baseline", "ttl", "offload")
+    if bad := [n for n in names if n.removesuffix("+reserve") not in known]:
         raise argparse.ArgumentTypeError(
-            f"unknown policy(s) {bad}; choose from baseline, ttl, offload"
+            f"unknown policy(s) {bad}; choose from baseline, ttl, offload, each optionally "
+            "with +reserve (TokenCake's device reserve for critical agents)"
         )
     return names
 

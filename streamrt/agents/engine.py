@@ -57,6 +57,7 @@ from streamrt.agents.program import (
     Tool,
     check_dag,
 )
+from streamrt.agents.reserve import SpatialReserve
 from streamrt.cache import CacheManager
 from streamrt.cache.block import DEVICE
 from streamrt.cache.errors import OutOfBlocksError
@@ -66,6 +67,7 @@ from streamrt.errors import InputError, UnknownNameError
 logger = logging.getLogger(__name__)
 CONSUMER = "agents"
 POLICIES = ("baseline", "ttl", "offload")
+"""KV policies across tool calls; each composes with TokenCake's reserve as "<policy>+reserve"."""
 
 
 # ---------------------------------------------------------------------- the engine
@@ -97,9 +99,15 @@ class AgentEngine:
         consumer: str = CONSUMER,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if policy not in POLICIES:
-            raise InputError(f"unknown policy {policy!r}; policies: {', '.join(POLICIES)}")
-        self.model, self.tokenizer, self.policy = model, tokenizer, policy
+        base, _, extra = policy.partition("+")
+        if base not in POLICIES or extra not in ("", "reserve"):
+            raise InputError(
+                f"unknown policy {policy!r}; policies: {', '.join(POLICIES)}, each optionally "
+                "with '+reserve' (TokenCake's device reserve for critical agents)"
+            )
+        self.model, self.tokenizer, self.policy = model, tokenizer, base
+        self.policy_name = policy
+        self.reserve = SpatialReserve() if extra == "reserve" else None
         self.max_batch, self.step_tokens = max_batch, step_tokens
         self.clock = clock
         self.spec = lm_spec(model, tokens_per_block)
@@ -362,8 +370,10 @@ class AgentEngine:
         running calls still need to finish (their growth is reserved: a call admitted on
         room a running call will decode into gets preempted and recomputed later, which
         thrashes under load). A kept program's blocks off the device count as needed."""
-        self.waiting.sort(key=self._order)
+        critical = self._critical()
+        self.waiting.sort(key=lambda c: (-critical.get(c.agent.id, 0), *self._order(c)))
         reserved = sum(self._growth(c) for c in self.running)
+        held = sum(self._seq(self.agents[a]).counts[DEVICE] for a in critical)
         for call in list(self.waiting):
             if len(self.running) >= self.max_batch:
                 return
@@ -371,14 +381,51 @@ class AgentEngine:
             if agent.computed == 0 and not self._seq(agent).table:
                 self._share_prefix(agent)
             need = self._growth(call)
-            while need + reserved > self._free_blocks() and self.kv.relieve_pressure():
+            while (
+                need + reserved > self._room(agent, critical, held) and self.kv.relieve_pressure()
+            ):
                 pass
-            if need + reserved > self._free_blocks() and self.running:
+            if need + reserved > self._room(agent, critical, held) and self.running:
                 return  # room comes back when a running call ends
             self.waiting.remove(call)
             self.running.append(call)
             reserved += need
+            held += need if agent.id in critical else 0
             self._fetch(agent)  # kept blocks still on the host: room was counted above
+
+    def _critical(self) -> dict[str, int]:
+        """With a reserve: critical programs (priority > 0, or waited for by others'
+        `after`), by their number of dependents; the reserve sees their device use."""
+        if self.reserve is None:
+            return {}
+        out: dict[str, int] = {}
+        for a in self.agents.values():
+            if a.program is None:
+                continue
+            for step in a.program.steps[a.step_index :]:
+                for ref in step.after:
+                    owner = ref.partition("/")[0]
+                    if owner != a.id and owner in self.agents:
+                        out[owner] = out.get(owner, 0) + 1
+        for a in self.agents.values():
+            if a.priority > 0:
+                out[a.id] = out.get(a.id, 0) + a.priority
+        held = sum(self._seq(self.agents[a]).counts[DEVICE] for a in out)
+        self.reserve.observe(held, self._device_blocks())
+        return out
+
+    def _room(self, agent: Agent, critical: dict[str, int], held: int) -> int:
+        """Free device blocks this agent's call may take (all, without a reserve)."""
+        free = self._free_blocks()
+        if self.reserve is None:
+            return free
+        return self.reserve.room(agent.id in critical, free, held, self._device_blocks())
+
+    def _device_blocks(self) -> int:
+        pool = self.manager.pools.get(DEVICE)
+        if pool is None:  # made at the first allocation
+            return self.manager.budgets[DEVICE] // self.spec.block_bytes
+        return pool.num_blocks
 
     def _growth(self, call: Call) -> int:
         """Device blocks the call needs beyond those it holds there, to its last token."""
@@ -747,7 +794,7 @@ class AgentEngine:
     def stats(self) -> dict[str, Any]:
         with self.lock:
             return {
-                "policy": self.policy,
+                "policy": self.policy_name,
                 "programs": len(self.agents),
                 "waiting": len(self.waiting),
                 "running": len(self.running),

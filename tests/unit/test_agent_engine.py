@@ -235,3 +235,53 @@ def test_a_dag_with_a_cycle_or_an_unknown_step_is_refused(lm):
     with pytest.raises(InputError, match="names no step"):
         e.submit(Program("c", [LLM(2, after=("a/nope",))], id="c"))
     assert not e.agents and not e.busy
+
+
+def test_reserve_ratio_follows_critical_use_between_floor_and_ceiling():
+    from streamrt.agents.reserve import SpatialReserve
+
+    r = SpatialReserve(floor=0.05, ceiling=0.3, weight=0.5)
+    assert r.ratio == 0.05 and r.room(False, 10, 0, 100) == 5 and r.room(True, 10, 0, 100) == 10
+    for _ in range(20):
+        r.observe(50, 100)  # critical agents hold half the device
+    assert r.ratio == 0.3
+    assert r.room(False, 40, 10, 100) == 20  # the reserve still lacks 30 - 10 blocks
+    for _ in range(20):
+        r.observe(0, 100)
+    assert r.ratio == pytest.approx(0.05, abs=1e-3)
+
+
+@pytest.mark.parametrize("policy", ["baseline", "offload"])
+def test_reserve_admits_a_critical_agent_while_others_fill_the_device(lm, policy):
+    """Fillers arrive first and would take every block; a planner that another agent
+    waits for arrives next. With the reserve, one filler waits and the planner runs at
+    once; without it, the planner waits for a filler to end. Outputs do not change."""
+    from streamrt.agents.engine import lm_spec
+    from streamrt.agents.reserve import SpatialReserve
+
+    model, tok = lm
+    spec = lm_spec(model, 4)
+    fill = -(-(len(engine(lm).encode(PROMPTS[2])) + 12) // 4)
+    firsts, outs = {}, {}
+    for extra in ("", "+reserve"):
+        clock = Clock()
+        mgr = CacheManager(
+            device_bytes=spec.block_bytes * 3 * fill, host_bytes=spec.block_bytes * 64
+        )
+        e = AgentEngine(model, tok, mgr, tokens_per_block=4, policy=policy + extra, clock=clock)
+        if e.reserve is not None:
+            e.reserve = SpatialReserve(floor=0.25, ceiling=0.3)
+        fillers = [e.submit(Program(PROMPTS[2], [LLM(12, stop=False)])) for _ in range(3)]
+        e.step()
+        plan = Program(PROMPTS[0], [LLM(2, stop=False, id="plan")], id="planner")
+        worker = Program(PROMPTS[1], [LLM(2, stop=False, after=("planner/plan",))], id="w")
+        handles = e.submit_all([plan, worker])
+        while e.busy:
+            e.step()
+            clock.now += 1
+        firsts[extra] = handles[0].agent.calls[0].first_token_s
+        outs[extra] = [h.result().outputs for h in [*fillers, *handles]]
+        assert e.counters["preempted"] == 0
+        mgr.check_invariants()
+    assert outs[""] == outs["+reserve"]
+    assert firsts["+reserve"] <= 2 < firsts[""]
