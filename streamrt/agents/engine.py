@@ -45,7 +45,7 @@ import torch
 
 from streamrt.agents.admission import Admission
 from streamrt.agents.kv import AgentKV
-from streamrt.agents.lm import BatchCache, cache_kwarg, lm_spec, load_causal_lm
+from streamrt.agents.lm import cache_kwarg, lm_spec, load_causal_lm, padded_forward
 from streamrt.agents.program import (
     LLM,
     Agent,
@@ -454,47 +454,18 @@ class AgentEngine(Admission):
         row's greedy next token (after its last fed token). A simulation overrides this."""
         spec, tpb = self.spec, self.spec.tokens_per_block
         table = self.manager.device_table(spec)
-        B = len(rows)
-        P, N = max(pasts), max(n for _, n in rows)
         L, H, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
-        dev = table.device
-        past = torch.zeros(2, L, B, P, H, D, dtype=spec.dtype, device=dev)
-        ids = torch.zeros(B, N, dtype=torch.long, device=dev)
-        pos = torch.zeros(B, N, dtype=torch.long, device=dev)
-        mask = torch.zeros(B, 1, N, P + N, dtype=torch.bool, device=dev)
-        causal = torch.ones(N, N, dtype=torch.bool, device=dev).tril()
-        for r, (call, n) in enumerate(rows):
-            agent, p = call.agent, pasts[r]
-            seq = self._seq(agent)
-            indices = sorted(seq.table)
+        pasts_kv, inputs = [], []
+        for (call, n), p in zip(rows, pasts):
+            agent, past = call.agent, None
             if p:
-                used = indices[: math.ceil(p / tpb)]
+                seq = self._seq(agent)
+                used = sorted(seq.table)[: math.ceil(p / tpb)]
                 blocks = table[self.manager.device_ids(seq, used)]  # [nb, 2, L, T, H, D]
-                flat = blocks.permute(1, 2, 0, 3, 4, 5).reshape(2, L, -1, H, D)
-                past[:, :, r, :p] = flat[:, :, :p]
-                mask[r, 0, :, :p] = True
-            ids[r, :n] = torch.tensor(agent.tokens[p : p + n], dtype=torch.long)
-            pos[r] = torch.arange(p, p + N)
-            mask[r, 0, :, P : P + N] = causal
-            mask[r, 0, n:, P : P + N] = torch.eye(N, dtype=torch.bool, device=dev)[n:]
-        keys = [past[0, i].transpose(1, 2) for i in range(L)]  # [B, H, P, D]
-        values = [past[1, i].transpose(1, 2) for i in range(L)]
-        cache = BatchCache(keys, values)
-        with torch.no_grad():
-            out = self.model(
-                input_ids=ids,
-                position_ids=pos,
-                attention_mask=mask,
-                use_cache=True,
-                logits_to_keep=0,
-                **{self.cache_kw: cache},
-            )
-        new_k = torch.stack([layer.keys[:, :, P:] for layer in cache.layers])  # [L,B,H,N,D]
-        new_v = torch.stack([layer.values[:, :, P:] for layer in cache.layers])
-        new = torch.stack([new_k, new_v]).permute(2, 0, 1, 4, 3, 5)  # [B, 2, L, N, H, D]
-        last = torch.tensor([n - 1 for _, n in rows], device=out.logits.device)
-        greedy = out.logits[torch.arange(B, device=last.device), last].argmax(-1)
-        return new, greedy.tolist()
+                past = blocks.permute(1, 2, 0, 3, 4, 5).reshape(2, L, -1, H, D)[:, :, :p]
+            pasts_kv.append(past)
+            inputs.append(agent.tokens[p : p + n])
+        return padded_forward(self.model, self.cache_kw, spec, pasts_kv, inputs, table.device)
 
     def _write(self, agent: Agent, kv: torch.Tensor, start: int) -> None:
         """K/V `[2, L, n, H, D]` of tokens `start..` into the agent's blocks; hash full ones."""
