@@ -9,14 +9,16 @@ shared cache manager, for agent programs (LLM calls + tool calls).
 
 Each `step()`:
 
-    1. carry out due KV moves (`AgentKV.tick`: predictive uploads, expired pins) and
-       return finished tool calls (their result tokens join the context)
-    2. admit waiting calls (priority, then the policy's order) while rows and blocks last;
-       a call whose context starts with cached full blocks shares them (chained sha256
-       block hashes, `streamrt.cache.hashing`) and skips their prefill
-    3. one batched forward: a decode row per running call plus prefill chunks of new ones,
-       padded, with per-row positions and a per-row mask (the model is stock transformers;
-       the past K/V comes in through a `transformers.Cache`, `BatchCache`)
+    1. carry out due KV moves (`AgentKV.tick`: predictive uploads, expired pins, into
+       room no running call needs), return finished tool calls (their result tokens join
+       the context) and wake programs whose `after` steps have ended
+    2. admit waiting calls (`admission.py`: priority, then the policy's order) while rows
+       last and their blocks fit beside the running calls' reserved growth; a call whose
+       context starts with cached full blocks shares them (chained sha256 block hashes,
+       `streamrt.cache.hashing`) and skips their prefill
+    3. one batched forward (`lm.padded_forward`): a decode row per running call plus
+       prefill chunks of new ones, padded, with per-row positions and a per-row mask (the
+       model is stock transformers; the past K/V comes in through a `transformers.Cache`)
     4. new K/V are written to each call's blocks; full blocks get their hash; a call whose
        input is consumed appends its greedy token; EOS / max_tokens end the call
     5. an ended call's KV follows the policy: `baseline` frees it (its full blocks stay
