@@ -9,14 +9,16 @@ shared cache manager, for agent programs (LLM calls + tool calls).
 
 Each `step()`:
 
-    1. carry out due KV moves (`AgentKV.tick`: predictive uploads, expired pins) and
-       return finished tool calls (their result tokens join the context)
-    2. admit waiting calls (priority, then the policy's order) while rows and blocks last;
-       a call whose context starts with cached full blocks shares them (chained sha256
-       block hashes, `streamrt.cache.hashing`) and skips their prefill
-    3. one batched forward: a decode row per running call plus prefill chunks of new ones,
-       padded, with per-row positions and a per-row mask (the model is stock transformers;
-       the past K/V comes in through a `transformers.Cache`, `BatchCache`)
+    1. carry out due KV moves (`AgentKV.tick`: predictive uploads, expired pins, into
+       room no running call needs), return finished tool calls (their result tokens join
+       the context) and wake programs whose `after` steps have ended
+    2. admit waiting calls (`admission.py`: priority, then the policy's order) while rows
+       last and their blocks fit beside the running calls' reserved growth; a call whose
+       context starts with cached full blocks shares them (chained sha256 block hashes,
+       `streamrt.cache.hashing`) and skips their prefill
+    3. one batched forward (`lm.padded_forward`): a decode row per running call plus
+       prefill chunks of new ones, padded, with per-row positions and a per-row mask (the
+       model is stock transformers; the past K/V comes in through a `transformers.Cache`)
     4. new K/V are written to each call's blocks; full blocks get their hash; a call whose
        input is consumed appends its greedy token; EOS / max_tokens end the call
     5. an ended call's KV follows the policy: `baseline` frees it (its full blocks stay
@@ -31,6 +33,7 @@ outputs are the same whatever the batch composition, scheduling policy or sharin
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -42,8 +45,9 @@ from typing import Any
 
 import torch
 
+from streamrt.agents.admission import Admission
 from streamrt.agents.kv import AgentKV
-from streamrt.agents.lm import BatchCache, cache_kwarg, lm_spec, load_causal_lm
+from streamrt.agents.lm import cache_kwarg, lm_spec, load_causal_lm, padded_forward
 from streamrt.agents.program import (
     LLM,
     Agent,
@@ -54,7 +58,9 @@ from streamrt.agents.program import (
     ProgramHandle,
     ProgramResult,
     Tool,
+    check_dag,
 )
+from streamrt.agents.reserve import SpatialReserve
 from streamrt.cache import CacheManager
 from streamrt.cache.block import DEVICE
 from streamrt.cache.errors import OutOfBlocksError
@@ -64,12 +70,13 @@ from streamrt.errors import InputError, UnknownNameError
 logger = logging.getLogger(__name__)
 CONSUMER = "agents"
 POLICIES = ("baseline", "ttl", "offload")
+"""KV policies across tool calls; each composes with TokenCake's reserve as "<policy>+reserve"."""
 
 
 # ---------------------------------------------------------------------- the engine
 
 
-class AgentEngine:
+class AgentEngine(Admission):
     """Continuous-batching greedy decode of agent programs on a `CacheManager`.
 
     Args:
@@ -95,9 +102,15 @@ class AgentEngine:
         consumer: str = CONSUMER,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if policy not in POLICIES:
-            raise InputError(f"unknown policy {policy!r}; policies: {', '.join(POLICIES)}")
-        self.model, self.tokenizer, self.policy = model, tokenizer, policy
+        base, _, extra = policy.partition("+")
+        if base not in POLICIES or extra not in ("", "reserve"):
+            raise InputError(
+                f"unknown policy {policy!r}; policies: {', '.join(POLICIES)}, each optionally "
+                "with '+reserve' (TokenCake's device reserve for critical agents)"
+            )
+        self.model, self.tokenizer, self.policy = model, tokenizer, base
+        self.policy_name = policy
+        self.reserve = SpatialReserve() if extra == "reserve" else None
         self.max_batch, self.step_tokens = max_batch, step_tokens
         self.clock = clock
         self.spec = lm_spec(model, tokens_per_block)
@@ -121,6 +134,9 @@ class AgentEngine:
         self.agents: dict[str, Agent] = {}
         self.waiting: list[Call] = []
         self.running: list[Call] = []
+        self.nodes: dict[str, list[int]] = {}
+        """Outputs of ended named steps ("program_id/step_id"), while a program may wait
+        for them."""
         self.driver: object | None = None
         """Set by whoever runs `step` in a thread (the runtime): `result()` then waits."""
         self._ids = itertools.count()
@@ -182,14 +198,26 @@ class AgentEngine:
 
     def submit(self, program: Program) -> ProgramHandle:
         """Queue an agent program; returns its handle at once."""
-        if not program.steps or not all(isinstance(s, (LLM, Tool)) for s in program.steps):
-            raise InputError("a program needs steps: LLM(...) and Tool(...) calls")
+        return self.submit_all([program])[0]
+
+    def submit_all(self, programs: list[Program]) -> list[ProgramHandle]:
+        """Queue programs whose steps may wait for each other's (`LLM/Tool(after=...)`):
+        a DAG of agents; the references and the absence of cycles are checked first."""
+        for program in programs:
+            if not program.steps or not all(isinstance(s, (LLM, Tool)) for s in program.steps):
+                raise InputError("a program needs steps: LLM(...) and Tool(...) calls")
         with self.lock:
-            agent = self.open_agent(program.prompt, program.priority, program.id)
-            agent.program = program
-            agent.handle = ProgramHandle(self, agent)
-            self._advance(agent)
-            return agent.handle
+            live = {a.id: a.program for a in self.agents.values() if a.program is not None}
+            check_dag(programs, live)
+            agents = []
+            for program in programs:
+                agent = self.open_agent(program.prompt, program.priority, program.id)
+                agent.program = program
+                agent.handle = ProgramHandle(self, agent)
+                agents.append(agent)
+            for agent in agents:
+                self._advance(agent)
+            return [a.handle for a in agents]
 
     def generate(
         self, prompts: list[str | list[int]], max_tokens: int = 16, stop: bool = True
@@ -281,7 +309,12 @@ class AgentEngine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.running or self._tool_agents())
+        return bool(
+            self.waiting
+            or self.running
+            or self._tool_agents()
+            or any(a.blocked for a in self.agents.values())
+        )
 
     def _tool_agents(self) -> list[Agent]:
         return [a for a in self.agents.values() if a.tool_until is not None]
@@ -290,14 +323,18 @@ class AgentEngine:
         """One scheduling step; False when there was nothing to run."""
         with self.lock:
             now = self.clock()
-            self.kv.tick()
+            self.kv.tick(room=self._free_blocks() - sum(map(self._growth, self.running)))
             for agent in self._tool_agents():
                 if now >= agent.tool_until:
                     agent.tool_until = None
                     self._tool_return(agent)
                     agent.tokens.extend(agent.pending_result)
-                    agent.pending_result = []
+                    if agent.pending_node is not None:
+                        self.nodes[agent.pending_node] = agent.pending_result
+                    agent.pending_result, agent.pending_node = [], None
                     self._advance(agent)
+            for agent in [a for a in self.agents.values() if a.blocked]:
+                self._advance(agent)
             self._admit()
             rows = self._plan_rows()
             if not rows:
@@ -321,55 +358,6 @@ class AgentEngine:
                 time.sleep(0.0005)
             if time.monotonic() > deadline:
                 raise TimeoutError("the engine did not become idle")
-
-    # ------------------------------------------------------------------ admission
-
-    def _order(self, call: Call) -> tuple:
-        if self.policy == "baseline":  # FCFS by request
-            return (-call.agent.priority, not call.preempted, call.arrival, call.seq_no)
-        # Continuum: preempted, programs whose KV was kept, then program-level FCFS
-        kept = call.agent.computed > 0
-        return (-call.agent.priority, not call.preempted, not kept, call.agent.arrival)
-
-    def _admit(self) -> None:
-        self.waiting.sort(key=self._order)
-        for call in list(self.waiting):
-            if len(self.running) >= self.max_batch:
-                return
-            agent = call.agent
-            if agent.computed == 0 and not self._seq(agent).table:
-                self._share_prefix(agent)
-            need = math.ceil((len(agent.tokens) + call.max_tokens) / self.spec.tokens_per_block)
-            need -= len(self._seq(agent).table)
-            while need > self._free_blocks() and self.kv.relieve_pressure() is not None:
-                pass
-            if need > self._free_blocks() and self.running:
-                return  # room comes back when a running call ends
-            self.waiting.remove(call)
-            self.running.append(call)
-
-    def _free_blocks(self) -> int:
-        pool = self.manager.pools.get("device")
-        if pool is None:
-            return self.manager.budgets["device"] // self.spec.block_bytes
-        cached_free = pool.num_free
-        return cached_free
-
-    def _share_prefix(self, agent: Agent) -> None:
-        """Share the cached full blocks the context starts with (at least its last token
-        is always computed, for the logits)."""
-        tpb = self.spec.tokens_per_block
-        full = (len(agent.tokens) - 1) // tpb
-        hashes, parent = [], None
-        for i in range(full):
-            parent = hash_block_tokens(parent, agent.tokens[i * tpb : (i + 1) * tpb])
-            hashes.append(parent)
-        seq = self._seq(agent)
-        for block in self.manager.match_prefix(self.consumer, hashes):
-            self.manager.append_shared(seq, block)
-        agent.hashes = hashes[: len(seq.table)]
-        agent.computed = len(seq.table) * tpb
-        self.counters["shared_tokens"] += agent.computed
 
     # ------------------------------------------------------------------ the batch
 
@@ -396,12 +384,7 @@ class AgentEngine:
         for call, _ in rows:
             seq = self._seq(call.agent)
             if seq.counts[DEVICE] < len(seq.table):
-                try:
-                    off = [i for i, b in seq.items() if b.tier != DEVICE]
-                    for t in self.manager.fetch(seq, off):
-                        t.wait()
-                except OutOfBlocksError:
-                    pass  # preempted below
+                self._fetch(call.agent)
         kept = []
         for call, n in rows:
             seq = self._seq(call.agent)
@@ -473,47 +456,18 @@ class AgentEngine:
         row's greedy next token (after its last fed token). A simulation overrides this."""
         spec, tpb = self.spec, self.spec.tokens_per_block
         table = self.manager.device_table(spec)
-        B = len(rows)
-        P, N = max(pasts), max(n for _, n in rows)
         L, H, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
-        dev = table.device
-        past = torch.zeros(2, L, B, P, H, D, dtype=spec.dtype, device=dev)
-        ids = torch.zeros(B, N, dtype=torch.long, device=dev)
-        pos = torch.zeros(B, N, dtype=torch.long, device=dev)
-        mask = torch.zeros(B, 1, N, P + N, dtype=torch.bool, device=dev)
-        causal = torch.ones(N, N, dtype=torch.bool, device=dev).tril()
-        for r, (call, n) in enumerate(rows):
-            agent, p = call.agent, pasts[r]
-            seq = self._seq(agent)
-            indices = sorted(seq.table)
+        pasts_kv, inputs = [], []
+        for (call, n), p in zip(rows, pasts):
+            agent, past = call.agent, None
             if p:
-                used = indices[: math.ceil(p / tpb)]
+                seq = self._seq(agent)
+                used = sorted(seq.table)[: math.ceil(p / tpb)]
                 blocks = table[self.manager.device_ids(seq, used)]  # [nb, 2, L, T, H, D]
-                flat = blocks.permute(1, 2, 0, 3, 4, 5).reshape(2, L, -1, H, D)
-                past[:, :, r, :p] = flat[:, :, :p]
-                mask[r, 0, :, :p] = True
-            ids[r, :n] = torch.tensor(agent.tokens[p : p + n], dtype=torch.long)
-            pos[r] = torch.arange(p, p + N)
-            mask[r, 0, :, P : P + N] = causal
-            mask[r, 0, n:, P : P + N] = torch.eye(N, dtype=torch.bool, device=dev)[n:]
-        keys = [past[0, i].transpose(1, 2) for i in range(L)]  # [B, H, P, D]
-        values = [past[1, i].transpose(1, 2) for i in range(L)]
-        cache = BatchCache(keys, values)
-        with torch.no_grad():
-            out = self.model(
-                input_ids=ids,
-                position_ids=pos,
-                attention_mask=mask,
-                use_cache=True,
-                logits_to_keep=0,
-                **{self.cache_kw: cache},
-            )
-        new_k = torch.stack([layer.keys[:, :, P:] for layer in cache.layers])  # [L,B,H,N,D]
-        new_v = torch.stack([layer.values[:, :, P:] for layer in cache.layers])
-        new = torch.stack([new_k, new_v]).permute(2, 0, 1, 4, 3, 5)  # [B, 2, L, N, H, D]
-        last = torch.tensor([n - 1 for _, n in rows], device=out.logits.device)
-        greedy = out.logits[torch.arange(B, device=last.device), last].argmax(-1)
-        return new, greedy.tolist()
+                past = blocks.permute(1, 2, 0, 3, 4, 5).reshape(2, L, -1, H, D)[:, :, :p]
+            pasts_kv.append(past)
+            inputs.append(agent.tokens[p : p + n])
+        return padded_forward(self.model, self.cache_kw, spec, pasts_kv, inputs, table.device)
 
     def _write(self, agent: Agent, kv: torch.Tensor, start: int) -> None:
         """K/V `[2, L, n, H, D]` of tokens `start..` into the agent's blocks; hash full ones."""
@@ -557,6 +511,8 @@ class AgentEngine:
     def _finish(self, call: Call) -> None:
         self.running.remove(call)
         agent = call.agent
+        if call.node is not None:
+            self.nodes[call.node] = list(call.out)
         nxt = None
         if agent.program is not None and agent.step_index < len(agent.program.steps):
             nxt = agent.program.steps[agent.step_index]
@@ -580,28 +536,56 @@ class AgentEngine:
         if agent.tool_until is not None:
             return
         if agent.step_index >= len(program.steps):
-            agent.done_s = self.clock()
-            self.kv.close(agent.id)
-            del self.agents[agent.id]
-            if agent.handle is not None:
-                with agent.handle.cond:
-                    agent.handle.cond.notify_all()
+            self._end_program(agent)
             return
         step = program.steps[agent.step_index]
+        node = None if step.id is None else f"{agent.id}/{step.id}"
+        if any(ref not in self.nodes for ref in step.after):
+            if not agent.blocked and not agent.in_tool:
+                # waiting on other agents: the policy keeps or frees its KV as for a tool
+                self._tool_call(agent, "after", None)
+            agent.blocked = True
+            return
+        agent.blocked = False
         agent.step_index += 1
         if isinstance(step, Tool):
             if not agent.in_tool:
                 self._tool_call(agent, step.name, step.duration_s)
             agent.tool_until = self.clock() + step.duration_s
             agent.pending_result = self.encode(step.result) if step.result else []
+            agent.pending_node = node
             return
-        if step.append:
-            if agent.in_tool:
-                self._tool_return(agent)
-            agent.tokens.extend(self.encode(step.append))
-        call = Call(agent, step.max_tokens, self.clock(), next(self._seq_no), stop=step.stop)
+        joined = [t for ref in step.after for t in self.nodes[ref]]
+        joined += self.encode(step.append) if step.append else []
+        if agent.in_tool:  # back from waiting on other agents
+            self._tool_return(agent)
+        agent.tokens.extend(joined)
+        call = Call(
+            agent, step.max_tokens, self.clock(), next(self._seq_no), stop=step.stop, node=node
+        )
         agent.calls.append(call)
         self.waiting.append(call)
+
+    def _end_program(self, agent: Agent) -> None:
+        """The program's last step ended: close it; forget the named outputs no live
+        program can still wait for."""
+        agent.done_s = self.clock()
+        self.kv.close(agent.id)
+        del self.agents[agent.id]
+        wanted = {
+            ref
+            for a in self.agents.values()
+            if a.program is not None
+            for step in a.program.steps[a.step_index :]
+            for ref in step.after
+        }
+        for ref in [r for r in self.nodes if r not in wanted]:
+            owner = ref.partition("/")[0]
+            if owner not in self.agents:
+                del self.nodes[ref]
+        if agent.handle is not None:
+            with agent.handle.cond:
+                agent.handle.cond.notify_all()
 
     def _tool_call(self, agent: Agent, tool: str, duration: float | None) -> None:
         agent.in_tool = True
@@ -615,17 +599,33 @@ class AgentEngine:
         agent.in_tool = False
         if agent.id not in self.kv.calls:
             return
-        resume = self.kv.tool_return(agent.id)
+        resume = self.kv.tool_return(agent.id, fetch=False)  # fetched when admitted
         self.counters[f"resume_{resume.action}"] += 1
         self.counters["resume_prefetched"] += resume.prefetched
         if resume.recompute or not self._seq(agent).table:
             self._reset_kv(agent)
-        else:  # blocks moved and came back: make their full ones findable again
-            seq = self._seq(agent)
-            for i, h in zip(sorted(seq.table), agent.hashes):
+        else:
+            self._rehash(agent)
+
+    def _fetch(self, agent: Agent) -> None:
+        """The agent's blocks off the device back (a miss is preempted by `_on_device`)."""
+        with contextlib.suppress(OutOfBlocksError):
+            self.kv.fetch(agent.id)
+        self._rehash(agent)
+
+    def _rehash(self, agent: Agent) -> None:
+        """Blocks that moved and came back: make their full ones findable again."""
+        seq = self._seq(agent)
+        for i, h in zip(sorted(seq.table), agent.hashes):
+            if seq.table[i].tier == DEVICE:
                 self.manager.commit_hash(seq, i, h)
 
     # ------------------------------------------------------------------ KV helpers
+
+    def running_sequences(self) -> list:
+        """The KV sequences of the calls in the batch (for utilisation sampling)."""
+        with self.lock:
+            return [self._seq(c.agent) for c in self.running]
 
     def _seq(self, agent: Agent):
         return self.kv.agents[agent.id]
@@ -668,7 +668,7 @@ class AgentEngine:
     def stats(self) -> dict[str, Any]:
         with self.lock:
             return {
-                "policy": self.policy,
+                "policy": self.policy_name,
                 "programs": len(self.agents),
                 "waiting": len(self.waiting),
                 "running": len(self.running),

@@ -100,6 +100,9 @@ class ToolCall:
     upload_at: float | None = None
     """Offload: when `tick` starts moving the KV back (predictive upload)."""
     uploaded: bool = False
+    allow: tuple[Action, ...] = ("pin", "offload", "free")
+    """The actions the scheduling policy permits (an expired or relieved pin takes the
+    next one: offload if allowed and there is host memory, else free)."""
 
 
 @dataclass
@@ -122,7 +125,8 @@ class AgentKV:
     consumer: str
     durations: ToolDurations = field(default_factory=ToolDurations)
     queue_delay_s: float = 0.5
-    """Continuum's cost of losing the KV beyond its reload: waiting in line for a new prefill."""
+    """Continuum's cost of losing the KV beyond its reload: waiting in line for a new
+    prefill."""
     prefill_tokens_per_s: float = 5000.0
     """Recompute speed, for the cost of a freed context (updated by the caller if known)."""
     move_bytes_per_s: float = 8e9
@@ -144,20 +148,30 @@ class AgentKV:
         return seq
 
     def close(self, agent: str) -> None:
-        self._seq(agent)
+        seq = self._seq(agent)
         self.calls.pop(agent, None)
         self.arrivals.pop(agent, None)
+        self._free_blocks(seq)
         self.manager.close_sequence(self.agents.pop(agent))
 
     # ------------------------------------------------------------------ costs
 
     def context_bytes(self, agent: str) -> int:
+        """Bytes a move of the agent's KV carries (its private blocks, `to_move`)."""
         seq = self._seq(agent)
-        return len(seq.table) * seq.spec.block_bytes
+        return len(self.to_move(seq, HOST)) * seq.spec.block_bytes
 
     def move_s(self, agent: str) -> float:
         """One-way device <-> host transfer time of the agent's KV."""
         return self.context_bytes(agent) / self.move_bytes_per_s
+
+    def move_s_of(self, seq: Sequence) -> float:
+        """Upload time of `seq`'s blocks off the device."""
+        off = len(self.to_move(seq, DEVICE)) - seq.counts[DEVICE]
+        return off * self.block_bytes_of(seq) / self.move_bytes_per_s
+
+    def block_bytes_of(self, seq: Sequence) -> int:
+        return seq.spec.block_bytes
 
     def recompute_s(self, agent: str) -> float:
         tokens = sum(b.num_tokens for b in self._seq(agent).blocks())
@@ -182,7 +196,7 @@ class AgentKV:
         now = self.clock()
         predicted = self.durations.predict(tool) if predicted_s is None else predicted_s
         move = self.move_s(agent)
-        call = ToolCall(tool, "free", now, predicted)
+        call = ToolCall(tool, "free", now, predicted, allow=allow)
         ttl = self.durations.best_ttl(tool, self.queue_delay_s + self.recompute_s(agent))
         if "pin" in allow and ttl > 0 and self.durations.cdf(tool, ttl) >= 0.5:
             # Likely back before the pin expires: keep it where it is, no transfer at all.
@@ -197,40 +211,59 @@ class AgentKV:
         self.calls[agent] = call
         return call
 
-    def tick(self) -> list[str]:
-        """Carry out what is due: predictive uploads and expired pins. Returns what it did."""
+    def tick(self, room: int | None = None) -> list[str]:
+        """Carry out what is due: predictive uploads and expired pins. Returns what it did.
+
+        `room`: device blocks uploads may take (the caller's free blocks less what its
+        running work still needs); an upload that does not fit waits, and the resume
+        fetches what is still on the host. None: no limit."""
         now, done = self.clock(), []
         for agent, call in self.calls.items():
             seq = self._seq(agent)
             if call.action == "offload" and not call.uploaded and now >= call.upload_at:
+                size = len(seq.table) - seq.counts[DEVICE]
+                if room is not None:
+                    if size > room:
+                        continue
+                    room -= size
                 self._move(seq, DEVICE)
                 call.uploaded = True
                 done.append(f"upload {agent}")
             elif call.action == "pin" and now >= call.started + call.ttl_s:
-                self.manager.pin(seq, None)
-                if self.manager.budgets[HOST] > 0:  # expired: host, not lost
-                    self._move(seq, HOST)
-                    call.action, call.upload_at = "offload", math.inf
-                else:
-                    self._free_blocks(seq)
-                    call.action = "free"
+                self._unpin(seq, call)
                 done.append(f"expire {agent}")
         return done
 
     def relieve_pressure(self) -> str | None:
-        """Device memory is short: unpin the most recently arrived pinned program (its
-        blocks may then be evicted/offloaded by the manager). Returns the agent, if any."""
+        """Device memory is short: unpin the most recently arrived pinned program
+        (Continuum) and give its device blocks back at once, to the host if the policy
+        offloads, else freed (still findable by hash until reused). Returns the agent."""
         pinned = [a for a, c in self.calls.items() if c.action == "pin"]
         if not pinned:
             return None
         agent = max(pinned, key=lambda a: self.arrivals[a])
-        self.manager.pin(self.agents[agent], None)
-        self.calls[agent].action = "free" if not self.agents[agent].table else "offload"
-        self.calls[agent].upload_at = math.inf
+        self._unpin(self.agents[agent], self.calls[agent])
         return agent
 
-    def tool_return(self, agent: str, duration_s: float | None = None) -> Resume:
-        """The tool returned: learn its duration, bring the KV back to the device."""
+    def _unpin(self, seq: Sequence, call: ToolCall) -> None:
+        """End a pin: offload (uploaded before the predicted return) or free."""
+        self.manager.pin(seq, None)
+        if "offload" in call.allow and self.manager.budgets[HOST] > 0:
+            self._move(seq, HOST)
+            call.action = "offload"
+            back = call.started + call.predicted_s - self.move_s_of(seq)
+            call.upload_at = max(self.clock(), back)
+        else:
+            self._free_blocks(seq)
+            call.action = "free"
+
+    def tool_return(
+        self, agent: str, duration_s: float | None = None, fetch: bool = True
+    ) -> Resume:
+        """The tool returned: learn its duration, bring the KV back to the device.
+
+        `fetch=False`: leave what is still on the host there; the caller fetches it
+        (`fetch`) once it has room for it (an engine, when it admits the next call)."""
         seq = self._seq(agent)
         call = self.calls.pop(agent, None)
         if call is None:
@@ -238,12 +271,19 @@ class AgentKV:
         now = self.clock()
         self.durations.observe(call.tool, now - call.started if duration_s is None else duration_s)
         self.manager.pin(seq, None)
-        start = time.perf_counter()
-        on_host = [i for i, b in seq.items() if b.tier != DEVICE]
-        if on_host:
-            self._move(seq, DEVICE)
-        waited = time.perf_counter() - start if on_host else 0.0
+        on_host = seq.counts[DEVICE] < len(seq.table)
+        waited = self.fetch(agent) if fetch else 0.0
         return Resume(call.action, waited, call.uploaded and not on_host, not seq.table)
+
+    def fetch(self, agent: str) -> float:
+        """Bring the agent's blocks that are off the device back (synchronously);
+        returns the seconds it waited."""
+        seq = self._seq(agent)
+        if seq.counts[DEVICE] == len(seq.table):
+            return 0.0
+        start = time.perf_counter()
+        self._move(seq, DEVICE)
+        return time.perf_counter() - start
 
     # ------------------------------------------------------------------ helpers
 
@@ -256,8 +296,19 @@ class AgentKV:
             )
         return self.agents[agent]
 
+    @staticmethod
+    def to_move(seq: Sequence, tier: str) -> list[int]:
+        """The blocks a move of `seq` to `tier` carries. Down: only its private blocks; a
+        block shared with other agents (the common system prompt) stays on the device,
+        where its other holders keep it anyway: moving it would free nothing and come
+        back as a private duplicate. Up: every block (those already on the device stay, and
+        are protected from the room-making of the others' fetch)."""
+        if tier == DEVICE:
+            return list(seq.table)  # the manager skips those on the device, but protects them
+        return [i for i, b in seq.items() if b.tier == DEVICE and b.ref_cnt == 1]
+
     def _move(self, seq: Sequence, tier: str) -> None:
-        indices = list(seq.table)
+        indices = self.to_move(seq, tier)
         if not indices:
             return
         start = time.perf_counter()
@@ -273,5 +324,8 @@ class AgentKV:
             self.move_bytes_per_s = 0.5 * self.move_bytes_per_s + 0.5 * moved / seconds
 
     def _free_blocks(self, seq: Sequence) -> None:
-        for index in list(seq.table):
+        """Free the tail first: the free queue is LRU, so a context's last blocks are
+        reused before its first ones, and its prefix stays findable by hash longest
+        (vLLM frees in reverse for the same reason)."""
+        for index in sorted(seq.table, reverse=True):
             seq.free(index)

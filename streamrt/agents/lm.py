@@ -94,3 +94,58 @@ def lm_spec(model: torch.nn.Module, tokens_per_block: int) -> KVSpec:
         tokens_per_block,
         next(model.parameters()).dtype,
     )
+
+
+def padded_forward(
+    model: torch.nn.Module,
+    cache_kw: str,
+    spec: KVSpec,
+    pasts: list[torch.Tensor | None],
+    inputs: list[list[int]],
+    device: torch.device,
+) -> tuple[torch.Tensor, list[int]]:
+    """One forward of a batch of rows, each its past K/V `[2, L, p, H, D]` (None: p = 0)
+    and its new token ids at positions p.. . Returns the new K/V `[B, 2, L, N, H, D]` and
+    each row's greedy next token (after its last input).
+
+        key columns   0 ........ p_r ... P | P ...... P + n_r ... P + N
+        row r         past (attended) | pad | new (causal)   | pad
+        a padded query (beyond n_r) attends to itself only; its outputs are dropped
+    """
+    B, dev = len(inputs), device
+    P = max((0 if p is None else p.shape[2]) for p in pasts)
+    N = max(len(x) for x in inputs)
+    L, H, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
+    past = torch.zeros(2, L, B, P, H, D, dtype=spec.dtype, device=dev)
+    ids = torch.zeros(B, N, dtype=torch.long, device=dev)
+    pos = torch.zeros(B, N, dtype=torch.long, device=dev)
+    mask = torch.zeros(B, 1, N, P + N, dtype=torch.bool, device=dev)
+    causal = torch.ones(N, N, dtype=torch.bool, device=dev).tril()
+    for r, (kv, tokens) in enumerate(zip(pasts, inputs)):
+        p, n = (0 if kv is None else kv.shape[2]), len(tokens)
+        if p:
+            past[:, :, r, :p] = kv
+            mask[r, 0, :, :p] = True
+        ids[r, :n] = torch.tensor(tokens, dtype=torch.long)
+        pos[r] = torch.arange(p, p + N)
+        mask[r, 0, :, P : P + N] = causal
+        mask[r, 0, n:, P : P + N] = torch.eye(N, dtype=torch.bool, device=dev)[n:]
+    cache = BatchCache(
+        [past[0, i].transpose(1, 2) for i in range(L)],  # [B, H, P, D]
+        [past[1, i].transpose(1, 2) for i in range(L)],
+    )
+    with torch.no_grad():
+        out = model(
+            input_ids=ids,
+            position_ids=pos,
+            attention_mask=mask,
+            use_cache=True,
+            logits_to_keep=0,
+            **{cache_kw: cache},
+        )
+    new_k = torch.stack([layer.keys[:, :, P:] for layer in cache.layers])  # [L, B, H, N, D]
+    new_v = torch.stack([layer.values[:, :, P:] for layer in cache.layers])
+    new = torch.stack([new_k, new_v]).permute(2, 0, 1, 4, 3, 5)  # [B, 2, L, N, H, D]
+    last = torch.tensor([len(x) - 1 for x in inputs], device=out.logits.device)
+    greedy = out.logits[torch.arange(B, device=last.device), last].argmax(-1)
+    return new, greedy.tolist()

@@ -27,21 +27,30 @@ class CallFailed(StreamrtError):
 
 @dataclass
 class LLM:
-    """An LLM call: optionally append `append` to the context, then generate."""
+    """An LLM call: once the nodes in `after` have ended, append their outputs (in that
+    order), then `append`, to the context, then generate."""
 
     max_tokens: int = 16
     append: str | list[int] | None = None
     stop: bool = True
     """End at the model's EOS token (False: always `max_tokens` tokens)."""
+    id: str | None = None
+    """A node name other steps can wait on as "program_id/id"."""
+    after: tuple[str, ...] = ()
+    """Nodes ("program_id/node_id", of this or another program) this call waits for
+    besides the program's previous step: several agents can depend on each other."""
 
 
 @dataclass
 class Tool:
-    """A tool call of `duration_s` seconds whose `result` joins the context when it returns."""
+    """A tool call of `duration_s` seconds whose `result` joins the context when it
+    returns; it starts once the nodes in `after` have ended."""
 
     name: str
     duration_s: float
     result: str | list[int] = ""
+    id: str | None = None
+    after: tuple[str, ...] = ()
 
 
 @dataclass
@@ -54,6 +63,56 @@ class Program:
     id: str | None = None
 
 
+def check_dag(programs: list[Program], known: dict[str, Program]) -> None:
+    """Raise `InputError` unless every `after` of `programs` names a node of one of them
+    or of `known` (programs already submitted), and the nodes form no cycle.
+
+    Nodes are (program, step); each step follows the program's previous one and the
+    nodes it names. Kahn's algorithm: a cycle leaves nodes that never become ready."""
+    group = {p.id: p for p in programs}
+    if None in group and any(s.after for p in programs for s in p.steps):
+        raise InputError("programs in a DAG need ids (Program(..., id='planner'))")
+    everyone = {**known, **group}
+    index = {}
+    for pid, program in everyone.items():
+        for i, step in enumerate(program.steps):
+            if step.id is not None:
+                if (pid, step.id) in index:
+                    raise InputError(f"program {pid!r} has two steps with id {step.id!r}")
+                index[(pid, step.id)] = i
+    edges: dict[tuple, list[tuple]] = {}
+    indegree: dict[tuple, int] = {}
+    for pid, program in group.items():
+        for i, step in enumerate(program.steps):
+            node = (pid, i)
+            indegree.setdefault(node, 0)
+            deps = [(pid, i - 1)] if i else []
+            for ref in step.after:
+                who, _, name = ref.partition("/")
+                if (who, name) not in index:
+                    raise InputError(
+                        f"program {pid!r} step {i} waits for {ref!r}, which names no step "
+                        "('program_id/step_id' of this submission or a running program)"
+                    )
+                deps.append((who, index[(who, name)]))
+            for dep in deps:
+                if dep[0] in group:
+                    edges.setdefault(dep, []).append(node)
+                    indegree[node] += 1
+    ready = [n for n, d in indegree.items() if d == 0]
+    seen = 0
+    while ready:
+        node = ready.pop()
+        seen += 1
+        for nxt in edges.get(node, []):
+            indegree[nxt] -= 1
+            if indegree[nxt] == 0:
+                ready.append(nxt)
+    if seen < len(indegree):
+        stuck = sorted({pid for (pid, _), d in indegree.items() if d > 0})
+        raise InputError(f"the programs' steps wait for each other in a cycle: {stuck}")
+
+
 @dataclass(eq=False)
 class Call:
     """One LLM call of an agent, as the scheduler sees it."""
@@ -64,6 +123,8 @@ class Call:
     seq_no: int
     tool_hint: tuple[str, float | None] | None = None
     stop: bool = True
+    node: str | None = None
+    """"program_id/step_id" when the call is a named step (its output feeds others)."""
     out: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: BaseException | None = None
@@ -122,6 +183,10 @@ class Agent:
     calls: list[Call] = field(default_factory=list)
     tool_until: float | None = None
     pending_result: list[int] = field(default_factory=list)
+    pending_node: str | None = None
+    """The running tool's node name: its result is recorded when it returns."""
+    blocked: bool = False
+    """Waiting for nodes of other programs (`after`); its KV is kept as in a tool call."""
     done_s: float | None = None
     handle: ProgramHandle | None = None
 

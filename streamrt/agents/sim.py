@@ -47,7 +47,7 @@ from types import SimpleNamespace
 import torch
 
 from streamrt.agents.engine import AgentEngine, Call
-from streamrt.agents.kv import AgentKV, Resume, ToolDurations
+from streamrt.agents.kv import AgentKV, ToolDurations
 from streamrt.cache import CacheManager
 from streamrt.cache.block import DEVICE, HOST
 
@@ -115,19 +115,22 @@ class SimAgentKV(AgentKV):
     _sync: bool = False
 
     def context_bytes(self, agent: str) -> int:
-        return len(self._seq(agent).table) * self.block_bytes
+        return len(self.to_move(self._seq(agent), HOST)) * self.block_bytes
 
-    def tool_return(self, agent: str, duration_s: float | None = None) -> Resume:
+    def block_bytes_of(self, seq) -> int:
+        return self.block_bytes
+
+    def fetch(self, agent: str) -> float:
         ready = self._ready_at.pop(self._seq(agent).seq_id, 0.0)
-        self._stall_until(ready)  # a predictive upload still in flight
+        self._stall_until(ready)  # a predictive upload (or the offload) still in flight
         self._sync = True
         try:
-            return super().tool_return(agent, duration_s)
+            return super().fetch(agent)
         finally:
             self._sync = False
 
     def _move(self, seq, tier: str) -> None:
-        indices = list(seq.table)  # all of them, as AgentKV moves: they protect each other
+        indices = self.to_move(seq, tier)  # together, as AgentKV moves: they protect each other
         if not indices:
             return
         fetch = tier == DEVICE
@@ -263,7 +266,7 @@ def simulate(
     config = config or SimConfig()
     clock = SimClock()
     engine = SimEngine(config, policy, clock, trace.vocab_size)
-    sampler = KVSampler(engine.manager, every_s=1.0)
+    sampler = KVSampler(engine.manager, every_s=1.0, running=engine.running_sequences)
     clock.listener = sampler.add
     pending = sorted(trace.programs, key=lambda s: s.arrival_s)
     runs = []

@@ -110,7 +110,9 @@ class ProgramSpec:
     """One agent program of a trace: arrival, priority and its steps.
 
     `steps` alternate `{"llm": tokens}` and `{"tool": name, "duration_s": s,
-    "result": tokens}`, first and last an LLM call."""
+    "result": tokens}`, first and last an LLM call. A step may also name itself
+    (`"id"`) and wait for steps of other programs (`"after": ["program_id/step_id"]`):
+    programs of a trace then form a DAG of agents (replay them with `submit_all`)."""
 
     id: str
     arrival_s: float
@@ -149,11 +151,12 @@ class Trace:
         """The engine's `Program` of one spec (every LLM call runs to its `max_tokens`)."""
         steps: list[LLM | Tool] = []
         for i, step in enumerate(spec.steps):
+            node = {"id": step.get("id"), "after": tuple(step.get("after", ()))}
             if "llm" in step:
-                steps.append(LLM(step["llm"], stop=False))
+                steps.append(LLM(step["llm"], stop=False, **node))
             else:
                 result = self.tokens(f"{spec.id}/{i}", step["result"])
-                steps.append(Tool(step["tool"], step["duration_s"], result))
+                steps.append(Tool(step["tool"], step["duration_s"], result, **node))
         return Program(self.prompt(spec), steps, spec.priority, spec.id)
 
     # ------------------------------------------------------------------ summary, JSON
@@ -283,30 +286,52 @@ def _bursty_arrivals(rng: random.Random, n: int, shape: Shape) -> list[float]:
 
 
 class KVSampler:
-    """Time-weighted share of the device pool's blocks held by live KV (not free, not
-    merely cached), plus a thinned timeline for plots."""
+    """Device KV utilisation over time, time-weighted, plus a thinned timeline for plots.
 
-    def __init__(self, manager, every_s: float) -> None:
-        self.manager, self.every_s = manager, every_s
+    held    share of the device pool's blocks held by any KV (not free, not merely cached):
+            running calls, pinned programs, uploads back before a tool returns
+    active  TokenCake's "effective" utilisation: share held by the calls in the batch, the
+            KV a forward reads (idle KV of programs stalled on tools does not count);
+            sampled every `every_s` (a scan of the running calls' blocks) when `running`
+            (a callable giving the running calls' sequences) is given
+    """
+
+    def __init__(self, manager, every_s: float, running=None) -> None:
+        self.manager, self.every_s, self.running = manager, every_s, running
         self.weighted = self.total = self.t = 0.0
+        self.active_weighted = self.active_total = 0.0
         self.timeline: list[tuple[float, float]] = []
 
     def held(self) -> float:
         pool = self.manager.pools.get("device")
         return 0.0 if pool is None else 1.0 - pool.num_free / pool.num_blocks
 
+    def active(self) -> float:
+        pool = self.manager.pools.get("device")
+        if pool is None or self.running is None:
+            return 0.0
+        blocks = {b.block_id for seq in self.running() for b in seq.blocks("device")}
+        return len(blocks) / pool.num_blocks
+
     def add(self, dt: float) -> None:
-        """The share now held for the `dt` seconds that just passed."""
+        """The shares now held for the `dt` seconds that just passed."""
         share = self.held()
         self.weighted += share * dt
         self.total += dt
         self.t += dt
         if not self.timeline or self.t - self.timeline[-1][0] >= self.every_s:
+            since = self.t - self.timeline[-1][0] if self.timeline else self.t
+            self.active_weighted += self.active() * since
+            self.active_total += since
             self.timeline.append((round(self.t, 4), round(share, 4)))
 
     @property
     def mean(self) -> float:
         return self.weighted / self.total if self.total else 0.0
+
+    @property
+    def active_mean(self) -> float:
+        return self.active_weighted / self.active_total if self.active_total else 0.0
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -333,6 +358,7 @@ def summarize(runs: list[tuple[ProgramSpec, object]], t0: float, engine, sampler
         "ttft_mean_s": sum(ttft) / len(ttft) if ttft else float("nan"),
         "ttft_p95_s": _pct(ttft, 0.95),
         "kv_util": sampler.mean,
+        "kv_active": sampler.active_mean,
         "preempted": c["preempted"],
         "recomputed_tokens": c["recomputed_tokens"],
         "prefill_tokens": c["prefill_tokens"],

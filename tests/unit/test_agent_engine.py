@@ -113,8 +113,10 @@ def test_programs_with_tool_calls_give_the_same_outputs_under_every_policy(lm, p
         [e.encode(PROMPTS[0]) + outs[0][0] + e.encode("the circle was red .")], 4, stop=False
     )
     assert outs[0][1] == solo[0]
-    # baseline frees at the tool call; ttl/offload pin (the 1.6 s TTL expires: to host)
-    assert set(actions) == (set() if policy == "baseline" else {"pin", "offload"})
+    # baseline frees at the tool call; ttl/offload pin, and when the 1.6 s TTL expires
+    # ttl frees (Continuum), offload moves the KV to the host (TokenCake)
+    expected = {"baseline": set(), "ttl": {"pin", "free"}, "offload": {"pin", "offload"}}
+    assert set(actions) == expected[policy]
     assert not e.agents and e.manager.stats()["consumers"]["agents"]["device"]["blocks"] == 0
     e.manager.check_invariants()
 
@@ -137,6 +139,31 @@ def test_long_tool_call_offloads_and_uploads_before_return(lm):
     e.manager.check_invariants()
 
 
+def test_admission_reserves_the_growth_of_running_calls(lm):
+    """Two calls that cannot grow to their end side by side: the second waits for the
+    first instead of being admitted on room the first will decode into (then preempted
+    and recomputed)."""
+    model, tok = lm
+    from streamrt.agents.engine import lm_spec
+
+    spec = lm_spec(model, 4)
+    probe = engine(lm)
+    need = [-(-(len(probe.encode(p)) + 12) // 4) for p in (PROMPTS[0], PROMPTS[2])]
+    blocks = sum(need) - 1
+    mgr = CacheManager(device_bytes=spec.block_bytes * blocks, host_bytes=spec.block_bytes)
+    e = AgentEngine(model, tok, mgr, tokens_per_block=4)
+    handles = [e.submit(Program(p, [LLM(12, stop=False)])) for p in (PROMPTS[0], PROMPTS[2])]
+    most = 0
+    while e.busy:
+        e.step()
+        most = max(most, len(e.running))
+    assert most == 1 and e.counters["preempted"] == 0 and e.counters["recomputed_tokens"] == 0
+    assert [h.result().outputs[0] for h in handles] == [
+        reference(lm, p, 12, False) for p in (PROMPTS[0], PROMPTS[2])
+    ]
+    mgr.check_invariants()
+
+
 def test_engine_shares_a_manager_with_another_consumer_and_frees_what_it_held(lm):
     model, tok = lm
     from streamrt.agents.engine import lm_spec
@@ -154,3 +181,107 @@ def test_engine_shares_a_manager_with_another_consumer_and_frees_what_it_held(lm
     assert mgr.stats()["consumers"]["agents"]["device"]["blocks"] == 0
     assert mgr.stats()["consumers"]["other"]["device"]["blocks"] == 1
     mgr.check_invariants()
+
+
+def dag():
+    """A planner, two workers that read its plan, a reducer that reads both workers."""
+    plan = Program(PROMPTS[0], [LLM(3, stop=False, id="plan")], id="planner")
+    workers = [
+        Program(
+            p,
+            [
+                LLM(2, stop=False, after=("planner/plan",)),
+                Tool("search", 1.0, "the circle was red ."),
+                LLM(3, stop=False, id="answer"),
+            ],
+            id=f"w{i}",
+        )
+        for i, p in enumerate(PROMPTS[1:3])
+    ]
+    reduce = Program("so :", [LLM(4, stop=False, after=("w1/answer", "w0/answer"))], id="reduce")
+    return [plan, *workers, reduce]
+
+
+@pytest.mark.parametrize("policy", ["baseline", "ttl", "offload"])
+def test_a_dag_of_agents_runs_in_dependency_order_with_the_same_outputs(lm, policy):
+    clock = Clock()
+    e = engine(lm, policy=policy, clock=clock)
+    handles = e.submit_all(dag())
+    while e.busy:
+        if not e.step():
+            clock.now += 0.5
+    plan, w0, w1, red = (h.result().outputs for h in handles)
+    calls = {h.id: h.agent.calls for h in handles}
+    # a worker starts after the plan; the reducer after both workers' answers
+    assert all(c[0].arrival >= calls["planner"][0].done_s for c in (calls["w0"], calls["w1"]))
+    assert calls["reduce"][0].arrival >= max(calls["w0"][-1].done_s, calls["w1"][-1].done_s)
+    # each joins what it waited for, in its `after` order: the same tokens as a solo run
+    solo = engine(lm)
+    assert w0[0] == solo.generate([solo.encode(PROMPTS[1]) + plan[0]], 2, stop=False)[0]
+    want = solo.generate([solo.encode("so :") + w1[1] + w0[1]], 4, stop=False)[0]
+    assert red[0] == want
+    assert not e.agents and not e.nodes
+    e.manager.check_invariants()
+
+
+def test_a_dag_with_a_cycle_or_an_unknown_step_is_refused(lm):
+    from streamrt.errors import InputError
+
+    e = engine(lm)
+    a = Program("a", [LLM(2, id="x", after=("b/y",))], id="a")
+    b = Program("b", [LLM(2, id="y", after=("a/x",))], id="b")
+    with pytest.raises(InputError, match="cycle"):
+        e.submit_all([a, b])
+    with pytest.raises(InputError, match="names no step"):
+        e.submit(Program("c", [LLM(2, after=("a/nope",))], id="c"))
+    assert not e.agents and not e.busy
+
+
+def test_reserve_ratio_follows_critical_use_between_floor_and_ceiling():
+    from streamrt.agents.reserve import SpatialReserve
+
+    r = SpatialReserve(floor=0.05, ceiling=0.3, weight=0.5)
+    assert r.ratio == 0.05 and r.room(False, 10, 0, 100) == 5 and r.room(True, 10, 0, 100) == 10
+    for _ in range(20):
+        r.observe(50, 100)  # critical agents hold half the device
+    assert r.ratio == 0.3
+    assert r.room(False, 40, 10, 100) == 20  # the reserve still lacks 30 - 10 blocks
+    for _ in range(20):
+        r.observe(0, 100)
+    assert r.ratio == pytest.approx(0.05, abs=1e-3)
+
+
+@pytest.mark.parametrize("policy", ["baseline", "offload"])
+def test_reserve_admits_a_critical_agent_while_others_fill_the_device(lm, policy):
+    """Fillers arrive first and would take every block; a planner that another agent
+    waits for arrives next. With the reserve, one filler waits and the planner runs at
+    once; without it, the planner waits for a filler to end. Outputs do not change."""
+    from streamrt.agents.engine import lm_spec
+    from streamrt.agents.reserve import SpatialReserve
+
+    model, tok = lm
+    spec = lm_spec(model, 4)
+    fill = -(-(len(engine(lm).encode(PROMPTS[2])) + 12) // 4)
+    firsts, outs = {}, {}
+    for extra in ("", "+reserve"):
+        clock = Clock()
+        mgr = CacheManager(
+            device_bytes=spec.block_bytes * 3 * fill, host_bytes=spec.block_bytes * 64
+        )
+        e = AgentEngine(model, tok, mgr, tokens_per_block=4, policy=policy + extra, clock=clock)
+        if e.reserve is not None:
+            e.reserve = SpatialReserve(floor=0.25, ceiling=0.3)
+        fillers = [e.submit(Program(PROMPTS[2], [LLM(12, stop=False)])) for _ in range(3)]
+        e.step()
+        plan = Program(PROMPTS[0], [LLM(2, stop=False, id="plan")], id="planner")
+        worker = Program(PROMPTS[1], [LLM(2, stop=False, after=("planner/plan",))], id="w")
+        handles = e.submit_all([plan, worker])
+        while e.busy:
+            e.step()
+            clock.now += 1
+        firsts[extra] = handles[0].agent.calls[0].first_token_s
+        outs[extra] = [h.result().outputs for h in [*fillers, *handles]]
+        assert e.counters["preempted"] == 0
+        mgr.check_invariants()
+    assert outs[""] == outs["+reserve"]
+    assert firsts["+reserve"] <= 2 < firsts[""]

@@ -114,10 +114,43 @@ def test_pressure_unpins_the_most_recent_program_first():
         kv.tool_call(name, "calc")
         clock.now += 1
     assert kv.relieve_pressure() == "new"
+    # unpinned and given back at once (this policy offloads: to the host)
+    assert {b.tier for b in kv.agents["new"].blocks()} == {"host"}
     assert all(b.pin_deadline is None for b in kv.agents["new"].blocks())
     assert all(b.pin_deadline is not None for b in kv.agents["old"].blocks())
     assert kv.relieve_pressure() == "old" and kv.relieve_pressure() is None
     mgr.check_invariants()
+
+
+def test_offload_leaves_blocks_shared_with_other_agents_on_the_device():
+    mgr, kv, clock = make(move_bytes_per_s=1e12)
+    a, b = kv.open("a"), kv.open("b")
+    grow(a, 1)
+    system = a.table[0]
+    mgr.append_shared(b, system)  # b's context starts with a's first block (a system prompt)
+    private = grow(a, 1)[0]
+    call = kv.tool_call("a", "build", predicted_s=60.0)
+    assert call.action == "offload"
+    # only the private block moved: the shared one stays, held by both (no duplicate later)
+    assert a.table[0] is system and system.tier == "device" and system.ref_cnt == 2
+    assert a.table[1].tier == "host"
+    assert kv.context_bytes("a") == 0  # nothing left to move down
+    clock.now += 60
+    kv.tool_return("a")
+    assert a.table[0] is system and torch.equal(a.kv(1), private)
+    assert mgr.stats()["consumers"]["agents"]["device"]["blocks"] == 2
+    mgr.check_invariants()
+
+
+def test_a_freed_context_gives_its_tail_blocks_out_first():
+    mgr, kv, _ = make(device_blocks=4, queue_delay_s=0.0, prefill_tokens_per_s=1e9)
+    seq = kv.open("a")
+    grow(seq, 3)
+    ids = [b.block_id for b in seq.blocks()]
+    kv.tool_call("a", "calc", allow=("free",))
+    # the free queue is LRU: the context's last block is reused first, its prefix last
+    taken = [mgr.pools["device"].take().block_id for _ in range(4)]
+    assert taken[1:] == ids[::-1]
 
 
 def test_freed_context_asks_for_recompute():

@@ -80,6 +80,21 @@ def test_keeping_kv_never_loses_to_baseline_when_tools_are_fast_and_prefixes_lon
         assert r["jct_mean_s"] <= 1.02 * base["jct_mean_s"]
 
 
+def test_offload_wins_where_memory_binds_with_no_preemption_or_recompute():
+    """A memory-bound deployment (device KV holds 9% of the programs' contexts): the
+    baseline's prefix cache is evicted during tool calls and contexts are prefilled
+    again; offload keeps every context on the host and loses nothing. Admission reserves
+    the running calls' growth, so no policy preempts."""
+    trace = make_trace("tool-heavy", 40, seed=0, token_scale=0.25, time_scale=0.05)
+    config = SimConfig(device_kv_bytes=2**30, max_batch=32)
+    runs = {p: simulate(trace, p, config) for p in ("baseline", "ttl", "offload")}
+    base, off = runs["baseline"], runs["offload"]
+    assert all(r["preempted"] == 0 and r["finished"] == 40 for r in runs.values())
+    assert base["recomputed_tokens"] > 100_000 and off["recomputed_tokens"] == 0
+    assert off["jct_mean_s"] <= 0.7 * base["jct_mean_s"]
+    assert runs["ttl"]["jct_mean_s"] < base["jct_mean_s"]
+
+
 def test_cost_model_matches_its_anchors():
     cost = CostModel()
     assert 100 < 1 / cost.step_s([(4096, 1)]) < 130  # ~115 tokens/s at batch 1
@@ -97,6 +112,7 @@ def test_bench_agents_cli_tiny_run_writes_json_and_replays_its_trace(tmp_path):
         assert set(rows) == {"baseline", "ttl", "offload"}
         assert all(r["finished"] == r["programs"] == 3 for r in rows.values())
         assert all(r["jct_mean_s"] > 0 and 0 <= r["kv_util"] <= 1 for r in rows.values())
+        assert all(0 <= r["kv_active"] <= 1 for r in rows.values())
     assert {a["measure"] for a in result["aims"]} >= {"real: ttl mean JCT / baseline"}
     written = json.loads(trace.read_text())
     # replayed, not regenerated; with the agents on a Runtime beside two live streams
@@ -108,3 +124,27 @@ def test_bench_agents_cli_tiny_run_writes_json_and_replays_its_trace(tmp_path):
     assert "sim" not in again
     shared = again["shared_runtime"]["ttl"]
     assert shared["agents_jct_mean_s"] > 0 and len(shared["stream_slo"]) == 2
+
+
+def test_a_trace_replays_a_dag_of_agents_from_json():
+    trace = make_trace("tool-heavy", 3, seed=2, token_scale=0.01, time_scale=0.01)
+    a, b, c = trace.programs
+    a.steps[0]["id"] = "plan"
+    b.steps[0]["after"] = [f"{a.id}/plan"]
+    c.steps[-1]["after"] = [f"{a.id}/plan", f"{b.id}/{b.steps[-1].setdefault('id', 'end')}"]
+    again = Trace.from_json(trace.to_json())
+    programs = [again.program(p) for p in again.programs]
+    assert programs[1].steps[0].after == (f"{a.id}/plan",)
+    assert programs[2].steps[-1].after == (f"{a.id}/plan", f"{b.id}/end")
+    # ...and they run as a DAG on the simulated engine: c ends after b's last step
+    from streamrt.agents.sim import SimClock, SimEngine
+
+    clock = SimClock()
+    engine = SimEngine(SimConfig(device_kv_bytes=2**30), "offload", clock, again.vocab_size)
+    handles = engine.submit_all(programs)
+    while engine.busy:
+        if not engine.step():
+            clock.advance_to(min(engine.next_event(), clock.now + 0.01))
+    ends = {h.id: h.agent.calls[-1].done_s for h in handles}
+    assert handles[2].agent.calls[-1].arrival >= ends[b.id]
+    assert not engine.nodes
