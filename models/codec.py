@@ -46,6 +46,10 @@ class PixelCodec:
     def frames_needed(self, latent_frames: int) -> int:
         return latent_frames
 
+    def decoded_frames(self, latent_frames: int, first: bool) -> int:
+        """Frames that decoding `latent_frames` gives (`first`: the stream's first chunk)."""
+        return latent_frames
+
     def encoder(self) -> PixelCodec:
         return self
 
@@ -97,6 +101,11 @@ class WanVAECodec:
 
     def decoder(self) -> _StreamDecoder:
         return _StreamDecoder(self)
+
+    def decoded_frames(self, latent_frames: int, first: bool) -> int:
+        """Frames that decoding `latent_frames` gives: the stream's first latent frame
+        gives one frame, every other `temporal` frames."""
+        return self.temporal * latent_frames - (self.temporal - 1 if first else 0)
 
     def encoder(self) -> _StreamEncoder:
         return _StreamEncoder(self)
