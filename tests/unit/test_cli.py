@@ -177,6 +177,8 @@ def test_bench_gen_reports_every_measure_against_its_baseline(tmp_path):
         "Wan VAE decode max |diff| vs diffusers",
         "stream() ms/frame, decode overlapped",
         "stream() first frame s, decode overlapped",
+        "stream() ms/frame, decode overlapped, tiny Wan-VAE model",
+        "stream() first frame s, decode overlapped, tiny Wan-VAE model",
     }
     assert rows["FPS"]["value"] > 0 and rows["time to first frame"]["value"] > 0
     assert rows["Wan VAE decode max |diff| vs diffusers"]["value"] <= 1e-5
