@@ -44,6 +44,7 @@ class StreamGenerator:
         cache: CacheConfig | None = None,
         checkpoint: str | Path | None = None,
         manager: CacheManager | None = None,
+        tiny_decoder: str | Path | None = None,
         **overrides: Any,
     ) -> StreamGenerator:
         """Load a generator; `overrides` set `GenConfig` fields.
@@ -65,6 +66,8 @@ class StreamGenerator:
                 (Self-Forcing / CausVid / Rolling / Reward Forcing / StreamDiffusionV2 `.pt`).
             manager: A cache manager to share (a `streamrt.runtime.Runtime`'s); None: the
                 generator makes its own from `cache`.
+            tiny_decoder: A TAEHV-style tiny decoder checkpoint (e.g. taew2_1.pth) that
+                decodes instead of the model's Wan VAE (`streamrt.models.taehv`).
         """
         from streamrt.models.generator_files import PIPELINE_MANIFEST, load_generator_parts
 
@@ -76,7 +79,8 @@ class StreamGenerator:
         base = from_dict(GenConfig, manifest.get("gen", {}), str(path / MANIFEST))
         gen_cfg, given, cache = _settings(base, config, cache, overrides)
         ckpt = Path(checkpoint) if checkpoint is not None else None
-        transformer, text_encoder, codec = load_generator_parts(path, manifest, gen_cfg, ckpt)
+        tiny = Path(tiny_decoder) if tiny_decoder is not None else None
+        transformer, text_encoder, codec = load_generator_parts(path, manifest, gen_cfg, ckpt, tiny)
         return cls(GenEngine(transformer, text_encoder, codec, gen_cfg, manager, cache, given))
 
     @classmethod
