@@ -72,9 +72,10 @@ def per_chunk(codec, chunks: int) -> list[int]:
     return [codec.decoded_frames(3, first=k == 0) for k in range(chunks)]
 
 
-def test_overlapped_frames_equal_sequential_in_order(parts):
-    seq = list(make_gen(parts, overlap_decode=False).stream(PROMPT, num_frames=40))
-    gen = make_gen(parts, overlap_decode=True)
+@pytest.mark.parametrize("sampler", ["chunkwise", "stream_batch"])
+def test_overlapped_frames_equal_sequential_in_order(parts, sampler):
+    seq = list(make_gen(parts, overlap_decode=False, sampler=sampler).stream(PROMPT, num_frames=40))
+    gen = make_gen(parts, overlap_decode=True, sampler=sampler)
     threads, omp = [], []
 
     def trace():
