@@ -46,6 +46,10 @@ class PixelCodec:
     def frames_needed(self, latent_frames: int) -> int:
         return latent_frames
 
+    def decoded_frames(self, latent_frames: int, first: bool) -> int:
+        """Frames that decoding `latent_frames` gives (`first`: the stream's first chunk)."""
+        return latent_frames
+
     def encoder(self) -> PixelCodec:
         return self
 
@@ -69,9 +73,19 @@ class PixelCodec:
 
 
 class WanVAECodec:
-    """`AutoencoderKLWan` with per-stream causal decode state."""
+    """`AutoencoderKLWan` with per-stream causal decode state.
 
-    def __init__(self, vae: torch.nn.Module) -> None:
+    Args:
+        vae: diffusers' `AutoencoderKLWan`.
+        fast: Attach `streamrt.models.wan_vae_fast` (faster norm and conv paths on CPU,
+            outputs equal within float32 rounding); False keeps diffusers' forwards.
+    """
+
+    def __init__(self, vae: torch.nn.Module, fast: bool = True) -> None:
+        if fast:
+            from streamrt.models.wan_vae_fast import apply_fast_wan_vae
+
+            apply_fast_wan_vae(vae)
         self.vae = vae.eval()
         cfg = vae.config
         self.latent_channels = cfg.z_dim
@@ -87,6 +101,11 @@ class WanVAECodec:
 
     def decoder(self) -> _StreamDecoder:
         return _StreamDecoder(self)
+
+    def decoded_frames(self, latent_frames: int, first: bool) -> int:
+        """Frames that decoding `latent_frames` gives: the stream's first latent frame
+        gives one frame, every other `temporal` frames."""
+        return self.temporal * latent_frames - (self.temporal - 1 if first else 0)
 
     def encoder(self) -> _StreamEncoder:
         return _StreamEncoder(self)
@@ -134,7 +153,14 @@ class _StreamEncoder:
 
 
 class _StreamDecoder:
-    """Decodes latent frames as they arrive; keeps the decoder's causal conv features."""
+    """Decodes latent frames as they arrive; keeps the decoder's causal conv features.
+
+    diffusers decodes one latent frame per decoder call; here a chunk is one call (the
+    stream's very first frame alone). The two agree: every causal conv pads a call's frames
+    with the cached last frames of the previous call (or zeros), which is what it sees
+    frame by frame, and the temporal upsampler's first call ("Rep": that frame is not
+    doubled) is the first frame's alone either way.
+    """
 
     def __init__(self, codec: WanVAECodec) -> None:
         self.codec = codec
@@ -148,15 +174,17 @@ class _StreamDecoder:
         if c.mean is not None and c.std is not None:
             z = z * c.std.to(z) + c.mean.to(z)  # un-normalise, as Wan's pipeline does
         x = vae.post_quant_conv(z)
+        calls = [x[:, :, :1], x[:, :, 1:]] if self.first else [x]
         outs = []
-        for i in range(x.shape[2]):
-            # diffusers' own per-frame decode loop, with the cache kept across calls.
-            out = vae.decoder(
-                x[:, :, i : i + 1], feat_cache=self.feat_map, feat_idx=[0], first_chunk=self.first
-            )
-            self.first = False
-            outs.append(out)
-        out = torch.cat(outs, dim=2)
+        for part in calls:
+            if part.shape[2]:
+                outs.append(
+                    vae.decoder(
+                        part, feat_cache=self.feat_map, feat_idx=[0], first_chunk=self.first
+                    )
+                )
+                self.first = False
+        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
         if vae.config.patch_size is not None:
             from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 

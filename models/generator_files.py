@@ -66,13 +66,19 @@ tokens, the Wan VAE, and streamrt's default generation settings unless a preset 
 
 
 def load_generator_parts(
-    path: Path, manifest: dict[str, Any], cfg: GenConfig, checkpoint: Path | None = None
+    path: Path,
+    manifest: dict[str, Any],
+    cfg: GenConfig,
+    checkpoint: Path | None = None,
+    tiny_decoder: Path | None = None,
 ):
     """Transformer, text encoder and codec of a generator (or diffusers Wan pipeline) directory.
 
     `checkpoint` (a distilled causal generator: Self-Forcing, CausVid, Rolling/Reward
     Forcing, StreamDiffusionV2 `.pt`, or any layout `load_wan_transformer` reads) replaces
     the directory's transformer weights; its config comes from `transformer/config.json`.
+    `tiny_decoder` (a TAEHV-style `.pth`, `streamrt.models.taehv`) decodes instead of the
+    directory's VAE.
     """
     dtype = _DTYPES[cfg.dtype]
     if checkpoint is not None and not checkpoint.exists():
@@ -102,6 +108,19 @@ def load_generator_parts(
             codec = WanVAECodec(load_wan_vae(path / "vae"))
     else:
         raise InputError(f"{path}/streamrt.json: unknown codec {codec_name!r} (pixel, wan_vae)")
+    if tiny_decoder is not None:
+        from streamrt.models.taehv import TAEHVDecoder, TinyDecoderCodec
+
+        if not isinstance(codec, WanVAECodec):
+            raise InputError(
+                f"a tiny decoder replaces a Wan VAE's decoding; {path} has the {codec_name} "
+                "codec: leave the tiny decoder out"
+            )
+        # the Upsamples carry no weights: a VAE that upsamples 2^k times in space is
+        # taken to pair with a tiny decoder whose last k stages upsample (taew2_1: all 3)
+        k = codec.spatial.bit_length() - 1
+        space = tuple(stage >= 3 - k for stage in range(3))
+        codec = TinyDecoderCodec(codec, TAEHVDecoder.from_file(tiny_decoder, space))
     return transformer, text, codec
 
 
@@ -110,8 +129,9 @@ def save_generator_parts(path: Path, engine, manifest_name: str, fmt: str) -> No
     engine.transformer.save_pretrained(path / "transformer")
     engine.text_encoder.save_pretrained(path)
     codec = "pixel"
-    if isinstance(engine.codec, WanVAECodec):
-        engine.codec.vae.save_pretrained(path / "vae")
+    base = getattr(engine.codec, "base", engine.codec)  # a tiny decoder is not saved
+    if isinstance(base, WanVAECodec):
+        base.vae.save_pretrained(path / "vae")
         codec = "wan_vae"
     manifest = {
         "format": fmt,

@@ -119,6 +119,12 @@ class GenConfig:
     clean_refresh: bool = True
     """After a chunk is finished, rewrite its K/V with one forward at t=0 on the clean frames."""
 
+    overlap_decode: bool = True
+    """`StreamGenerator.stream`: decode chunk k in a thread of its own while chunk k+1 is
+    denoised (`streamrt.gen.decoding`); the same frames in the same order. A prompt
+    switched while chunk k's frames are handed out applies from chunk k+2 (k+1 is already
+    denoised) instead of k+1. False: denoise, decode, hand out, one chunk at a time."""
+
     policy: str = "sink_window"
     """Cache policy name (see streamrt.cache.POLICIES). Switched without `policy_args`, the
     new policy starts from its own default arguments."""

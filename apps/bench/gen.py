@@ -4,6 +4,8 @@ rolling cache vs recompute   per chunk, the no-cache baseline re-runs the model 
                              kept window (clean, t=0) plus the new chunk at every step
 stream batch vs sequential   the same denoising work batched across chunks in flight
 frame 20k vs frame 200       per-chunk cost late in an endless stream vs early
+decode                       Wan VAE decode vs diffusers', overlapped vs sequential decode
+                             (`streamrt.apps.bench.decode`)
 """
 
 from __future__ import annotations
@@ -177,6 +179,11 @@ def bench_gen(args: argparse.Namespace) -> int:
     say(
         f"frame 200: {early * 1e3:.1f} ms/chunk, frame {args.long_frames}: {late * 1e3:.1f} ms/chunk"
     )
+    from streamrt.apps.bench.decode import decode_rows
+    from streamrt.apps.generate import load_generator
+
+    decoding = decode_rows(load_generator(args.model, args.config, {}))
+    say(f"Wan VAE decode {decoding[0]['value']:.2f} ms/frame, {decoding[0]['aim']}")
     rows = [
         {"measure": f"FPS ({cached['settings']})", "value": cached["fps"], "aim": ">= 30"},
         {"measure": "time to first frame (s)", "value": cached["ttff"], "aim": "<= 0.3"},
@@ -195,6 +202,7 @@ def bench_gen(args: argparse.Namespace) -> int:
             "value": late / early,
             "aim": "<= 1.05",
         },
+        *decoding,
     ]
     device = str(gen.engine.device) + (
         f" ({torch.cuda.get_device_name()})" if gen.engine.device.type == "cuda" else ""

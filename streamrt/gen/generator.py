@@ -18,6 +18,7 @@ from streamrt.cache import CacheManager
 from streamrt.config import CacheConfig, GenConfig, from_dict, read_preset
 from streamrt.embedded import resolve_model
 from streamrt.errors import InputError
+from streamrt.gen.decoding import stream_frames
 from streamrt.gen.engine import GenEngine
 from streamrt.gen.settings import apply_changes
 from streamrt.gen.stream import GenStream, check_num_frames
@@ -43,6 +44,7 @@ class StreamGenerator:
         cache: CacheConfig | None = None,
         checkpoint: str | Path | None = None,
         manager: CacheManager | None = None,
+        tiny_decoder: str | Path | None = None,
         **overrides: Any,
     ) -> StreamGenerator:
         """Load a generator; `overrides` set `GenConfig` fields.
@@ -64,6 +66,8 @@ class StreamGenerator:
                 (Self-Forcing / CausVid / Rolling / Reward Forcing / StreamDiffusionV2 `.pt`).
             manager: A cache manager to share (a `streamrt.runtime.Runtime`'s); None: the
                 generator makes its own from `cache`.
+            tiny_decoder: A TAEHV-style tiny decoder checkpoint (e.g. taew2_1.pth) that
+                decodes instead of the model's Wan VAE (`streamrt.models.taehv`).
         """
         from streamrt.models.generator_files import PIPELINE_MANIFEST, load_generator_parts
 
@@ -75,7 +79,8 @@ class StreamGenerator:
         base = from_dict(GenConfig, manifest.get("gen", {}), str(path / MANIFEST))
         gen_cfg, given, cache = _settings(base, config, cache, overrides)
         ckpt = Path(checkpoint) if checkpoint is not None else None
-        transformer, text_encoder, codec = load_generator_parts(path, manifest, gen_cfg, ckpt)
+        tiny = Path(tiny_decoder) if tiny_decoder is not None else None
+        transformer, text_encoder, codec = load_generator_parts(path, manifest, gen_cfg, ckpt, tiny)
         return cls(GenEngine(transformer, text_encoder, codec, gen_cfg, manager, cache, given))
 
     @classmethod
@@ -107,15 +112,18 @@ class StreamGenerator:
     def stream(
         self, prompt: str, num_frames: int | None = None, **overrides: Any
     ) -> Iterator[np.ndarray]:
-        """Frames (`[H, W, 3]` uint8) for `prompt`, endless unless `num_frames` is given.
+        """Frames (`[H, W, 3]` uint8) for `prompt`, endless unless `num_frames` is given
+        (then no chunk is computed that those frames do not need).
 
         The stream becomes the generator's active one: `set_prompt` switches it mid-stream.
+        With `overlap_decode` (`GenConfig`), chunk k is decoded while chunk k+1 is denoised
+        (`streamrt.gen.decoding`).
         """
         check_num_frames(num_frames)
         stream = self.engine.open_stream(prompt, **overrides)
         self.active = stream
         try:
-            yield from _take(_frames(stream), num_frames)
+            yield from stream_frames(stream, num_frames, stream.config.overlap_decode)
         finally:
             stream.close()
             if self.active is stream:
@@ -150,23 +158,6 @@ class StreamGenerator:
             s["fps"] = s["frames"] / s["seconds"] if s["seconds"] else 0.0
             out["stream"] = s
         return out
-
-
-def _frames(stream: GenStream) -> Iterator[np.ndarray]:
-    while True:
-        yield from stream.next_frames()
-
-
-def _take(frames: Iterator[np.ndarray], n: int | None) -> Iterator[np.ndarray]:
-    """The first `n` frames (all with None), stopping right after the n-th: asking for
-    one more would compute a whole chunk that nobody sees."""
-    if n is None:
-        yield from frames
-        return
-    for i, frame in enumerate(frames, 1):
-        yield frame
-        if i >= n:
-            return
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

@@ -282,19 +282,29 @@ class GenStream:
         """uint8 frames `[n, H, W, 3]` of a finished chunk's clean latents (in stream order:
         the decoder keeps the previous chunk's temporal context)."""
         t0 = time.perf_counter()
+        frames = self.decode_frames(x0, check=self.stats["first_frame_s"] is None)
+        self.count_frames(len(frames), time.perf_counter() - t0)
+        return frames
+
+    def decode_frames(self, x0: torch.Tensor, check: bool) -> np.ndarray:
+        """`decode` without the bookkeeping: it touches only the decoder, so it may run in
+        a decode thread (`streamrt.gen.decoding`), one chunk at a time, in stream order.
+        `check`: refuse NaN/inf pixels (done on the first chunk)."""
         with torch.no_grad():
             pixels = self.decoder.decode(x0.float())
-        if self.stats["first_frame_s"] is None and not bool(torch.isfinite(pixels).all()):
+        if check and not bool(torch.isfinite(pixels).all()):
             raise NonFiniteError(
                 "the codec (VAE) decoded NaN/inf pixels from finite latents: its weights hold "
                 "non-finite values; restore the model directory's vae/"
             )
-        frames = tensor_to_frames(pixels)
-        self.stats["seconds"] += time.perf_counter() - t0
+        return tensor_to_frames(pixels)
+
+    def count_frames(self, frames: int, seconds: float) -> None:
+        """Count `frames` delivered after `seconds` of decoding (or waiting for it)."""
+        self.stats["seconds"] += seconds
         if self.stats["first_frame_s"] is None:
             self.stats["first_frame_s"] = time.perf_counter() - self._opened
-        self.stats["frames"] += len(frames)
-        return frames
+        self.stats["frames"] += frames
 
     def close(self) -> None:
         for seq in self.seqs:

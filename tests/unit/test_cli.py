@@ -173,7 +173,14 @@ def test_bench_gen_reports_every_measure_against_its_baseline(tmp_path):
         "cache vs recompute speedup",
         "stream batch vs sequential",
         "cost at frame 240 / frame 200",
+        "Wan VAE decode ms/frame",
+        "Wan VAE decode max |diff| vs diffusers",
+        "stream() ms/frame, decode overlapped",
+        "stream() first frame s, decode overlapped",
+        "stream() ms/frame, decode overlapped, tiny Wan-VAE model",
+        "stream() first frame s, decode overlapped, tiny Wan-VAE model",
     }
     assert rows["FPS"]["value"] > 0 and rows["time to first frame"]["value"] > 0
+    assert rows["Wan VAE decode max |diff| vs diffusers"]["value"] <= 1e-5
     for name in ("cache vs recompute speedup", "stream batch vs sequential"):
         assert 0.05 < rows[name]["value"] < 50, rows[name]
