@@ -31,6 +31,7 @@ import numpy as np
 
 from streamrt.apps.generate import TINY_RANDOM, generator_path
 from streamrt.errors import InputError, UnknownNameError
+from streamrt.threads import thread_target
 
 if TYPE_CHECKING:
     from streamrt.config import RuntimeConfig
@@ -110,7 +111,7 @@ class LiveStylizer:
         self.outputs: list[np.ndarray] = []
         self.error: Exception | None = None
         self._v2v = VideoToVideo(self.stream)
-        self._worker = threading.Thread(target=self._run, daemon=True)
+        self._worker = threading.Thread(target=thread_target(self._run), daemon=True)
         self._worker.start()
 
     def _frames(self) -> Iterator[np.ndarray]:

@@ -16,7 +16,6 @@ from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-# serve.py imports this module inside create_app, once it is itself loaded.
 from streamrt.apps.serve import (
     V2VStart,
     decode_image,
@@ -26,6 +25,9 @@ from streamrt.apps.serve import (
     validation_message,
 )
 from streamrt.errors import InputError, StreamrtError
+
+# serve.py imports this module inside create_app, once it is itself loaded.
+from streamrt.threads import thread_target
 
 if TYPE_CHECKING:
     from streamrt.runtime import Runtime
@@ -74,7 +76,9 @@ class V2VSession:
         self._loop = loop
         self._abort: BaseException | None = None
         self._ended = threading.Event()
-        self._worker = threading.Thread(target=self._run, name="streamrt-v2v", daemon=True)
+        self._worker = threading.Thread(
+            target=thread_target(self._run), name="streamrt-v2v", daemon=True
+        )
         self._worker.start()
 
     # ------------------------------------------------------------------ socket side

@@ -1,3 +1,6 @@
+import ctypes
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -62,3 +65,12 @@ def video(tmp_path_factory):
         for frame in make_clip(0, 16).frames:
             sink.write(frame)
     return path
+
+
+def omp_max_threads() -> int | None:
+    """OpenMP's thread count in the calling OS thread, read past torch (whose calls set it
+    as a side effect); None where torch's OpenMP runtime is not found."""
+    maps = Path("/proc/self/maps")
+    text = maps.read_text() if maps.exists() else ""
+    libs = sorted({line.split()[-1] for line in text.splitlines() if "libgomp" in line})
+    return ctypes.CDLL(libs[0]).omp_get_max_threads() if libs else None

@@ -39,6 +39,7 @@ from streamrt.runtime.live import LiveStream, StreamHandle
 from streamrt.runtime.lock import FairLock
 from streamrt.runtime.qa import QAHandle, QASession
 from streamrt.runtime.scheduler import Scheduler, calibrate
+from streamrt.threads import thread_target
 
 logger = logging.getLogger(__name__)
 
@@ -549,7 +550,9 @@ class Runtime:
         """Run the step loop in a background thread (until `stop`)."""
         if self._thread is None:
             self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name="streamrt-runtime", daemon=True)
+            self._thread = threading.Thread(
+                target=thread_target(self._loop), name="streamrt-runtime", daemon=True
+            )
             if self.agents is not None:
                 self.agents.driver = self  # agent handles wait instead of stepping
             self._thread.start()

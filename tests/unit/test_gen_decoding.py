@@ -1,14 +1,13 @@
 """Overlapped decode: the same frames in the same order, no extra chunk, errors surface."""
 
-import ctypes
 import dataclasses
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import omp_max_threads
 from streamrt.config import GenConfig
 from streamrt.gen.engine import GenEngine
 from streamrt.gen.generator import StreamGenerator
@@ -53,15 +52,6 @@ class HookedDecoder:
 def hook_decoder(gen, hook):
     codec = gen.engine.codec
     codec.decoder = lambda: HookedDecoder(codec, hook)  # instance attribute, undone below
-
-
-def omp_max_threads() -> int | None:
-    """OpenMP's thread count in the calling OS thread, read past torch (whose calls set it
-    as a side effect); None where torch's OpenMP runtime is not found."""
-    maps = Path("/proc/self/maps")
-    text = maps.read_text() if maps.exists() else ""
-    libs = sorted({line.split()[-1] for line in text.splitlines() if "libgomp" in line})
-    return ctypes.CDLL(libs[0]).omp_get_max_threads() if libs else None
 
 
 def decode_threads():
