@@ -330,7 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
         const=True,
         help="serve LLM agents (/v1/chat/completions): the embedded LM, or a causal-LM dir",
     )
-    serve.add_argument("--agent-policy", choices=("baseline", "ttl", "offload"), default="baseline")
+    serve.add_argument(
+        "--agent-policy",
+        choices=[f"{p}{r}" for p in ("baseline", "ttl", "offload") for r in ("", "+reserve")],
+        default="baseline",
+        help="--agents: KV policy across tool calls; +reserve adds TokenCake's device "
+        "reserve for critical agents",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     config = sub.add_parser("config", help="print the effective configuration (defaults + preset)")

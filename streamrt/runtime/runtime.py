@@ -65,7 +65,8 @@ class Runtime:
             cache manager: True the language model of the embedded Video-LLM, or a
             transformers causal-LM directory. Its steps run when the streams' deadlines
             leave time, like QA encoding.
-        agent_policy: The agents' KV policy across tool calls: baseline, ttl, offload.
+        agent_policy: The agents' KV policy across tool calls: baseline, ttl, offload,
+            each optionally with "+reserve" (TokenCake's device reserve).
         gen_overrides: `GenConfig` fields, over the preset's.
 
     Every consumer of the cache manager is registered here, before the first block is

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from streamrt.apps.cli import main
 
 
@@ -184,3 +186,20 @@ def test_bench_gen_reports_every_measure_against_its_baseline(tmp_path):
     assert rows["Wan VAE decode max |diff| vs diffusers"]["value"] <= 1e-5
     for name in ("cache vs recompute speedup", "stream batch vs sequential"):
         assert 0.05 < rows[name]["value"] < 50, rows[name]
+
+
+def test_serve_takes_every_agent_policy_with_and_without_the_reserve():
+    from streamrt.apps.cli import build_parser
+    from streamrt.errors import InputError
+    from streamrt.runtime import Runtime
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--agents", "--agent-policy", "offload+reserve"])
+    assert args.agent_policy == "offload+reserve"
+    with pytest.raises(InputError, match=r"choose from .*'offload\+reserve'"):
+        parser.parse_args(["serve", "--agents", "--agent-policy", "lru"])
+    rt = Runtime("tiny-random", qa=False, agents=True, agent_policy=args.agent_policy)
+    try:
+        assert rt.agents.reserve is not None
+    finally:
+        rt.close()
