@@ -96,6 +96,8 @@ class OpenStream(Body):
     num_frames: int | None = Field(None, ge=1)
     fps: float | None = Field(None, gt=0, allow_inf_nan=False)
     seed: int | None = None
+    priority: int = 0
+    kv_quota_mb: float | None = Field(None, gt=0, allow_inf_nan=False)
 
 
 class Prompt(Body):
@@ -400,7 +402,14 @@ def create_app(runtime: Runtime, ask_flush_s: float = ASK_FLUSH_S) -> FastAPI:
 
     @app.post("/v1/streams", status_code=201)
     def open_stream(body: OpenStream) -> dict:
-        handle = rt.open_stream(body.prompt, body.num_frames, body.fps, body.seed)
+        handle = rt.open_stream(
+            body.prompt,
+            body.num_frames,
+            body.fps,
+            body.seed,
+            priority=body.priority,
+            kv_quota_mb=body.kv_quota_mb,
+        )
         return {"id": handle.id}
 
     @app.get("/v1/streams/{stream_id}/frames.mjpeg")

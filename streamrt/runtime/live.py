@@ -196,6 +196,7 @@ class LiveStream:
             state=self.state,
             steps=len(self.gen.sigmas),
             degraded=self.full_sigmas is not None,
+            kv_mb=sum(len(q.table) * q.spec.block_bytes for q in self.gen.seqs) / 1e6,
         )
         if self.error is not None:
             out["error"] = str(self.error)

@@ -163,6 +163,7 @@ class Runtime:
         fps: float | None = None,
         seed: int | None = None,
         priority: int = 0,
+        kv_quota_mb: float | None = None,
         **gen_overrides: Any,
     ) -> StreamHandle:
         """A new live stream of `prompt` (raises `AdmissionError` when the runtime is full).
@@ -172,6 +173,9 @@ class Runtime:
             fps: Playout rate its deadlines follow; None: `runtime.fps`, else `gen.fps`.
             seed: Noise seed; None: the generator's.
             priority: Higher runs first among equally urgent streams and is suspended last.
+            kv_quota_mb: Most device memory (MB) its KV cache may hold: a stream whose cache
+                policy keeps more is refused with the window that fits (its policy bounds
+                what it holds from then on). None: no quota.
             gen_overrides: `GenConfig` fields for this stream (same resolution as the others).
         """
         check_num_frames(num_frames)
@@ -191,6 +195,11 @@ class Runtime:
                 )
             stream_id = f"s{next(self._ids)}"
             gen = self.engine.open_stream(prompt, **gen_overrides)
+            try:
+                check_kv_quota(gen, kv_quota_mb)
+            except BaseException:
+                gen.close()
+                raise
             live = LiveStream(
                 stream_id, gen, num_frames, fps, self.config.ttff_s, priority, next(self._arrivals)
             )
@@ -627,6 +636,31 @@ class Runtime:
                 },
                 "cache": self.cache.stats(),
             }
+
+
+def check_kv_quota(gen: Any, quota_mb: float | None) -> None:
+    """Refuse a stream (`GenStream`) whose policy keeps more KV than `quota_mb` holds,
+    naming how many frames fit."""
+    if quota_mb is None:
+        return
+    if isinstance(quota_mb, bool) or not isinstance(quota_mb, (int, float)) or not quota_mb > 0:
+        raise InputError(f"kv_quota_mb must be a number > 0 or null, got {quota_mb!r}")
+    policy = gen.seqs[0].policy
+    per_frame = gen.seqs[0].spec.block_bytes * len(gen.seqs)  # one block per frame and sequence
+    fits = int(quota_mb * 1e6 // per_frame)
+    if policy.capacity is None:
+        raise InputError(
+            f"cache policy {policy.name!r} keeps every frame, so no quota can hold it: use a "
+            f"bounded policy (sink_window, deep_sink, ...) keeping at most {fits} frames"
+        )
+    need = policy.capacity * per_frame
+    if need > quota_mb * 1e6:
+        raise InputError(
+            f"this stream's KV needs {need / 1e6:.2f} MB ({policy.name!r} keeps "
+            f"{policy.capacity} frames x {len(gen.seqs)} sequence(s) x "
+            f"{gen.seqs[0].spec.block_bytes / 1e6:.3f} MB) but kv_quota_mb is {quota_mb:g}: "
+            f"keep at most {fits} frames (policy_args) or raise the quota"
+        )
 
 
 def _lowest(live: LiveStream) -> tuple[int, int]:

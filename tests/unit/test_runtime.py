@@ -455,3 +455,24 @@ def test_side_work_runs_only_when_the_batch_can_wait_for_it():
         assert runtime._spare([], now)  # nothing due: side work always fits
     finally:
         runtime.close()
+
+
+def test_a_kv_quota_refuses_a_stream_keeping_more_and_bounds_one_that_fits(rt):
+    blocks_before = rt.cache.stats()["consumers"]["gen"]
+    with pytest.raises(InputError, match=r"kv_quota_mb is 0.01: keep at most \d+ frames"):
+        rt.open_stream(PROMPTS[0], num_frames=3, kv_quota_mb=0.01)
+    with pytest.raises(InputError, match="keeps every frame"):
+        rt.open_stream(PROMPTS[0], num_frames=3, kv_quota_mb=100, policy="full")
+    with pytest.raises(InputError, match="kv_quota_mb must be a number > 0"):
+        rt.open_stream(PROMPTS[0], num_frames=3, kv_quota_mb=-1)
+    assert rt.cache.stats()["consumers"]["gen"] == blocks_before  # nothing kept
+    # what the refused one needed fits a quota of that size, and the stream stays under it
+    h = rt.open_stream(PROMPTS[0], num_frames=3)
+    live = h._live
+    need = live.gen.seqs[0].policy.capacity * live.gen.seqs[0].spec.block_bytes / 1e6
+    h.close()
+    h = rt.open_stream(PROMPTS[0], num_frames=30, kv_quota_mb=need)
+    peak = 0.0
+    for _ in h.frames():
+        peak = max(peak, h.stats()["kv_mb"])
+    assert 0 < peak <= need
