@@ -106,6 +106,8 @@ class Prompt(Body):
 
 class OpenQA(Body):
     stream_id: str | None = None
+    priority: int = 0
+    kv_quota_mb: float | None = Field(None, gt=0, allow_inf_nan=False)
 
 
 class Question(Body):
@@ -435,7 +437,8 @@ def create_app(runtime: Runtime, ask_flush_s: float = ASK_FLUSH_S) -> FastAPI:
 
     @app.post("/v1/qa/sessions", status_code=201)
     def open_qa(body: OpenQA | None = None) -> dict:
-        return {"id": rt.open_qa(body.stream_id if body else None).id}
+        body = body or OpenQA()
+        return {"id": rt.open_qa(body.stream_id, body.priority, body.kv_quota_mb).id}
 
     @app.post("/v1/qa/sessions/{session_id}/frames", status_code=202)
     async def post_frames(session_id: str, request: Request, timestamp: float | None = None):

@@ -44,9 +44,15 @@ class QASession:
         runtime_config: RuntimeConfig,
         stream_id: str | None,
         priority: int,
+        kv_quota_mb: float | None = None,
     ) -> None:
         self.id = session_id
         self.qa = VideoQA(adapter, tokenizer, config, manager=manager)
+        try:
+            self._check_quota(kv_quota_mb)
+        except BaseException:
+            self.qa.close()
+            raise
         self.stream_id = stream_id
         self.priority = priority
         self.queue: deque[tuple[np.ndarray, float | None]] = deque()
@@ -58,6 +64,32 @@ class QASession:
         """A watched stream's frames it is fed: every `stride`-th (near the QA model's fps)."""
         self.error: str | None = None
         """Why frames were last dropped at encoding (e.g. no room for their blocks)."""
+
+    def device_blocks(self) -> int:
+        """Most device blocks an answer holds: the system-prompt sink, the window, the
+        retrieved frames, and the question and answer tokens."""
+        cfg, memory = self.qa.config, self.qa.memory
+        text = cfg.max_question_tokens + cfg.max_new_tokens
+        tpb = memory.spec.tokens_per_block
+        return memory.num_sink + cfg.window_frames + cfg.retrieve_frames + -(-text // tpb)
+
+    def _check_quota(self, quota_mb: float | None) -> None:
+        """Refuse a session whose answers would hold more device KV than `quota_mb`."""
+        if quota_mb is None:
+            return
+        if isinstance(quota_mb, bool) or not isinstance(quota_mb, (int, float)) or not quota_mb > 0:
+            raise InputError(f"kv_quota_mb must be a number > 0 or null, got {quota_mb!r}")
+        block = self.qa.memory.spec.block_bytes
+        need = self.device_blocks() * block
+        if need > quota_mb * 1e6:
+            cfg = self.qa.config
+            raise InputError(
+                f"this QA session's answers hold up to {need / 1e6:.2f} MB of KV on the device "
+                f"({self.device_blocks()} blocks of {block / 1e6:.3f} MB: sink, "
+                f"window_frames={cfg.window_frames}, retrieve_frames={cfg.retrieve_frames}, "
+                f"question and answer tokens) but kv_quota_mb is {quota_mb:g}: lower "
+                "window_frames / retrieve_frames / max_question_tokens or raise the quota"
+            )
 
     def push(self, frame: np.ndarray, timestamp: float | None) -> bool:
         """Queue a frame; False if a frame was dropped to make room (or this one was)."""

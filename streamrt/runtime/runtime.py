@@ -389,10 +389,16 @@ class Runtime:
     # ------------------------------------------------------------------ QA sessions
 
     def open_qa(
-        self, stream_id: str | None = None, priority: int = 0, **qa_config: Any
+        self,
+        stream_id: str | None = None,
+        priority: int = 0,
+        kv_quota_mb: float | None = None,
+        **qa_config: Any,
     ) -> QAHandle:
         """A QA session on the runtime's cache manager; with `stream_id` it watches that
-        generation stream (is fed its frames)."""
+        generation stream (is fed its frames). `kv_quota_mb`: most device KV memory an
+        answer may hold (sink, window, retrieved frames, question): a session whose
+        settings need more is refused, naming them."""
         with self.lock:
             if len(self.sessions) >= self.config.max_streams:
                 raise AdmissionError(
@@ -413,6 +419,7 @@ class Runtime:
                 self.config,
                 stream_id,
                 priority,
+                kv_quota_mb,
             )
             self.sessions[session_id] = session
             if source is not None:  # every k-th frame, near the model's own fps

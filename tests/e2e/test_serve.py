@@ -302,6 +302,7 @@ BAD_REQUESTS = [
     ("DELETE", "/v1/streams/s999", {}, 404, ["s999"]),
     ("POST", "/v1/qa/sessions", {"json": {"stream_id": "s999"}}, 404, ["s999"]),
     ("POST", "/v1/qa/sessions", {"json": {"stream": "s1"}}, 400, ["'stream'", "stream_id"]),
+    ("POST", "/v1/qa/sessions", {"json": {"kv_quota_mb": 0.001}}, 400, ["kv_quota_mb", "window_frames"]),
     ("POST", "/v1/qa/sessions/q999/ask", {"json": {"question": "what?"}}, 404, ["q999"]),
     ("POST", "/v1/qa/sessions/q999/frames", {"content": b"\xff\xd8\xff"}, 404, ["q999"]),
     ("DELETE", "/v1/qa/sessions/q999", {}, 404, ["q999"]),

@@ -476,3 +476,20 @@ def test_a_kv_quota_refuses_a_stream_keeping_more_and_bounds_one_that_fits(rt):
     for _ in h.frames():
         peak = max(peak, h.stats()["kv_mb"])
     assert 0 < peak <= need
+
+
+def test_a_qa_kv_quota_refuses_settings_that_hold_more_and_frees_what_it_took(rt):
+    before = (rt.cache.stats()["consumers"], dict(rt.sessions))
+    with pytest.raises(InputError, match=r"kv_quota_mb is 0.001: lower window_frames"):
+        rt.open_qa(kv_quota_mb=0.001)
+    assert (rt.cache.stats()["consumers"], rt.sessions) == before  # nothing kept
+    ok = rt.open_qa(window_frames=2, retrieve_frames=2)
+    session = rt.session(ok.id)
+    need = session.device_blocks() * session.qa.memory.spec.block_bytes / 1e6
+    rt.close_qa(ok.id)
+    h = rt.open_qa(window_frames=2, retrieve_frames=2, kv_quota_mb=need)
+    for _ in range(4):
+        h.feed(np.zeros((64, 64, 3), np.uint8))
+    h.flush()
+    assert h.ask("what color is the shape?").text is not None
+    rt.close_qa(h.id)
