@@ -27,11 +27,10 @@ def pipeline_latents(args: argparse.Namespace, engine, rank: int, world: int):
     """(this rank's iterator of finished latent chunks, the stream that decodes them)."""
     cfg = engine.config
     n = chunks_for(args.frames, cfg.chunk_frames, engine.codec.temporal)
-    timeout = getattr(args, "timeout", None) or 120.0
     if args.parallel == "steps":
         from streamrt.parallel.steps import StepPipeline
 
-        pipe = StepPipeline(engine, args.prompt, timeout=timeout)
+        pipe = StepPipeline(engine, args.prompt)
         return pipe.chunks(n), pipe.stages[-1].stream, pipe
     from streamrt.parallel.layers import (
         LayerPipeline,
@@ -45,12 +44,12 @@ def pipeline_latents(args: argparse.Namespace, engine, rank: int, world: int):
     if world > blocks:
         raise InputError(f"--parallel layers needs at most {blocks} ranks (one block each)")
     ranges = even_ranges(blocks, world)
-    if getattr(args, "balance", False):
+    if args.balance:
         parts = [measure_parts(engine, args.prompt)]
         dist.broadcast_object_list(parts, src=0)  # every rank takes rank 0's measurement
         ranges = plan_ranges(parts[0]["block_s"], world, parts[0]["embed_s"], parts[0]["head_s"])
     stage = stage_engine(engine, ranges[rank])
-    pipe = LayerPipeline(stage, ranges, timeout=timeout)
+    pipe = LayerPipeline(stage, ranges)
     stream = pipe.open_stream(args.prompt)
     return (x for _, x in pipe.run([stream], n)), stream, pipe
 

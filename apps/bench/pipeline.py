@@ -85,20 +85,12 @@ def _rank(rank: int, world: int, args: argparse.Namespace, mode: str, out: str) 
             decoder.decode(x0)
             times.append(time.perf_counter() - t0)
             latents.append(x0)
-    sent = pipe.bytes_sent if mode == "layers" else _step_bytes(pipe, total)
+    sent = pipe.bytes_sent
     # latent frames per chunk (pixel codec: 1:1), of every stream
     frames = (latents[0].shape[2] if latents else 0) * (args.streams if mode == "layers" else 1)
     if rank == world - 1:
         torch.save((times, torch.cat(latents, dim=2), frames), f"{out}.last")
     torch.save(sent / total, f"{out}.{rank}")
-
-
-def _step_bytes(pipe, chunks: int) -> int:
-    """Bytes this rank of the step pipeline sent: latents + eps per chunk, if not last."""
-    if pipe.last:
-        return 0
-    c, f, h, w = pipe.shape[1:]
-    return chunks * 2 * c * f * h * w * torch.finfo(pipe.dtype).bits // 8
 
 
 def _measure(args: argparse.Namespace, mode: str, world: int) -> dict[str, Any]:

@@ -152,8 +152,9 @@ def stage_engine(engine, blocks: range):
         raise InputError(f"block range {blocks} is outside the model's {len(tr.blocks)} blocks")
     detach_streaming(tr)
     tr.blocks = torch.nn.ModuleList(list(tr.blocks)[blocks.start : blocks.stop])
-    config = dataclasses.replace(engine.requested)
-    return GenEngine(tr, engine.text_encoder, engine.codec, config, None, None, engine.given)
+    return GenEngine(
+        tr, engine.text_encoder, engine.codec, engine.requested, None, None, engine.given
+    )
 
 
 class WanStage:

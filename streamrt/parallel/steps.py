@@ -200,6 +200,8 @@ class StepPipeline:
         self.chunk = 0
         self._recv: tuple[Any, torch.Tensor] | None = None
         self._send: tuple[Any, torch.Tensor] | None = None
+        self.bytes_sent = 0
+        """Bytes this rank has sent on (latents and their eps of every chunk)."""
         self.log: list[tuple[int, float, float]] = []
         """(chunk, start, end) wall-clock times (`time.time()`) of this rank's compute."""
 
@@ -260,6 +262,7 @@ class StepPipeline:
             self._wait(self._send[0], "sending latents to", self.rank + 1)
         payload = torch.cat([x, eps]).contiguous()
         self._send = (dist.isend(payload, self._peer(1), group=self.group), payload)
+        self.bytes_sent += payload.numel() * payload.element_size()
         return None
 
     def chunks(self, n: int, switches: dict[int, str] | None = None) -> Iterator[torch.Tensor]:

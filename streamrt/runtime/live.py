@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from streamrt.errors import StreamrtError
+from streamrt.errors import InputError, StreamrtError
 from streamrt.runtime.playout import Playout
 
 if TYPE_CHECKING:
@@ -242,3 +242,36 @@ class StreamHandle:
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return self.frames()
+
+
+def quota_bytes(quota_mb: float | None) -> float | None:
+    """A `kv_quota_mb` argument in bytes (None: no quota), or an `InputError`."""
+    if quota_mb is None:
+        return None
+    if isinstance(quota_mb, bool) or not isinstance(quota_mb, (int, float)) or not quota_mb > 0:
+        raise InputError(f"kv_quota_mb must be a number > 0 or null, got {quota_mb!r}")
+    return quota_mb * 1e6
+
+
+def check_kv_quota(gen: Any, quota_mb: float | None) -> None:
+    """Refuse a stream (`GenStream`) whose policy keeps more KV than `quota_mb` holds,
+    naming how many frames fit."""
+    quota = quota_bytes(quota_mb)
+    if quota is None:
+        return
+    policy = gen.seqs[0].policy
+    per_frame = gen.seqs[0].spec.block_bytes * len(gen.seqs)  # one block per frame and sequence
+    fits = int(quota // per_frame)
+    if policy.capacity is None:
+        raise InputError(
+            f"cache policy {policy.name!r} keeps every frame, so no quota can hold it: use a "
+            f"bounded policy (sink_window, deep_sink, ...) keeping at most {fits} frames"
+        )
+    need = policy.capacity * per_frame
+    if need > quota:
+        raise InputError(
+            f"this stream's KV needs {need / 1e6:.2f} MB ({policy.name!r} keeps "
+            f"{policy.capacity} frames x {len(gen.seqs)} sequence(s) x "
+            f"{gen.seqs[0].spec.block_bytes / 1e6:.3f} MB) but kv_quota_mb is {quota_mb:g}: "
+            f"keep at most {fits} frames (policy_args) or raise the quota"
+        )

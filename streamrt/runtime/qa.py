@@ -25,6 +25,7 @@ from streamrt.cache import OutOfBlocksError
 from streamrt.config import QAConfig, RuntimeConfig
 from streamrt.errors import InputError, StreamrtError
 from streamrt.qa.video_qa import Answer, VideoQA
+from streamrt.runtime.live import quota_bytes
 
 if TYPE_CHECKING:
     from streamrt.cache import CacheManager
@@ -75,13 +76,12 @@ class QASession:
 
     def _check_quota(self, quota_mb: float | None) -> None:
         """Refuse a session whose answers would hold more device KV than `quota_mb`."""
-        if quota_mb is None:
+        quota = quota_bytes(quota_mb)
+        if quota is None:
             return
-        if isinstance(quota_mb, bool) or not isinstance(quota_mb, (int, float)) or not quota_mb > 0:
-            raise InputError(f"kv_quota_mb must be a number > 0 or null, got {quota_mb!r}")
         block = self.qa.memory.spec.block_bytes
         need = self.device_blocks() * block
-        if need > quota_mb * 1e6:
+        if need > quota:
             cfg = self.qa.config
             raise InputError(
                 f"this QA session's answers hold up to {need / 1e6:.2f} MB of KV on the device "

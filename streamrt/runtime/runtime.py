@@ -35,7 +35,7 @@ from streamrt.config import CacheConfig, RuntimeConfig, StreamrtConfig, read_pre
 from streamrt.errors import InputError, StreamrtError, UnknownNameError
 from streamrt.gen.forward import run_requests
 from streamrt.gen.stream import check_num_frames
-from streamrt.runtime.live import LiveStream, StreamHandle
+from streamrt.runtime.live import LiveStream, StreamHandle, check_kv_quota
 from streamrt.runtime.lock import FairLock
 from streamrt.runtime.qa import QAHandle, QASession
 from streamrt.runtime.scheduler import Scheduler, calibrate
@@ -643,31 +643,6 @@ class Runtime:
                 },
                 "cache": self.cache.stats(),
             }
-
-
-def check_kv_quota(gen: Any, quota_mb: float | None) -> None:
-    """Refuse a stream (`GenStream`) whose policy keeps more KV than `quota_mb` holds,
-    naming how many frames fit."""
-    if quota_mb is None:
-        return
-    if isinstance(quota_mb, bool) or not isinstance(quota_mb, (int, float)) or not quota_mb > 0:
-        raise InputError(f"kv_quota_mb must be a number > 0 or null, got {quota_mb!r}")
-    policy = gen.seqs[0].policy
-    per_frame = gen.seqs[0].spec.block_bytes * len(gen.seqs)  # one block per frame and sequence
-    fits = int(quota_mb * 1e6 // per_frame)
-    if policy.capacity is None:
-        raise InputError(
-            f"cache policy {policy.name!r} keeps every frame, so no quota can hold it: use a "
-            f"bounded policy (sink_window, deep_sink, ...) keeping at most {fits} frames"
-        )
-    need = policy.capacity * per_frame
-    if need > quota_mb * 1e6:
-        raise InputError(
-            f"this stream's KV needs {need / 1e6:.2f} MB ({policy.name!r} keeps "
-            f"{policy.capacity} frames x {len(gen.seqs)} sequence(s) x "
-            f"{gen.seqs[0].spec.block_bytes / 1e6:.3f} MB) but kv_quota_mb is {quota_mb:g}: "
-            f"keep at most {fits} frames (policy_args) or raise the quota"
-        )
 
 
 def _lowest(live: LiveStream) -> tuple[int, int]:
