@@ -35,6 +35,7 @@ else:
         set_attention_backend,
     )
     from streamrt.kernels.rope import (
+        WanKeyRope,
         apply_rope,
         apply_wan_rope,
         rope_frequencies,
@@ -46,6 +47,7 @@ else:
 
     __all__ = [
         "BACKENDS",
+        "WanKeyRope",
         "apply_rope",
         "apply_wan_rope",
         "attend",

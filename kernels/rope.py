@@ -1,8 +1,9 @@
-"""Rotary position embedding applied at attention time, at positions a cache policy assigns.
+"""Rotary position embedding at the positions a cache policy assigns.
 
-Keys are stored before RoPE; rotating them here by the positions of an `AttentionPlan`
-is what lets a policy re-position blocks (sink re-alignment, compression, retrieval)
-without touching the stored cache.
+Caches that store keys before RoPE (the video-QA memory) rotate the kept keys by the
+positions of an `AttentionPlan` at attention time, which lets a policy re-position
+blocks (retrieval) without touching the stored cache. The generation cache stores keys
+rotated once at their own frame and turns only the re-positioned ones (`WanKeyRope`).
 """
 
 from __future__ import annotations
@@ -100,3 +101,57 @@ def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
         return apply_wan_rope(x, rotation.real, rotation.imag, halves=True)
     pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rotation).flatten(-2)
+
+
+class WanKeyRope:
+    """Wan's 3-D RoPE at any frame, for keys stored already rotated.
+
+    A streaming cache that rotates each key once, when it is written, at the frame it was
+    written as (its absolute latent frame), never rotates it again while its distance to
+    the query stays what it was; only a key a policy re-positions (a re-aligned sink, a
+    compressed window) is turned by the difference, on the frame axis alone (`shift`).
+    Absolute frames grow without bound, so the frame part is computed here in float64 the
+    way diffusers builds its table (`get_1d_rotary_pos_embed`, theta 10000): inside the
+    model's table the values are the table's, bit for bit (checked at construction).
+
+    Args:
+        rope: The model's `WanRotaryPosEmbed` (`transformer.rope`).
+        theta: The embedding's base (diffusers' Wan uses the default 10000).
+    """
+
+    def __init__(self, rope: torch.nn.Module, theta: float = 10000.0) -> None:
+        t_dim = rope.t_dim
+        exponent = torch.arange(0, t_dim, 2, dtype=torch.float64)[: t_dim // 2] / t_dim
+        self.freqs = 1.0 / theta**exponent  # [t_dim / 2], float64
+        self.half = (rope.t_dim + rope.h_dim + rope.w_dim) // 2
+        self.rope = rope
+        probe = torch.arange(min(rope.max_seq_len, 64))
+        cos, sin = wan_rope_cos_sin(rope, probe, 1, 1)
+        table = wan_rope_rotation(*wan_rope_halves(cos, sin))[:, 0, : t_dim // 2].cpu()
+        if not torch.equal(self._frame_part(probe), table):
+            raise ValueError(
+                "this model's RoPE frame table is not Wan's default (theta 10000): "
+                "keys cannot be stored rotated; pass its theta"
+            )
+
+    def _frame_part(self, frames: torch.Tensor) -> torch.Tensor:
+        angles = frames.to(torch.float64).cpu()[:, None] * self.freqs[None]
+        return torch.complex(angles.cos().float(), angles.sin().float())
+
+    def at(self, frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Complex rotation (`rotate`) of the tokens of frames `frames` (any integers),
+        `[n * height * width, 1, head_dim / 2]`, frame-major; equal to
+        `rotation(wan_rope_cos_sin(rope, frames, height, width))` inside the model's table."""
+        n, t_half = frames.numel(), self.freqs.numel()
+        hw = wan_rope_cos_sin(self.rope, torch.zeros(1, dtype=torch.long), height, width)
+        hw = wan_rope_rotation(*wan_rope_halves(*hw))[:, 0, t_half:]  # [h * w, rest]
+        ft = self._frame_part(frames).to(hw.device)
+        return torch.cat(
+            [ft[:, None].expand(n, height * width, t_half), hw[None].expand(n, -1, -1)], dim=-1
+        ).reshape(n * height * width, 1, self.half)
+
+    def shift(self, deltas: torch.Tensor) -> torch.Tensor:
+        """Complex rotation `[n, head_dim / 2]` that moves keys by `deltas` frames (the
+        height and width parts are 1)."""
+        ft = self._frame_part(deltas)
+        return torch.cat([ft, ft.new_ones(ft.shape[0], self.half - ft.shape[1])], dim=1)

@@ -12,7 +12,7 @@ from streamrt.cache.errors import (
 from streamrt.cache.hashing import hash_block_tokens, hash_chain
 from streamrt.cache.manager import CacheManager
 from streamrt.cache.policies import POLICIES, CachePolicy, make_policy
-from streamrt.cache.sequence import AttentionPlan, Sequence
+from streamrt.cache.sequence import AttentionPlan, KeyRotation, Sequence
 from streamrt.cache.spec import Consumer, KVSpec
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "DiskTierError",
     "KVBlock",
     "KVSpec",
+    "KeyRotation",
     "OutOfBlocksError",
     "Sequence",
     "SpecMismatchError",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -20,9 +20,10 @@ if TYPE_CHECKING:
 class AttentionPlan:
     """Which device blocks a new query attends to, and at which RoPE positions.
 
-    The only thing a model adapter needs from a policy: keys were stored before RoPE,
-    so the adapter rotates block `indices[i]`'s tokens to positions
-    `starts[i] .. starts[i] + lengths[i] - 1` and puts new tokens at `query_start`.
+    The only thing a model adapter needs from a policy: the adapter attends as if block
+    `indices[i]`'s tokens sat at positions `starts[i] .. starts[i] + lengths[i] - 1` and
+    the new tokens at `query_start` (keys stored before RoPE are rotated there; keys stored
+    rotated at their own position are turned only by what changed, see `KeyRotation`).
     """
 
     indices: tuple[int, ...]
@@ -58,6 +59,19 @@ class AttentionPlan:
         )
 
 
+class KeyRotation(Protocol):
+    """How a sequence's stored keys are rotated, for policies that mix or compare blocks.
+
+    A writer that stores keys already rotated (at the position each block was written at)
+    sets `Sequence.key_rotation`; policies read blocks through `Sequence.kv_at`, which
+    turns keys to where they are needed. None (the default): keys are stored before RoPE.
+    """
+
+    def move(self, keys: torch.Tensor, src: int, dst: int | None) -> torch.Tensor:
+        """Keys `[..., tokens, heads, dim]` of a block written at position `src`, turned as
+        if written at `dst` (None: before RoPE). Returns a new float32 tensor."""
+
+
 class Sequence:
     """Block table of one stream. Entries are keyed by logical index, in time order.
 
@@ -82,6 +96,8 @@ class Sequence:
         self._device: set[int] = set()
         self.last_access = 0
         self.closed = False
+        self.key_rotation: KeyRotation | None = None
+        """Set by a writer that stores keys rotated at their own position (see `kv_at`)."""
 
     @property
     def spec(self):
@@ -143,6 +159,18 @@ class Sequence:
                 f"appended); its blocks: {sorted(self.table)[:8]}{' ...' if len(self.table) > 8 else ''}"
             )
         return self.manager.kv(self.table[index], writable)
+
+    def kv_at(self, index: int, at: int | None) -> torch.Tensor:
+        """A float32 copy of block `index` `[2, L, T, H, D]` whose keys are as if the block
+        had been written where block `at` was (None: before RoPE). Policies that fold or
+        copy a block into another, or compare blocks, read through this: with keys stored
+        before RoPE it is just the block."""
+        kv = self.kv(index, writable=False).float()
+        if self.key_rotation is None:
+            return kv.clone()
+        src = self.table[index].position
+        dst = None if at is None else self.table[at].position
+        return torch.stack([self.key_rotation.move(kv[0], src, dst), kv[1]])
 
     def write(self, index: int, kv: torch.Tensor) -> None:
         """Copy a whole block `[2, L, T, H, D]` into block `index` (shape and dtype checked)."""

@@ -5,10 +5,21 @@ processors of every block (`blocks.{i}.attn1` / `attn2`) for the two below; they
 what one forward needs from a `ForwardContext` the sampler sets before calling the model:
 
     self-attention (attn1), per batch row:
-        q, k, v of the new frames   -> k, v written (pre-RoPE) into the row's cache blocks
+        q, k, v of the new frames   -> q, k rotated at the frames' own (absolute) frame;
+                                       k, v written into the row's cache blocks
         kept blocks of the plan     -> gathered K, V (includes the new frames)
-        RoPE at the plan's positions (frame axis from the policy; h, w as usual)
+        keys the policy re-positions (a re-aligned sink, a gap left by compression)
+                                    -> turned on the frame axis by what changed
         softmax attention, block-causal by construction: a chunk sees itself + kept past
+
+    RoPE makes attention depend only on the distance between query and key. A plan lays
+    the kept blocks at positions of its own (bounded, contiguous), but in the usual case
+    (a window) every kept block and the query move by the same offset from the frames
+    they were written at, so keys rotated once at write are already right: per layer only
+    the queries and the new keys are rotated, plus the few keys whose distance changed
+    (`BatchLayout.shift_ids`). Positions are absolute frames, unbounded, computed in
+    float64 (`WanKeyRope`); the sequence's `key_rotation` lets policies that fold or
+    compare blocks (EMA sink, adaptive sink) turn keys where they need them.
 
     cross-attention (attn2): K/V of the prompt depend only on the prompt, so they are
     computed once per prompt (keyed per row by `ForwardContext.text_key`) and reused.
@@ -32,12 +43,7 @@ import torch
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
 from streamrt.cache import AttentionPlan, Sequence
-from streamrt.kernels import attend, rotate, wan_rope_cos_sin, wan_rope_halves, wan_rope_rotation
-
-
-def rotation(cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The complex RoPE table `rotate` applies, from `wan_rope_cos_sin` tables."""
-    return wan_rope_rotation(*wan_rope_halves(*cos_sin))
+from streamrt.kernels import WanKeyRope, attend, rotate
 
 
 @dataclass
@@ -80,7 +86,9 @@ class BatchLayout:
     """What every layer of one forward reads: per layer, the K/V of all rows are written
     with one indexed write and the kept K/V of all rows read with one indexed read of the
     cache's device pool; rows keeping fewer blocks are padded (with a valid page) and
-    masked. RoPE tables are per row, at the positions its plan assigns."""
+    masked. Queries and new keys are rotated at their absolute frames (`rope`); kept
+    blocks whose distance to the query differs from the one they were written with are
+    turned by the difference (`shift_ids`, `shift`)."""
 
     table: torch.Tensor
     """The device pool, `[pages, 2, layers, tokens_per_block, heads, head_dim]`."""
@@ -92,10 +100,12 @@ class BatchLayout:
     """Kept tokens per computed row."""
     mask: torch.Tensor | None
     """`[rows, 1, 1, keys]`, True on real keys; None when no row is padded."""
-    q_rope: torch.Tensor
-    """Complex rotation of the queries `[rows, q_tokens, 1, head_dim / 2]` (`rotate`)."""
-    k_rope: torch.Tensor
-    """Complex rotation of the kept keys `[rows, keys, 1, head_dim / 2]` (padding: 0)."""
+    rope: torch.Tensor
+    """Complex rotation of the queries and new keys `[rows, q_tokens, 1, head_dim / 2]`."""
+    shift_ids: torch.Tensor | None
+    """Kept blocks (flat over `[rows * most kept blocks]`) to turn; None: none."""
+    shift: torch.Tensor | None
+    """Their rotation on the frame axis, `[len(shift_ids), 1, 1, head_dim / 2]`."""
 
     @classmethod
     def build(cls, ctx: ForwardContext, rope: torch.nn.Module, tpf: int) -> BatchLayout:
@@ -104,19 +114,31 @@ class BatchLayout:
         manager, spec = seq.manager, seq.spec
         if any(r.seq.spec != spec or r.seq.manager is not manager for r in ctx.rows):
             raise RuntimeError("rows of one forward must share a cache manager and KV layout")
+        keys_rope = key_rope(rope)
         table = manager.device_table(spec)
-        write = [i for r in ctx.rows for i in manager.device_ids(r.seq, r.write, write=True)]
-        reads, q_tabs, k_tabs = [], [], []
-        for row in ctx.rows:
-            plan = row.plan
-            if any(n != spec.tokens_per_block for n in plan.lengths):
-                raise RuntimeError("generation blocks hold one whole latent frame each")
-            reads.append(manager.device_ids(row.seq, plan.indices))
-            frames = torch.tensor([s // tpf for s in plan.starts], dtype=torch.long)
-            k_tabs.append(rotation(wan_rope_cos_sin(rope, frames, h, w)))
-            q_tabs.append(rotation(wan_rope_cos_sin(rope, row.query_frames, h, w)))
-        most = max(len(r) for r in reads)
         device = table.device
+        write = [i for r in ctx.rows for i in manager.device_ids(r.seq, r.write, write=True)]
+        reads, q_frames, shifts = [], [], []
+        most = max(len(r.plan.indices) for r in ctx.rows)
+        for n, row in enumerate(ctx.rows):
+            plan, table_of = row.plan, row.seq.table
+            if any(k != spec.tokens_per_block for k in plan.lengths):
+                raise RuntimeError("generation blocks hold one whole latent frame each")
+            _bind_rotation(row.seq, keys_rope, ctx.grid, tpf)
+            reads.append(manager.device_ids(row.seq, plan.indices))
+            frames = [table_of[i].position // tpf for i in row.write]
+            offsets = set((row.query_frames - torch.tensor(frames)).tolist())
+            if len(offsets) != 1:
+                raise RuntimeError(
+                    f"policy {row.seq.policy.name!r} placed the frames being written at "
+                    "uneven distances from where they are written"
+                )
+            offset = offsets.pop()
+            q_frames.append(frames)
+            for j, (i, start) in enumerate(zip(plan.indices, plan.starts)):
+                moved = (start - table_of[i].position) // tpf - offset
+                if moved:
+                    shifts.append((n * most + j, moved))
         read_ids = torch.tensor([r + [r[0]] * (most - len(r)) for r in reads], device=device)
         lengths = [len(r) * spec.tokens_per_block for r in reads]
         keys = most * spec.tokens_per_block
@@ -124,18 +146,58 @@ class BatchLayout:
         if min(lengths) < keys:
             kept = torch.tensor(lengths, device=device)[:, None]
             mask = (torch.arange(keys, device=device)[None] < kept)[:, None, None, :]
-
-        def padded(t: torch.Tensor) -> torch.Tensor:
-            return torch.cat([t, t.new_zeros(keys - t.shape[0], *t.shape[1:])])
-
+        frames = torch.tensor(q_frames, dtype=torch.long)
+        q_rope = keys_rope.at(frames.flatten(), h, w).to(device)
+        shift_ids = shift = None
+        if shifts:
+            shift_ids = torch.tensor([i for i, _ in shifts], device=device)
+            deltas = torch.tensor([d for _, d in shifts], dtype=torch.long)
+            shift = keys_rope.shift(deltas).to(device)[:, None, None, :]
         return cls(
             table,
             torch.tensor(write, device=device),
             read_ids,
             lengths,
             mask,
-            torch.stack(q_tabs),
-            torch.stack([padded(t) for t in k_tabs]),
+            q_rope.view(len(ctx.rows), -1, 1, q_rope.shape[-1]),
+            shift_ids,
+            shift,
+        )
+
+
+def key_rope(rope: torch.nn.Module) -> WanKeyRope:
+    """The model's `WanKeyRope`, built once per RoPE module."""
+    found = getattr(rope, "_streamrt_key_rope", None)
+    if found is None:
+        found = WanKeyRope(rope)
+        rope._streamrt_key_rope = found
+    return found
+
+
+class FrameKeyRotation:
+    """`KeyRotation` of a generation sequence: keys rotated at their block's frame."""
+
+    def __init__(self, rope: WanKeyRope, grid: tuple[int, int], tokens_per_frame: int) -> None:
+        self.rope, self.grid, self.tpf = rope, grid, tokens_per_frame
+
+    def move(self, keys: torch.Tensor, src: int, dst: int | None) -> torch.Tensor:
+        keys, src = keys.float(), src // self.tpf
+        if dst is None:
+            frame = torch.tensor([src])
+            return rotate(keys, self.rope.at(frame, *self.grid).to(keys.device).conj())
+        turn = self.rope.shift(torch.tensor([dst // self.tpf - src]))[0].to(keys.device)
+        return rotate(keys, turn)
+
+
+def _bind_rotation(seq: Sequence, rope: WanKeyRope, grid: tuple[int, int], tpf: int) -> None:
+    """Mark `seq`'s keys as stored rotated (first forward); refuse a change of frame grid."""
+    bound = seq.key_rotation
+    if bound is None:
+        seq.key_rotation = FrameKeyRotation(rope, grid, tpf)
+    elif not isinstance(bound, FrameKeyRotation) or bound.grid != grid or bound.rope is not rope:
+        raise RuntimeError(
+            f"sequence {seq.seq_id!r} holds keys of another model or frame size {bound.grid}: "
+            f"open a new stream for {grid}"
         )
 
 
@@ -192,13 +254,17 @@ class StreamingSelfAttention:
         # all see the K/V this forward computed for the frames in flight.
         table = batch.table
         block = table.shape[3:]
+        query = rotate(query, batch.rope)
+        key = rotate(key, batch.rope)
         table[batch.write_ids, 0, self.layer] = key.reshape(-1, *block).to(table.dtype)
         table[batch.write_ids, 1, self.layer] = value.reshape(-1, *block).to(table.dtype)
+        k = table[batch.read_ids, 0, self.layer].to(query.dtype)  # [rows, kept, T, H, D]
+        if batch.shift_ids is not None:
+            flat = k.view(-1, *block)  # the gather is a fresh tensor: turned in place
+            flat[batch.shift_ids] = rotate(flat[batch.shift_ids], batch.shift)
         rows = batch.read_ids.shape[0]
-        k = table[batch.read_ids, 0, self.layer].reshape(rows, -1, *block[1:]).to(query.dtype)
+        k = k.reshape(rows, -1, *block[1:])
         v = table[batch.read_ids, 1, self.layer].reshape(rows, -1, *block[1:]).to(query.dtype)
-        query = rotate(query, batch.q_rope)
-        k = rotate(k, batch.k_rope)
         out = attend(query, k, v, mask=batch.mask)
         if ctx.scores is not None:
             importance = torch.einsum("bqhd,bkhd->bk", query.float(), k.float())

@@ -13,6 +13,7 @@ from streamrt.config import GenConfig
 from streamrt.errors import InputError
 from streamrt.gen.engine import GenEngine
 from streamrt.gen.memory import GIB, WAN_1_3B, memory_plan, wan_parameters
+from streamrt.kernels import rotate
 from streamrt.models.generator_files import tiny_random_parts
 from streamrt.world import VOCAB
 
@@ -35,10 +36,23 @@ def chunks(e: GenEngine, n: int = 4) -> list[torch.Tensor]:
 
 
 def _round_kv_through(dtype: torch.dtype):
-    """Forward hooks rounding every self-attention K (after its norm) and V to `dtype`."""
+    """Forward hook rounding every self-attention V to `dtype`."""
 
     def hook(_module, _inputs, out):
         return out.to(dtype).to(out.dtype)
+
+    return hook
+
+
+def _round_stored_keys_through(e: GenEngine, dtype: torch.dtype):
+    """Forward hook on K (after its norm) that makes the key the cache stores, rotated at
+    its frame, the `dtype`-rounded one: K' = R^-1 round(R K), so R K' = round(R K)."""
+
+    def hook(_module, _inputs, out):
+        turn = e.state.current.batch.rope  # [rows, tokens, 1, head_dim / 2]
+        k = out.unflatten(2, (-1, 2 * turn.shape[-1]))
+        stored = rotate(k, turn).to(dtype).to(out.dtype)
+        return rotate(stored, turn.conj()).flatten(2)
 
     return hook
 
@@ -49,13 +63,14 @@ def test_fp8_kv_equals_attention_over_the_same_rounded_kv(kv_dtype):
     full = engine()
     assert fp8.spec.dtype == getattr(torch, kv_dtype)
     assert fp8.spec.block_bytes * 4 == full.spec.block_bytes  # fp32 -> 1 byte per value
-    # Reference: the fp32 engine whose self-attention K and V are rounded to fp8 before
-    # they reach the cache (every read then sees exactly what the fp8 blocks hold).
+    # Reference: the fp32 engine whose self-attention K (as stored: rotated at its frame)
+    # and V are rounded to fp8 before they reach the cache (every read then sees exactly
+    # what the fp8 blocks hold).
     ref_engine = engine()
-    hook = _round_kv_through(getattr(torch, kv_dtype))
+    dtype = getattr(torch, kv_dtype)
     for block in ref_engine.transformer.blocks:
-        block.attn1.norm_k.register_forward_hook(hook)
-        block.attn1.to_v.register_forward_hook(hook)
+        block.attn1.norm_k.register_forward_hook(_round_stored_keys_through(ref_engine, dtype))
+        block.attn1.to_v.register_forward_hook(_round_kv_through(dtype))
     got, ref, plain = chunks(fp8), chunks(ref_engine), chunks(full)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

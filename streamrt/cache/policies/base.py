@@ -107,7 +107,7 @@ class CachePolicy(ABC):
 def contiguous_plan(seq: Sequence, indices: list[int], start: int = 0) -> AttentionPlan:
     """Lay `indices` at consecutive positions from `start`; the query follows them.
 
-    This is how pre-RoPE storage keeps positions bounded however long a stream runs:
+    This is how positions stay bounded however long a stream runs:
     a kept set is always re-positioned as if it were one contiguous sequence.
     """
     starts, lengths, pos = [], [], start

@@ -17,7 +17,8 @@ class DeepSinkPolicy(CachePolicy):
 
     Deep Forcing rotates the temporal RoPE phase of the sink by `delta` frames so that it
     follows the current timeline instead of sitting at frame 0 while the tail runs ahead.
-    Keys here are stored before RoPE, so the re-alignment is a position assignment:
+    The re-alignment is a position assignment (the attention turns the sink's keys by the
+    change, whether they are stored before RoPE or rotated at their own frame):
 
         after n frames (n > S + W), T tokens per frame, S sink, W tail:
 

@@ -27,7 +27,9 @@ class EmaSinkPolicy(CachePolicy):
     Reward Forcing's sink is one chunk and a whole evicted chunk is folded into it token by
     token, frame f of the chunk into sink frame f. With chunks of S frames starting at
     frame 0, `e mod S` is exactly that frame-in-chunk; with other chunk sizes it is a
-    round-robin over the slots. The fold is computed in float32 and stored in the cache
+    round-robin over the slots. Keys stored rotated at their own frame are turned to the
+    slot's frame before the fold (`Sequence.kv_at`), so the slot holds what folding keys
+    stored before RoPE would give. The fold is computed in float32 and stored in the cache
     dtype; the sink's pages are updated in place, nothing else moves.
 
     Args:
@@ -64,7 +66,7 @@ class EmaSinkPolicy(CachePolicy):
         sink = seq.table.get(slot)
         if index < self.sink_blocks or sink is None or sink.tier != DEVICE:
             return
-        evicted = seq.kv(index, writable=False).float()
+        evicted = seq.kv_at(index, slot)
         view = seq.kv(slot)
         view.copy_(self.alpha * view.float() + (1.0 - self.alpha) * evicted)
 

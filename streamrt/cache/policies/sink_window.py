@@ -20,7 +20,7 @@ class SinkWindowPolicy(CachePolicy):
         blocks kept:   [ sink 0..S-1 | recent window of W ]      capacity = S + W
         positions:     contiguous from 0 ("relative")  or  original ("absolute")
 
-    With "relative" positions (keys stored before RoPE) the largest position ever used
+    With "relative" positions the largest position ever used
     is `(S + W) * tokens_per_block`, so a stream can run forever inside the model's RoPE
     table; "absolute" keeps the positions the blocks were written at.
 
@@ -96,11 +96,11 @@ class SinkWindowPolicy(CachePolicy):
             block = seq.table[index]
             if index < self.sink_blocks or block.num_tokens != full:
                 continue
-            new = seq.kv(index, writable=False)
-            sims = [mean_kv_similarity(seq.kv(s, writable=False), new) for s in sinks]
+            new = seq.kv_at(index, None)
+            sims = [mean_kv_similarity(seq.kv_at(s, None), new) for s in sinks]
             worst = min(range(len(sinks)), key=sims.__getitem__)
             if sims[worst] < self.adaptive_tau:
-                seq.kv(sinks[worst]).copy_(new)
+                seq.kv(sinks[worst]).copy_(seq.kv_at(index, sinks[worst]))
                 self.sink_refreshes += 1
 
 
