@@ -256,21 +256,33 @@ class StreamingSelfAttention:
         block = table.shape[3:]
         query = rotate(query, batch.rope)
         key = rotate(key, batch.rope)
-        table[batch.write_ids, 0, self.layer] = key.reshape(-1, *block).to(table.dtype)
-        table[batch.write_ids, 1, self.layer] = value.reshape(-1, *block).to(table.dtype)
-        k = table[batch.read_ids, 0, self.layer].to(query.dtype)  # [rows, kept, T, H, D]
-        if batch.shift_ids is not None:
-            flat = k.view(-1, *block)  # the gather is a fresh tensor: turned in place
-            flat[batch.shift_ids] = rotate(flat[batch.shift_ids], batch.shift)
+        # Per layer one index_copy_ and one index_select per K and V on `[pages, T, H, D]`
+        # views of the pool (3x faster than advanced indexing of the 6-D pool on CPU).
+        keys, values = _pages(table[:, 0, self.layer]), _pages(table[:, 1, self.layer])
+        keys.index_copy_(0, batch.write_ids, _pages(key.reshape(-1, *block).to(table.dtype)))
+        values.index_copy_(0, batch.write_ids, _pages(value.reshape(-1, *block).to(table.dtype)))
+        reads = batch.read_ids.view(-1)
+        k = keys.index_select(0, reads).view(table.dtype).to(query.dtype)  # [rows * kept, ...]
+        if batch.shift_ids is not None:  # the gather is a fresh tensor: turned in place
+            k[batch.shift_ids] = rotate(k[batch.shift_ids], batch.shift)
         rows = batch.read_ids.shape[0]
-        k = k.reshape(rows, -1, *block[1:])
-        v = table[batch.read_ids, 1, self.layer].reshape(rows, -1, *block[1:]).to(query.dtype)
+        k = k.view(rows, -1, *block[1:])
+        v = values.index_select(0, reads).view(table.dtype).to(query.dtype)
+        v = v.view(rows, -1, *block[1:])
         out = attend(query, k, v, mask=batch.mask)
         if ctx.scores is not None:
             importance = torch.einsum("bqhd,bkhd->bk", query.float(), k.float())
             ctx.scores[self.layer] = [s[:n] for s, n in zip(importance, batch.lengths)]
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def _pages(t: torch.Tensor) -> torch.Tensor:
+    """`t` as its pool moves it: float8 as bytes (CPU has no float8 index_copy_ kernels)."""
+    return t.view(torch.uint8) if t.dtype in _FLOAT8 else t
+
+
+_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 class CachedCrossAttention:
