@@ -216,6 +216,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="layers: stream-batch streams in the pipeline at once (default 2)",
     )
     pipe.add_argument("--json", type=new_file, metavar="PATH")
+    peers = bench_sub.add_parser(
+        "peers",
+        help="streamrt vs diffusers' WanPipeline and SkyReels-V2 diffusion forcing, same weights",
+    )
+    peers.add_argument(
+        "--lengths",
+        type=count_list,
+        default=[97, 257, 1017],
+        help="video lengths in frames (default 97,257,1017)",
+    )
+    peers.add_argument(
+        "--thread-counts",
+        type=count_list,
+        default=[1, 2],
+        help="torch threads per run (default 1,2)",
+    )
+    peers.add_argument(
+        "--repeats", type=count(1), default=1, help="runs per method and length (best kept)"
+    )
+    peers.add_argument("--json", type=new_file, metavar="PATH")
     serve_b = bench_sub.add_parser(
         "serve", help="many streams on one runtime: batching, deadline scheduler vs FCFS"
     )

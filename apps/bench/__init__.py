@@ -61,6 +61,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from streamrt.apps.bench.gen import bench_gen
 
         return bench_gen(args)
+    if args.suite == "peers":
+        from streamrt.apps.bench.peers import bench_peers
+
+        return bench_peers(args)
     if args.suite == "serve":
         from streamrt.apps.bench.serve import bench_serve
 
@@ -76,5 +80,6 @@ def run_bench(args: argparse.Namespace) -> int:
     from streamrt.errors import InputError
 
     raise InputError(
-        f"unknown bench suite {args.suite!r}: cache, gen, quality, qa, pipeline, serve or agents"
+        f"unknown bench suite {args.suite!r}: cache, gen, quality, qa, pipeline, peers, serve "
+        "or agents"
     )
