@@ -357,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="--agents: KV policy across tool calls; +reserve adds TokenCake's device "
         "reserve for critical agents",
     )
+    serve.add_argument(
+        "--parallel",
+        choices=["layers"],
+        help="under torchrun: streams on a layer pipeline (block ranges per rank); rank 0 "
+        "serves HTTP. Streams only: QA, agents and v2v answer 501 there",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     config = sub.add_parser("config", help="print the effective configuration (defaults + preset)")

@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from streamrt.errors import InputError, StreamrtError, UnknownNameError
+from streamrt.errors import InputError, StreamrtError, UnknownNameError, UnsupportedError
 from streamrt.runtime import AdmissionError, QAHandle, StreamFailed
 
 if TYPE_CHECKING:
@@ -154,6 +154,8 @@ def error_status(exc: BaseException) -> int:
         return 404
     if isinstance(exc, AdmissionError):
         return 503
+    if isinstance(exc, UnsupportedError):
+        return 501
     if isinstance(exc, InputError):  # PromptError too
         return 400
     return 500  # the machine or the files (a full disk, a broken checkpoint): the operator's
@@ -521,6 +523,10 @@ def run(args: argparse.Namespace) -> int:
 
     from streamrt.runtime import Runtime
 
+    if getattr(args, "parallel", None):
+        from streamrt.apps.serve_parallel import run_parallel
+
+        return run_parallel(args)
     sock = listen(args.host, args.port)  # before loading models: a taken port fails at once
     try:
         rt = Runtime(

@@ -25,3 +25,7 @@ class UnknownNameError(InputError, KeyError):
 
 class NonFiniteError(StreamrtError, ValueError):
     """Weights, latents or settings hold NaN or infinity (a broken checkpoint or config)."""
+
+
+class UnsupportedError(StreamrtError, NotImplementedError):
+    """A request this configuration does not serve (yet): the message says which does."""

@@ -70,7 +70,9 @@ def init_from_env(device: str | None = None) -> None:
             "with `torchrun --nproc_per_node=N -m streamrt.apps.cli ...`"
         )
     if not dist.is_initialized():
-        dist.init_process_group(backend_for(device))
+        # A collective waiting on a dead rank fails after this long (gloo's default: 30 min).
+        timeout = datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+        dist.init_process_group(backend_for(device), timeout=timeout)
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 

@@ -1,0 +1,359 @@
+"""Live streams served on a layer-pipeline group (`streamrt serve --parallel layers`).
+
+Rank 0 takes requests (the HTTP server runs there); every rank runs the same rounds:
+
+    rank 0                                   every rank
+    ------                                   ----------
+    requests -> commands (open, switch,      broadcast_object_list(commands)
+    close, which streams advance)     ---->  apply them to its streams (same order, same ids)
+                                             LayerPipeline.run(advancing streams, 1 chunk)
+    decode each finished chunk, hand            (its blocks' share of every forward;
+    out its frames                               every rank gets every velocity)
+
+Every rank steps the same samplers with the same seeds, so every rank holds every stream's
+clean latents: rank 0 decodes them itself. A stream advances while fewer than
+`buffer_chunks` of its chunks wait for its reader (a slow viewer holds its stream back,
+not the others); with no work rank 0 still broadcasts an empty round every `idle_s`, so
+the other ranks never sit in a collective long enough to time out. A rank that fails or
+stalls ends every stream with the pipeline's error naming the rank.
+
+Partial, stated: the deadline scheduler, admission control, QA sessions, agents and
+live video-to-video run on one process only (`streamrt serve` without `--parallel`);
+here they answer 501.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from streamrt.errors import InputError, UnknownNameError, UnsupportedError
+from streamrt.gen.stream import GenStream, check_num_frames
+from streamrt.parallel.launch import PipelineError
+from streamrt.runtime.live import StreamFailed
+
+_END = object()
+NOT_HERE = (
+    "not served on a pipeline group yet (this server runs --parallel layers): run "
+    "`streamrt serve` without --parallel for QA sessions, agents and live video-to-video"
+)
+
+
+class PipelineFailed(StreamFailed):
+    """The pipeline group failed (a rank died or stalled); every stream ended."""
+
+
+@dataclass
+class _Stream:
+    id: str
+    prompt: str
+    num_frames: int | None
+    seed: int | None
+    out: queue.Queue = field(default_factory=queue.Queue)
+    stream: GenStream | None = None
+    frames: int = 0
+    opened: float = field(default_factory=time.perf_counter)
+    first_frame_s: float | None = None
+    last_frame_s: float = 0.0
+    pending: int = 0
+    """Chunks decoded and not yet read (rank 0)."""
+    done: bool = False
+    error: BaseException | None = None
+
+
+@dataclass
+class _Config:
+    max_streams: int
+
+
+class PipelineStreamHandle:
+    """A stream on a `PipelineRuntime` (rank 0): the `StreamHandle` surface the server uses."""
+
+    def __init__(self, runtime: PipelineRuntime, live: _Stream) -> None:
+        self._runtime, self._live, self.id = runtime, live, live.id
+
+    def frames(self, timeout: float | None = None) -> Iterator[np.ndarray]:
+        live = self._live
+        while True:
+            try:
+                item = live.out.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"stream {self.id}: no frame within {timeout} s") from None
+            if item is _END:
+                live.out.put(_END)
+                if live.error is not None:
+                    raise PipelineFailed(f"stream {self.id} failed: {live.error}")
+                return
+            with self._runtime._cond:
+                live.pending -= 1
+                self._runtime._cond.notify_all()
+            yield from item
+
+    def close(self) -> None:
+        self._runtime.close_stream(self.id)
+
+    @property
+    def done(self) -> bool:
+        return self._live.done
+
+
+class PipelineRuntime:
+    """The stream part of `streamrt.runtime.Runtime` on a layer-pipeline group.
+
+    Build it on every rank over the rank's `LayerPipeline`; rank 0 calls `start()` (the
+    rounds run in a thread) and serves requests, the other ranks call `follow()`, which
+    returns when rank 0 stops.
+    """
+
+    def __init__(
+        self,
+        pipe,
+        max_streams: int = 8,
+        buffer_chunks: int = 2,
+        idle_s: float = 1.0,
+    ) -> None:
+        self.pipe = pipe
+        self.rank = pipe.rank
+        self.config = _Config(max_streams)
+        self.buffer_chunks = buffer_chunks
+        self.idle_s = idle_s
+        self.agents = None
+        self.lock = threading.RLock()
+        self.streams: dict[str, _Stream] = {}
+        self.error: BaseException | None = None
+        self.rounds = 0
+        self._commands: list[tuple] = []
+        self._switches: dict[str, str] = {}
+        """Prompt switches to apply at each stream's next chunk (every rank)."""
+        self._cond = threading.Condition()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------------ requests (rank 0)
+
+    def open_stream(
+        self,
+        prompt: str,
+        num_frames: int | None = None,
+        fps: float | None = None,
+        seed: int | None = None,
+        priority: int = 0,
+        kv_quota_mb: float | None = None,
+    ) -> PipelineStreamHandle:
+        check_num_frames(num_frames)
+        if kv_quota_mb is not None:
+            raise UnsupportedError(f"kv_quota_mb is {NOT_HERE}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise InputError(f"seed must be a whole number or null, got {seed!r}")
+        self.pipe.engine.text_encoder.check(prompt)  # a bad prompt fails here, not later
+        with self._cond:
+            self._check_alive()
+            if sum(not s.done for s in self.streams.values()) >= self.config.max_streams:
+                raise InputError(
+                    f"the pipeline serves at most {self.config.max_streams} streams at once: "
+                    "retry when a stream ends"
+                )
+            live = _Stream(f"s{next(self._ids)}", prompt, num_frames, seed)
+            self.streams[live.id] = live
+            self._commands.append(("open", live.id, prompt, seed))
+            self._cond.notify_all()
+        return PipelineStreamHandle(self, live)
+
+    def stream(self, stream_id: str) -> PipelineStreamHandle:
+        return PipelineStreamHandle(self, self._get(stream_id))
+
+    def set_prompt(self, stream_id: str, prompt: str) -> None:
+        live = self._get(stream_id)
+        self.pipe.engine.text_encoder.check(prompt)
+        with self._cond:
+            if not live.done:
+                live.prompt = prompt
+                self._commands.append(("switch", stream_id, prompt))
+                self._cond.notify_all()
+
+    def close_stream(self, stream_id: str) -> None:
+        live = self._get(stream_id)
+        with self._cond:
+            if not live.done:
+                self._end(live)
+                self._commands.append(("close", stream_id))
+                self._cond.notify_all()
+
+    def stream_stats(self, stream_id: str) -> dict[str, Any]:
+        live = self._get(stream_id)
+        return {
+            "prompt": live.prompt,
+            "frames": live.frames,
+            "fps": live.frames / live.last_frame_s if live.frames else 0.0,
+            "first_frame_s": live.first_frame_s,
+            "state": "failed" if live.error else "done" if live.done else "running",
+        }
+
+    def stats(self) -> dict[str, Any]:
+        pipe = self.pipe
+        return {
+            "parallel": "layers",
+            "pid": os.getpid(),
+            "ranks": pipe.world,
+            "block_ranges": [[r.start, r.stop] for r in pipe.ranges],
+            "rounds": self.rounds,
+            "bytes_sent_rank0": pipe.bytes_sent,
+            "error": None if self.error is None else str(self.error),
+            "streams": {i: self.stream_stats(i) for i in list(self.streams)},
+            "cache": pipe.engine.cache.stats() if hasattr(pipe.engine.cache, "stats") else {},
+        }
+
+    def open_qa(self, *args, **kwargs):
+        raise UnsupportedError(f"QA sessions are {NOT_HERE}")
+
+    def session(self, *args, **kwargs):
+        raise UnsupportedError(f"QA sessions are {NOT_HERE}")
+
+    def close_qa(self, *args, **kwargs):
+        raise UnsupportedError(f"QA sessions are {NOT_HERE}")
+
+    @property
+    def engine(self):
+        raise UnsupportedError(f"live video-to-video is {NOT_HERE}")
+
+    def _get(self, stream_id: str) -> _Stream:
+        live = self.streams.get(stream_id)
+        if live is None:
+            raise UnknownNameError(f"no stream {stream_id!r}: open one with POST /v1/streams")
+        return live
+
+    def _check_alive(self) -> None:
+        if self.error is not None:
+            raise PipelineFailed(f"the pipeline group failed: {self.error}")
+
+    def _end(self, live: _Stream, error: BaseException | None = None) -> None:
+        if not live.done:
+            live.done, live.error = True, error
+            live.out.put(_END)
+
+    # ------------------------------------------------------------------ rounds
+
+    def start(self) -> None:
+        """Rank 0: run the rounds in a thread."""
+        self._thread = threading.Thread(target=self._lead, name="streamrt-pipeline", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Rank 0: end every stream, tell the other ranks to stop, wait for the rounds."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=max(30.0, self.pipe.timeout))
+
+    def _lead(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    if not self._stopping and not self._commands and not self._advancing():
+                        self._cond.wait(self.idle_s)
+                    commands = self._commands
+                    self._commands = []
+                    if self._stopping:
+                        commands.append(("stop",))
+                    else:
+                        commands.append(("advance", self._advancing()))
+                if not self._round(commands):
+                    return
+        except BaseException as exc:
+            self.error = exc
+            with self._cond:
+                for live in self.streams.values():
+                    self._end(live, exc)
+
+    def follow(self) -> None:
+        """Ranks > 0: run rank 0's rounds until it stops."""
+        while self._round(None):
+            pass
+
+    def _advancing(self) -> list[str]:
+        """Streams rank 0 wants another chunk of: open, and their reader keeping up."""
+        return [
+            s.id for s in self.streams.values() if not s.done and s.pending < self.buffer_chunks
+        ]
+
+    def _round(self, commands: list[tuple] | None) -> bool:
+        box = [commands]
+        try:
+            dist.broadcast_object_list(box, src=0, group=self.pipe.group)
+        except (RuntimeError, dist.DistError) as exc:
+            raise PipelineError(
+                f"rank {self.rank}: a rank of the pipeline group died or stalled between "
+                f"rounds ({exc})"
+            ) from exc
+        advance: list[str] = []
+        for command in box[0]:
+            kind = command[0]
+            if kind == "stop":
+                self._close_all()
+                return False
+            if kind == "open":
+                _, sid, prompt, seed = command
+                live = self.streams.setdefault(sid, _Stream(sid, prompt, None, seed))
+                overrides = {} if seed is None else {"seed": seed}
+                live.stream = self.pipe.open_stream(prompt, **overrides)
+            elif kind == "switch":
+                self._switches[command[1]] = command[2]
+            elif kind == "close":
+                live = self.streams.get(command[1])
+                if live is not None and live.stream is not None:
+                    live.stream.close()
+                    live.stream = None
+                    if self.rank != 0:
+                        del self.streams[command[1]]
+            elif kind == "advance":
+                advance = [sid for sid in command[1] if self.streams[sid].stream is not None]
+        self.rounds += 1
+        if not advance:
+            return True
+        lives = [self.streams[sid] for sid in advance]
+        switches = {
+            (i, 0): self._switches.pop(live.id)
+            for i, live in enumerate(lives)
+            if live.id in self._switches
+        }
+        with torch.no_grad():
+            for i, x0 in self.pipe.run([live.stream for live in lives], 1, switches):
+                if self.rank == 0:
+                    self._emit(lives[i], x0)
+        return True
+
+    def _emit(self, live: _Stream, x0: torch.Tensor) -> None:
+        frames = list(live.stream.decode(x0))
+        if live.num_frames is not None:
+            frames = frames[: live.num_frames - live.frames]
+        with self._cond:
+            if live.done:  # closed by its reader meanwhile
+                return
+            if live.first_frame_s is None and frames:
+                live.first_frame_s = time.perf_counter() - live.opened
+            live.frames += len(frames)
+            live.last_frame_s = time.perf_counter() - live.opened
+            live.pending += 1
+            live.out.put(frames)
+            if live.num_frames is not None and live.frames >= live.num_frames:
+                self._end(live)
+                self._commands.append(("close", live.id))
+
+    def _close_all(self) -> None:
+        for live in self.streams.values():
+            if live.stream is not None:
+                live.stream.close()
+                live.stream = None
+            self._end(live)
