@@ -2,6 +2,7 @@
 
 streamrt train gen --minutes 45              # train (resumes build/train-gen/), export
 streamrt train gen --tune-only               # pick the sampler settings of the manifest
+streamrt train gen --init-from assets/tiny-world --resample-prob 0.5   # fine-tune on own context
 streamrt train vqa --init-from DIR          # the tiny Video-LLM (resumes build/train-vqa/)
 """
 
@@ -37,6 +38,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--drift-prob",
         type=probability,
         help="chance of noise drifting along the caption's direction (GenConfig.noise_drift)",
+    )
+    gen.add_argument(
+        "--init-from",
+        type=existing_dir,
+        help="generator directory (e.g. assets/tiny-world) whose weights start a fresh run "
+        "(new optimizer, step 0); ignored when resuming",
+    )
+    gen.add_argument(
+        "--resample-prob",
+        type=probability,
+        help="chance that a clip's context is the model's own regeneration (default 0: off)",
+    )
+    gen.add_argument(
+        "--resample-sigma",
+        type=_level_range,
+        help="noise levels LO,HI a context chunk is put back to before regeneration "
+        "(default 0.3,0.9)",
     )
     gen.add_argument("--no-compile", action="store_true", help="train without torch.compile")
     gen.add_argument("--tune", action="store_true", help="after training, sweep sampler settings")
@@ -82,6 +100,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=count(0),
         help="vision-only steps after each question/answer step (needs dense weight)",
     )
+
+
+def _level_range(text: str) -> tuple[float, float]:
+    """Type of `--resample-sigma`: "LO,HI" with 0 < LO <= HI <= 1."""
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. 0.3,0.9), got {text!r}") from None
+    if not 0 < lo <= hi <= 1:
+        raise argparse.ArgumentTypeError(f"expected 0 < LO <= HI <= 1, got {text!r}")
+    return lo, hi
 
 
 def _schedule_arguments(
@@ -160,6 +189,9 @@ def config_from(args: argparse.Namespace):
             object_weight_final=args.object_weight_final,
             progressive_prob=args.progressive_prob,
             drift_prob=args.drift_prob,
+            init_from=args.init_from,
+            resample_prob=args.resample_prob,
+            resample_sigma=args.resample_sigma,
         )
     )
     cfg.compile = not args.no_compile

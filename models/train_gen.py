@@ -154,6 +154,23 @@ class TrainGenConfig(RunSchedule):
     compile: bool = True
     """`torch.compile` the training forward (about 1.3x faster on CPU after ~10 s)."""
 
+    init_from: str | None = None
+    """Generator directory whose weights start a fresh run (`train_gen_resample.init_state`:
+    new optimizer, step 0); its architecture must be this config's. Not read on resume."""
+
+    resample_prob: float = 0.0
+    """Chance that a clip's first 1..n-1 chunks are context the model regenerates itself
+    (`train_gen_resample`: training on its own errors, as streams see them); 0: off."""
+
+    resample_sigma: tuple[float, float] = (0.3, 0.9)
+    """Range of the noise level a context chunk is put back to before regeneration."""
+
+    resample_timesteps: tuple[int, ...] = (1000, 750, 500, 250)
+    """Sampler schedule of the regeneration (the shipped manifest's), with `resample_shift`:
+    a chunk noised to sigma_r takes the deterministic steps of the levels below it."""
+
+    resample_shift: float = 1.0
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_frames % self.chunk_frames:
@@ -167,6 +184,15 @@ class TrainGenConfig(RunSchedule):
             raise InputError(f"progressive_prob must lie in [0, 1], got {self.progressive_prob}")
         if not 0.0 <= self.drift_prob <= 1.0:
             raise InputError(f"drift_prob must lie in [0, 1], got {self.drift_prob}")
+        if not 0.0 <= self.resample_prob <= 1.0:
+            raise InputError(f"resample_prob must lie in [0, 1], got {self.resample_prob}")
+        self.resample_sigma = tuple(float(x) for x in self.resample_sigma)
+        self.resample_timesteps = tuple(int(x) for x in self.resample_timesteps)
+        lo, hi = self.resample_sigma if len(self.resample_sigma) == 2 else (-1.0, -1.0)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise InputError(
+                f"resample_sigma must be two levels 0 < lo <= hi <= 1, got {self.resample_sigma}"
+            )
 
 
 # ---------------------------------------------------------------------- data
@@ -266,10 +292,12 @@ def flow_matching_loss(
     cfg: TrainGenConfig,
     gen: torch.Generator,
     object_weight: float | None = None,
+    sampler=None,
 ) -> torch.Tensor:
     """Object-weighted mean squared velocity error over the noisy frames of a batch, in
     the codec's latent space (mask already applied); `object_weight` defaults to the
-    config's starting weight."""
+    config's starting weight. With `cfg.resample_prob`, some clips' context is the
+    model's own regeneration by `sampler` (default `transformer`; `train_gen_resample`)."""
     if object_weight is None:
         object_weight = cfg.object_weight
     x0 = codec.encode(frames)
@@ -279,10 +307,18 @@ def flow_matching_loss(
     tokens_per_frame = (h // p[1]) * (w // p[2])
     sigma = sample_sigmas(cfg, x0.shape[0], gen)
     eps = sample_noise(cfg, x0.shape, captions, gen)
+    embeds = text_encoder.embed(captions)
+    context = x0
+    if cfg.resample_prob > 0:
+        from streamrt.models.train_gen_resample import resampled_inputs
+
+        context, sigma = resampled_inputs(
+            sampler or transformer, embeds, x0, eps, sigma, cfg, gen, tokens_per_frame
+        )
     s = sigma[:, None, :, None, None]
-    x_t = (1 - s) * x0 + s * eps
+    x_t = (1 - s) * context + s * eps
     timestep = (sigma * 1000.0).repeat_interleave(tokens_per_frame, dim=1)
-    v = transformer(x_t, timestep, text_encoder.embed(captions), return_dict=False)[0]
+    v = transformer(x_t, timestep, embeds, return_dict=False)[0]
     per_frame = (weight * (v - (eps - x0)).pow(2)).mean(dim=(1, 3, 4))
     noisy = (sigma > 0).float()
     return (per_frame * noisy).sum() / noisy.sum()
@@ -317,6 +353,11 @@ class TrainState:
 
 
 def new_state(cfg: TrainGenConfig) -> TrainState:
+    """A fresh run: random weights, or those of `cfg.init_from`."""
+    if cfg.init_from is not None:
+        from streamrt.models.train_gen_resample import init_state
+
+        return init_state(dataclasses.replace(cfg, init_from=None), cfg.init_from)
     transformer, text_encoder, codec = tiny_random_parts(
         VOCAB, cfg.text_len, codec="pixel", seed=cfg.seed, spatial=cfg.codec_spatial, **cfg.model
     )
@@ -350,7 +391,10 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
 def load_checkpoint(path: Path, cfg: TrainGenConfig | None = None) -> TrainState:
     """A state from `path`; `cfg` (e.g. more steps) replaces the saved config if given."""
     blob = read_checkpoint(path)
-    state = new_state(cfg or TrainGenConfig(**blob["config"]))
+    cfg = cfg or TrainGenConfig(**blob["config"])
+    # the saved weights replace any start: `init_from` is not read (it may be gone)
+    state = new_state(dataclasses.replace(cfg, init_from=None))
+    state.cfg = cfg
     state.transformer.load_state_dict(blob["transformer"])
     state.text_encoder.model.load_state_dict(blob["text"])
     state.optimizer.load_state_dict(blob["optimizer"])
@@ -376,11 +420,21 @@ def train_step(state: TrainState) -> float:
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step)
     for group in state.optimizer.param_groups:
         group["lr"] = lr_at(cfg, state.step, state.seconds)
+    # the regeneration of `resample_prob` runs the eager model: its batch sizes vary
     model = state.transformer if state.compiled is None else state.compiled
     done = progress(cfg, state.step, state.seconds)
     weight = cfg.object_weight + (cfg.object_weight_final - cfg.object_weight) * done
     loss = flow_matching_loss(
-        model, state.text_encoder, state.codec, frames, objects, captions, cfg, gen, weight
+        model,
+        state.text_encoder,
+        state.codec,
+        frames,
+        objects,
+        captions,
+        cfg,
+        gen,
+        weight,
+        sampler=state.transformer,
     )
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
