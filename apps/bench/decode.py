@@ -22,21 +22,29 @@ from streamrt.apps.bench import best_of
 PROMPT = "a red circle moving right on a dark background"
 
 
-def wan_vae_decode(chunks: int = 6, repeats: int = 3) -> dict[str, float]:
-    """ms per frame of both decodes and their largest difference."""
+def small_wan_vae(seed: int = 0) -> torch.nn.Module:
+    """diffusers' test-size `AutoencoderKLWan` (16 latent channels, 8x spatial and 4x
+    temporal compression), randomly initialised for `seed`."""
     from diffusers import AutoencoderKLWan
 
-    from streamrt.models.codec import WanVAECodec
-
     with torch.random.fork_rng():
-        torch.manual_seed(0)
-        stock = AutoencoderKLWan(
+        torch.manual_seed(seed)
+        return AutoencoderKLWan(
             base_dim=3,
             z_dim=16,
             dim_mult=[1, 1, 1, 1],
             num_res_blocks=1,
             temperal_downsample=[False, True, True],
         ).eval()
+
+
+def wan_vae_decode(chunks: int = 6, repeats: int = 3) -> dict[str, float]:
+    """ms per frame of both decodes and their largest difference."""
+    from streamrt.models.codec import WanVAECodec
+
+    stock = small_wan_vae(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
         codec = WanVAECodec(copy.deepcopy(stock))
         z = torch.randn(1, 16, 5 * chunks, 8, 8)
     frames = codec.decoded_frames(z.shape[2], first=True)

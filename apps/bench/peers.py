@@ -54,8 +54,7 @@ AIMS = {
 
 def tiny_parts(seed: int = 0):
     """The shared transformer, text encoder and VAE (deterministic for `seed`)."""
-    from diffusers import AutoencoderKLWan
-
+    from streamrt.apps.bench.decode import small_wan_vae
     from streamrt.models.generator_files import tiny_random_parts
     from streamrt.world import VOCAB
 
@@ -70,24 +69,23 @@ def tiny_parts(seed: int = 0):
         out_channels=16,
         patch_size=(1, 2, 2),
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKLWan(
-            base_dim=3,
-            z_dim=16,
-            dim_mult=[1, 1, 1, 1],
-            num_res_blocks=1,
-            temperal_downsample=[False, True, True],
-        ).eval()
-    return transformer, text, vae
+    return transformer, text, small_wan_vae(seed + 1)
 
 
-def _scheduler():
+def _components(text, transformer, vae) -> dict:
+    """A diffusers Wan-family pipeline's parts: the shared weights, Wan's UniPC scheduler."""
     from diffusers import UniPCMultistepScheduler
 
-    return UniPCMultistepScheduler(
+    scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0
     )
+    return {
+        "tokenizer": text.tokenizer,
+        "text_encoder": text.model,
+        "transformer": transformer,
+        "vae": vae,
+        "scheduler": scheduler,
+    }
 
 
 def _streamrt(parts, frames: int) -> tuple[float, float]:
@@ -133,23 +131,11 @@ def _peer(method: str, parts, frames: int) -> tuple[float, float]:
         generator=torch.Generator().manual_seed(0),
     )
     if method == "wan":
-        pipe = WanPipeline(
-            tokenizer=text.tokenizer,
-            text_encoder=text.model,
-            transformer=transformer,
-            vae=vae,
-            scheduler=_scheduler(),
-        )
+        pipe = WanPipeline(**_components(text, transformer, vae))
         run = lambda: pipe(prompt_embeds=embeds, **common)  # noqa: E731
     else:
         sky = _skyreels_transformer(transformer)
-        pipe = SkyReelsV2DiffusionForcingPipeline(
-            tokenizer=text.tokenizer,
-            text_encoder=text.model,
-            transformer=sky,
-            vae=vae,
-            scheduler=_scheduler(),
-        )
+        pipe = SkyReelsV2DiffusionForcingPipeline(**_components(text, sky, vae))
         asynchronous = method == "df async"
         run = lambda: pipe(  # noqa: E731
             None,

@@ -5,6 +5,7 @@ import argparse
 
 import pytest
 import torch
+from test_train_gen import TINY_MODEL, tiny_cfg
 
 from streamrt.errors import InputError
 from streamrt.models.text import TextEncoder
@@ -25,24 +26,7 @@ from streamrt.models.train_gen import (
 from streamrt.models.train_gen_resample import regenerate_context, resampled_inputs
 from streamrt.models.wan_checkpoints import load_wan_transformer
 
-TINY_MODEL = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 24, "ffn_dim": 32}
 PROMPT = "a red circle moving right on a dark background"
-
-
-def tiny_cfg(**overrides) -> TrainGenConfig:
-    base = {
-        "steps": 60,
-        "batch_size": 4,
-        "num_frames": 6,
-        "lr": 5e-3,
-        "warmup_steps": 5,
-        "model": TINY_MODEL,
-        "compile": False,
-        "threads": 1,
-        "log_every": 1000,
-        "checkpoint_every": 1000,
-    }
-    return TrainGenConfig(**{**base, **overrides})
 
 
 @pytest.fixture(scope="module")
