@@ -68,6 +68,7 @@ def tiny_parts(seed: int = 0):
         in_channels=16,
         out_channels=16,
         patch_size=(1, 2, 2),
+        rope_max_seq_len=1024,  # Wan's own: the whole-video peer holds 255 latent frames
     )
     return transformer, text, small_wan_vae(seed + 1)
 
