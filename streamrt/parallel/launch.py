@@ -111,6 +111,12 @@ def _pipeline_worker(
             dist.destroy_process_group()
 
 
+def _from_a_peer(message: str) -> bool:
+    """An error that only reports a peer going away: a timeout waiting on it
+    (`PipelineError`), or gloo's transport seeing its connection closed or reset."""
+    return "PipelineError" in message or "gloo/transport" in message
+
+
 def run_pipeline_local(
     fn: Callable, world: int, *args: Any, timeout: float = DEFAULT_TIMEOUT_S
 ) -> None:
@@ -145,7 +151,7 @@ def run_pipeline_local(
         while not errors.empty():
             failed.append(errors.get())
     if failed:
-        own = [f for f in failed if "PipelineError" not in f[1]] or failed
+        own = [f for f in failed if not _from_a_peer(f[1])] or failed
         rank, msg, tb = min(own)
         raise PipelineError(f"pipeline: rank {rank} failed: {msg}\n{tb}")
     bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
