@@ -125,6 +125,8 @@ class WanKeyRope:
         self.freqs = 1.0 / theta**exponent  # [t_dim / 2], float64
         self.half = (rope.t_dim + rope.h_dim + rope.w_dim) // 2
         self.rope = rope
+        self._hw: dict[tuple[int, int], torch.Tensor] = {}
+        """The height and width part of `at` per grid (the same every forward)."""
         probe = torch.arange(min(rope.max_seq_len, 64))
         cos, sin = wan_rope_cos_sin(rope, probe, 1, 1)
         table = wan_rope_rotation(*wan_rope_halves(cos, sin))[:, 0, : t_dim // 2].cpu()
@@ -143,8 +145,12 @@ class WanKeyRope:
         `[n * height * width, 1, head_dim / 2]`, frame-major; equal to
         `rotation(wan_rope_cos_sin(rope, frames, height, width))` inside the model's table."""
         n, t_half = frames.numel(), self.freqs.numel()
-        hw = wan_rope_cos_sin(self.rope, torch.zeros(1, dtype=torch.long), height, width)
-        hw = wan_rope_rotation(*wan_rope_halves(*hw))[:, 0, t_half:]  # [h * w, rest]
+        hw = self._hw.get((height, width))
+        if hw is None:
+            zero = torch.zeros(1, dtype=torch.long)
+            cos_sin = wan_rope_cos_sin(self.rope, zero, height, width)
+            hw = wan_rope_rotation(*wan_rope_halves(*cos_sin))[:, 0, t_half:]  # [h * w, rest]
+            self._hw[(height, width)] = hw
         ft = self._frame_part(frames).to(hw.device)
         return torch.cat(
             [ft[:, None].expand(n, height * width, t_half), hw[None].expand(n, -1, -1)], dim=-1

@@ -211,7 +211,7 @@ class PipelineRuntime:
             "bytes_sent_rank0": pipe.bytes_sent,
             "error": None if self.error is None else str(self.error),
             "streams": {i: self.stream_stats(i) for i in list(self.streams)},
-            "cache": pipe.engine.cache.stats() if hasattr(pipe.engine.cache, "stats") else {},
+            "cache": pipe.engine.cache.stats(),
         }
 
     def open_qa(self, *args, **kwargs):
