@@ -33,6 +33,8 @@ def print_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> N
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
     return str(value)

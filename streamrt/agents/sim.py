@@ -266,7 +266,12 @@ def simulate(
     config = config or SimConfig()
     clock = SimClock()
     engine = SimEngine(config, policy, clock, trace.vocab_size)
-    sampler = KVSampler(engine.manager, every_s=1.0, running=engine.running_sequences)
+    sampler = KVSampler(
+        engine.manager,
+        every_s=1.0,
+        running=engine.running_sequences,
+        waiting=lambda: len(engine.waiting),
+    )
     clock.listener = sampler.add
     pending = sorted(trace.programs, key=lambda s: s.arrival_s)
     runs = []

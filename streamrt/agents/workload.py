@@ -294,12 +294,19 @@ class KVSampler:
             KV a forward reads (idle KV of programs stalled on tools does not count);
             sampled every `every_s` (a scan of the running calls' blocks) when `running`
             (a callable giving the running calls' sequences) is given
+    contended  both, counted only while calls wait for a batch slot or memory (`waiting`,
+            a callable giving how many): how much of the pool serves running calls when
+            someone is kept out. Over the whole replay a policy that clears the queue
+            sooner spends more of it idle, so only the contended share compares policies
+            that run the same trace at different loads.
     """
 
-    def __init__(self, manager, every_s: float, running=None) -> None:
+    def __init__(self, manager, every_s: float, running=None, waiting=None) -> None:
         self.manager, self.every_s, self.running = manager, every_s, running
+        self.waiting = waiting
         self.weighted = self.total = self.t = 0.0
         self.active_weighted = self.active_total = 0.0
+        self.contended = {"held": 0.0, "active": 0.0, "s": 0.0}
         self.timeline: list[tuple[float, float]] = []
 
     def held(self) -> float:
@@ -319,6 +326,10 @@ class KVSampler:
         self.weighted += share * dt
         self.total += dt
         self.t += dt
+        if self.waiting is not None and self.waiting() > 0:
+            self.contended["held"] += share * dt
+            self.contended["active"] += self.active() * dt
+            self.contended["s"] += dt
         if not self.timeline or self.t - self.timeline[-1][0] >= self.every_s:
             since = self.t - self.timeline[-1][0] if self.timeline else self.t
             self.active_weighted += self.active() * since
@@ -332,6 +343,11 @@ class KVSampler:
     @property
     def active_mean(self) -> float:
         return self.active_weighted / self.active_total if self.active_total else 0.0
+
+    def contended_mean(self, which: str) -> float | None:
+        """Time-weighted `held` or `active` share while calls waited (None: none ever did)."""
+        s = self.contended["s"]
+        return self.contended[which] / s if s else None
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -359,6 +375,9 @@ def summarize(runs: list[tuple[ProgramSpec, object]], t0: float, engine, sampler
         "ttft_p95_s": _pct(ttft, 0.95),
         "kv_util": sampler.mean,
         "kv_active": sampler.active_mean,
+        "kv_held_contended": sampler.contended_mean("held"),
+        "kv_active_contended": sampler.contended_mean("active"),
+        "contended_s": sampler.contended["s"],
         "preempted": c["preempted"],
         "recomputed_tokens": c["recomputed_tokens"],
         "prefill_tokens": c["prefill_tokens"],

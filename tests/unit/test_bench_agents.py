@@ -9,7 +9,7 @@ import json
 import pytest
 
 from streamrt.agents.sim import CostModel, SimConfig, simulate
-from streamrt.agents.workload import SHAPES, Trace, make_trace
+from streamrt.agents.workload import SHAPES, KVSampler, Trace, make_trace
 from streamrt.apps.cli import main
 from streamrt.errors import InputError
 
@@ -148,3 +148,39 @@ def test_a_trace_replays_a_dag_of_agents_from_json():
     ends = {h.id: h.agent.calls[-1].done_s for h in handles}
     assert handles[2].agent.calls[-1].arrival >= ends[b.id]
     assert not engine.nodes
+
+
+def test_kv_sampler_counts_contended_shares_only_while_calls_wait():
+    class Pool:
+        num_blocks, num_free = 10, 10
+
+    class Manager:
+        def __init__(self):
+            self.pools = {"device": Pool()}
+
+    class Block:
+        def __init__(self, i):
+            self.block_id = i
+
+    class Seq:
+        def __init__(self, ids):
+            self.ids = ids
+
+        def blocks(self, tier):
+            return [Block(i) for i in self.ids]
+
+    queued, running = [0], [Seq([0, 1])]
+    sampler = KVSampler(Manager(), every_s=0.0, running=lambda: running, waiting=lambda: queued[0])
+    Pool.num_free = 6  # 4 held, 2 of them read by the batch
+    sampler.add(3.0)  # nobody waits: not contended
+    assert sampler.contended_mean("held") is None
+    queued[0] = 2
+    Pool.num_free = 2  # 8 held while calls wait, still 2 active
+    sampler.add(1.0)
+    Pool.num_free = 0
+    running[0] = Seq(list(range(5)))
+    sampler.add(1.0)
+    assert sampler.contended["s"] == 2.0
+    assert sampler.contended_mean("held") == pytest.approx((0.8 + 1.0) / 2)
+    assert sampler.contended_mean("active") == pytest.approx((0.2 + 0.5) / 2)
+    assert sampler.mean == pytest.approx((0.4 * 3 + 0.8 + 1.0) / 5)
