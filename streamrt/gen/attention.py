@@ -25,8 +25,12 @@ what one forward needs from a `ForwardContext` the sampler sets before calling t
     computed once per prompt (keyed per row by `ForwardContext.text_key`) and reused.
 
 Rows may belong to different streams (the runtime batches streams into one forward): each
-row has its own plan, positions, timesteps and prompt. Rows whose plans keep different
-numbers of tokens attend in one call over keys padded to the longest, with a mask.
+row has its own plan, positions, timesteps and prompt. Rows whose plans keep the same
+number of tokens attend in one call; rows keeping different numbers (the chunks of a stream
+batch, streams with windows of different sizes) attend in one call per distinct length,
+over exactly their keys: one padded call with a mask computed the padding too (SDPA's
+kernels do not skip masked keys), 2.5 ms against 1.6 for a stream batch's 4 rows keeping
+768/576/384/192 keys (one CPU thread, `q` 192 tokens, 4 heads of 32).
 
 Why processors read a context object: the Wan block passes `attention_mask=None` and
 RoPE counted from frame 0, and `attention_kwargs` never reaches processors.
@@ -98,8 +102,9 @@ class BatchLayout:
     """Pages each computed row attends to, padded `[rows, most kept blocks]`."""
     lengths: list[int]
     """Kept tokens per computed row."""
-    mask: torch.Tensor | None
-    """`[rows, 1, 1, keys]`, True on real keys; None when no row is padded."""
+    groups: list[tuple[slice | torch.Tensor, int]] | None
+    """Rows keeping the same number of tokens (a slice when they are adjacent) and that
+    number, one entry per distinct length; None when every row keeps the same number."""
     rope: torch.Tensor
     """Complex rotation of the queries and new keys `[rows, q_tokens, 1, head_dim / 2]`."""
     shift_ids: torch.Tensor | None
@@ -141,11 +146,12 @@ class BatchLayout:
                     shifts.append((n * most + j, moved))
         read_ids = torch.tensor([r + [r[0]] * (most - len(r)) for r in reads], device=device)
         lengths = [len(r) * spec.tokens_per_block for r in reads]
-        keys = most * spec.tokens_per_block
-        mask = None
-        if min(lengths) < keys:
-            kept = torch.tensor(lengths, device=device)[:, None]
-            mask = (torch.arange(keys, device=device)[None] < kept)[:, None, None, :]
+        groups = None
+        if min(lengths) < most * spec.tokens_per_block:
+            groups = [
+                (_rows([n for n, length in enumerate(lengths) if length == kept], device), kept)
+                for kept in sorted(set(lengths))
+            ]
         frames = torch.tensor(q_frames, dtype=torch.long)
         q_rope = keys_rope.at(frames.flatten(), h, w).to(device)
         shift_ids = shift = None
@@ -158,11 +164,18 @@ class BatchLayout:
             torch.tensor(write, device=device),
             read_ids,
             lengths,
-            mask,
+            groups,
             q_rope.view(len(ctx.rows), -1, 1, q_rope.shape[-1]),
             shift_ids,
             shift,
         )
+
+
+def _rows(rows: list[int], device: torch.device) -> slice | torch.Tensor:
+    """Row numbers as a slice when they are adjacent (a view, no copy), else an index."""
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows, device=device)
 
 
 def key_rope(rope: torch.nn.Module) -> WanKeyRope:
@@ -269,7 +282,12 @@ class StreamingSelfAttention:
         k = k.view(rows, -1, *block[1:])
         v = values.index_select(0, reads).view(table.dtype).to(query.dtype)
         v = v.view(rows, -1, *block[1:])
-        out = attend(query, k, v, mask=batch.mask)
+        if batch.groups is None:
+            out = attend(query, k, v)
+        else:  # one call per kept length, over exactly the kept keys (no padding computed)
+            out = query.new_empty(query.shape)
+            for rows_of, kept in batch.groups:
+                out[rows_of] = attend(query[rows_of], k[rows_of, :kept], v[rows_of, :kept])
         if ctx.scores is not None:
             importance = torch.einsum("bqhd,bkhd->bk", query.float(), k.float())
             ctx.scores[self.layer] = [s[:n] for s, n in zip(importance, batch.lengths)]
