@@ -87,9 +87,10 @@ def _shape_frame(shape, size=6, cx=32, cy=32, color="red", side=64):
 def test_contour_classifier_names_the_worlds_own_shapes():
     """Every colour x shape x background, a wrapping and a bouncing clip each: the classifier
     answers exactly on the frames where the shape lies wholly inside the frame, off its
-    border pixels, and names it right there (measured: 1.000 for each shape, answering on
-    59 % of wrap frames and 83 % of bounce frames; 300 random multi-object clips, where
-    other shapes cover parts: circle 1.000, square 0.957, triangle 0.979)."""
+    border pixels, and names it right there (measured here: 1.000 for each shape, answering
+    on 85 % of the frames, 73 % of the wrapping ones and 98 % of the bouncing ones; on 300
+    random clips of 1-3 objects, where shapes cover each other: circle 1.000, square 0.957,
+    triangle 0.979)."""
     frames = {s: 0 for s in SHAPES}
     answered = {s: 0 for s in SHAPES}
     right = {s: 0 for s in SHAPES}
@@ -109,7 +110,7 @@ def test_contour_classifier_names_the_worlds_own_shapes():
                 right[shape] += label == shape
     for shape in SHAPES:
         assert right[shape] / answered[shape] >= 0.95, (shape, right, answered)
-        assert answered[shape] / frames[shape] >= 0.4, (shape, answered, frames)
+        assert answered[shape] / frames[shape] >= 0.6, (shape, answered, frames)
 
 
 def test_contour_classifier_tells_shapes_apart_and_refuses_what_it_cannot_see():
