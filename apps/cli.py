@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen_b.add_argument("--json", type=new_file, metavar="PATH")
     q = bench_sub.add_parser(
-        "quality", help="long rollouts per cache policy: adherence, dynamics, drift, copying"
+        "quality",
+        help="long rollouts per cache policy: adherence, dynamics, drift, copying, shape",
     )
     q.add_argument("--model", default="assets/tiny-world")
     q.add_argument("--config", help="YAML preset")

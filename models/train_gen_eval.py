@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from streamrt.gen.schedule import even_timesteps
-from streamrt.metrics import adherence, color_mask
+from streamrt.metrics import adherence, color_mask, shape_share
 from streamrt.models.train_gen import TrainGenConfig, small_cache, world_config
 from streamrt.world import make_clip, parse_caption, render_background
 
@@ -55,6 +55,8 @@ def prompt_scores(frames: np.ndarray, caption: str, min_pixels: int = 12) -> dic
     speed: mean centroid step along the captioned axis, pixels per frame, signed.
     background: distance of the frames' mean colour from the captioned background's,
         mean over RGB, 0..1 (0: right brightness and tint; dark vs light is 0.8).
+    shape: share of the frames the contour classifier (`streamrt.metrics.classify_shapes`)
+        answers for its colour that show the captioned shape (0 if it answers on none).
     """
     description = parse_caption(caption)
     obj = description.objects[0]
@@ -78,6 +80,7 @@ def prompt_scores(frames: np.ndarray, caption: str, min_pixels: int = 12) -> dic
         "direction": float((steps > 0).mean()) if steps.size else 0.0,
         "speed": float(steps.mean()) if steps.size else 0.0,
         "background": float(np.abs(tint - background).mean() / 255.0),
+        "shape": shape_share(frames, obj.color, obj.shape),
     }
 
 

@@ -1,8 +1,8 @@
 """`streamrt bench quality`: long rollouts per cache policy, scored by streamrt.metrics.
 
 Rolls out 1x and 10x the training clip length for each policy of the seeds and reports
-adherence, dynamics, drift and first-frame copying (a table, `--json`, and a PNG over time).
-"""
+adherence, dynamics, drift, first-frame copying and shape recognition (a table, `--json`,
+and a PNG over time of all but shape)."""
 
 from __future__ import annotations
 
@@ -103,6 +103,7 @@ def bench_quality(args: argparse.Namespace) -> int:
         "late_dynamics",
         "drift",
         "copying",
+        "shape",
     ]
     print_table(f"bench quality: {args.model}, window {args.window} frames", rows, cols)
     if args.plot:

@@ -4,6 +4,7 @@
     dynamics   optical-flow magnitude over time (lost motion -> 0)
     drift      distance of a frame's colour statistics from the world's own frames
     copying    similarity of late frames to the first one (first-frame copying -> 1)
+    shape      the prompted colour's object is the prompted shape (contour classifier)
 
 All take uint8 RGB frames `[N, H, W, 3]`. Colours are matched to the world's palette.
 """
@@ -16,7 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from streamrt.world import COLORS, parse_caption
+from streamrt.world import COLORS, SHAPES, parse_caption
 
 _AXIS = {"right": (0, 1), "left": (0, -1), "down": (1, 1), "up": (1, -1)}
 
@@ -86,6 +87,87 @@ def adherence(frames: np.ndarray, caption: str, min_pixels: int = 20) -> dict[st
     return {"score": passed / len(desc.objects), "objects": objects}
 
 
+SHAPE_PROTOTYPES: dict[str, tuple[float, float]] = {
+    "circle": (np.pi / 4, np.pi / (3 * np.sqrt(3))),
+    "square": (1.0, 0.5),
+    "triangle": (0.5, 1.0),
+}
+"""Shape -> (extent, triangle fill) of the ideal continuous shape: a disc fills pi/4 of its
+bounding square and pi/(3 sqrt 3) of its smallest enclosing (equilateral) triangle; a
+square fills its rectangle and half its smallest triangle; a triangle fills half of its
+smallest rectangle and all of its triangle. Theory, not fitted to any frames."""
+
+
+def _shape_features(contour: np.ndarray) -> tuple[float, float]:
+    """(extent, triangle fill): contour area over its minimum-area rotated rectangle's, and
+    over its minimum enclosing triangle's (both rotation invariant)."""
+    area = cv2.contourArea(contour)
+    w, h = cv2.minAreaRect(contour)[1]
+    triangle, _ = cv2.minEnclosingTriangle(contour.astype(np.float32))
+    return area / max(w * h, 1e-6), area / max(triangle, 1e-6)
+
+
+def _nearest_shape(features: tuple[float, float]) -> str:
+    """The shape of `SHAPE_PROTOTYPES` nearest to `features` (Euclidean)."""
+    x = np.array(features)
+    return min(SHAPES, key=lambda s: float(np.linalg.norm(x - SHAPE_PROTOTYPES[s])))
+
+
+def classify_shapes(
+    frames: np.ndarray,
+    color: str,
+    tol: float = 60.0,
+    min_fraction: float = 0.005,
+    max_fraction: float = 0.25,
+) -> list[str | None]:
+    """Per frame: "circle", "square" or "triangle" for the largest blob of `color`, or None.
+
+    The colour mask (`color_mask`) of each frame `[T, H, W, 3]` is traced with
+    `cv2.findContours` (outer contours); the largest one by area decides. Two features of
+    it decide the label: its extent (area / minimum-area rectangle, rotation invariant;
+    1 for a square, pi/4 for a disc, 1/2 for a triangle) and its triangle fill (area /
+    `cv2.minEnclosingTriangle`; 1 for a triangle, about 0.6 for a disc, 1/2 for a square).
+    The label is the nearest ideal shape (`SHAPE_PROTOTYPES`) in that plane. Any blob of
+    a sensible size gets one of the three labels (a shapeless blob is mostly a "circle").
+
+    None when the largest contour is smaller than `min_fraction` or larger than
+    `max_fraction` of the frame (the world's shapes cover 1.2-5.5 % of it), or when its
+    bounding box touches the frame border (a shape partly off-screen, as in a wrapping
+    scene, would be misread). Deterministic: no randomness, no learned weights.
+    """
+    masks = color_mask(frames, color, tol).astype(np.uint8)
+    h, w = masks.shape[1:]
+    labels: list[str | None] = []
+    for m in masks:
+        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        if not contours:
+            labels.append(None)
+            continue
+        best = max(contours, key=cv2.contourArea)
+        x, y, bw, bh = cv2.boundingRect(best)
+        area = cv2.contourArea(best)
+        on_border = x == 0 or y == 0 or x + bw >= w or y + bh >= h
+        if on_border or not min_fraction * h * w <= area <= max_fraction * h * w:
+            labels.append(None)
+            continue
+        labels.append(_nearest_shape(_shape_features(best)))
+    return labels
+
+
+def shape_share(frames: np.ndarray, color: str, shape: str) -> float:
+    """Share of the frames `classify_shapes` answers for `color` that it labels `shape`;
+    0 when it answers on none (the colour absent, too small, too big, or always at the
+    border): the frames did not show the shape."""
+    seen = [s for s in classify_shapes(frames, color) if s is not None]
+    return float(np.mean([s == shape for s in seen])) if seen else 0.0
+
+
+def shape_match(frames: np.ndarray, caption: str) -> float:
+    """Mean over the caption's objects of `shape_share` of its colour and shape word."""
+    objects = parse_caption(caption).objects
+    return float(np.mean([shape_share(frames, o.color, o.shape) for o in objects]))
+
+
 def dynamics(frames: np.ndarray) -> np.ndarray:
     """Mean Farneback optical-flow magnitude (pixels/frame) between consecutive frames."""
     gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
@@ -122,7 +204,8 @@ def copying(frames: np.ndarray) -> np.ndarray:
 def summarize_rollout(
     frames: np.ndarray, caption: str, reference: np.ndarray, tail: float = 0.25
 ) -> dict[str, Any]:
-    """All four metrics; drift and copying are averaged over the last `tail` of the rollout."""
+    """All five metrics; drift and copying are averaged over the last `tail` of the rollout,
+    shape (`shape_match`) is over all frames."""
     n = max(2, int(len(frames) * tail))
     late = frames[-n:]
     dyn = dynamics(frames)
@@ -133,4 +216,5 @@ def summarize_rollout(
         "late_dynamics": float(dyn[-(n - 1) :].mean()),
         "drift": float(drift(late, reference).mean()),
         "copying": float(copying(frames)[-n:].mean()),
+        "shape": shape_match(frames, caption),
     }

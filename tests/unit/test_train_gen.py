@@ -234,6 +234,8 @@ def test_prompt_scores_see_colour_and_direction_of_a_world_clip():
     assert right["direction"] == 1.0 and right["speed"] > 0.5
     assert left["direction"] == 0.0
     assert blue["present"] == 0.0
+    assert right["shape"] == 1.0 and blue["shape"] == 0.0
+    assert prompt_scores(clip.frames, caption.replace("circle", "square"))["shape"] == 0.0
     noise = np.random.default_rng(0).integers(0, 256, (24, 64, 64, 3), dtype=np.uint8)
     assert prompt_scores(noise, caption)["present"] == 0.0  # specks are not a shape
 

@@ -219,6 +219,7 @@ def test_rollout_table_and_contact_sheet_of_an_export(exported, tmp_path):
     _, out = exported
     table = rollout_table(out, lengths=(3,), log=lambda _: None)
     assert set(table) == {3} and 0.0 <= table[3]["adherence"] <= 1.0
+    assert 0.0 <= table[3]["shape"] <= 1.0  # the contour classifier's column
     sheet = tmp_path / "sheet.png"
     contact_sheet({"a": out, "b": out}, sheet, runs=((PROMPT, 0),), num_frames=6, every=3)
     img = cv2.imread(str(sheet))
