@@ -56,6 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="noise levels LO,HI a context chunk is put back to before regeneration "
         "(default 0.3,0.9)",
     )
+    gen.add_argument(
+        "--edge-weight",
+        type=non_negative,
+        help="extra loss weight of the background ring around each object (default 0)",
+    )
     gen.add_argument("--no-compile", action="store_true", help="train without torch.compile")
     gen.add_argument("--tune", action="store_true", help="after training, sweep sampler settings")
     gen.add_argument(
@@ -192,6 +197,7 @@ def config_from(args: argparse.Namespace):
             init_from=args.init_from,
             resample_prob=args.resample_prob,
             resample_sigma=args.resample_sigma,
+            edge_weight=args.edge_weight,
         )
     )
     cfg.compile = not args.no_compile

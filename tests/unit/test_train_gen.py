@@ -1,5 +1,6 @@
 """`streamrt train gen`: the diffusion-forcing loop on tiny configs, and the shipped model."""
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -119,6 +120,39 @@ def test_object_masks_mark_exactly_the_shapes():
         # shapes are opaque palette colours on grey backgrounds: the union of the shapes
         assert np.array_equal(objects[i, 0].numpy() > 0, drawn)
         assert 0.01 < drawn.mean() < 0.2, drawn.mean()
+
+
+def test_edge_ring_is_the_background_around_each_shape():
+    objects = torch.zeros(1, 1, 2, 16, 16)
+    objects[0, 0, 0, 6:9, 6:9] = 1  # a 3x3 square in frame 0, nothing in frame 1
+    ring = train_gen.edge_ring(objects, 2)
+    assert ring[0, 0, 0].sum() == 7 * 7 - 3 * 3
+    assert ring[0, 0, 0, 4:11, 4:11].sum() == 40 and ring[0, 0, 0, 6:9, 6:9].sum() == 0
+    assert ring[0, 0, 1].sum() == 0  # frames are not mixed
+
+
+def test_edge_weight_weighs_the_silhouettes_outside_and_zero_is_the_old_loss():
+    from streamrt.models.codec import PixelCodec
+    from streamrt.models.generator_files import tiny_random_parts
+    from streamrt.world import VOCAB
+
+    cfg = tiny_cfg(batch_size=2, num_frames=3, object_weight=3.0)
+    transformer, text, _ = tiny_random_parts(VOCAB, codec="pixel", spatial=2, **TINY_MODEL)
+    codec = PixelCodec(spatial=2)
+    x, captions, objects = train_gen.sample_batch(cfg, 0)
+
+    def loss(**change):
+        c = dataclasses.replace(cfg, **change)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            return train_gen.flow_matching_loss(
+                transformer, text, codec, x, objects, captions, c, gen
+            ).item()
+
+    old = loss()
+    assert loss(edge_weight=0.0, edge_px=5) == old  # off: the loss is unchanged
+    assert loss(edge_weight=3.0) > old  # the ring now counts 4x
+    assert loss(edge_weight=3.0, edge_px=1) < loss(edge_weight=3.0, edge_px=4)  # wider ring
 
 
 def test_pixel_codec_downsamples_and_upsamples():
