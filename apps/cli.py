@@ -271,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agents_b.add_argument("--model", default=None, help="causal LM directory (default tiny-vqa)")
     agents_b.add_argument(
-        "--workload", choices=("tool-heavy", "fast-tools"), default="tool-heavy", help="trace shape"
+        "--workload",
+        choices=("tool-heavy", "fast-tools", "multi-agent"),
+        default="tool-heavy",
+        help="trace shape (multi-agent: teams of a lead and 3 workers, a DAG)",
     )
     agents_b.add_argument("--programs", type=count(1), default=24, help="real run programs (24)")
     agents_b.add_argument(

@@ -106,7 +106,7 @@ def run_real(trace, policy: str, lm, args: argparse.Namespace, prefill_rate: flo
     """Replay `trace` in real time on an `AgentEngine` with `policy` (the engine's clock)."""
     from streamrt.agents.engine import AgentEngine, lm_spec
     from streamrt.agents.kv import ToolDurations
-    from streamrt.agents.workload import KVSampler, summarize
+    from streamrt.agents.workload import KVSampler, due, summarize
     from streamrt.cache import CacheManager
 
     model, tokenizer = lm
@@ -127,8 +127,8 @@ def run_real(trace, policy: str, lm, args: argparse.Namespace, prefill_rate: flo
     engine.kv.durations = ToolDurations(cold_mean_s=trace.time_scale)
     engine.kv.queue_delay_s *= trace.time_scale
     engine.kv.prefill_tokens_per_s = prefill_rate
-    programs = [(spec, trace.program(spec)) for spec in trace.programs]
-    programs.sort(key=lambda p: p[0].arrival_s)
+    pending = sorted(trace.programs, key=lambda spec: spec.arrival_s)
+    programs = {spec.id: trace.program(spec) for spec in pending}  # built before the clock
     sampler = KVSampler(
         manager,
         every_s=0.05,
@@ -137,11 +137,11 @@ def run_real(trace, policy: str, lm, args: argparse.Namespace, prefill_rate: flo
     )
     runs, limit = [], args.limit_s
     t0 = last = time.monotonic()
-    while programs or engine.busy:
+    while pending or engine.busy:
         now = time.monotonic()
-        while programs and t0 + programs[0][0].arrival_s <= now:
-            spec, program = programs.pop(0)
-            runs.append((spec, engine.submit(program).agent))
+        for group in due(pending, now - t0):
+            handles = engine.submit_all([programs[spec.id] for spec in group])
+            runs += [(spec, h.agent) for spec, h in zip(group, handles)]
         stepped = engine.step()
         now = time.monotonic()
         sampler.add(now - last)
@@ -167,6 +167,7 @@ def run_shared(trace, policy: str, args: argparse.Namespace) -> dict:
     import threading
 
     from streamrt.agents.kv import ToolDurations
+    from streamrt.agents.workload import due
     from streamrt.runtime import Runtime
 
     rt = Runtime(
@@ -188,11 +189,13 @@ def run_shared(trace, policy: str, args: argparse.Namespace) -> dict:
         ]
         for r in readers:
             r.start()
-        programs = sorted(trace.programs, key=lambda s: s.arrival_s)
+        pending = sorted(trace.programs, key=lambda s: s.arrival_s)
         t0, handles = time.monotonic(), []
-        for spec in programs:
-            time.sleep(max(0.0, t0 + spec.arrival_s - time.monotonic()))
-            handles.append((spec, rt.agents.submit(trace.program(spec))))
+        while pending:
+            time.sleep(max(0.0, t0 + pending[0].arrival_s - time.monotonic()))
+            for group in due(pending, time.monotonic() - t0):
+                submitted = rt.agents.submit_all([trace.program(spec) for spec in group])
+                handles += list(zip(group, submitted))
         jct = []
         for spec, h in handles:
             h.result(timeout=args.limit_s)

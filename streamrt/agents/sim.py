@@ -261,7 +261,7 @@ def simulate(
 ) -> dict:
     """Replay `trace` (a `workload.Trace`) on a `SimEngine` under `policy`: the metrics of
     `workload.summarize`, in simulated seconds, plus the simulation's own counts."""
-    from streamrt.agents.workload import KVSampler, summarize
+    from streamrt.agents.workload import KVSampler, due, summarize
 
     config = config or SimConfig()
     clock = SimClock()
@@ -276,9 +276,9 @@ def simulate(
     pending = sorted(trace.programs, key=lambda s: s.arrival_s)
     runs = []
     for _ in range(max_events):
-        while pending and pending[0].arrival_s <= clock.now:
-            spec = pending.pop(0)
-            runs.append((spec, engine.submit(trace.program(spec)).agent))
+        for group in due(pending, clock.now):
+            handles = engine.submit_all([trace.program(spec) for spec in group])
+            runs += [(spec, h.agent) for spec, h in zip(group, handles)]
         if engine.step():
             continue
         if not pending and not engine.busy:

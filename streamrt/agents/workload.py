@@ -69,6 +69,12 @@ class Shape:
     """Mean programs per burst (geometric); 1: Poisson arrivals."""
     burst_window_s: float = 1.0
     """A burst's programs arrive within this window."""
+    team: int = 1
+    """Programs per team, arriving together as a DAG of agents (1: independent programs):
+    the first (the lead) names its first LLM call "plan"; every other member starts once
+    the plan has ended (its output joins their context) and names its last call "end";
+    the lead's last call waits for every member's "end" (their outputs join its context),
+    as a planner, its workers and the planner's summary do in multi-agent frameworks."""
 
 
 SWE_TOOLS = (
@@ -102,6 +108,17 @@ SHAPES: dict[str, Shape] = {
         rate_per_s=4.0,
         burst=8.0,
     ),
+    # tool-heavy's programs in teams of a lead and 3 workers (a DAG).
+    "multi-agent": Shape(
+        system_tokens=3000,
+        task_tokens=(300, 1200),
+        turns=(6, 24),
+        output_tokens=(20, 120),
+        tools=SWE_TOOLS,
+        rate_per_s=2.0,
+        burst=8.0,
+        team=4,
+    ),
 }
 
 
@@ -119,6 +136,9 @@ class ProgramSpec:
     task_tokens: int
     steps: list[dict]
     priority: int = 0
+    team: str | None = None
+    """Programs of one team reference each other's steps: they are submitted together
+    (`due`)."""
 
 
 @dataclass
@@ -257,6 +277,8 @@ def make_trace(
         if not steps or "tool" in steps[-1]:
             steps.append({"llm": scaled(shape.output_tokens)})
         specs.append(ProgramSpec(f"a{i}", round(arrival * time_scale, 6), task, steps))
+    if shape.team > 1:
+        _make_teams(specs, shape.team)
     return Trace(
         name,
         seed,
@@ -267,6 +289,33 @@ def make_trace(
         time_scale,
         meta=json.loads(json.dumps({"shape": asdict(shape)})),  # as it reads back
     )
+
+
+def _make_teams(specs: list[ProgramSpec], size: int) -> None:
+    """Consecutive programs form teams of `size` (`Shape.team`); members arrive with the lead."""
+    for start in range(0, len(specs), size):
+        lead, *members = specs[start : start + size]
+        lead.team = lead.id
+        if not members:
+            continue
+        lead.steps[0]["id"] = "plan"
+        for m in members:
+            m.team, m.arrival_s = lead.id, lead.arrival_s
+            m.steps[0]["after"] = [f"{lead.id}/plan"]
+            m.steps[-1]["id"] = "end"
+        if len(lead.steps) == 1:  # a lone call plans; a second one sums up
+            lead.steps.append({"llm": lead.steps[0]["llm"]})
+        lead.steps[-1]["after"] = [f"{m.id}/end" for m in members]
+
+
+def due(pending: list[ProgramSpec], now: float) -> list[list[ProgramSpec]]:
+    """Pop the specs of `pending` (sorted by arrival) that have arrived by `now`, grouped
+    into what is submitted together (`AgentEngine.submit_all`): a team, or one program."""
+    groups: dict[str, list[ProgramSpec]] = {}
+    while pending and pending[0].arrival_s <= now:
+        spec = pending.pop(0)
+        groups.setdefault(spec.team or spec.id, []).append(spec)
+    return list(groups.values())
 
 
 def _bursty_arrivals(rng: random.Random, n: int, shape: Shape) -> list[float]:

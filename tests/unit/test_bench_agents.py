@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import pytest
 
+from streamrt.agents import workload
 from streamrt.agents.sim import CostModel, SimConfig, simulate
 from streamrt.agents.workload import SHAPES, KVSampler, Trace, make_trace
 from streamrt.apps.cli import main
@@ -184,3 +186,33 @@ def test_kv_sampler_counts_contended_shares_only_while_calls_wait():
     assert sampler.contended_mean("held") == pytest.approx((0.8 + 1.0) / 2)
     assert sampler.contended_mean("active") == pytest.approx((0.2 + 0.5) / 2)
     assert sampler.mean == pytest.approx((0.4 * 3 + 0.8 + 1.0) / 5)
+
+
+def test_multi_agent_workload_is_teams_of_a_lead_and_workers_submitted_together():
+    trace = make_trace("multi-agent", 10, seed=3, token_scale=0.01, time_scale=0.01)
+    again = Trace.from_json(trace.to_json())
+    assert [p.team for p in again.programs] == ["a0"] * 4 + ["a4"] * 4 + ["a8"] * 2
+    lead, *workers = again.programs[:4]
+    assert lead.steps[0]["id"] == "plan"
+    assert lead.steps[-1]["after"] == [f"{w.id}/end" for w in workers]
+    for w in workers:
+        assert w.arrival_s == lead.arrival_s
+        assert w.steps[0]["after"] == ["a0/plan"] and w.steps[-1]["id"] == "end"
+    pending = sorted(again.programs, key=lambda s: s.arrival_s)
+    groups = workload.due(pending, math.inf)
+    assert sorted(len(g) for g in groups) == [2, 4, 4] and not pending
+    # run on the simulated engine: every lead sums up after its workers' last calls
+    from streamrt.agents.sim import SimClock, SimEngine
+
+    clock = SimClock()
+    engine = SimEngine(SimConfig(device_kv_bytes=2**30), "offload", clock, again.vocab_size)
+    handles = [h for g in groups for h in engine.submit_all([again.program(s) for s in g])]
+    while engine.busy:
+        if not engine.step():
+            clock.advance_to(min(engine.next_event(), clock.now + 0.01))
+    ended = {h.id: h.agent.calls[-1].done_s for h in handles}
+    for h in handles:
+        team = [s for s in again.programs if s.team == h.id and s.id != h.id]
+        assert all(h.agent.calls[-1].arrival >= ended[s.id] for s in team)
+    result = simulate(again, "ttl", SMALL_GPU)
+    assert result["finished"] == result["programs"] == 10
