@@ -38,6 +38,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,12 +66,17 @@ from streamrt.cache import CacheManager
 from streamrt.cache.block import DEVICE
 from streamrt.cache.errors import OutOfBlocksError
 from streamrt.cache.hashing import hash_block_tokens
+from streamrt.cache.process import is_process_cache, join_or_own, process_cache
 from streamrt.errors import InputError, UnknownNameError
 
 logger = logging.getLogger(__name__)
 CONSUMER = "agents"
 POLICIES = ("baseline", "ttl", "offload")
 """KV policies across tool calls; each composes with TokenCake's reserve as "<policy>+reserve"."""
+
+
+def _release(manager: CacheManager, agents: dict, consumer: str) -> None:
+    manager.release_later(list(agents.values()), consumer)
 
 
 # ---------------------------------------------------------------------- the engine
@@ -81,7 +87,8 @@ class AgentEngine(Admission, ProgramSteps):
 
     Args:
         model, tokenizer: A transformers causal LM (and its tokenizer, for text prompts).
-        manager: The cache manager (the runtime's `rt.cache`); None: a private one.
+        manager: The cache manager (the runtime's `rt.cache`); None: the process's
+            (`streamrt.cache.process`).
         policy: "baseline", "ttl" or "offload" (module docstring).
         max_batch: Running calls at most.
         step_tokens: Tokens per forward at most (decode rows first, then prefill chunks).
@@ -114,15 +121,26 @@ class AgentEngine(Admission, ProgramSteps):
         self.max_batch, self.step_tokens = max_batch, step_tokens
         self.clock = clock
         self.spec = lm_spec(model, tokens_per_block)
-        if manager is None:
-            manager = CacheManager(
-                device_bytes=self.spec.block_bytes * 256, host_bytes=self.spec.block_bytes * 256
+        if manager is None:  # the process's; its own where those pages are in use
+            device = next(model.parameters()).device
+            manager, consumer = join_or_own(
+                process_cache(device),
+                consumer,
+                self.spec,
+                lambda: CacheManager(
+                    device_bytes=self.spec.block_bytes * 256,
+                    host_bytes=self.spec.block_bytes * 256,
+                    device=str(device),
+                ),
+                f"an agent LM with {self.spec.block_bytes}-byte KV blocks",
             )
-        self.manager = manager
-        if consumer not in manager.consumers:
+        elif consumer not in manager.consumers:
             manager.register(consumer, self.spec)
+        self.manager = manager
         self.consumer = consumer
         self.kv = AgentKV(manager, consumer, clock=clock)
+        if is_process_cache(manager):  # an engine dropped unclosed gives its blocks back
+            weakref.finalize(self, _release, manager, self.kv.agents, consumer)
         self.eos = set()
         for source in (getattr(model, "generation_config", None), model.config, tokenizer):
             eos = getattr(source, "eos_token_id", None)

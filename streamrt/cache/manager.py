@@ -70,6 +70,8 @@ class CacheManager(TierMoves):
         self._lock = threading.RLock()
         self._tick = itertools.count(1)
         self._seq_ids = itertools.count()
+        self._orphans: list[Sequence | str] = []
+        """Sequences whose owner was garbage-collected (`release_later`)."""
 
     # ------------------------------------------------------------------ consumers
 
@@ -85,6 +87,7 @@ class CacheManager(TierMoves):
         """Register a consumer. Raises `BudgetError` if a budget or quota cannot hold one block."""
         _check_name("consumer", name)
         with self._lock:
+            self._close_orphans()
             if name in self.consumers:
                 raise InputError(f"consumer {name!r} is already registered")
             quotas = dict(quotas or {})
@@ -111,7 +114,13 @@ class CacheManager(TierMoves):
             return consumer
 
     def _page_for(self, spec: KVSpec) -> int:
-        """Page size this spec will occupy; fixes the page size once a pool exists."""
+        """Page size this spec will occupy; fixes the page size once a pool exists. A
+        larger block re-sizes the pages while no block is in use (the pools are dropped
+        and allocated again at the next allocation; cached prefixes are forgotten)."""
+        if self.pools and spec.block_bytes > self.page_bytes and self._idle():
+            self.pools = {}
+            self.page_bytes = int(self.config.page_bytes)
+            self.counters["repaged"] += 1
         if self.pools:
             if spec.block_bytes > self.page_bytes:
                 raise BudgetError(
@@ -122,6 +131,10 @@ class CacheManager(TierMoves):
             return self.page_bytes
         largest = max([spec.block_bytes] + [c.spec.block_bytes for c in self.consumers.values()])
         return max(self.page_bytes, -(-largest // _PAGE_ALIGN) * _PAGE_ALIGN)
+
+    def _idle(self) -> bool:
+        """No block of any pool is referenced (cached, unreferenced ones may be)."""
+        return all(pool.num_free == pool.num_blocks for pool in self.pools.values())
 
     def _pool(self, tier: str) -> BlockPool:
         pool = self.pools.get(tier)
@@ -153,6 +166,7 @@ class CacheManager(TierMoves):
         process (same consumer name and `seq_id`) are put back in its table, on disk.
         """
         with self._lock:
+            self._close_orphans()
             c = self._consumer(consumer)
             seq_id = seq_id or f"s{next(self._seq_ids)}"
             _check_name("sequence", seq_id)
@@ -177,6 +191,35 @@ class CacheManager(TierMoves):
                     self._release(seq.consumer, block, keep_file=keep_disk)
             seq.closed = True
             self.sequences.pop((seq.consumer.name, seq.seq_id), None)
+
+    def release_later(self, seqs: list[Sequence], consumer: str | None = None) -> None:
+        """Close `seqs` (and unregister `consumer` if it then has no sequence) at the
+        manager's next `open_sequence` or `register`: for a finalizer of their owner (a
+        stream or model dropped without `close()`), which may run inside another manager
+        call, where closing at once would change state mid-call."""
+        self._orphans.extend(seqs)  # list.extend is atomic: no lock taken in a finalizer
+        if consumer is not None:
+            self._orphans.append(consumer)
+
+    def _close_orphans(self) -> None:
+        while self._orphans:
+            item = self._orphans.pop(0)  # in order: a consumer after its sequences
+            if isinstance(item, str):
+                if not any(name == item for name, _ in self.sequences):
+                    self.unregister(item)
+            elif not item.closed:
+                self.close_sequence(item)
+
+    def unregister(self, name: str) -> None:
+        """Forget a consumer that has no open sequence (its cached blocks are dropped)."""
+        with self._lock:
+            consumer = self._consumer(name)
+            if any(c == name for c, _ in self.sequences):
+                raise InputError(f"consumer {name!r} still has open sequences: close them first")
+            for pool in self.pools.values():
+                for key in [k for k in pool.cached if k[0] == name]:
+                    pool._drop_hash(pool.cached[key])
+            del self.consumers[consumer.name]
 
     def _consumer(self, consumer: str | Consumer) -> Consumer:
         name = consumer.name if isinstance(consumer, Consumer) else consumer

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import weakref
 from collections.abc import Collection
 from typing import Any
 
 import torch
 
 from streamrt.cache import CacheManager, KVSpec, Sequence
+from streamrt.cache.process import is_process_cache, join_or_own, process_cache, unique_id
 from streamrt.config import CacheConfig, GenConfig
 from streamrt.devices import resolve_device
 from streamrt.errors import InputError
@@ -26,8 +27,6 @@ class GenEngine:
     Several streams share one engine; each stream owns its sequences in the cache. Forward
     calls are serialised by a lock (the processors read one context at a time).
     """
-
-    consumer = "gen"
 
     def __init__(
         self,
@@ -46,9 +45,10 @@ class GenEngine:
             codec: Latent <-> pixel codec (`streamrt.models.codec`).
             config: The requested settings; `self.config` holds them with the policy's
                 window sized for the sampler (`streamrt.gen.settings.fit_window`).
-            cache: A cache manager to share; None: one built from `cache_config`.
-            cache_config: Budgets of the engine's own cache manager (a preset's `cache:`
-                section); None: `CacheConfig()` defaults. Its device defaults to the model's.
+            cache: A cache manager to share (a `Runtime`'s); None: the process's
+                (`streamrt.cache.process`), or one of its own with `cache_config`.
+            cache_config: Budgets of an engine's own cache manager (a preset's `cache:`
+                section); its device defaults to the model's.
             given_policy_args: The policy arguments the user set (never resized); None:
                 every key of `config.policy_args`.
         """
@@ -78,15 +78,17 @@ class GenEngine:
             1,
             self.dtype if config.kv_dtype == "auto" else config.kv_dtype,
         )
-        if cache is None:
-            cache_config = cache_config or CacheConfig()
-            if cache_config.device is None:
-                cache_config = dataclasses.replace(cache_config, device=str(self.device))
-            cache = CacheManager(cache_config)
+        if cache is None and cache_config is None:
+            cache = process_cache(self.device)
+        elif cache is None:
+            cache = CacheManager(self._own_config(cache_config))
         self.cache = cache
+        """The cache manager of this engine's streams (set for good at the first stream:
+        the process's may be swapped for a private one then, `join_or_own`)."""
+        self.consumer: str | None = None
+        """This engine's consumer of `cache` (one KV layout: one resolution)."""
         self.lock = self.state.lock
         self._prompts: dict[str, torch.Tensor] = {}
-        self._stream_ids = itertools.count()
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """`(channels, h, w)` of a latent frame for a `height` x `width` video."""
@@ -116,12 +118,29 @@ class GenEngine:
             )
         return c, height // self.codec.spatial, width // self.codec.spatial
 
+    def _own_config(self, config: CacheConfig | None = None) -> CacheConfig:
+        config = config or CacheConfig()
+        if config.device is None:
+            config = dataclasses.replace(config, device=str(self.device))
+        return config
+
     def _ensure_consumer(self, tokens_per_frame: int) -> None:
         spec = dataclasses.replace(self.spec, tokens_per_block=tokens_per_frame)
-        existing = self.cache.consumers.get(self.consumer)
-        if existing is None:
-            self.cache.register(self.consumer, spec, priority=10, offload=False)
-        elif existing.spec != spec:
+        if self.consumer is None:
+            self.cache, self.consumer = join_or_own(
+                self.cache,
+                "gen",
+                spec,
+                lambda: CacheManager(self._own_config()),
+                f"a generator with {spec.block_bytes}-byte KV blocks",
+                priority=10,
+                offload=False,
+            )
+            if is_process_cache(self.cache):  # the consumer goes when the engine does
+                weakref.finalize(self, self.cache.release_later, [], self.consumer)
+            return
+        existing = self.cache.consumers[self.consumer]
+        if existing.spec != spec:
             raise InputError(
                 "every stream of one engine must use the same resolution (tokens per frame "
                 f"{existing.spec.tokens_per_block}, got {tokens_per_frame})"
@@ -169,4 +188,4 @@ class GenEngine:
                 f"store its KV as {cfg.kv_dtype}; set it in the engine's config"
             )
         with self.lock:
-            return GenStream(self, f"g{next(self._stream_ids)}", prompt, cfg)
+            return GenStream(self, unique_id("g"), prompt, cfg)

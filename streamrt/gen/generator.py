@@ -60,8 +60,10 @@ class StreamGenerator:
             config: Optional YAML preset (e.g. configs/wan-1.3b-self-forcing.yaml): every
                 key of its `gen:` section overrides the directory's setting, its `cache:`
                 section sets the cache budgets.
-            cache: Cache budgets, overriding the preset's (default: `CacheConfig()` on the
-                model's device).
+            cache: Cache budgets of a manager of its own, overriding the preset's; with
+                neither, the generator's streams share the process's cache manager with
+                every other model of the process opened without a manager
+                (`streamrt.cache.process`).
             checkpoint: Causal generator weights replacing the directory's transformer
                 (Self-Forcing / CausVid / Rolling / Reward Forcing / StreamDiffusionV2 `.pt`).
             manager: A cache manager to share (a `streamrt.runtime.Runtime`'s); None: the
@@ -188,7 +190,8 @@ def _settings(
     if config is not None:
         preset, keys = read_preset(config)
         base, given = apply_changes(base, given, keys.get("gen", {}))
-        cache = cache or preset.cache
+        if "cache" in keys:  # budgets of its own; without them, the process's manager
+            cache = cache or preset.cache
     base, given = apply_changes(base, given, overrides)
     return base, given, cache
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -108,6 +109,9 @@ class GenStream:
         except Exception:
             self.close()
             raise
+        # A stream dropped without close() gives its blocks back (at the manager's next
+        # open or register: a finalizer may run inside a manager call).
+        self._finalizer = weakref.finalize(self, engine.cache.release_later, self.seqs)
         self.sampler = make_sampler(config.sampler, self)
         self.decoder = engine.codec.decoder()
         self.source: Callable[[], tuple[torch.Tensor, list[float], torch.Tensor]] | None = None
@@ -307,5 +311,7 @@ class GenStream:
         self.stats["frames"] += frames
 
     def close(self) -> None:
+        if hasattr(self, "_finalizer"):
+            self._finalizer.detach()
         for seq in self.seqs:
             self.engine.cache.close_sequence(seq)

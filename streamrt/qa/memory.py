@@ -98,6 +98,7 @@ class QAMemory:
         window_frames: Frames a new frame attends to (itself included) after the sink.
         fingerprint: Model facts a restored memory must match.
         index_dir: Where the index lives (None: not persistent).
+        consumer: The manager's consumer of the session (registered if new).
     """
 
     def __init__(
@@ -110,17 +111,19 @@ class QAMemory:
         window_frames: int,
         fingerprint: dict[str, Any],
         index_dir: Path | None,
+        consumer: str = CONSUMER,
     ) -> None:
         self.manager = manager
         self.spec = spec
         self.sink_tokens = list(sink_tokens)
         self.num_sink = -(-len(sink_tokens) // spec.tokens_per_block)
         self.fingerprint = {**fingerprint, "sink_tokens": self.sink_tokens}
-        consumer = manager.consumers.get(CONSUMER)
+        name = consumer
+        consumer = manager.consumers.get(name)
         if consumer is None:
-            consumer = manager.register(CONSUMER, spec)
+            consumer = manager.register(name, spec)
         else:
-            spec.check_compatible(consumer.spec, f"consumer {CONSUMER!r} already registered")
+            spec.check_compatible(consumer.spec, f"consumer {name!r} already registered")
         self.index_path = None if index_dir is None else index_dir / f"{session}.index.pt"
         persistent = self.index_path is not None and manager.disk is not None
         policy = SinkWindowPolicy(sink_blocks=self.num_sink, window_blocks=window_frames)

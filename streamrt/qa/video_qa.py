@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import weakref
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -25,13 +26,14 @@ from typing import Any
 import torch
 
 from streamrt.cache import CacheError, CacheManager, DiskTierError, KVSpec
+from streamrt.cache.process import is_process_cache, join_or_own, process_cache, unique_id
 from streamrt.cache.sequence import AttentionPlan
 from streamrt.config import CacheConfig, QAConfig
 from streamrt.errors import InputError
 from streamrt.qa import retrieval
 from streamrt.qa.context import PlannedCache, capture
 from streamrt.qa.inputs import check_frames, unknown_words
-from streamrt.qa.memory import QAMemory
+from streamrt.qa.memory import CONSUMER, QAMemory
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,14 @@ class Answer:
         )
 
 
+def _default_budgets(cfg: QAConfig) -> bool:
+    """No budget of the session's own was asked for (`QAConfig`'s are its defaults)."""
+    default = QAConfig()
+    return all(
+        getattr(cfg, k) == getattr(default, k) for k in ("device_bytes", "host_bytes", "disk_bytes")
+    )
+
+
 class VideoQA:
     """A streaming video QA session on one Video-LLM and one cache manager.
 
@@ -74,7 +84,9 @@ class VideoQA:
         tokenizer: The model's tokenizer.
         config: Session settings.
         memory_dir: Directory for the disk tier and the session index (None: in memory only).
-        manager: A shared cache manager; by default the session makes its own.
+        manager: A shared cache manager (a `Runtime`'s). None: the process's
+            (`streamrt.cache.process`), unless the session has a `memory_dir` or budgets of
+            its own (`QAConfig.device_bytes`, ...): then a manager of its own.
     """
 
     def __init__(
@@ -109,24 +121,42 @@ class VideoQA:
                 "memory_dir needs a disk tier, but the shared cache manager has none: set its "
                 "cache.disk_dir, or let the session make its own manager"
             )
-        self.manager = manager or CacheManager(
-            CacheConfig(
-                device_bytes=cfg.device_bytes,
-                host_bytes=cfg.host_bytes,
-                disk_bytes=cfg.disk_bytes,
-                disk_dir=None if self.memory_dir is None else str(self.memory_dir / "blocks"),
-                device=str(adapter.device),
+
+        def own() -> CacheManager:
+            return CacheManager(
+                CacheConfig(
+                    device_bytes=cfg.device_bytes,
+                    host_bytes=cfg.host_bytes,
+                    disk_bytes=cfg.disk_bytes,
+                    disk_dir=None if self.memory_dir is None else str(self.memory_dir / "blocks"),
+                    device=str(adapter.device),
+                )
             )
-        )
+
+        spec, session, consumer = kv_spec(adapter), cfg.session, CONSUMER
+        if manager is None and self.memory_dir is None and _default_budgets(cfg):
+            manager, consumer = join_or_own(
+                process_cache(adapter.device),
+                CONSUMER,
+                spec,
+                own,
+                f"a Video-LLM with {spec.block_bytes}-byte KV blocks",
+                share=True,
+            )
+            session = unique_id(f"{cfg.session}-")  # other sessions share the consumer
+        self.manager = manager or own()
         self.memory = QAMemory(
             self.manager,
-            kv_spec(adapter),
-            session=cfg.session,
+            spec,
+            consumer=consumer,
+            session=session,
             sink_tokens=self._tokenize(cfg.system_prompt) if cfg.system_prompt else [],
             window_frames=cfg.window_frames,
             fingerprint=adapter.fingerprint(),
             index_dir=self.memory_dir,
         )
+        if is_process_cache(self.manager):  # a session dropped unclosed gives its blocks back
+            weakref.finalize(self, self.manager.release_later, [self.memory.seq])
         self._lock = threading.RLock()
         self._questions = 0
         self._last_latency: float | None = None
