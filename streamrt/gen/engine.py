@@ -146,6 +146,10 @@ class GenEngine:
                 f"{existing.spec.tokens_per_block}, got {tokens_per_frame})"
             )
 
+    def sequences(self) -> list[Sequence]:
+        """The open KV sequences of this engine's streams (the manager may hold others')."""
+        return [seq for (name, _), seq in self.cache.sequences.items() if name == self.consumer]
+
     def register_consumer(self, config: GenConfig) -> None:
         """Register the engine's cache consumer for `config`'s resolution (if not yet)."""
         _c, h, w = self.latent_shape(config.height, config.width)

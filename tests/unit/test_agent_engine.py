@@ -117,7 +117,7 @@ def test_programs_with_tool_calls_give_the_same_outputs_under_every_policy(lm, p
     # ttl frees (Continuum), offload moves the KV to the host (TokenCake)
     expected = {"baseline": set(), "ttl": {"pin", "free"}, "offload": {"pin", "offload"}}
     assert set(actions) == expected[policy]
-    assert not e.agents and e.manager.stats()["consumers"]["agents"]["device"]["blocks"] == 0
+    assert not e.agents and e.manager.stats()["consumers"][e.consumer]["device"]["blocks"] == 0
     e.manager.check_invariants()
 
 

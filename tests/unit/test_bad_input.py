@@ -452,7 +452,7 @@ def test_a_failing_stream_leaves_another_on_the_same_generator_undisturbed(parts
     assert b.prompt == "a blue square moving up on a light background"
     b.next_frames()  # the stream whose prompt was refused keeps going
     gen.engine.cache.check_invariants()
-    assert len(gen.engine.cache.sequences) == 2  # the failed streams gave their blocks back
+    assert len(gen.engine.sequences()) == 2  # the failed streams gave their blocks back
 
 
 def test_non_finite_weights_fail_at_the_first_chunk_not_as_a_black_video():
@@ -464,7 +464,7 @@ def test_non_finite_weights_fail_at_the_first_chunk_not_as_a_black_video():
     gen = StreamGenerator(GenEngine(transformer, text, codec, GenConfig(**SMALL)))
     with pytest.raises(NonFiniteError, match="NaN/inf latents in its first chunk"):
         next(gen.stream(PROMPT, num_frames=3))
-    assert gen.engine.cache.sequences == {}  # the failed stream was closed
+    assert gen.engine.sequences() == []  # the failed stream was closed
 
 
 def test_non_finite_vae_weights_fail_at_the_first_frames():

@@ -148,7 +148,7 @@ def test_a_window_too_small_for_a_stream_override_is_refused():
     )
     with pytest.raises(InputError, match="window_blocks=9 is too small for the rolling"):
         next(gen.stream(PROMPT, sampler="rolling"))
-    assert not gen.engine.cache.sequences  # nothing left open
+    assert not gen.engine.sequences()  # nothing left open
 
 
 def test_cli_refuses_a_small_window_in_one_line(tmp_path, capsys):

@@ -127,7 +127,7 @@ def test_long_stream_keeps_cache_memory_and_positions_bounded(parts):
     used = set()
     for _ in range(1000):  # 10,000 frames
         stream.next_latents()
-        used.add(gen.engine.cache.stats()["tiers"]["device"]["used_blocks"])
+        used.add(gen.engine.cache.stats()["consumers"][gen.engine.consumer]["device"]["blocks"])
     plan = stream.seqs[0].plan()
     assert used == {10, 20}  # first chunk, then the full window forever
     assert plan.query_start <= 20 * stream.tokens_per_frame
