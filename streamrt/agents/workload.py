@@ -22,6 +22,7 @@ within a second; test runs and builds make a long tail of tens of seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -108,18 +109,9 @@ SHAPES: dict[str, Shape] = {
         rate_per_s=4.0,
         burst=8.0,
     ),
-    # tool-heavy's programs in teams of a lead and 3 workers (a DAG).
-    "multi-agent": Shape(
-        system_tokens=3000,
-        task_tokens=(300, 1200),
-        turns=(6, 24),
-        output_tokens=(20, 120),
-        tools=SWE_TOOLS,
-        rate_per_s=2.0,
-        burst=8.0,
-        team=4,
-    ),
 }
+SHAPES["multi-agent"] = dataclasses.replace(SHAPES["tool-heavy"], team=4)
+"""tool-heavy's programs in teams of a lead and 3 workers (a DAG)."""
 
 
 @dataclass
