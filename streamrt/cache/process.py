@@ -55,7 +55,10 @@ def configure_process_cache(config: CacheConfig) -> None:
 
 def process_cache(device: torch.device | str) -> CacheManager:
     """The process's cache manager on `device`, built at the first call for it."""
-    key = str(torch.device(device))
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:  # "cuda" and "cuda:0" are one card
+        dev = torch.device("cuda", torch.cuda.current_device())
+    key = str(dev)
     with _lock:
         manager = _managers.get(key)
         if manager is None:
