@@ -61,6 +61,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=non_negative,
         help="extra loss weight of the background ring around each object (default 0)",
     )
+    gen.add_argument(
+        "--shape-weight",
+        type=non_negative,
+        help="extra loss weight of the pixels that tell the object's shape from the others "
+        "(default 0)",
+    )
     gen.add_argument("--no-compile", action="store_true", help="train without torch.compile")
     gen.add_argument("--tune", action="store_true", help="after training, sweep sampler settings")
     gen.add_argument(
@@ -198,6 +204,7 @@ def config_from(args: argparse.Namespace):
             resample_prob=args.resample_prob,
             resample_sigma=args.resample_sigma,
             edge_weight=args.edge_weight,
+            shape_weight=args.shape_weight,
         )
     )
     cfg.compile = not args.no_compile

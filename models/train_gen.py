@@ -50,6 +50,7 @@ from streamrt.errors import InputError
 from streamrt.gen.noise import DriftingNoise
 from streamrt.gen.schedule import even_timesteps
 from streamrt.models.generator_files import tiny_random_parts
+from streamrt.models.train_gen_masks import loss_weight, shape_difference
 from streamrt.models.train_schedule import (
     RunSchedule,
     lr_at,
@@ -109,6 +110,11 @@ class TrainGenConfig(RunSchedule):
 
     edge_px: int = 3
     """Width of that ring in pixels."""
+
+    shape_weight: float = 0.0
+    """Extra loss weight of the pixels where an object's shape differs from the other
+    shapes of its size at its place (`train_gen_masks.shape_difference`): the pixels that
+    tell a circle, a square and a triangle apart."""
 
     progressive_prob: float = 0.0
     """Chance that a noisy chunk gets frame-wise rising noise levels instead of one level:
@@ -221,8 +227,9 @@ def world_config(cfg: TrainGenConfig) -> WorldConfig:
 
 
 def sample_batch(cfg: TrainGenConfig, step: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """Clips of step `step`: frames `[B, 3, F, 64, 64]` in [-1, 1], captions, and object
-    masks `[B, 1, F, 64, 64]` (1 where a pixel shows a palette colour, i.e. an object).
+    """Clips of step `step`: frames `[B, 3, F, 64, 64]` in [-1, 1], captions, and masks
+    `[B, 2, F, 64, 64]`: objects (1 where a pixel shows a palette colour) and, with
+    `cfg.shape_weight`, where their shapes differ from the other shapes (else 0).
 
     Seeds depend only on (`cfg.seed`, `step`), so a resumed run sees the same data.
     """
@@ -233,18 +240,15 @@ def sample_batch(cfg: TrainGenConfig, step: int) -> tuple[torch.Tensor, list[str
     for seed in rng.integers(0, 2**31, size=cfg.batch_size):
         clip = make_clip(int(seed), cfg.num_frames, world)
         frames.append(torch.from_numpy(clip.frames))
-        objects.append(torch.from_numpy(np.isin(_pack(clip.frames), palette)))
+        mask = np.isin(_pack(clip.frames), palette)
+        differ = np.zeros_like(mask)
+        if cfg.shape_weight:
+            differ = shape_difference(clip.scene, cfg.num_frames, mask.shape[-1])
+        objects.append(torch.from_numpy(np.stack([mask, differ])))
         drop = rng.random() < cfg.caption_dropout
         captions.append("" if drop else clip.caption)
     x = torch.stack(frames).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
-    return x, captions, torch.stack(objects).unsqueeze(1).float()
-
-
-def edge_ring(objects: torch.Tensor, px: int) -> torch.Tensor:
-    """Pixels within `px` of an object but not on one, of masks `[B, 1, F, H, W]`."""
-    k = 2 * px + 1
-    grown = torch.nn.functional.max_pool3d(objects, (1, k, k), stride=1, padding=(0, px, px))
-    return grown - objects
+    return x, captions, torch.stack(objects).float()
 
 
 def _pack(rgb: np.ndarray) -> np.ndarray:
@@ -318,9 +322,7 @@ def flow_matching_loss(
     if object_weight is None:
         object_weight = cfg.object_weight
     x0 = codec.encode(frames)
-    weight = 1.0 + object_weight * codec.encode(objects)
-    if cfg.edge_weight:
-        weight = weight + cfg.edge_weight * codec.encode(edge_ring(objects, cfg.edge_px))
+    weight = loss_weight(codec, objects, cfg, object_weight)
     _, _, _, h, w = x0.shape
     p = transformer.config.patch_size
     tokens_per_frame = (h // p[1]) * (w // p[2])

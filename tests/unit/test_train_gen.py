@@ -3,6 +3,7 @@
 import dataclasses
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from streamrt.cache import CacheManager, KVSpec
 from streamrt.gen.attention import attach_streaming, detach_streaming
 from streamrt.gen.forward import chunk_rows, streaming_forward
-from streamrt.models import train_gen, train_gen_eval
+from streamrt.models import train_gen, train_gen_eval, train_gen_masks
 from streamrt.models.train_gen import (
     TrainGenConfig,
     apply_block_causal,
@@ -104,7 +105,7 @@ def test_drifting_training_noise_is_the_streams_noise():
 def test_object_masks_mark_exactly_the_shapes():
     cfg = tiny_cfg(batch_size=4)
     x, captions, objects = train_gen.sample_batch(cfg, 0)
-    assert objects.shape == (4, 1, cfg.num_frames, 64, 64) and len(captions) == 4
+    assert objects.shape == (4, 2, cfg.num_frames, 64, 64) and len(captions) == 4
     assert x.shape == (4, 3, cfg.num_frames, 64, 64)
     world = world_config(cfg)
     rng = np.random.default_rng((cfg.seed, 0))
@@ -125,7 +126,7 @@ def test_object_masks_mark_exactly_the_shapes():
 def test_edge_ring_is_the_background_around_each_shape():
     objects = torch.zeros(1, 1, 2, 16, 16)
     objects[0, 0, 0, 6:9, 6:9] = 1  # a 3x3 square in frame 0, nothing in frame 1
-    ring = train_gen.edge_ring(objects, 2)
+    ring = train_gen_masks.edge_ring(objects, 2)
     assert ring[0, 0, 0].sum() == 7 * 7 - 3 * 3
     assert ring[0, 0, 0, 4:11, 4:11].sum() == 40 and ring[0, 0, 0, 6:9, 6:9].sum() == 0
     assert ring[0, 0, 1].sum() == 0  # frames are not mixed
@@ -153,6 +154,39 @@ def test_edge_weight_weighs_the_silhouettes_outside_and_zero_is_the_old_loss():
     assert loss(edge_weight=0.0, edge_px=5) == old  # off: the loss is unchanged
     assert loss(edge_weight=3.0) > old  # the ring now counts 4x
     assert loss(edge_weight=3.0, edge_px=1) < loss(edge_weight=3.0, edge_px=4)  # wider ring
+    shaped = dataclasses.replace(cfg, shape_weight=5.0)
+    x, captions, objects = train_gen.sample_batch(shaped, 0)
+    assert loss(shape_weight=5.0) > old  # the pixels that tell the shapes apart count 6x
+
+
+def test_shape_difference_marks_where_the_other_shapes_differ():
+    cfg = tiny_cfg(batch_size=2, shape_weight=5.0)
+    masks = train_gen.sample_batch(cfg, 0)[2]
+    assert (
+        masks[:, 1].any() and not train_gen.sample_batch(tiny_cfg(batch_size=2), 0)[2][:, 1].any()
+    )
+
+    def drawn(shape):
+        blank = np.zeros((32, 32, 3), np.uint8)
+        draw_shape(blank, shape, 15, 15, 6, (255, 255, 255))
+        return blank[..., 0] > 0
+
+    class Scene:  # one object of `shape` in frame 0
+        def __init__(self, shape):
+            self.shape = shape
+
+        def state(self, t):
+            return [SimpleNamespace(visible=True, shape=self.shape, center=(15, 15), size=6)]
+
+    circle, square, triangle = drawn("circle"), drawn("square"), drawn("triangle")
+    for shape, own in (("circle", circle), ("square", square), ("triangle", triangle)):
+        diff = train_gen_masks.shape_difference(Scene(shape), 1, 32)[0]
+        others = [m for s, m in (("circle", circle), ("square", square), ("triangle", triangle))]
+        assert np.array_equal(diff, np.logical_or.reduce([m ^ own for m in others]))
+    corners = square & ~circle  # a circle's prompt: a square's corners must stay background
+    assert (
+        corners.any() and train_gen_masks.shape_difference(Scene("circle"), 1, 32)[0][corners].all()
+    )
 
 
 def test_pixel_codec_downsamples_and_upsamples():
