@@ -245,3 +245,55 @@ def contact_sheet(
     sheet = np.concatenate([head, *rows], axis=0)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(out), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+
+
+WORD_SWAPS: dict[str, tuple[str, str]] = {
+    "shape": ("circle", "square"),
+    "colour": ("red", "blue"),
+    "direction": ("right", "left"),
+    "background": ("dark", "light"),
+}
+"""One swap per caption word kind: `conditioning` compares the model's output across it."""
+
+
+def conditioning(
+    path: str | Path,
+    caption: str = EVAL_PROMPTS[0],
+    levels: tuple[float, ...] = (999.0, 750.0, 500.0, 250.0),
+    seeds: tuple[int, ...] = (0, 1, 2),
+) -> dict[str, dict[float, float]]:
+    """How much the caption's words move the transformer's velocity: per word kind and
+    timestep, |v(caption with the word swapped) - v(caption)| / |v(caption)| on the same
+    input (a 3-frame chunk of noise given that timestep, full attention, no cache),
+    averaged over `seeds`. A word the model ignores moves it little whatever
+    the training data say (the shipped model: shape 0.01-0.03, colour 0.09-0.43)."""
+    import torch
+
+    from streamrt.gen.attention import detach_streaming
+    from streamrt.gen.generator import StreamGenerator
+
+    gen = StreamGenerator.from_pretrained(path, cache=small_cache())
+    engine = gen.engine
+    tr = engine.transformer
+    detach_streaming(tr)  # this engine is not streamed again
+    cfg = engine.config
+    c, h, w = engine.latent_shape(cfg.height, cfg.width)
+    swapped = {k: caption.replace(f" {a} ", f" {b} ", 1) for k, (a, b) in WORD_SWAPS.items()}
+    if any(text == caption for text in swapped.values()):
+        raise ValueError(f"{caption!r} lacks one of the words {WORD_SWAPS}")
+    captions = [caption, *swapped.values()]
+    with torch.no_grad():
+        emb = engine.text_encoder.encode(captions).to(engine.device, engine.dtype)
+        out: dict[str, dict[float, float]] = {k: {} for k in WORD_SWAPS}
+        for level in levels:
+            moved = dict.fromkeys(WORD_SWAPS, 0.0)
+            for seed in seeds:
+                g = torch.Generator().manual_seed(seed)
+                x = torch.randn(1, c, 3, h, w, generator=g).to(engine.device, engine.dtype)
+                t = torch.tensor([level], device=engine.device)
+                vs = [tr(x, t, emb[i : i + 1], return_dict=False)[0] for i in range(len(captions))]
+                for kind, v in zip(WORD_SWAPS, vs[1:]):
+                    moved[kind] += float((v - vs[0]).norm() / vs[0].norm()) / len(seeds)
+            for kind in WORD_SWAPS:
+                out[kind][level] = moved[kind]
+    return out

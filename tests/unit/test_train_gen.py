@@ -401,3 +401,13 @@ def test_truncated_asset_file_is_named_with_how_to_rebuild_it(part, tmp_path):
     shutil.rmtree(copy / "tokenizer")
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         StreamGenerator.from_pretrained(copy)
+
+
+def test_conditioning_measures_how_far_each_caption_word_moves_the_model():
+    moved = train_gen_eval.conditioning(ASSET, levels=(500.0,), seeds=(0,))
+    assert set(moved) == {"shape", "colour", "direction", "background"}
+    assert all(v[500.0] > 0 for v in moved.values())
+    # the background fills the frame and the colour every object pixel: they move it most
+    assert moved["background"][500.0] > moved["colour"][500.0] > moved["direction"][500.0]
+    with pytest.raises(ValueError, match="lacks one of the words"):
+        train_gen_eval.conditioning(ASSET, caption="a red circle", levels=(500.0,))
