@@ -7,6 +7,7 @@ import gc
 import logging
 
 import pytest
+import torch
 
 from streamrt.agents.engine import AgentEngine
 from streamrt.cache import BudgetError, CacheManager, KVSpec, process
@@ -22,6 +23,7 @@ def fresh_process_cache(monkeypatch):
     """Each test starts with no process manager (others in this pytest process have one)."""
     monkeypatch.setattr(process, "_managers", {})
     monkeypatch.setattr(process, "_warned", set())
+    monkeypatch.setattr(process, "_config", CacheConfig())
 
 
 def spec(tokens: int) -> KVSpec:
@@ -121,3 +123,12 @@ def test_a_larger_model_gets_its_own_manager_while_the_process_pages_are_in_use(
     next(later.stream(PROMPT, 3))
     assert later.engine.cache is shared  # nothing in use any more: the pages grew
     assert shared.counters["repaged"] == 1
+
+
+def test_process_budgets_are_set_before_the_first_manager_and_not_after():
+    process.configure_process_cache(CacheConfig(device_bytes="16MiB", host_bytes="32MiB"))
+    shared = process.process_cache("cpu")
+    assert shared.budgets == {"device": 16 * 2**20, "host": 32 * 2**20}
+    assert process.process_cache(torch.device("cpu")) is shared
+    with pytest.raises(BudgetError, match="configure it before the first model opens"):
+        process.configure_process_cache(CacheConfig())
