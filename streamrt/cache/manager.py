@@ -205,16 +205,20 @@ class CacheManager(TierMoves):
         while self._orphans:
             item = self._orphans.pop(0)  # in order: a consumer after its sequences
             if isinstance(item, str):
-                if not any(name == item for name, _ in self.sequences):
+                if not self.sequences_of(item):
                     self.unregister(item)
             elif not item.closed:
                 self.close_sequence(item)
+
+    def sequences_of(self, consumer: str) -> list[Sequence]:
+        """The open sequences of `consumer` (a shared manager holds others' too)."""
+        return [seq for (name, _), seq in self.sequences.items() if name == consumer]
 
     def unregister(self, name: str) -> None:
         """Forget a consumer that has no open sequence (its cached blocks are dropped)."""
         with self._lock:
             consumer = self._consumer(name)
-            if any(c == name for c, _ in self.sequences):
+            if self.sequences_of(name):
                 raise InputError(f"consumer {name!r} still has open sequences: close them first")
             for pool in self.pools.values():
                 for key in [k for k in pool.cached if k[0] == name]:

@@ -148,7 +148,7 @@ class GenEngine:
 
     def sequences(self) -> list[Sequence]:
         """The open KV sequences of this engine's streams (the manager may hold others')."""
-        return [seq for (name, _), seq in self.cache.sequences.items() if name == self.consumer]
+        return self.cache.sequences_of(self.consumer) if self.consumer else []
 
     def register_consumer(self, config: GenConfig) -> None:
         """Register the engine's cache consumer for `config`'s resolution (if not yet)."""
