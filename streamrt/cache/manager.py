@@ -26,6 +26,8 @@ from streamrt.cache.block import DEVICE, DISK, HOST, KVBlock
 from streamrt.cache.block_pool import BlockPool
 from streamrt.cache.errors import BudgetError, CacheError, OutOfBlocksError
 from streamrt.cache.policies import CachePolicy, make_policy
+from streamrt.cache.relayout import PAGE_ALIGN as _PAGE_ALIGN
+from streamrt.cache.relayout import Relayout
 from streamrt.cache.sequence import AttentionPlan, Sequence
 from streamrt.cache.spec import Consumer, KVSpec
 from streamrt.cache.tiers import TierMoves
@@ -34,7 +36,6 @@ from streamrt.config import CacheConfig
 from streamrt.errors import InputError, UnknownNameError
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_PAGE_ALIGN = 64
 _LOWER = {DEVICE: HOST, HOST: DISK}
 
 
@@ -43,7 +44,7 @@ def _check_name(kind: str, name: str) -> None:
         raise InputError(f"{kind} name {name!r} must be 1-64 characters of A-Z a-z 0-9 _ -")
 
 
-class CacheManager(TierMoves):
+class CacheManager(TierMoves, Relayout):
     """Owns all KV memory of a process, for all consumers.
 
     Args:

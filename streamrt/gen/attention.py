@@ -359,14 +359,22 @@ def attach_streaming(transformer: torch.nn.Module) -> StreamingState:
     existing = getattr(transformer, "_streamrt_state", None)
     if existing is not None:
         return existing
-    state = StreamingState()
+    transformer._streamrt_state = StreamingState()
+    renumber_streaming(transformer)
+    return transformer._streamrt_state
+
+
+def renumber_streaming(transformer: torch.nn.Module) -> None:
+    """Attach the streaming processors again after `transformer.blocks` changed (a layer
+    pipeline's rank gained or lost blocks): block i reads and writes cache layer i. Cached
+    prompt K/V are dropped (they are kept per layer number)."""
+    state = transformer._streamrt_state
     processors = {}
     for i in range(len(transformer.blocks)):
         processors[f"blocks.{i}.attn1.processor"] = StreamingSelfAttention(i, state)
         processors[f"blocks.{i}.attn2.processor"] = CachedCrossAttention(i, state)
     transformer.set_attn_processor(processors)
-    transformer._streamrt_state = state
-    return state
+    state.text_cache.clear()
 
 
 def detach_streaming(transformer: torch.nn.Module) -> None:

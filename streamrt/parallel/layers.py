@@ -26,14 +26,15 @@ rows of one stream-batch forward) in flight so that every rank is busy.
 Exactness: every stream's latents equal the one-process run up to float summation order
 (tests/unit/test_layer_pipeline.py, max |diff| <= 1e-5). `plan_ranges` places the block
 ranges from measured per-block times (the embedding on the first rank, the head on the
-last); the pipeline is balanced once, when it starts.
+last) when the pipeline starts.
 
 Cache policies that need attention scores (participative) get every layer's: each rank
 computes its layers' scores and the ranks all-gather them when the forward's velocity is
 consumed (where every rank waits for that velocity anyway).
 
-Partial, on purpose: the ranges are not moved while streams run (no live migration of a
-block's KV between ranks).
+Live re-balancing (`rebalance_every`, `streamrt.parallel.rebalance`): between rounds the
+ranks re-plan the ranges from their measured per-block times and move blocks, with their
+weights and their K/V, point-to-point.
 """
 
 from __future__ import annotations
@@ -56,22 +57,33 @@ HIDDEN, VELOCITY = 1, 2
 """Message tags: hidden states to the next rank, velocities from the last rank."""
 
 
-def plan_ranges(block_s: list[float], world: int, embed_s: float = 0.0, head_s: float = 0.0):
+def plan_ranges(
+    block_s: list[float],
+    world: int,
+    embed_s: float = 0.0,
+    head_s: float = 0.0,
+    speed: list[float] | None = None,
+    fixed: list[float] | None = None,
+) -> list[range]:
     """Contiguous block ranges for `world` ranks minimising the slowest rank's time, given
-    each block's measured seconds, the embedding's (first rank) and the head's (last)."""
+    each block's measured seconds, the embedding's (first rank) and the head's (last).
+
+    Ranks of unequal speed (`streamrt.parallel.rebalance`): a block costs `block_s[b] *
+    speed[r]` on rank r, and rank r spends `fixed[r]` per forward whatever it holds."""
     n = len(block_s)
     if not 1 <= world <= n:
         raise InputError(
             f"the layer pipeline needs 1..{n} ranks for a model of {n} blocks, got {world}"
         )
+    speed = speed or [1.0] * world
+    fixed = fixed or [0.0] * world
     prefix = [0.0]
     for s in block_s:
         prefix.append(prefix[-1] + s)
 
     def cost(r: int, a: int, b: int) -> float:
-        return (
-            prefix[b] - prefix[a] + (embed_s if r == 0 else 0) + (head_s if r == world - 1 else 0)
-        )
+        ends = (embed_s if r == 0 else 0) + (head_s if r == world - 1 else 0)
+        return (prefix[b] - prefix[a]) * speed[r] + fixed[r] + ends
 
     # best[r][b]: the least slowest-rank time placing blocks [0, b) on ranks 0..r
     inf = float("inf")
@@ -299,7 +311,12 @@ class LayerPipeline:
         group: dist.ProcessGroup | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         microbatches: int | None = None,
+        rebalance_every: int | None = None,
+        min_gain: float = 0.1,
     ) -> None:
+        """`rebalance_every`: every this many rounds of `run`, the ranks re-plan the block
+        ranges from their measured times and move blocks (with their KV) when that cuts
+        the slowest rank's time by `min_gain` (`streamrt.parallel.rebalance`)."""
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
@@ -324,6 +341,15 @@ class LayerPipeline:
         check_same(
             self.rank, self.world, [(r.start, r.stop) for r in ranges], group, "block ranges"
         )
+        self.rebalance_every, self.min_gain = rebalance_every, min_gain
+        self.rounds = 0
+        self.moves: list[dict[str, Any]] = []
+        """Every re-balance: round, old and new ranges, planned seconds per unit, bytes."""
+        self.timer = None
+        if rebalance_every:
+            from streamrt.parallel.rebalance import BlockTimer
+
+            self.timer = BlockTimer(self)
 
     @property
     def last(self) -> bool:
@@ -455,6 +481,9 @@ class LayerPipeline:
                     if launched:
                         vs = self._launch([flows[i].waiting for i in launched], parts)
                         outstanding.update(zip(launched, vs))
+                self.rounds += 1
+                if self.rebalance_every and self.rounds % self.rebalance_every == 0:
+                    self._auto_rebalance()
         finally:
             self.flush()
 
@@ -489,6 +518,46 @@ class LayerPipeline:
                     if flow.done >= flow.chunks:
                         return None, finished
                 v_mine = None
+
+    def rebalance(self, ranges: list[range], planned: tuple[float, float] = (0.0, 0.0)):
+        """Move to block ranges `ranges`, with the moved blocks' weights and KV. Call it on
+        every rank at the same point: between `run`s, or where `run` calls it (between
+        rounds, every launched forward computed)."""
+        from streamrt.parallel.rebalance import migrate
+
+        ranges = [range(r.start, r.stop) for r in ranges]
+        if (
+            len(ranges) != self.world
+            or [b for r in ranges for b in r] != list(range(sum(len(r) for r in self.ranges)))
+            or any(len(r) == 0 for r in ranges)
+        ):
+            raise InputError(
+                f"block ranges {ranges} must cover the model's blocks in order, one or more "
+                f"per rank, for {self.world} ranks"
+            )
+        check_same(
+            self.rank, self.world, [(r.start, r.stop) for r in ranges], self.group, "block ranges"
+        )
+        if ranges == self.ranges:
+            return
+        old = self.ranges
+        sent = migrate(self, ranges)
+        self.moves.append(
+            {"round": self.rounds, "from": old, "to": ranges, "planned_s": planned, "bytes": sent}
+        )
+        if self.timer is not None:
+            self.timer.reset()
+
+    def _auto_rebalance(self) -> None:
+        from streamrt.parallel.rebalance import plan_live
+
+        every: list[Any] = [None] * self.world
+        dist.all_gather_object(every, self.timer.measured(), group=self.group)
+        ranges, before, after = plan_live(every, self.ranges, self.min_gain)
+        if ranges is None:
+            self.timer.reset()
+            return
+        self.rebalance(ranges, (before, after))
 
     def flush(self) -> None:
         while self.sent:

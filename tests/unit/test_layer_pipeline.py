@@ -177,3 +177,87 @@ def test_a_failing_or_stalled_rank_ends_the_run_naming_it(bad, stall):
     with pytest.raises(PipelineError, match=pattern):
         run_pipeline_local(_fails, 3, bad, stall, timeout=30)
     assert time.perf_counter() - t0 < 50  # the others exit: no hang
+
+
+MOVES = {
+    # name: (case whose streams run, block ranges after chunk 1 and after chunk 2)
+    "batch-4streams-grouped-2ranks": ([(0, 1), (1, 4)], [(0, 3), (3, 4)]),
+    "participative-guided-2streams-2ranks": ([(0, 3), (3, 4)], [(0, 1), (1, 4)]),
+    "rolling-deep-sink-2streams-3ranks": ([(0, 2), (2, 3), (3, 4)], [(0, 1), (1, 3), (3, 4)]),
+}
+
+
+def _moved(rank: int, world: int, case: str, out: str) -> None:
+    _world, streams, overrides, switches = CASES[case]
+    whole = engine(**overrides)
+    ranges = even_ranges(len(whole.transformer.blocks), world)
+    e = stage_engine(whole, ranges[rank])
+    pipe = LayerPipeline(e, ranges, timeout=60)
+    opened = [pipe.open_stream(PROMPTS[i % 2], e.config, seed=i) for i in range(streams)]
+    got: list[list[torch.Tensor]] = [[] for _ in opened]
+    plan = [None, *MOVES[case], None]
+    for c in range(CHUNKS):  # one chunk per run: the blocks move between runs
+        if plan[c] is not None:
+            pipe.rebalance([range(a, b) for a, b in plan[c]])
+            e.cache.check_invariants()
+        now = {i: p for (i, k), p in switches.items() if k == c}
+        for i, x0 in pipe.run(opened, 1, {(i, 0): p for i, p in now.items()}):
+            got[i].append(x0)
+    for s in opened:
+        s.close()
+    torch.save((got, e.spec.num_layers, len(e.transformer.blocks), pipe.moves), f"{out}.{rank}")
+
+
+@pytest.mark.parametrize("case", list(MOVES))
+def test_moving_blocks_and_their_kv_between_chunks_keeps_every_stream_exact(case, tmp_path):
+    """Blocks (weights and every live block's K/V of their layers) move between ranks
+    while the streams run: the later chunks attend to moved K/V, and still equal the solo
+    run."""
+    world = CASES[case][0]
+    out = str(tmp_path / "moved")
+    run_pipeline_local(_moved, world, case, out, timeout=120)
+    ref = solo(case)
+    final = MOVES[case][-1]
+    for rank in range(world):
+        got, layers, blocks, moves = torch.load(f"{out}.{rank}", weights_only=False)
+        assert layers == blocks == final[rank][1] - final[rank][0]
+        for i, (chunks, expected) in enumerate(zip(got, ref)):
+            assert len(chunks) == CHUNKS
+            for c, (a, b) in enumerate(zip(chunks, expected)):
+                torch.testing.assert_close(
+                    a, b, rtol=0, atol=1e-5, msg=f"{case}: rank {rank} stream {i} chunk {c}"
+                )
+        assert [m["to"] for m in moves] == [[range(a, b) for a, b in p] for p in MOVES[case]]
+        assert sum(m["bytes"] for m in moves) > 0  # every rank gives a block away here
+
+
+def _slow_rank(rank: int, world: int, out: str) -> None:
+    import time
+
+    whole = engine(sampler="stream_batch")
+    ranges = even_ranges(4, world)
+    e = stage_engine(whole, ranges[rank])
+    if rank == 1:  # a slower device: every block of rank 1 takes 15 ms longer
+        for block in e.transformer.blocks:
+            block.register_forward_hook(lambda *_: time.sleep(0.015))
+    pipe = LayerPipeline(e, ranges, timeout=60, rebalance_every=3)
+    stream = pipe.open_stream(PROMPTS[0], e.config, seed=0)
+    got = [x0 for _, x0 in pipe.run([stream], CHUNKS)]
+    stream.close()
+    e.cache.check_invariants()
+    torch.save((got, pipe.ranges, pipe.moves, e.spec.num_layers), f"{out}.{rank}")
+
+
+def test_a_slow_rank_gives_its_blocks_away_while_the_stream_runs(tmp_path):
+    out = str(tmp_path / "slow")
+    run_pipeline_local(_slow_rank, 2, out, timeout=120)
+    ref = solo("batch-1stream-2ranks")[0]
+    for rank in range(2):
+        got, ranges, moves, layers = torch.load(f"{out}.{rank}", weights_only=False)
+        assert ranges == [range(0, 3), range(3, 4)]  # the slow rank keeps one block
+        assert len(moves) == 1 and moves[0]["from"] == [range(0, 2), range(2, 4)]
+        before, after = moves[0]["planned_s"]
+        assert after < 0.8 * before
+        assert layers == len(ranges[rank])
+        for c, (a, b) in enumerate(zip(got, ref)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"rank {rank} chunk {c}")
