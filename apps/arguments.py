@@ -23,6 +23,12 @@ class Parser(argparse.ArgumentParser):
         raise InputError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
+REBALANCE_HELP = (
+    "--parallel layers: every ROUNDS rounds, move blocks between ranks (weights and KV) "
+    "when the measured per-rank times say that cuts the slowest rank's time by 10%%"
+)
+
+
 def count(minimum: int = 1, maximum: int | None = None) -> Callable[[str], int]:
     """Type of a whole-number option in [minimum, maximum]."""
 

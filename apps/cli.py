@@ -11,7 +11,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from streamrt.apps.arguments import Parser, count, existing_dir, new_file, positive, size
+from streamrt.apps.arguments import (
+    REBALANCE_HELP,
+    Parser,
+    count,
+    existing_dir,
+    new_file,
+    number,
+    positive,
+    size,
+)
 from streamrt.errors import StreamrtError
 from streamrt.threads import ENV as THREADS_ENV
 from streamrt.threads import default_threads
@@ -197,9 +206,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipe.add_argument(
         "--modes",
-        type=choice_list("steps", "layers"),
+        type=choice_list("steps", "layers", "rebalance"),
         default=["steps", "layers"],
-        help="comma-separated (default steps,layers)",
+        help="comma-separated (default steps,layers); rebalance: the layer pipeline with "
+        "its last rank --slowdown x slower, static ranges vs live re-balancing",
+    )
+    pipe.add_argument(
+        "--slowdown",
+        type=number(1.0),
+        default=2.0,
+        help="rebalance: how many times slower the last rank's blocks run (default 2)",
+    )
+    pipe.add_argument(
+        "--rebalance-every",
+        type=count(1),
+        default=2,
+        metavar="ROUNDS",
+        help="rebalance: rounds between re-plans (default 2)",
     )
     pipe.add_argument("--size", type=size, default="64x64", help="frame size WIDTHxHEIGHT")
     pipe.add_argument("--steps", type=count(1), help="denoising steps (default: the model's)")
@@ -366,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["layers"],
         help="under torchrun: streams on a layer pipeline (block ranges per rank); rank 0 "
         "serves HTTP. Streams only: QA, agents and v2v answer 501 there",
+    )
+    serve.add_argument(
+        "--rebalance-every",
+        type=count(1),
+        metavar="ROUNDS",
+        help=REBALANCE_HELP,
     )
     serve.set_defaults(func=_cmd_serve)
 

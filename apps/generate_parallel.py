@@ -49,7 +49,7 @@ def pipeline_latents(args: argparse.Namespace, engine, rank: int, world: int):
         dist.broadcast_object_list(parts, src=0)  # every rank takes rank 0's measurement
         ranges = plan_ranges(parts[0]["block_s"], world, parts[0]["embed_s"], parts[0]["head_s"])
     stage = stage_engine(engine, ranges[rank])
-    pipe = LayerPipeline(stage, ranges)
+    pipe = LayerPipeline(stage, ranges, rebalance_every=args.rebalance_every)
     stream = pipe.open_stream(args.prompt)
     return (x for _, x in pipe.run([stream], n)), stream, pipe
 

@@ -28,7 +28,8 @@ def pipeline_runtime(args: argparse.Namespace):
     if world > blocks:
         raise InputError(f"--parallel layers needs at most {blocks} ranks (one block each)")
     ranges = even_ranges(blocks, world)
-    pipe = LayerPipeline(stage_engine(gen.engine, ranges[rank]), ranges)
+    every = getattr(args, "rebalance_every", None)
+    pipe = LayerPipeline(stage_engine(gen.engine, ranges[rank]), ranges, rebalance_every=every)
     return PipelineRuntime(pipe)
 
 

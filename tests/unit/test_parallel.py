@@ -36,7 +36,9 @@ def test_layers_under_torchrun_write_the_one_process_video(tmp_path):
     """The layer pipeline on 2 ranks (the last writes) gives the frames of a one-process
     stream-batch `streamrt generate` with the same settings."""
     args = ["--sampler", "stream_batch", "--policy-args", "sink_blocks=1,window_blocks=14"]
-    split = _generate([*args, "--parallel", "layers"], tmp_path / "split.mp4", ranks=2)
+    split = _generate(
+        [*args, "--parallel", "layers", "--rebalance-every", "1"], tmp_path / "split.mp4", ranks=2
+    )
     one = _generate(args, tmp_path / "one.mp4")
     assert split.shape == one.shape == (12, 32, 32, 3)
     assert np.abs(split.astype(int) - one.astype(int)).max() <= 2  # same frames, same encoder
@@ -92,3 +94,18 @@ def test_bench_pipeline_measures_both_pipelines_against_one_process(tmp_path):
     assert rows[("layers", 2)]["KB sent/chunk"] > rows[("steps", 2)]["KB sent/chunk"]
     wan = {r["mode"]: r for r in payload["wan_1_3b"]}
     assert 1.0 < wan["steps"]["Wan-1.3B 480x832 MB/chunk/hop"] < 1.5
+
+
+def test_bench_pipeline_rebalance_moves_blocks_off_a_slow_rank(tmp_path):
+    import json
+
+    from streamrt.apps.cli import main
+
+    out = tmp_path / "r.json"
+    args = ["bench", "pipeline", "--modes", "rebalance", "--ranks", "2", "--slowdown", "4"]
+    args += ["--chunks", "3", "--warmup", "3", "--json", str(out)]
+    assert main(args) == 0
+    (row,) = json.loads(out.read_text())["rebalance"]
+    assert row["processes"] == 2 and row["static fps"] > 0 and row["rebalanced fps"] > 0
+    assert row["moves"] >= 1 and row["ranges after"] == "0-3 3-4"  # the slow rank keeps one
+    assert row["max |diff|"] < 1e-5  # the same latents as with static ranges
