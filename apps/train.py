@@ -67,6 +67,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="extra loss weight of the pixels that tell the object's shape from the others "
         "(default 0)",
     )
+    gen.add_argument(
+        "--object-size",
+        type=_size_range,
+        help="half-extent range LO,HI of the training world's objects in pixels of a 64-pixel "
+        "frame (default 4,7: shapes 9 to 15 pixels across)",
+    )
+    gen.add_argument(
+        "--min-lr-ratio",
+        type=probability,
+        help="final learning rate as a share of --lr (default 0.1; 1: constant)",
+    )
     gen.add_argument("--no-compile", action="store_true", help="train without torch.compile")
     gen.add_argument("--tune", action="store_true", help="after training, sweep sampler settings")
     gen.add_argument(
@@ -111,6 +122,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=count(0),
         help="vision-only steps after each question/answer step (needs dense weight)",
     )
+
+
+def _size_range(text: str) -> tuple[int, int]:
+    """Type of `--object-size`: "LO,HI" whole numbers with 1 <= LO <= HI <= 16."""
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI like 6,9, got {text!r}") from None
+    if not 1 <= lo <= hi <= 16:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LO <= HI <= 16, got {text!r}")
+    return lo, hi
 
 
 def _level_range(text: str) -> tuple[float, float]:
@@ -205,6 +227,8 @@ def config_from(args: argparse.Namespace):
             resample_sigma=args.resample_sigma,
             edge_weight=args.edge_weight,
             shape_weight=args.shape_weight,
+            object_size=args.object_size,
+            min_lr_ratio=args.min_lr_ratio,
         )
     )
     cfg.compile = not args.no_compile

@@ -145,6 +145,9 @@ class TrainGenConfig(RunSchedule):
     max_objects: int = 2
     """Most objects per training scene (at least one)."""
 
+    object_size: tuple[int, int] = (4, 7)
+    """Half-extent range of the training world's objects (`WorldConfig.object_size`)."""
+
     world_fps: float = 4.0
     """Frame rate of the training world: objects move (speed / fps) pixels per frame, so 4
     doubles the default world's steps to 1-5 pixels (0.5-2.5 latent pixels at s = 2).
@@ -223,6 +226,7 @@ def world_config(cfg: TrainGenConfig) -> WorldConfig:
         boundary="wrap",
         max_objects=cfg.max_objects,
         qa_per_kind=0,
+        object_size=tuple(cfg.object_size),
     )
 
 

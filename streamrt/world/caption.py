@@ -37,9 +37,6 @@ EXAMPLE = "a red circle moving right and a blue square moving up on a dark backg
 _PACE_SPEED = {"slow": (4.0, 8.0), "fast": (12.0, 20.0)}
 """Pace -> range of speeds in pixels per second on a 64-pixel frame."""
 
-_SIZE_RANGE = (4, 7)
-"""Half-extent range on a 64-pixel frame: shapes 9 to 15 pixels across."""
-
 
 @dataclass(frozen=True)
 class ObjectDescription:
@@ -170,7 +167,8 @@ def _place(
     timing: tuple[int, int | None],
 ) -> WorldObject:
     scale = config.scale
-    size = int(rng.integers(round(_SIZE_RANGE[0] * scale), round(_SIZE_RANGE[1] * scale) + 1))
+    lo, hi = config.object_size
+    size = int(rng.integers(round(lo * scale), round(hi * scale) + 1))
     pace = desc.pace or _pick(rng, PACES)
     speed = float(rng.uniform(*_PACE_SPEED[pace])) * scale / config.fps
     horizontal = desc.direction in ("left", "right")

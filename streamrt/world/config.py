@@ -49,6 +49,10 @@ class WorldConfig:
     qa_per_kind: int = 1
     """Question/answer pairs drawn per question kind and clip (fewer when a kind is ambiguous)."""
 
+    object_size: tuple[int, int] = (4, 7)
+    """Range of an object's half-extent in pixels of a 64-pixel frame (shapes 9 to 15 pixels
+    across by default); scaled with the frame like speeds."""
+
     def __post_init__(self) -> None:
         for name in ("height", "width"):
             value = getattr(self, name)
@@ -70,6 +74,11 @@ class WorldConfig:
         for name in ("late_entry_prob", "early_exit_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"world.{name} must lie in [0, 1], got {getattr(self, name)}")
+        lo, hi = self.object_size
+        if not 1 <= lo <= hi <= 16:
+            raise InputError(
+                f"world.object_size must be LO,HI with 1 <= LO <= HI <= 16, got {lo},{hi}"
+            )
         if self.qa_per_kind < 0:
             raise InputError(f"world.qa_per_kind must be >= 0, got {self.qa_per_kind}")
 

@@ -46,7 +46,8 @@ def test_config_fields_are_defaulted_documented_and_checked():
     docs = field_docs(WorldConfig)
     for name in WorldConfig.__dataclass_fields__:
         assert docs.get(name), f"WorldConfig.{name} has no docstring"
-    for bad in ({"height": 60}, {"width": 24}, {"max_objects": 5}, {"boundary": "slide"}):
+    bad_ones = ({"height": 60}, {"width": 24}, {"max_objects": 5}, {"boundary": "slide"})
+    for bad in (*bad_ones, {"object_size": (5, 3)}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             WorldConfig(**bad)
 
@@ -93,6 +94,9 @@ def test_resolution_scales_frames_and_sizes():
     big = [make_clip(s, num_frames=1, config=WorldConfig(height=128, width=128)) for s in SEEDS]
     sizes = {o.size for c in big for o in c.scene.objects}
     assert min(sizes) >= 8 and max(sizes) <= 14
+    large = WorldConfig(object_size=(9, 10))  # the generator's training world may draw larger
+    sizes = {o.size for s in SEEDS for o in make_clip(s, 1, large).scene.objects}
+    assert sizes == {9, 10}
 
 
 # --- rendering against state and dynamics ---------------------------------------------
