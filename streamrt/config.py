@@ -119,6 +119,12 @@ class GenConfig:
     clean_refresh: bool = True
     """After a chunk is finished, rewrite its K/V with one forward at t=0 on the clean frames."""
 
+    fold_refresh: bool = True
+    """Chunk-wise sampler: run that refresh as the first row of the next chunk's first
+    forward (block-causal, `streamrt.gen.fold`): one forward fewer per chunk, each chunk's
+    frames out one forward sooner, the same latents. Policies that act on writes or
+    evictions (participative, ema_sink, the adaptive sink) keep the separate refresh."""
+
     overlap_decode: bool = True
     """`StreamGenerator.stream`: decode chunk k in a thread of its own while chunk k+1 is
     denoised (`streamrt.gen.decoding`); the same frames in the same order. A prompt

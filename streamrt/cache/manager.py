@@ -236,12 +236,13 @@ class CacheManager(TierMoves, Relayout):
 
     # ------------------------------------------------------------------ allocation
 
-    def append(self, seq: Sequence, num_tokens: int | None = None) -> int:
+    def append(self, seq: Sequence, num_tokens: int | None = None, ring: bool = True) -> int:
         """Add a device block at the end of `seq` and return its logical index.
 
         If the policy's capacity is reached, its first victim leaves the device (offloaded
         or dropped) and the new block takes over the victim's page in place: a ring,
-        with no copy of the rest of the cache.
+        with no copy of the rest of the cache. `ring=False`: a fresh page instead, the
+        victims staying until `evict` (a forward still reads them, `streamrt.gen.fold`).
         """
         tpb = seq.spec.tokens_per_block
         n = tpb if num_tokens is None else num_tokens
@@ -251,7 +252,7 @@ class CacheManager(TierMoves, Relayout):
             self._check_open(seq)
             cap = seq.policy.capacity
             block = None
-            if cap is not None and seq.counts[DEVICE] >= cap:
+            if ring and cap is not None and seq.counts[DEVICE] >= cap:
                 block = self._evict_for_ring(seq)
             if block is None:
                 block = self._take(seq.consumer, DEVICE, protect=())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -139,13 +141,31 @@ class Sequence:
         if block.tier == DEVICE:
             self._device.discard(index)
 
+    @contextmanager
+    def without(self, indices: list[int]) -> Iterator[Sequence]:
+        """The sequence as if blocks `indices` had left it, for a plan taken before they are
+        evicted (`streamrt.gen.fold`); they are back in place afterwards."""
+        hidden = {i: self.table.pop(i) for i in indices}
+        for block in hidden.values():
+            self.counts[block.tier] -= 1
+        self._device.difference_update(hidden)
+        try:
+            yield self
+        finally:
+            self.table = dict(sorted({**self.table, **hidden}.items()))  # time order
+            for i, block in hidden.items():
+                self.counts[block.tier] += 1
+                if block.tier == DEVICE:
+                    self._device.add(i)
+
     def num_resident(self, tier: str = DEVICE) -> int:
         """Blocks of this sequence in `tier` (kept as a counter by the manager)."""
         return self.counts[tier]
 
-    def append(self, num_tokens: int | None = None) -> int:
-        """Allocate the next block on the device (the policy evicts first if full)."""
-        return self.manager.append(self, num_tokens)
+    def append(self, num_tokens: int | None = None, ring: bool = True) -> int:
+        """Allocate the next block on the device (the policy evicts first if full, unless
+        `ring` is False: then a fresh page, past the policy's capacity until `evict`)."""
+        return self.manager.append(self, num_tokens, ring)
 
     def free(self, index: int) -> None:
         """Give block `index` back to the manager."""

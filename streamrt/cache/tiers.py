@@ -35,6 +35,22 @@ class TierMoves:
         """Move blocks down to `tier` ("host" or "disk"). Bit-exact; async device->host on CUDA."""
         return self._move_many(seq, indices, tier, down=True)
 
+    def evict(self, seq: Sequence, indices: list[int]) -> None:
+        """Let device blocks `indices` leave as the ring would evict them: the policy's
+        hooks, then offloaded (if the consumer offloads) or dropped."""
+        with self._lock:
+            for index in indices:
+                self._evict(seq, index, protect=())
+
+    def can_take(self, seq: Sequence, pages: int) -> bool:
+        """Whether `pages` free device pages are there for `seq` now (within its quota),
+        without taking any from another block."""
+        with self._lock:
+            pool = self._pool(DEVICE)
+            quota = seq.consumer.quotas.get(DEVICE)
+            used = seq.consumer.used_blocks[DEVICE] + pages
+            return pool.num_free >= pages and (quota is None or used * pool.page_bytes <= quota)
+
     def fetch(self, seq: Sequence, indices: int | list[int], tier: str = DEVICE) -> list[Transfer]:
         """Move blocks up to `tier` (default the device), so a plan can attend to them.
 

@@ -7,7 +7,8 @@ one-stream path) or batched with other streams' requests in the runtime's step l
 (`streamrt.runtime`). Both give the same numbers.
 
     chunkwise     Self-Forcing: per chunk, n steps of denoise -> re-noise, then a t=0
-                  pass rewrites the chunk's K/V with clean frames.
+                  pass rewrites the chunk's K/V with clean frames (by default inside the
+                  next chunk's first forward, `streamrt.gen.fold`).
     rolling       Rolling Forcing: a window of n chunks at staggered noise levels (oldest
                   least noisy), denoised jointly in one forward; the oldest leaves each call.
     stream_batch  StreamDiffusion(V2): the same n chunks in flight, as n batch rows with a
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from streamrt.errors import InputError
+from streamrt.gen.fold import begin_fold, end_fold, folded_request
 from streamrt.gen.schedule import predict_x0, renoise
 
 if TYPE_CHECKING:
@@ -84,10 +86,15 @@ class ChunkwiseSampler(Sampler):
     def chunk_steps(self) -> Steps:
         s = self.stream
         x, sigmas, eps = s.initial_latents()
-        chunk = _InFlight(x, 0, s.append_chunk(), sigmas, eps)
+        fold = yield from begin_fold(s)  # the last chunk's deferred refresh, if any
+        chunk = _InFlight(x, 0, fold.blocks if fold else s.append_chunk(), sigmas, eps)
         for i, sigma in enumerate(sigmas):
             t = torch.full((1, x.shape[2]), sigma * 1000.0)
-            v = yield s.request([chunk.blocks], x, t, noise=eps)
+            if i == 0 and fold is not None:  # one forward: that refresh, then this step
+                v = (yield folded_request(s, fold, x, t, eps))[1:]
+                end_fold(s, fold)
+            else:
+                v = yield s.request([chunk.blocks], x, t, noise=eps)
             x0 = predict_x0(x, v, sigma)
             if i + 1 < len(sigmas):
                 eps = s.next_noise(x0, v)

@@ -117,6 +117,8 @@ class GenStream:
         self.source: Callable[[], tuple[torch.Tensor, list[float], torch.Tensor]] | None = None
         self.drifting = DriftingNoise(config.noise_drift, config.noise_drift_frames, self.noise)
         self.clean: list[tuple[list[int], torch.Tensor]] = []
+        self.deferred: tuple[list[int], torch.Tensor] | None = None
+        """A finished chunk whose clean refresh waits for the next chunk (`streamrt.gen.fold`)."""
         self.stats = {
             "chunks": 0,
             "frames": 0,
@@ -138,7 +140,13 @@ class GenStream:
     def prompt_steps(self, prompt: str, recache: bool = True) -> Generator:
         """`set_prompt` as a schedule (its re-cache forwards are requests)."""
         engine = self.engine
-        self.embeds = engine.encode_prompt(check_prompt(prompt))
+        check_prompt(prompt)
+        if self.deferred is not None:  # the refresh runs under the prompt it was made with
+            blocks, x0 = self.deferred
+            self.deferred = None
+            yield self.request([blocks], x0, torch.zeros(1, x0.shape[2]), causal=True)
+            self.refreshed(blocks)
+        self.embeds = engine.encode_prompt(prompt)
         self.text_key = engine.text_key(prompt)
         if self.guided:
             self.uncond = engine.encode_prompt(self.config.negative_prompt)
@@ -237,8 +245,23 @@ class GenStream:
         eps_g = noise + self.config.guidance_scale * (eps_c - noise)
         return eps_g - (x - sigma * v)
 
+    def folds(self) -> bool:
+        """Whether this stream's clean refresh runs in the next chunk's first forward."""
+        cfg = self.config
+        return (
+            cfg.clean_refresh
+            and cfg.fold_refresh
+            and cfg.sampler == "chunkwise"
+            and all(seq.policy.fold_safe for seq in self.seqs)
+        )
+
     def finish_steps(self, blocks: list[int], x0: torch.Tensor) -> Generator:
-        """A chunk is done: clean t=0 refresh of its K/V (if configured), policy hooks."""
+        """A chunk is done: clean t=0 refresh of its K/V (if configured; deferred to the
+        next chunk's first forward when it folds), policy hooks."""
+        if self.folds():
+            self.deferred = (blocks, x0)
+            self.remember_clean(blocks, x0)
+            return
         policies = [seq.policy for seq in self.seqs]
         scores: dict | None = {} if any(p.needs_scores for p in policies) else None
         if self.config.clean_refresh:
@@ -247,9 +270,13 @@ class GenStream:
             if scores is not None:
                 for r, seq in enumerate(self.seqs):
                     seq.policy.observe_scores(seq, refresh.rows[r].plan, scores, row=r)
+        self.refreshed(blocks)
+        self.remember_clean(blocks, x0)
+
+    def refreshed(self, blocks: list[int]) -> None:
+        """The policies' write hooks, once a chunk's clean K/V are in place."""
         for seq in self.seqs:
             seq.policy.after_write(seq, blocks)
-        self.remember_clean(blocks, x0)
 
     def remember_clean(self, blocks: list[int], x0: torch.Tensor) -> None:
         """Keep a finished chunk's clean latents while its blocks are cached (for re-cache)."""

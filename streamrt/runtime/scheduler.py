@@ -72,8 +72,9 @@ def demand(stream: LiveStream) -> tuple[float, float, float]:
     steps = len(gen.sigmas)
     rows = 2 if gen.guided else 1
     refresh = 1 if cfg.clean_refresh else 0
-    if cfg.sampler == "chunkwise":
-        forwards, row_forwards = steps + refresh, (steps + refresh) * rows
+    if cfg.sampler == "chunkwise":  # a folded refresh adds rows, not a forward
+        forwards = steps + (0 if gen.folds() else refresh)
+        row_forwards = (steps + refresh) * rows
     else:  # rolling / stream_batch: one forward of `steps` chunks' worth finishes a chunk
         forwards, row_forwards = 1 + refresh, (steps + refresh) * rows
     frames = stream.frames_per_chunk or cfg.chunk_frames * gen.engine.codec.temporal

@@ -28,6 +28,11 @@ class CachePolicy(ABC):
     capacity: int | None = None
     """Device blocks the sequence may hold before its own blocks are evicted (None: no limit)."""
 
+    fold_safe: bool = True
+    """Whether a chunk's clean refresh may run inside the next chunk's first forward
+    (`streamrt.gen.fold`): False when the policy acts on a write (`after_write`, attention
+    scores) or on an eviction (`before_evict`) in a way the next chunk would see."""
+
     window_arg: ClassVar[str | None] = None
     """Constructor argument counting the newest blocks, which the policy never evicts while
     they are the newest. Every frame a sampler keeps in flight (one chunk; or every chunk of

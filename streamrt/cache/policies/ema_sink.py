@@ -41,6 +41,7 @@ class EmaSinkPolicy(CachePolicy):
 
     name = "ema_sink"
     window_arg = "window_blocks"
+    fold_safe = False  # an eviction folds into the sink the next chunk reads
 
     def __init__(self, sink_blocks: int = 3, window_blocks: int = 9, alpha: float = 0.99) -> None:
         if sink_blocks < 1:

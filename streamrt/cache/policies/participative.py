@@ -105,6 +105,7 @@ class ParticipativePolicy(CachePolicy):
         return contiguous_plan(seq, seq.indices(DEVICE))
 
     needs_scores = True
+    fold_safe = False
 
     def observe_scores(
         self,

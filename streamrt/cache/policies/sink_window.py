@@ -73,6 +73,7 @@ class SinkWindowPolicy(CachePolicy):
         self.positions = positions
         self.adaptive_tau = adaptive_tau
         self.capacity = sink_blocks + window_blocks
+        self.fold_safe = adaptive_tau is None  # the adaptive sink acts on each write
         self.sink_refreshes = 0
         """Sink slots replaced by a new frame so far (adaptive sink)."""
 
