@@ -39,16 +39,17 @@ def test_samplers_are_deterministic_per_seed(parts, sampler):
 
 def test_forward_counts_per_sampler(parts):
     steps = 4
-    for sampler, refresh, per_chunk, warmup in [
-        ("chunkwise", True, steps + 1, 0),
-        ("rolling", False, 1, steps - 1),
-        ("stream_batch", False, 1, steps - 1),
+    for sampler, refresh, fold, per_chunk, warmup in [
+        ("chunkwise", True, False, steps + 1, 0),  # steps, then the clean refresh
+        ("chunkwise", True, True, steps, 0),  # the refresh inside the next chunk's forward
+        ("rolling", False, False, 1, steps - 1),
+        ("stream_batch", False, False, 1, steps - 1),
     ]:
-        gen = make_gen(parts, sampler=sampler, clean_refresh=refresh)
+        gen = make_gen(parts, sampler=sampler, clean_refresh=refresh, fold_refresh=fold)
         stream = gen.engine.open_stream(PROMPT, gen.engine.config)
         for _ in range(5):
             stream.next_latents()
-        assert stream.stats["forwards"] == warmup + 5 * per_chunk, sampler
+        assert stream.stats["forwards"] == warmup + 5 * per_chunk, (sampler, fold)
         stream.close()
         gen.engine.cache.check_invariants()
 
@@ -62,7 +63,9 @@ def test_stream_computes_no_chunk_past_the_frames_asked_for(parts, num_frames):
     assert len(list(gen.stream(PROMPT, num_frames=num_frames))) == num_frames
     chunks = -(-num_frames // 3)
     assert opened[0].stats["frames"] == 3 * chunks  # decoded: only the chunks shown
-    assert opened[0].stats["forwards"] == 5 * chunks  # 4 steps + the clean refresh
+    # 4 steps each (the refreshes fold into the next chunk's first forward; the last
+    # chunk's is never computed)
+    assert opened[0].stats["forwards"] == 4 * chunks
 
 
 def test_prompt_switch_recaches_kept_frames(parts):
@@ -74,7 +77,8 @@ def test_prompt_switch_recaches_kept_frames(parts):
     last = len(gen.engine.transformer.blocks) - 1  # layer 0 keys precede any cross-attention
     keys_before = stream.seqs[0].gather(last)[0].clone()
     stream.set_prompt("a blue square moving up on a light background")
-    assert stream.stats["forwards"] == before + 3  # one t=0 pass per kept chunk
+    # the last chunk's deferred refresh under the old prompt, then one t=0 pass per kept chunk
+    assert stream.stats["forwards"] == before + 1 + 3
     assert not torch.equal(
         stream.seqs[0].gather(last)[0], keys_before
     )  # the cache follows the prompt
@@ -261,7 +265,7 @@ def test_rcfg_guides_without_a_second_branch(parts):
     stream = gen.engine.open_stream(PROMPT, gen.engine.config)
     frames = np.concatenate([stream.next_frames(), stream.next_frames()])
     assert len(stream.seqs) == 1  # no unconditional cache
-    assert stream.stats["forwards"] == 2 * 5  # and no extra forward: 4 steps + refresh per chunk
+    assert stream.stats["forwards"] == 2 * 4  # and no extra forward: 4 steps per chunk
     assert not np.array_equal(frames, plain)
     # g = 1 makes RCFG the identity.
     same = np.stack(
