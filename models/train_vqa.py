@@ -52,7 +52,7 @@ from streamrt.models.train_vqa_dense import DenseHeads
 from streamrt.models.vlm import SmolVLMAdapter
 from streamrt.models.vlm_tiny import tiny_tokenizer, tiny_vlm
 from streamrt.qa.context import PlannedCache
-from streamrt.qa.video_qa import lay_out, question_ids, text_ids
+from streamrt.qa.layout import lay_out, question_ids, text_ids
 
 # ---------------------------------------------------------------------- model
 

@@ -111,8 +111,8 @@ class Runtime(Overload):
         self.engine.register_consumer(cfg)
         self._qa_parts: tuple[Any, Any, Any] | None = None
         if qa:
+            from streamrt.qa.layout import kv_spec, load_qa_model
             from streamrt.qa.memory import CONSUMER
-            from streamrt.qa.video_qa import kv_spec, load_qa_model
 
             self._qa_parts = load_qa_model(qa_model)
             self.cache.register(CONSUMER, kv_spec(self._qa_parts[0]))
