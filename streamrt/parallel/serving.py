@@ -207,6 +207,7 @@ class PipelineRuntime:
             "pid": os.getpid(),
             "ranks": pipe.world,
             "block_ranges": [[r.start, r.stop] for r in pipe.ranges],
+            "rebalances": len(pipe.moves),
             "rounds": self.rounds,
             "bytes_sent_rank0": pipe.bytes_sent,
             "error": None if self.error is None else str(self.error),
