@@ -30,7 +30,7 @@ def pipeline_runtime(args: argparse.Namespace):
     ranges = even_ranges(blocks, world)
     every = getattr(args, "rebalance_every", None)
     pipe = LayerPipeline(stage_engine(gen.engine, ranges[rank]), ranges, rebalance_every=every)
-    return PipelineRuntime(pipe)
+    return PipelineRuntime(pipe, qa_model=getattr(args, "qa_model", None))
 
 
 def run_parallel(args: argparse.Namespace) -> int:

@@ -17,9 +17,10 @@ not the others); with no work rank 0 still broadcasts an empty round every `idle
 the other ranks never sit in a collective long enough to time out. A rank that fails or
 stalls ends every stream with the pipeline's error naming the rank.
 
-Partial, stated: the deadline scheduler, admission control, QA sessions, agents and
-live video-to-video run on one process only (`streamrt serve` without `--parallel`);
-here they answer 501.
+QA sessions run on rank 0 (`streamrt.parallel.serving_qa`), on its cache manager, and may
+watch a pipeline stream. Partial, stated: the deadline scheduler, agents and live
+video-to-video run on one process only (`streamrt serve` without `--parallel`); here they
+answer 501, and admission is a cap on the number of streams.
 """
 
 from __future__ import annotations
@@ -37,15 +38,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from streamrt.config import RuntimeConfig
 from streamrt.errors import InputError, UnknownNameError, UnsupportedError
 from streamrt.gen.stream import GenStream, check_num_frames
 from streamrt.parallel.launch import PipelineError
+from streamrt.parallel.serving_qa import PipelineQA
 from streamrt.runtime.live import StreamFailed
 
 _END = object()
 NOT_HERE = (
     "not served on a pipeline group yet (this server runs --parallel layers): run "
-    "`streamrt serve` without --parallel for QA sessions, agents and live video-to-video"
+    "`streamrt serve` without --parallel for agents and live video-to-video"
 )
 
 
@@ -69,6 +72,8 @@ class _Stream:
     """Chunks decoded and not yet read (rank 0)."""
     done: bool = False
     error: BaseException | None = None
+    watchers: list = field(default_factory=list)
+    """QA sessions fed this stream's frames (rank 0)."""
 
 
 @dataclass
@@ -107,7 +112,7 @@ class PipelineStreamHandle:
         return self._live.done
 
 
-class PipelineRuntime:
+class PipelineRuntime(PipelineQA):
     """The stream part of `streamrt.runtime.Runtime` on a layer-pipeline group.
 
     Build it on every rank over the rank's `LayerPipeline`; rank 0 calls `start()` (the
@@ -121,7 +126,11 @@ class PipelineRuntime:
         max_streams: int = 8,
         buffer_chunks: int = 2,
         idle_s: float = 1.0,
+        qa_model: str | None = None,
+        runtime: RuntimeConfig | None = None,
     ) -> None:
+        """`qa_model`: the Video-LLM of QA sessions (None: the embedded one), loaded on rank
+        0 at the first session; `runtime`: its QA queue settings."""
         self.pipe = pipe
         self.rank = pipe.rank
         self.config = _Config(max_streams)
@@ -139,6 +148,7 @@ class PipelineRuntime:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._init_qa(qa_model, runtime)
 
     # ------------------------------------------------------------------ requests (rank 0)
 
@@ -212,17 +222,9 @@ class PipelineRuntime:
             "bytes_sent_rank0": pipe.bytes_sent,
             "error": None if self.error is None else str(self.error),
             "streams": {i: self.stream_stats(i) for i in list(self.streams)},
+            "qa": self.qa_stats(),
             "cache": pipe.engine.cache.stats(),
         }
-
-    def open_qa(self, *args, **kwargs):
-        raise UnsupportedError(f"QA sessions are {NOT_HERE}")
-
-    def session(self, *args, **kwargs):
-        raise UnsupportedError(f"QA sessions are {NOT_HERE}")
-
-    def close_qa(self, *args, **kwargs):
-        raise UnsupportedError(f"QA sessions are {NOT_HERE}")
 
     @property
     def engine(self):
@@ -257,12 +259,14 @@ class PipelineRuntime:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=max(30.0, self.pipe.timeout))
+        self._close_sessions()
 
     def _lead(self) -> None:
         try:
             while True:
                 with self._cond:
-                    if not self._stopping and not self._commands and not self._advancing():
+                    idle = not self._commands and not self._advancing()
+                    if not self._stopping and idle and not self._qa_waiting():
                         self._cond.wait(self.idle_s)
                     commands = self._commands
                     self._commands = []
@@ -272,6 +276,7 @@ class PipelineRuntime:
                         commands.append(("advance", self._advancing()))
                 if not self._round(commands):
                     return
+                self._encode_qa()  # between rounds: QA is rank 0's own work
         except BaseException as exc:
             self.error = exc
             with self._cond:
@@ -339,6 +344,8 @@ class PipelineRuntime:
         frames = list(live.stream.decode(x0))
         if live.num_frames is not None:
             frames = frames[: live.num_frames - live.frames]
+        if live.watchers:
+            self._feed_watchers(live, frames, live.frames)
         with self._cond:
             if live.done:  # closed by its reader meanwhile
                 return

@@ -1,6 +1,6 @@
 """`torchrun ... streamrt serve --parallel layers` over real HTTP: two ranks (gloo), rank 0
 serves; streams equal the one-process stream of the same prompt and seed; switch, delete,
-the endpoints a pipeline group does not serve (501), a clean Ctrl+C, and a killed rank that
+a QA session on rank 0 watching a pipeline stream, a clean Ctrl+C, and a killed rank that
 ends the server non-zero naming it."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_serve import OTHER, PROMPT, decode, error_of, free_port, mjpeg_parts, wait_for
+from test_serve import OTHER, PROMPT, decode, free_port, mjpeg_parts, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -139,9 +139,26 @@ def test_streams_on_two_ranks_equal_the_one_process_streams(tmp_path):
             )
             assert c.get("/v1/stats").json()["streams"][sid]["prompt"] == OTHER
 
+            # QA on rank 0: a session watching a pipeline stream (every 4th frame: 8 fps
+            # streams, a 2 fps Video-LLM)
+            body = {"prompt": PROMPT, "num_frames": 16, "seed": 1}
+            sid = c.post("/v1/streams", json=body).json()["id"]
+            r = c.post("/v1/qa/sessions", json={"stream_id": sid})
+            assert r.status_code == 201, r.text
+            qid = r.json()["id"]
+            assert len(_read(c, sid)) == 16
+            q = {"question": "what color is the shape?"}
+            answer = c.post(f"/v1/qa/sessions/{qid}/ask", json=q).json()
+            assert "red" in answer["text"], answer
+            qa = c.get("/v1/stats").json()["qa"][qid]
+            # frames 0, 4, 8, 12; the stream may have made its first two chunks (frames
+            # 0-5, its read-ahead) before the session attached, never more
+            assert qa["stream_id"] == sid and 2 <= qa["fed"] <= 4 and qa["dropped"] == 0, qa
+            assert c.delete(f"/v1/qa/sessions/{qid}").status_code == 200
+
             # what a pipeline group does not serve, and bad requests
-            r = c.post("/v1/qa/sessions")
-            assert r.status_code == 501 and "without --parallel" in error_of(r)
+            with c.stream("GET", "/v1/streams/nope/frames.mjpeg") as r:
+                assert r.status_code == 404
             r = c.post("/v1/streams", json={"prompt": "a pink elephant"})
             assert r.status_code == 400
             assert c.get("/v1/streams/nope/frames.mjpeg").status_code == 404

@@ -1,0 +1,129 @@
+"""QA sessions on the layer-pipeline server (`streamrt serve --parallel layers`), on rank 0.
+
+The Video-LLM is not split over the ranks: rank 0 loads it whole, and its sessions keep
+their KV in rank 0's cache manager, the one that holds rank 0's share of every generation
+stream's KV. Between the pipeline's rounds, rank 0's round thread encodes the frames queued
+by every session in one vision batch (as `Runtime`'s step loop does), a question takes the
+lock ahead of that encoding, and a session opened with a stream id is fed that stream's
+frames (every k-th, near the QA model's fps). The other ranks never see QA work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from streamrt.config import RuntimeConfig
+from streamrt.errors import InputError, UnknownNameError
+from streamrt.runtime.qa import QAHandle, QASession, encode_together
+
+
+class _Waker:
+    """`QAHandle.feed` sets it: the round thread wakes up to encode."""
+
+    def __init__(self, cond) -> None:
+        self._cond = cond
+
+    def set(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+class PipelineQA:
+    """Mixin of `PipelineRuntime`: the `Runtime` QA surface the server uses."""
+
+    def _init_qa(self, qa_model: str | None, runtime: RuntimeConfig | None) -> None:
+        self.qa_model = qa_model
+        self.runtime_config = runtime or RuntimeConfig()
+        self.sessions: dict[str, QASession] = {}
+        self._qa_parts: tuple[Any, Any, Any] | None = None
+        self._wake = _Waker(self._cond)
+        self.encoded = 0
+
+    def open_qa(
+        self,
+        stream_id: str | None = None,
+        priority: int = 0,
+        kv_quota_mb: float | None = None,
+        **qa_config: Any,
+    ) -> QAHandle:
+        """A QA session on rank 0 (with `stream_id`: fed that stream's frames)."""
+        with self.lock:
+            if len(self.sessions) >= self.runtime_config.max_streams:
+                raise InputError(
+                    f"the server already serves {self.runtime_config.max_streams} QA sessions "
+                    "(runtime.max_streams): close one"
+                )
+            source = self._get(stream_id) if stream_id is not None else None
+            if source is not None and source.done:
+                raise InputError(f"stream {stream_id} has ended: there is nothing to watch")
+            if self._qa_parts is None:
+                from streamrt.qa.layout import load_qa_model
+
+                self._qa_parts = load_qa_model(self.qa_model)
+            adapter, tokenizer, base = self._qa_parts
+            session_id = f"q{next(self._ids)}"
+            session = QASession(
+                session_id,
+                adapter,
+                tokenizer,
+                dataclasses.replace(base, session=session_id, **qa_config),
+                self.pipe.engine.cache,
+                self.runtime_config,
+                stream_id,
+                priority,
+                kv_quota_mb,
+            )
+            self.sessions[session_id] = session
+            if source is not None:
+                fps = self.pipe.engine.config.fps
+                session.stride = max(1, round(fps / session.qa.config.fps))
+                source.watchers.append(session)
+        return QAHandle(self, session)
+
+    def session(self, session_id: str) -> QASession:
+        with self.lock:
+            if session_id not in self.sessions:
+                raise UnknownNameError(f"no QA session {session_id!r}")
+            return self.sessions[session_id]
+
+    def close_qa(self, session_id: str) -> None:
+        with self.lock:
+            session = self.session(session_id)
+            del self.sessions[session_id]
+            for live in self.streams.values():
+                if session in live.watchers:
+                    live.watchers.remove(session)
+            session.close()
+
+    def step(self) -> float:
+        """Encode what the sessions queued (`QAHandle.flush` calls it without a thread)."""
+        self._encode_qa()
+        return 0.0
+
+    def _qa_waiting(self) -> bool:
+        return any(s.queue for s in self.sessions.values())
+
+    def _encode_qa(self) -> None:
+        with self.lock:
+            work = [(s, s.take_queued()) for s in self.sessions.values()]
+            work = [(s, frames) for s, frames in work if frames]
+            if work:
+                self.encoded += encode_together(work)
+
+    def _feed_watchers(self, live, frames: list, first: int) -> None:
+        fps = self.pipe.engine.config.fps
+        with self.lock:
+            for i, frame in enumerate(frames):
+                for session in live.watchers:
+                    if (first + i) % session.stride == 0:
+                        session.push(frame, (first + i) / fps)
+
+    def _close_sessions(self) -> None:
+        with self.lock:
+            for session_id in list(self.sessions):
+                self.close_qa(session_id)
+
+    def qa_stats(self) -> dict[str, Any]:
+        with self.lock:
+            return {s.id: s.stats() for s in self.sessions.values()}
