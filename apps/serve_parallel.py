@@ -30,7 +30,12 @@ def pipeline_runtime(args: argparse.Namespace):
     ranges = even_ranges(blocks, world)
     every = getattr(args, "rebalance_every", None)
     pipe = LayerPipeline(stage_engine(gen.engine, ranges[rank]), ranges, rebalance_every=every)
-    return PipelineRuntime(pipe, qa_model=getattr(args, "qa_model", None))
+    return PipelineRuntime(
+        pipe,
+        qa_model=getattr(args, "qa_model", None),
+        agents=getattr(args, "agents", None) or False,
+        agent_policy=getattr(args, "agent_policy", "baseline"),
+    )
 
 
 def run_parallel(args: argparse.Namespace) -> int:

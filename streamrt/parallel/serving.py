@@ -17,10 +17,10 @@ not the others); with no work rank 0 still broadcasts an empty round every `idle
 the other ranks never sit in a collective long enough to time out. A rank that fails or
 stalls ends every stream with the pipeline's error naming the rank.
 
-QA sessions run on rank 0 (`streamrt.parallel.serving_qa`), on its cache manager, and may
-watch a pipeline stream. Partial, stated: the deadline scheduler, agents and live
-video-to-video run on one process only (`streamrt serve` without `--parallel`); here they
-answer 501, and admission is a cap on the number of streams.
+QA sessions and LLM agents run on rank 0 (`streamrt.parallel.serving_side`), on its cache
+manager; a QA session may watch a pipeline stream. Partial, stated: the deadline scheduler
+and live video-to-video run on one process only (`streamrt serve` without `--parallel`);
+here v2v answers 501, and admission is a cap on the number of streams.
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ from streamrt.config import RuntimeConfig
 from streamrt.errors import InputError, UnknownNameError, UnsupportedError
 from streamrt.gen.stream import GenStream, check_num_frames
 from streamrt.parallel.launch import PipelineError
-from streamrt.parallel.serving_qa import PipelineQA
+from streamrt.parallel.serving_side import PipelineSideWork
 from streamrt.runtime.live import StreamFailed
 
 _END = object()
 NOT_HERE = (
     "not served on a pipeline group yet (this server runs --parallel layers): run "
-    "`streamrt serve` without --parallel for agents and live video-to-video"
+    "`streamrt serve` without --parallel for live video-to-video"
 )
 
 
@@ -112,7 +112,7 @@ class PipelineStreamHandle:
         return self._live.done
 
 
-class PipelineRuntime(PipelineQA):
+class PipelineRuntime(PipelineSideWork):
     """The stream part of `streamrt.runtime.Runtime` on a layer-pipeline group.
 
     Build it on every rank over the rank's `LayerPipeline`; rank 0 calls `start()` (the
@@ -128,15 +128,17 @@ class PipelineRuntime(PipelineQA):
         idle_s: float = 1.0,
         qa_model: str | None = None,
         runtime: RuntimeConfig | None = None,
+        agents: bool | str = False,
+        agent_policy: str = "baseline",
     ) -> None:
         """`qa_model`: the Video-LLM of QA sessions (None: the embedded one), loaded on rank
-        0 at the first session; `runtime`: its QA queue settings."""
+        0 at the first session; `runtime`: its QA queue settings; `agents`: serve LLM
+        agents on rank 0 (True: the embedded LM, or a causal-LM directory)."""
         self.pipe = pipe
         self.rank = pipe.rank
         self.config = _Config(max_streams)
         self.buffer_chunks = buffer_chunks
         self.idle_s = idle_s
-        self.agents = None
         self.lock = threading.RLock()
         self.streams: dict[str, _Stream] = {}
         self.error: BaseException | None = None
@@ -148,7 +150,7 @@ class PipelineRuntime(PipelineQA):
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._init_qa(qa_model, runtime)
+        self._init_side(qa_model, runtime, agents, agent_policy)
 
     # ------------------------------------------------------------------ requests (rank 0)
 
@@ -223,6 +225,7 @@ class PipelineRuntime(PipelineQA):
             "error": None if self.error is None else str(self.error),
             "streams": {i: self.stream_stats(i) for i in list(self.streams)},
             "qa": self.qa_stats(),
+            "agents": self.agents.stats() if self.agents is not None else None,
             "cache": pipe.engine.cache.stats(),
         }
 
@@ -259,15 +262,15 @@ class PipelineRuntime(PipelineQA):
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=max(30.0, self.pipe.timeout))
-        self._close_sessions()
+        self._close_side()
 
     def _lead(self) -> None:
         try:
             while True:
                 with self._cond:
                     idle = not self._commands and not self._advancing()
-                    if not self._stopping and idle and not self._qa_waiting():
-                        self._cond.wait(self.idle_s)
+                    if not self._stopping and idle:
+                        self._cond.wait(0.002 if self._side_waiting() else self.idle_s)
                     commands = self._commands
                     self._commands = []
                     if self._stopping:
@@ -276,7 +279,7 @@ class PipelineRuntime(PipelineQA):
                         commands.append(("advance", self._advancing()))
                 if not self._round(commands):
                     return
-                self._encode_qa()  # between rounds: QA is rank 0's own work
+                self._side_work()  # between rounds: QA and agents are rank 0's own work
         except BaseException as exc:
             self.error = exc
             with self._cond:

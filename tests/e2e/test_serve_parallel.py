@@ -41,6 +41,7 @@ def _start(tmp_path: Path) -> tuple[subprocess.Popen, str]:
         "layers",
         "--rebalance-every",
         "3",  # blocks may move (with their KV) while streams run: frames stay the same
+        "--agents",  # LLM agents on rank 0, beside the streams
         "--port",
         str(port),
     ]
@@ -155,6 +156,15 @@ def test_streams_on_two_ranks_equal_the_one_process_streams(tmp_path):
             # 0-5, its read-ahead) before the session attached, never more
             assert qa["stream_id"] == sid and 2 <= qa["fed"] <= 4 and qa["dropped"] == 0, qa
             assert c.delete(f"/v1/qa/sessions/{qid}").status_code == 200
+
+            # an agent's chat completion on rank 0, on the same cache manager
+            chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+            r = c.post("/v1/chat/completions", json={**chat, "max_tokens": 4})
+            assert r.status_code == 200, r.text
+            reply = r.json()["choices"][0]
+            assert reply["message"]["content"] and reply["finish_reason"] in ("length", "stop")
+            stats = c.get("/v1/stats").json()
+            assert "agents" in stats["cache"]["consumers"] and stats["agents"] is not None
 
             # what a pipeline group does not serve, and bad requests
             with c.stream("GET", "/v1/streams/nope/frames.mjpeg") as r:
