@@ -119,6 +119,10 @@ class GenStream:
         self.clean: list[tuple[list[int], torch.Tensor]] = []
         self.deferred: tuple[list[int], torch.Tensor] | None = None
         """A finished chunk whose clean refresh waits for the next chunk (`streamrt.gen.fold`)."""
+        self.batched = False
+        """Set by the runtime when this stream's last forward was shared with other streams:
+        then its refresh stays a forward of its own, since batching already shares each
+        forward's fixed cost (8 batched streams ran 4 % slower folded, 1 stream 5 % faster)."""
         self.stats = {
             "chunks": 0,
             "frames": 0,
@@ -252,6 +256,7 @@ class GenStream:
             cfg.clean_refresh
             and cfg.fold_refresh
             and cfg.sampler == "chunkwise"
+            and not self.batched
             and all(seq.policy.fold_safe for seq in self.seqs)
         )
 

@@ -369,6 +369,7 @@ class Runtime(Overload):
         self.counters["forwards"] += 1
         self.counters["rows"] += rows
         for live, v in zip(batch, outs):
+            live.gen.batched = len(batch) > 1  # a shared forward: no refresh folding
             chunks = live.chunks
             t1 = time.perf_counter()
             self._guard(live, lambda live=live, v=v: live.deliver(v))

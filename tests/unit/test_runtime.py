@@ -345,6 +345,30 @@ def test_sustained_lateness_degrades_then_suspends_the_lowest_priority_stream():
         runtime.close()
 
 
+def test_a_lone_stream_folds_its_refresh_and_batched_streams_do_not():
+    """Alone, a stream's clean refresh rides in its next chunk's first forward (4 forwards a
+    chunk, none for the last chunk's refresh); batched, it stays a forward of its own."""
+    runtime = Runtime("tiny-random", runtime=FREE)
+    try:
+        lone = runtime.open_stream(PROMPTS[0], num_frames=9)
+        assert len(list(lone.frames())) == 9
+        assert lone._live.forwards == 3 * 4
+        pair = [runtime.open_stream(p, num_frames=9) for p in PROMPTS[:2]]
+        got = {h.id: [] for h in pair}
+        its = {h.id: h.frames() for h in pair}
+        while its:
+            for k in list(its):
+                try:
+                    got[k].append(next(its[k]))
+                except StopIteration:
+                    del its[k]
+        assert [len(v) for v in got.values()] == [9, 9]
+        assert runtime.counters["rows"] > runtime.counters["forwards"]  # they shared forwards
+        assert [h._live.forwards for h in pair] == [3 * 5, 3 * 5]
+    finally:
+        runtime.close()
+
+
 def test_a_degraded_stream_runs_the_thinned_schedule():
     """Degraded from its first chunk, a stream's chunks equal a solo stream configured with
     the thinned timesteps."""
