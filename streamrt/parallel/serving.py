@@ -17,14 +17,20 @@ not the others); with no work rank 0 still broadcasts an empty round every `idle
 the other ranks never sit in a collective long enough to time out. A rank that fails or
 stalls ends every stream with the pipeline's error naming the rank.
 
+Deadlines (rank 0, `Playout` as in `streamrt.runtime`): streams advance least slack first;
+one more than `ahead_s` ahead of its playout waits (the round thread sleeps until the
+first is due); a new stream is refused (`AdmissionError`) when the streams' chunks per
+second times the measured seconds per stream-chunk would pass `headroom`.
+
 QA sessions and LLM agents run on rank 0 (`streamrt.parallel.serving_side`), on its cache
-manager; a QA session may watch a pipeline stream. Partial, stated: the deadline scheduler
-and live video-to-video run on one process only (`streamrt serve` without `--parallel`);
-here v2v answers 501, and admission is a cap on the number of streams.
+manager; a QA session may watch a pipeline stream. Partial, stated: the degrade order
+(fewer steps, suspension) and live video-to-video run on one process only (`streamrt
+serve` without `--parallel`); here v2v answers 501.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import queue
@@ -44,6 +50,8 @@ from streamrt.gen.stream import GenStream, check_num_frames
 from streamrt.parallel.launch import PipelineError
 from streamrt.parallel.serving_side import PipelineSideWork
 from streamrt.runtime.live import StreamFailed
+from streamrt.runtime.overload import AdmissionError
+from streamrt.runtime.playout import Playout
 
 _END = object()
 NOT_HERE = (
@@ -62,6 +70,8 @@ class _Stream:
     prompt: str
     num_frames: int | None
     seed: int | None
+    playout: Playout | None = None
+    """Its deadlines (rank 0): frame i is due `ttff_s + i / fps` after it opened."""
     out: queue.Queue = field(default_factory=queue.Queue)
     stream: GenStream | None = None
     frames: int = 0
@@ -74,11 +84,6 @@ class _Stream:
     error: BaseException | None = None
     watchers: list = field(default_factory=list)
     """QA sessions fed this stream's frames (rank 0)."""
-
-
-@dataclass
-class _Config:
-    max_streams: int
 
 
 class PipelineStreamHandle:
@@ -136,8 +141,10 @@ class PipelineRuntime(PipelineSideWork):
         agents on rank 0 (True: the embedded LM, or a causal-LM directory)."""
         self.pipe = pipe
         self.rank = pipe.rank
-        self.config = _Config(max_streams)
+        self.config = dataclasses.replace(runtime or RuntimeConfig(), max_streams=max_streams)
         self.buffer_chunks = buffer_chunks
+        self.chunk_s: float | None = None
+        """Measured seconds of pipeline time per stream-chunk (an average over rounds)."""
         self.idle_s = idle_s
         self.lock = threading.RLock()
         self.streams: dict[str, _Stream] = {}
@@ -150,7 +157,7 @@ class PipelineRuntime(PipelineSideWork):
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._init_side(qa_model, runtime, agents, agent_policy)
+        self._init_side(qa_model, self.config, agents, agent_policy)
 
     # ------------------------------------------------------------------ requests (rank 0)
 
@@ -176,7 +183,12 @@ class PipelineRuntime(PipelineSideWork):
                     f"the pipeline serves at most {self.config.max_streams} streams at once: "
                     "retry when a stream ends"
                 )
+            rate = float(fps or self.pipe.engine.config.fps)
+            if not rate > 0:
+                raise InputError(f"fps must be > 0, got {fps}")
+            self._admit(rate)
             live = _Stream(f"s{next(self._ids)}", prompt, num_frames, seed)
+            live.playout = Playout(rate, self.config.ttff_s)
             self.streams[live.id] = live
             self._commands.append(("open", live.id, prompt, seed))
             self._cond.notify_all()
@@ -204,13 +216,15 @@ class PipelineRuntime(PipelineSideWork):
 
     def stream_stats(self, stream_id: str) -> dict[str, Any]:
         live = self._get(stream_id)
-        return {
-            "prompt": live.prompt,
+        timing = {
             "frames": live.frames,
             "fps": live.frames / live.last_frame_s if live.frames else 0.0,
             "first_frame_s": live.first_frame_s,
-            "state": "failed" if live.error else "done" if live.done else "running",
         }
+        if live.playout is not None:  # rank 0: deadlines, slack, SLO attainment, gaps
+            timing = live.playout.stats()
+        state = "failed" if live.error else "done" if live.done else "running"
+        return {"prompt": live.prompt, **timing, "state": state}
 
     def stats(self) -> dict[str, Any]:
         pipe = self.pipe
@@ -270,7 +284,7 @@ class PipelineRuntime(PipelineSideWork):
                 with self._cond:
                     idle = not self._commands and not self._advancing()
                     if not self._stopping and idle:
-                        self._cond.wait(0.002 if self._side_waiting() else self.idle_s)
+                        self._cond.wait(0.002 if self._side_waiting() else self._next_due())
                     commands = self._commands
                     self._commands = []
                     if self._stopping:
@@ -292,10 +306,42 @@ class PipelineRuntime(PipelineSideWork):
             pass
 
     def _advancing(self) -> list[str]:
-        """Streams rank 0 wants another chunk of: open, and their reader keeping up."""
-        return [
-            s.id for s in self.streams.values() if not s.done and s.pending < self.buffer_chunks
+        """Streams rank 0 wants another chunk of, most urgent (least playout slack) first:
+        open, their reader keeping up, and not more than `ahead_s` ahead of their playout."""
+        now = time.perf_counter()
+        due = [
+            s
+            for s in self.streams.values()
+            if not s.done
+            and s.pending < self.buffer_chunks
+            and s.playout.slack(now) < self.config.ahead_s
         ]
+        return [s.id for s in sorted(due, key=lambda s: s.playout.slack(now))]
+
+    def _next_due(self) -> float:
+        """Seconds until a stream ahead of its playout is due again (at most `idle_s`)."""
+        now = time.perf_counter()
+        waits = [
+            s.playout.slack(now) - self.config.ahead_s
+            for s in self.streams.values()
+            if not s.done and s.pending < self.buffer_chunks
+        ]
+        return min(max(min(waits, default=self.idle_s), 0.001), self.idle_s)
+
+    def _admit(self, fps: float) -> None:
+        """Refuse a stream whose frames the pipeline cannot add at its measured speed
+        (`headroom` of its capacity, as `Runtime` admits)."""
+        if not self.config.admission or self.chunk_s is None:
+            return
+        per_chunk = self.pipe.engine.config.chunk_frames * self.pipe.engine.codec.temporal
+        running = [s.playout.fps for s in self.streams.values() if not s.done]
+        load = sum(f / per_chunk for f in [*running, fps]) * self.chunk_s
+        if load > self.config.headroom:
+            raise AdmissionError(
+                f"the pipeline is at capacity: with this stream it would need {load:.0%} of "
+                f"its time ({self.chunk_s * 1e3:.0f} ms per stream-chunk, "
+                f"{len(running)} streams running): ask for a lower fps or retry later"
+            )
 
     def _round(self, commands: list[tuple] | None) -> bool:
         box = [commands]
@@ -332,6 +378,7 @@ class PipelineRuntime(PipelineSideWork):
         if not advance:
             return True
         lives = [self.streams[sid] for sid in advance]
+        started = time.perf_counter()
         switches = {
             (i, 0): self._switches.pop(live.id)
             for i, live in enumerate(lives)
@@ -341,6 +388,8 @@ class PipelineRuntime(PipelineSideWork):
             for i, x0 in self.pipe.run([live.stream for live in lives], 1, switches):
                 if self.rank == 0:
                     self._emit(lives[i], x0)
+        per = (time.perf_counter() - started) / len(lives)  # decode included
+        self.chunk_s = per if self.chunk_s is None else 0.8 * self.chunk_s + 0.2 * per
         return True
 
     def _emit(self, live: _Stream, x0: torch.Tensor) -> None:
@@ -356,6 +405,7 @@ class PipelineRuntime(PipelineSideWork):
                 live.first_frame_s = time.perf_counter() - live.opened
             live.frames += len(frames)
             live.last_frame_s = time.perf_counter() - live.opened
+            live.playout.produced(len(frames), time.perf_counter())
             live.pending += 1
             live.out.put(frames)
             if live.num_frames is not None and live.frames >= live.num_frames:

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_serve import OTHER, PROMPT, decode, free_port, mjpeg_parts, wait_for
+from test_serve import OTHER, PROMPT, decode, error_of, free_port, mjpeg_parts, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -156,6 +156,18 @@ def test_streams_on_two_ranks_equal_the_one_process_streams(tmp_path):
             # 0-5, its read-ahead) before the session attached, never more
             assert qa["stream_id"] == sid and 2 <= qa["fed"] <= 4 and qa["dropped"] == 0, qa
             assert c.delete(f"/v1/qa/sessions/{qid}").status_code == 200
+
+            # deadlines: a 6 fps stream is made as its playout needs it (at most 1 s ahead),
+            # not as fast as the pipeline goes; a stream beyond capacity is refused
+            t0 = time.perf_counter()
+            body = {"prompt": OTHER, "num_frames": 12, "fps": 6, "seed": 3}
+            sid = c.post("/v1/streams", json=body).json()["id"]
+            assert len(_read(c, sid)) == 12
+            assert time.perf_counter() - t0 > 1.2  # frame 9 is not made before 1.5 s
+            st = c.get("/v1/stats").json()["streams"][sid]
+            assert st["target_fps"] == 6 and st["slo_attainment"] >= 0.9, st
+            r = c.post("/v1/streams", json={"prompt": PROMPT, "fps": 100000})
+            assert r.status_code == 503 and "at capacity" in error_of(r), r.text
 
             # an agent's chat completion on rank 0, on the same cache manager
             chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
