@@ -12,12 +12,10 @@ other ranks never see this work.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from streamrt.config import RuntimeConfig
-from streamrt.errors import InputError, UnknownNameError
-from streamrt.runtime.qa import QAHandle, QASession, encode_together
+from streamrt.runtime.qa import QAHandle, QASession, QASessions, encode_together
 
 
 class _Waker:
@@ -31,7 +29,7 @@ class _Waker:
             self._cond.notify_all()
 
 
-class PipelineSideWork:
+class PipelineSideWork(QASessions):
     """Mixin of `PipelineRuntime`: the `Runtime` QA and agent surface the server uses."""
 
     def _init_side(
@@ -63,52 +61,22 @@ class PipelineSideWork:
     ) -> QAHandle:
         """A QA session on rank 0 (with `stream_id`: fed that stream's frames)."""
         with self.lock:
-            if len(self.sessions) >= self.runtime_config.max_streams:
-                raise InputError(
-                    f"the server already serves {self.runtime_config.max_streams} QA sessions "
-                    "(runtime.max_streams): close one"
-                )
             source = self._get(stream_id) if stream_id is not None else None
-            if source is not None and source.done:
-                raise InputError(f"stream {stream_id} has ended: there is nothing to watch")
             if self._qa_parts is None:
                 from streamrt.qa.layout import load_qa_model
 
                 self._qa_parts = load_qa_model(self.qa_model)
-            adapter, tokenizer, base = self._qa_parts
-            session_id = f"q{next(self._ids)}"
-            session = QASession(
-                session_id,
-                adapter,
-                tokenizer,
-                dataclasses.replace(base, session=session_id, **qa_config),
+            return self._open_session(
+                self._qa_parts,
                 self.pipe.engine.cache,
                 self.runtime_config,
+                source,
+                float(source.playout.fps) if source is not None else 0.0,
                 stream_id,
                 priority,
                 kv_quota_mb,
+                qa_config,
             )
-            self.sessions[session_id] = session
-            if source is not None:
-                fps = self.pipe.engine.config.fps
-                session.stride = max(1, round(fps / session.qa.config.fps))
-                source.watchers.append(session)
-        return QAHandle(self, session)
-
-    def session(self, session_id: str) -> QASession:
-        with self.lock:
-            if session_id not in self.sessions:
-                raise UnknownNameError(f"no QA session {session_id!r}")
-            return self.sessions[session_id]
-
-    def close_qa(self, session_id: str) -> None:
-        with self.lock:
-            session = self.session(session_id)
-            del self.sessions[session_id]
-            for live in self.streams.values():
-                if session in live.watchers:
-                    live.watchers.remove(session)
-            session.close()
 
     def step(self) -> float:
         """The side work (`QAHandle.flush` calls it without a thread)."""

@@ -23,9 +23,10 @@ import numpy as np
 
 from streamrt.cache import OutOfBlocksError
 from streamrt.config import QAConfig, RuntimeConfig
-from streamrt.errors import InputError, StreamrtError
+from streamrt.errors import InputError, StreamrtError, UnknownNameError
 from streamrt.qa.video_qa import Answer, VideoQA
 from streamrt.runtime.live import quota_bytes
+from streamrt.runtime.overload import AdmissionError
 
 if TYPE_CHECKING:
     from streamrt.cache import CacheManager
@@ -160,6 +161,68 @@ def encode_together(work: list[tuple[QASession, list[tuple[np.ndarray, float | N
             session.error = str(exc)
         start += n
     return stored
+
+
+class QASessions:
+    """Mixin of `Runtime` and of the pipeline server (`streamrt.parallel.serving`): their QA
+    sessions (`sessions`, under `lock`), each possibly watching one of their `streams`."""
+
+    sessions: dict[str, QASession]
+
+    def _open_session(
+        self,
+        parts: tuple[Any, Any, QAConfig],
+        manager: CacheManager,
+        config: RuntimeConfig,
+        source: Any,
+        source_fps: float,
+        stream_id: str | None,
+        priority: int,
+        kv_quota_mb: float | None,
+        qa_config: dict[str, Any],
+    ) -> QAHandle:
+        """A new session (called under `lock`; refused at `config.max_streams` sessions);
+        with `source` (a stream at `source_fps`) it is fed every k-th frame of it, near the
+        QA model's own fps."""
+        if len(self.sessions) >= config.max_streams:
+            raise AdmissionError(
+                f"{len(self.sessions)} QA sessions are open, runtime.max_streams: close one"
+            )
+        if source is not None and source.done:
+            raise InputError(f"stream {stream_id} has ended: there is nothing to watch")
+        adapter, tokenizer, base = parts
+        session_id = f"q{next(self._ids)}"
+        session = QASession(
+            session_id,
+            adapter,
+            tokenizer,
+            dataclasses.replace(base, session=session_id, **qa_config),
+            manager,
+            config,
+            stream_id,
+            priority,
+            kv_quota_mb,
+        )
+        self.sessions[session_id] = session
+        if source is not None:
+            session.stride = max(1, round(source_fps / session.qa.config.fps))
+            source.watchers.append(session)
+        return QAHandle(self, session)
+
+    def session(self, session_id: str) -> QASession:
+        with self.lock:
+            if session_id not in self.sessions:
+                raise UnknownNameError(f"no QA session {session_id!r}")
+            return self.sessions[session_id]
+
+    def close_qa(self, session_id: str) -> None:
+        with self.lock:
+            session = self.session(session_id)
+            del self.sessions[session_id]
+            for live in self.streams.values():
+                if session in live.watchers:
+                    live.watchers.remove(session)
+            session.close()
 
 
 class QAHandle:

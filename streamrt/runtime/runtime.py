@@ -38,14 +38,14 @@ from streamrt.gen.stream import check_num_frames
 from streamrt.runtime.live import LiveStream, StreamHandle, check_kv_quota
 from streamrt.runtime.lock import FairLock
 from streamrt.runtime.overload import AdmissionError, Overload
-from streamrt.runtime.qa import QAHandle, QASession
+from streamrt.runtime.qa import QAHandle, QASession, QASessions
 from streamrt.runtime.scheduler import Scheduler, calibrate
 from streamrt.threads import thread_target
 
 logger = logging.getLogger(__name__)
 
 
-class Runtime(Overload):
+class Runtime(Overload, QASessions):
     """One engine for many streams and QA sessions, on one cache manager.
 
     Args:
@@ -276,52 +276,24 @@ class Runtime(Overload):
         answer may hold (sink, window, retrieved frames, question): a session whose
         settings need more is refused, naming them."""
         with self.lock:
-            if len(self.sessions) >= self.config.max_streams:
-                raise AdmissionError(
-                    f"the runtime already serves {self.config.max_streams} QA sessions "
-                    "(runtime.max_streams): close one"
-                )
             source = self._live(stream_id) if stream_id is not None else None
-            if source is not None and source.done:
-                raise InputError(f"stream {stream_id} has ended: there is nothing to watch")
-            adapter, tokenizer, base = self._qa()
-            session_id = f"q{next(self._ids)}"
-            session = QASession(
-                session_id,
-                adapter,
-                tokenizer,
-                dataclasses.replace(base, session=session_id, **qa_config),
+            fps = source.playout.fps if source is not None else 0.0
+            return self._open_session(
+                self._qa(),
                 self.cache,
                 self.config,
+                source,
+                fps,
                 stream_id,
                 priority,
                 kv_quota_mb,
+                qa_config,
             )
-            self.sessions[session_id] = session
-            if source is not None:  # every k-th frame, near the model's own fps
-                session.stride = max(1, round(source.playout.fps / session.qa.config.fps))
-                source.watchers.append(session)
-        return QAHandle(self, session)
 
     def _qa(self) -> tuple[Any, Any, Any]:
         if self._qa_parts is None:
             raise InputError("this runtime was made without a Video-LLM (qa=False)")
         return self._qa_parts
-
-    def session(self, session_id: str) -> QASession:
-        with self.lock:
-            if session_id not in self.sessions:
-                raise UnknownNameError(f"no QA session {session_id!r}")
-            return self.sessions[session_id]
-
-    def close_qa(self, session_id: str) -> None:
-        with self.lock:
-            session = self.session(session_id)
-            del self.sessions[session_id]
-            for live in self.streams.values():
-                if session in live.watchers:
-                    live.watchers.remove(session)
-            session.close()
 
     # ------------------------------------------------------------------ the step loop
 

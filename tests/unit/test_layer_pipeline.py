@@ -81,13 +81,20 @@ def solo(case: str) -> list[list[torch.Tensor]]:
     return out
 
 
-def _ranks(rank: int, world: int, case: str, out: str) -> None:
-    _world, streams, overrides, switches = CASES[case]
+def _open(rank: int, world: int, case: str):
+    """This rank's engine, pipeline (even ranges) and `case`'s streams."""
+    _world, streams, overrides, _switches = CASES[case]
     whole = engine(**overrides)
     ranges = even_ranges(len(whole.transformer.blocks), world)
     e = stage_engine(whole, ranges[rank])
     pipe = LayerPipeline(e, ranges, timeout=60)
     opened = [pipe.open_stream(PROMPTS[i % 2], e.config, seed=i) for i in range(streams)]
+    return e, pipe, opened
+
+
+def _ranks(rank: int, world: int, case: str, out: str) -> None:
+    switches = CASES[case][3]
+    e, pipe, opened = _open(rank, world, case)
     got: list[list[torch.Tensor]] = [[] for _ in opened]
     for i, x0 in pipe.run(opened, CHUNKS, switches):
         got[i].append(x0)
@@ -188,12 +195,8 @@ MOVES = {
 
 
 def _moved(rank: int, world: int, case: str, out: str) -> None:
-    _world, streams, overrides, switches = CASES[case]
-    whole = engine(**overrides)
-    ranges = even_ranges(len(whole.transformer.blocks), world)
-    e = stage_engine(whole, ranges[rank])
-    pipe = LayerPipeline(e, ranges, timeout=60)
-    opened = [pipe.open_stream(PROMPTS[i % 2], e.config, seed=i) for i in range(streams)]
+    switches = CASES[case][3]
+    e, pipe, opened = _open(rank, world, case)
     got: list[list[torch.Tensor]] = [[] for _ in opened]
     plan = [None, *MOVES[case], None]
     for c in range(CHUNKS):  # one chunk per run: the blocks move between runs
