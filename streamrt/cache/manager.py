@@ -221,10 +221,15 @@ class CacheManager(TierMoves, Relayout):
             consumer = self._consumer(name)
             if self.sequences_of(name):
                 raise InputError(f"consumer {name!r} still has open sequences: close them first")
-            for pool in self.pools.values():
-                for key in [k for k in pool.cached if k[0] == name]:
-                    pool._drop_hash(pool.cached[key])
+            self._drop_cached(name)
             del self.consumers[consumer.name]
+
+    def _drop_cached(self, name: str) -> None:
+        """Forget the cached free blocks of consumer `name` (no prefix hit finds them)."""
+        for pool in self.pools.values():
+            for key in [k for k in pool.cached if k[0] == name]:
+                if pool.cached[key].ref_cnt == 0:
+                    pool._drop_hash(pool.cached[key])
 
     def _consumer(self, consumer: str | Consumer) -> Consumer:
         name = consumer.name if isinstance(consumer, Consumer) else consumer

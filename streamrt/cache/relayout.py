@@ -64,12 +64,7 @@ class Relayout:
                 new[key] = kv
             if spec.block_bytes > self.page_bytes and self.pools:
                 self._grow_pages(-(-spec.block_bytes // PAGE_ALIGN) * PAGE_ALIGN)
-            for pool in self.pools.values():
-                for owner, block_hash in [k for k in pool.cached if k[0] == c.name]:
-                    block = pool.cached[(owner, block_hash)]
-                    if block.ref_cnt == 0:  # a free cached block: its bytes have the old layout
-                        pool._drop_hash(block)
-                        block.reset()
+            self._drop_cached(c.name)  # free cached blocks keep the old layout's bytes
             c.spec = spec
             for key, (seq, index) in seen.items():
                 block = seq.table[index]

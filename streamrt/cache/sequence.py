@@ -145,18 +145,13 @@ class Sequence:
     def without(self, indices: list[int]) -> Iterator[Sequence]:
         """The sequence as if blocks `indices` had left it, for a plan taken before they are
         evicted (`streamrt.gen.fold`); they are back in place afterwards."""
-        hidden = {i: self.table.pop(i) for i in indices}
-        for block in hidden.values():
-            self.counts[block.tier] -= 1
-        self._device.difference_update(hidden)
+        hidden = {i: self._pop(i) for i in indices}
         try:
             yield self
         finally:
-            self.table = dict(sorted({**self.table, **hidden}.items()))  # time order
             for i, block in hidden.items():
-                self.counts[block.tier] += 1
-                if block.tier == DEVICE:
-                    self._device.add(i)
+                self._put(i, block)
+            self.table = dict(sorted(self.table.items()))  # back in time order
 
     def num_resident(self, tier: str = DEVICE) -> int:
         """Blocks of this sequence in `tier` (kept as a counter by the manager)."""

@@ -54,8 +54,6 @@ def begin_fold(stream: GenStream):
     if stream.deferred is None:
         return None
     blocks, x0 = stream.deferred
-    stream.deferred = None
-    refresh = stream.request([blocks], x0, torch.zeros(1, x0.shape[2]), causal=True)
     frames = stream.config.chunk_frames
     victims = []
     for seq in stream.seqs:
@@ -65,9 +63,10 @@ def begin_fold(stream: GenStream):
     manager = stream.engine.cache
     pages = frames * len(stream.seqs)
     if any(set(v) & set(blocks) for v in victims) or not manager.can_take(stream.seqs[0], pages):
-        yield refresh  # the window is one chunk, or no room: refresh alone, then the ring
-        stream.refreshed(blocks)
+        yield from stream.flush_deferred()  # a one-chunk window, or no room: alone, then the ring
         return None
+    stream.deferred = None
+    refresh = stream.refresh_request(blocks, x0)  # planned before this chunk's blocks exist
     new = [[seq.append(ring=False) for _ in range(frames)] for seq in stream.seqs]
     return Fold(refresh, blocks, new[0], victims)
 

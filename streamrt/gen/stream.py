@@ -145,11 +145,7 @@ class GenStream:
         """`set_prompt` as a schedule (its re-cache forwards are requests)."""
         engine = self.engine
         check_prompt(prompt)
-        if self.deferred is not None:  # the refresh runs under the prompt it was made with
-            blocks, x0 = self.deferred
-            self.deferred = None
-            yield self.request([blocks], x0, torch.zeros(1, x0.shape[2]), causal=True)
-            self.refreshed(blocks)
+        yield from self.flush_deferred()  # a deferred refresh runs under its own prompt
         self.embeds = engine.encode_prompt(prompt)
         self.text_key = engine.text_key(prompt)
         if self.guided:
@@ -270,13 +266,27 @@ class GenStream:
         policies = [seq.policy for seq in self.seqs]
         scores: dict | None = {} if any(p.needs_scores for p in policies) else None
         if self.config.clean_refresh:
-            refresh = self.request([blocks], x0, torch.zeros(1, x0.shape[2]), True, scores)
+            refresh = self.refresh_request(blocks, x0, scores)
             yield refresh
             if scores is not None:
                 for r, seq in enumerate(self.seqs):
                     seq.policy.observe_scores(seq, refresh.rows[r].plan, scores, row=r)
         self.refreshed(blocks)
         self.remember_clean(blocks, x0)
+
+    def refresh_request(
+        self, blocks: list[int], x0: torch.Tensor, scores: dict | None = None
+    ) -> ForwardRequest:
+        """The clean t=0 forward that rewrites a finished chunk's K/V (block-causal)."""
+        return self.request([blocks], x0, torch.zeros(1, x0.shape[2]), True, scores)
+
+    def flush_deferred(self) -> Generator:
+        """A deferred refresh (`streamrt.gen.fold`) as a forward of its own, if there is one."""
+        if self.deferred is not None:
+            blocks, x0 = self.deferred
+            self.deferred = None
+            yield self.refresh_request(blocks, x0)
+            self.refreshed(blocks)
 
     def refreshed(self, blocks: list[int]) -> None:
         """The policies' write hooks, once a chunk's clean K/V are in place."""

@@ -168,9 +168,9 @@ def migrate(pipe, ranges: list[range]) -> int:
         for b in [b for b in new if was[b] != rank]:
             block = arrived[b] = _empty_block(tr)
             for t in block.state_dict().values():
-                if not t.is_contiguous():
+                if not t.is_contiguous():  # `_bytes` would copy it: received bytes lost
                     raise RuntimeError(f"block parameter of shape {tuple(t.shape)} is strided")
-                post(dist.irecv, t.reshape(-1).view(torch.uint8), was[b], recvs)
+                post(dist.irecv, _bytes(t), was[b], recvs)
             for seq in seqs:
                 n = len(seq.indices())
                 shape = (n, 2, seq.spec.tokens_per_block, spec.num_kv_heads, spec.head_dim)

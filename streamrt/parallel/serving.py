@@ -71,13 +71,10 @@ class _Stream:
     num_frames: int | None
     seed: int | None
     playout: Playout | None = None
-    """Its deadlines (rank 0): frame i is due `ttff_s + i / fps` after it opened."""
+    """Its deadlines and delivery statistics (rank 0): frame i is due `ttff_s + i / fps`
+    after it opened."""
     out: queue.Queue = field(default_factory=queue.Queue)
     stream: GenStream | None = None
-    frames: int = 0
-    opened: float = field(default_factory=time.perf_counter)
-    first_frame_s: float | None = None
-    last_frame_s: float = 0.0
     pending: int = 0
     """Chunks decoded and not yet read (rank 0)."""
     done: bool = False
@@ -216,15 +213,8 @@ class PipelineRuntime(PipelineSideWork):
 
     def stream_stats(self, stream_id: str) -> dict[str, Any]:
         live = self._get(stream_id)
-        timing = {
-            "frames": live.frames,
-            "fps": live.frames / live.last_frame_s if live.frames else 0.0,
-            "first_frame_s": live.first_frame_s,
-        }
-        if live.playout is not None:  # rank 0: deadlines, slack, SLO attainment, gaps
-            timing = live.playout.stats()
         state = "failed" if live.error else "done" if live.done else "running"
-        return {"prompt": live.prompt, **timing, "state": state}
+        return {"prompt": live.prompt, **live.playout.stats(), "state": state}
 
     def stats(self) -> dict[str, Any]:
         pipe = self.pipe
@@ -395,20 +385,16 @@ class PipelineRuntime(PipelineSideWork):
     def _emit(self, live: _Stream, x0: torch.Tensor) -> None:
         frames = list(live.stream.decode(x0))
         if live.num_frames is not None:
-            frames = frames[: live.num_frames - live.frames]
+            frames = frames[: live.num_frames - live.playout.frames]
         if live.watchers:
-            self._feed_watchers(live, frames, live.frames)
+            self._feed_watchers(live, frames, live.playout.frames)
         with self._cond:
             if live.done:  # closed by its reader meanwhile
                 return
-            if live.first_frame_s is None and frames:
-                live.first_frame_s = time.perf_counter() - live.opened
-            live.frames += len(frames)
-            live.last_frame_s = time.perf_counter() - live.opened
             live.playout.produced(len(frames), time.perf_counter())
             live.pending += 1
             live.out.put(frames)
-            if live.num_frames is not None and live.frames >= live.num_frames:
+            if live.num_frames is not None and live.playout.frames >= live.num_frames:
                 self._end(live)
                 self._commands.append(("close", live.id))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from streamrt.config import RuntimeConfig
+from streamrt.runtime.live import feed_watchers
 from streamrt.runtime.qa import QAHandle, QASession, QASessions, encode_together
 
 
@@ -71,7 +72,6 @@ class PipelineSideWork(QASessions):
                 self.pipe.engine.cache,
                 self.runtime_config,
                 source,
-                float(source.playout.fps) if source is not None else 0.0,
                 stream_id,
                 priority,
                 kv_quota_mb,
@@ -99,12 +99,8 @@ class PipelineSideWork(QASessions):
             self.agents.step()
 
     def _feed_watchers(self, live, frames: list, first: int) -> None:
-        fps = self.pipe.engine.config.fps
         with self.lock:
-            for i, frame in enumerate(frames):
-                for session in live.watchers:
-                    if (first + i) % session.stride == 0:
-                        session.push(frame, (first + i) / fps)
+            feed_watchers(live.watchers, frames, first, live.playout.fps)
 
     def _close_side(self) -> None:
         with self.lock:

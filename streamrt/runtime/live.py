@@ -91,11 +91,9 @@ class LiveStream:
         self.frames_per_chunk = self.frames_per_chunk or len(frames)
         first = self.playout.frames
         self.playout.produced(len(frames), time.perf_counter())
-        for i, frame in enumerate(frames):
+        for frame in frames:
             self.out.put(frame)
-            for session in self.watchers:
-                if (first + i) % session.stride == 0:
-                    session.push(frame, (first + i) / self.playout.fps)
+        feed_watchers(self.watchers, frames, first, self.playout.fps)
 
     def start_chunk(self) -> None:
         """Leave the chunk boundary: `pending` becomes the next chunk's first forward."""
@@ -275,3 +273,12 @@ def check_kv_quota(gen: Any, quota_mb: float | None) -> None:
             f"{gen.seqs[0].spec.block_bytes / 1e6:.3f} MB) but kv_quota_mb is {quota_mb:g}: "
             f"keep at most {fits} frames (policy_args) or raise the quota"
         )
+
+
+def feed_watchers(watchers: list[QASession], frames, first: int, fps: float) -> None:
+    """Queue a stream's new frames (`first`: the index of the first) for the QA sessions
+    watching it: each session gets every `stride`-th frame, stamped index / `fps`."""
+    for i, frame in enumerate(frames):
+        for session in watchers:
+            if (first + i) % session.stride == 0:
+                session.push(frame, (first + i) / fps)

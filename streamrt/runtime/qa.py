@@ -175,15 +175,14 @@ class QASessions:
         manager: CacheManager,
         config: RuntimeConfig,
         source: Any,
-        source_fps: float,
         stream_id: str | None,
         priority: int,
         kv_quota_mb: float | None,
         qa_config: dict[str, Any],
     ) -> QAHandle:
         """A new session (called under `lock`; refused at `config.max_streams` sessions);
-        with `source` (a stream at `source_fps`) it is fed every k-th frame of it, near the
-        QA model's own fps."""
+        with `source` (a stream with a `playout` clock) it is fed every k-th frame of it,
+        near the QA model's own fps."""
         if len(self.sessions) >= config.max_streams:
             raise AdmissionError(
                 f"{len(self.sessions)} QA sessions are open, runtime.max_streams: close one"
@@ -205,7 +204,7 @@ class QASessions:
         )
         self.sessions[session_id] = session
         if source is not None:
-            session.stride = max(1, round(source_fps / session.qa.config.fps))
+            session.stride = max(1, round(source.playout.fps / session.qa.config.fps))
             source.watchers.append(session)
         return QAHandle(self, session)
 

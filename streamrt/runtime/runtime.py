@@ -277,13 +277,11 @@ class Runtime(Overload, QASessions):
         settings need more is refused, naming them."""
         with self.lock:
             source = self._live(stream_id) if stream_id is not None else None
-            fps = source.playout.fps if source is not None else 0.0
             return self._open_session(
                 self._qa(),
                 self.cache,
                 self.config,
                 source,
-                fps,
                 stream_id,
                 priority,
                 kv_quota_mb,
