@@ -23,12 +23,6 @@ class Parser(argparse.ArgumentParser):
         raise InputError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-REBALANCE_HELP = (
-    "--parallel layers: every ROUNDS rounds, move blocks between ranks (weights and KV) "
-    "when the measured per-rank times say that cuts the slowest rank's time by 10%%"
-)
-
-
 def count(minimum: int = 1, maximum: int | None = None) -> Callable[[str], int]:
     """Type of a whole-number option in [minimum, maximum]."""
 
@@ -114,3 +108,14 @@ def new_file(text: str) -> str:
             f"cannot write {text}: directory {parent} does not exist (create it first)"
         )
     return text
+
+
+def add_rebalance_argument(p: argparse.ArgumentParser) -> None:
+    """`--rebalance-every ROUNDS` of `generate` and `serve` on a layer pipeline."""
+    p.add_argument(
+        "--rebalance-every",
+        type=count(1),
+        metavar="ROUNDS",
+        help="--parallel layers: every ROUNDS rounds, move blocks between ranks (weights and "
+        "KV) when the measured per-rank times say that cuts the slowest rank's time by 10%%",
+    )

@@ -12,8 +12,8 @@ import sys
 from collections.abc import Sequence
 
 from streamrt.apps.arguments import (
-    REBALANCE_HELP,
     Parser,
+    add_rebalance_argument,
     count,
     existing_dir,
     new_file,
@@ -388,14 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--parallel",
         choices=["layers"],
         help="under torchrun: streams on a layer pipeline (block ranges per rank); rank 0 "
-        "serves HTTP. Streams only: QA, agents and v2v answer 501 there",
+        "serves HTTP, QA sessions and agents. Live video-to-video answers 501 there",
     )
-    serve.add_argument(
-        "--rebalance-every",
-        type=count(1),
-        metavar="ROUNDS",
-        help=REBALANCE_HELP,
-    )
+    add_rebalance_argument(serve)
     serve.set_defaults(func=_cmd_serve)
 
     config = sub.add_parser("config", help="print the effective configuration (defaults + preset)")

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from streamrt.apps.arguments import REBALANCE_HELP, count, finite, parse_size, size
+from streamrt.apps.arguments import add_rebalance_argument, count, finite, parse_size, size
 from streamrt.embedded import ASSET_DIRS, GEN_MODEL, resolve_model
 from streamrt.errors import InputError
 
@@ -56,12 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="--parallel layers: place the block ranges from measured per-block times",
     )
-    p.add_argument(
-        "--rebalance-every",
-        type=count(1),
-        metavar="ROUNDS",
-        help=REBALANCE_HELP,
-    )
+    add_rebalance_argument(p)
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
