@@ -1,7 +1,7 @@
 """Where the embedded generator's loss looks hardest: object pixels, the background ring
 around each object, and the pixels that tell its shape from the others.
 
-`sample_batch` (`models/train_gen.py`) returns masks `[B, 2, F, H, W]`: channel 0 the
+`sample_batch` (`models/train_gen_data.py`) returns masks `[B, 2, F, H, W]`: channel 0 the
 object pixels, channel 1 the shape-difference pixels; `loss_weight` turns them and the
 config's weights into a latent pixel's loss weight.
 """
