@@ -119,3 +119,29 @@ def add_rebalance_argument(p: argparse.ArgumentParser) -> None:
         help="--parallel layers: every ROUNDS rounds, move blocks between ranks (weights and "
         "KV) when the measured per-rank times say that cuts the slowest rank's time by 10%%",
     )
+
+
+def add_compile_argument(p: argparse.ArgumentParser) -> None:
+    """`--compile [MODE]` of the commands that generate (`gen.compile`)."""
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=["off", "default", "reduce-overhead", "max-autotune"],
+        help="torch.compile the transformer's streaming forward (MODE default: 'default'); "
+        "its graphs are built while a stream's window fills (seconds each on a CPU), then "
+        "reused for the whole stream",
+    )
+
+
+def check_compile_parallel(args: argparse.Namespace) -> None:
+    """Refuse `--compile` with `--parallel layers`: a layer pipeline's ranks run their
+    block ranges eager (the denoising-step pipeline compiles each rank's forward)."""
+    if getattr(args, "parallel", None) == "layers" and getattr(args, "compile", None) not in (
+        None,
+        "off",
+    ):
+        raise InputError(
+            "--compile is not available with --parallel layers (its ranks run their blocks "
+            "eager): leave out one of them"
+        )

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from streamrt.apps.arguments import (
     Parser,
+    add_compile_argument,
     add_rebalance_argument,
     count,
     existing_dir,
@@ -391,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serves HTTP, QA sessions and agents. Live video-to-video answers 501 there",
     )
     add_rebalance_argument(serve)
+    add_compile_argument(serve)
     serve.set_defaults(func=_cmd_serve)
 
     config = sub.add_parser("config", help="print the effective configuration (defaults + preset)")

@@ -9,7 +9,15 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from streamrt.apps.arguments import add_rebalance_argument, count, finite, parse_size, size
+from streamrt.apps.arguments import (
+    add_compile_argument,
+    add_rebalance_argument,
+    check_compile_parallel,
+    count,
+    finite,
+    parse_size,
+    size,
+)
 from streamrt.embedded import ASSET_DIRS, GEN_MODEL, resolve_model
 from streamrt.errors import InputError
 
@@ -57,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="--parallel layers: place the block ranges from measured per-block times",
     )
     add_rebalance_argument(p)
+    add_compile_argument(p)
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -79,6 +88,8 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         out["noise_drift"] = args.noise_drift
     if args.size:
         out["width"], out["height"] = parse_size(args.size)
+    if getattr(args, "compile", None):
+        out["compile"] = args.compile
     return out
 
 
@@ -145,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     # 1. Load and start the stream: a bad prompt, config or checkpoint fails here, before
     #    any file is written (the CLI prints the error as one line).
+    check_compile_parallel(args)
     gen = load_generator(args.model, args.config, overrides_from(args), args.checkpoint)
     if args.parallel:
         from streamrt.apps.generate_parallel import run_parallel

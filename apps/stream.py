@@ -7,7 +7,7 @@ import argparse
 
 from rich.console import Console
 
-from streamrt.apps.arguments import count, size
+from streamrt.apps.arguments import add_compile_argument, count, size
 from streamrt.apps.generate import load_generator, output, overrides_from
 from streamrt.errors import InputError
 
@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--size", type=size, help="WIDTHxHEIGHT of the output (input frames are resized)"
     )
+    add_compile_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -131,6 +131,12 @@ class GenConfig:
     switched while chunk k's frames are handed out applies from chunk k+2 (k+1 is already
     denoised) instead of k+1. False: denoise, decode, hand out, one chunk at a time."""
 
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    """`torch.compile` the transformer's streaming forward in this mode (one engine-wide
+    setting, `streamrt.gen.compiled`): whole, no graph breaks, its graphs built while a
+    stream's window fills (seconds each on a CPU), then no recompiles; outputs equal eager
+    within float32 rounding."""
+
     policy: str = "sink_window"
     """Cache policy name (see streamrt.cache.POLICIES). Switched without `policy_args`, the
     new policy starts from its own default arguments."""

@@ -79,10 +79,58 @@ class ForwardContext:
     row's kept tokens here."""
     batch: BatchLayout | None = None
     """Index tensors, RoPE tables and mask shared by every layer (`prepare`)."""
+    text_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    """Per layer, the cross-attention K, V `[rows, text_len, heads, head_dim]` of every
+    row's prompt (`prepare_prompts`); None: attn2 projects the prompt itself."""
 
-    def prepare(self, rope: torch.nn.Module, tokens_per_frame: int) -> None:
-        """Everything the layers share, built once per forward (`BatchLayout`)."""
-        self.batch = BatchLayout.build(self, rope, tokens_per_frame)
+    def prepare(self, rope: torch.nn.Module, tokens_per_frame: int, uniform: bool = False) -> None:
+        """Everything the layers share, built once per forward (`BatchLayout`); `uniform`:
+        for a compiled forward, see `BatchLayout.build`."""
+        self.batch = BatchLayout.build(self, rope, tokens_per_frame, uniform)
+
+    def finish_scores(self) -> None:
+        """After the forward: each layer's importance `[rows, most kept]` as one tensor per
+        row over its own kept tokens (the processors store whole rows: slicing them by
+        each row's length inside a compiled forward would specialise it on the lengths)."""
+        for layer, found in (self.scores or {}).items():
+            if isinstance(found, torch.Tensor):
+                self.scores[layer] = [s[:n] for s, n in zip(found, self.batch.lengths)]
+
+    def prepare_prompts(
+        self, transformer: torch.nn.Module, state: StreamingState, embeds: torch.Tensor
+    ) -> None:
+        """Every layer's cross-attention K/V of the rows' prompts (`text_kv`), projected once
+        per prompt key and kept in `state` (the prompt's K/V depend on the prompt only).
+
+        `embeds` are the prompt embeddings the model takes `[rows, text_len, dim]`; they go
+        through the model's own text projection (`condition_embedder.text_embedder`), as in
+        its forward. Done before the forward, so a compiled forward reads tensors only.
+        """
+        rows = embeds.shape[0]
+        keys = self.text_key if isinstance(self.text_key, list) else [self.text_key] * rows
+        blocks = transformer.blocks
+        per_key: dict[Any, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for row, key in enumerate(keys):
+            name = ("row", row) if key is None else key
+            if name in per_key:
+                continue
+            kept = {} if key is None else state.prompt_kv(key)
+            if len(kept) < len(blocks):
+                text = transformer.condition_embedder.text_embedder(embeds[row : row + 1])
+                kept.update({i: _project_prompt(b.attn2, text) for i, b in enumerate(blocks)})
+            per_key[name] = kept
+        if len(per_key) == 1:
+            (kept,) = per_key.values()
+            self.text_kv = {
+                i: (k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
+                for i, (k, v) in kept.items()
+            }
+            return
+        names = [("row", r) if k is None else k for r, k in enumerate(keys)]
+        self.text_kv = {
+            i: tuple(torch.cat([per_key[n][i][j] for n in names]) for j in (0, 1))
+            for i in range(len(blocks))
+        }
 
 
 @dataclass
@@ -105,15 +153,27 @@ class BatchLayout:
     groups: list[tuple[slice | torch.Tensor, int]] | None
     """Rows keeping the same number of tokens (a slice when they are adjacent) and that
     number, one entry per distinct length; None when every row keeps the same number."""
+    mask: torch.Tensor | None
+    """With `groups`: True where a row's key is kept, not padding, `[rows, 1, 1, keys]`.
+    A compiled forward attends once with it (calls per length would specialise the graph
+    on every length)."""
     rope: torch.Tensor
-    """Complex rotation of the queries and new keys `[rows, q_tokens, 1, head_dim / 2]`."""
+    """Rotation of the queries and new keys as real pairs (`rotate`),
+    `[rows, q_tokens, 1, head_dim / 2, 2]`."""
     shift_ids: torch.Tensor | None
     """Kept blocks (flat over `[rows * most kept blocks]`) to turn; None: none."""
     shift: torch.Tensor | None
-    """Their rotation on the frame axis, `[len(shift_ids), 1, 1, head_dim / 2]`."""
+    """Their rotation on the frame axis as real pairs, `[len(shift_ids), 1, 1, head_dim / 2, 2]`."""
 
     @classmethod
-    def build(cls, ctx: ForwardContext, rope: torch.nn.Module, tpf: int) -> BatchLayout:
+    def build(
+        cls, ctx: ForwardContext, rope: torch.nn.Module, tpf: int, uniform: bool = False
+    ) -> BatchLayout:
+        """The layout of `ctx`'s rows. `uniform` (a compiled forward): the same structure
+        for every forward, so the graph is not specialised on it: a mask even when every
+        row keeps as many tokens (all True), and at least two turned blocks (block 0 by
+        a zero angle, which leaves it exactly as it is, where none moved; a single one
+        repeated)."""
         h, w = ctx.grid
         seq = ctx.rows[0].seq
         manager, spec = seq.manager, seq.spec
@@ -146,26 +206,32 @@ class BatchLayout:
                     shifts.append((n * most + j, moved))
         read_ids = torch.tensor([r + [r[0]] * (most - len(r)) for r in reads], device=device)
         lengths = [len(r) * spec.tokens_per_block for r in reads]
-        groups = None
+        groups = mask = None
         if min(lengths) < most * spec.tokens_per_block:
             groups = [
                 (_rows([n for n, length in enumerate(lengths) if length == kept], device), kept)
                 for kept in sorted(set(lengths))
             ]
+        if groups is not None or uniform:
+            keys = torch.arange(most * spec.tokens_per_block)
+            mask = (keys < torch.tensor(lengths)[:, None]).to(device)[:, None, None, :]
+        if uniform and len(shifts) < 2:  # repeats write the same value
+            shifts += [shifts[-1] if shifts else (0, 0)] * (2 - len(shifts))
         frames = torch.tensor(q_frames, dtype=torch.long)
         q_rope = keys_rope.at(frames.flatten(), h, w).to(device)
         shift_ids = shift = None
         if shifts:
             shift_ids = torch.tensor([i for i, _ in shifts], device=device)
             deltas = torch.tensor([d for _, d in shifts], dtype=torch.long)
-            shift = keys_rope.shift(deltas).to(device)[:, None, None, :]
+            shift = torch.view_as_real(keys_rope.shift(deltas).to(device)[:, None, None, :])
         return cls(
             table,
             torch.tensor(write, device=device),
             read_ids,
             lengths,
             groups,
-            q_rope.view(len(ctx.rows), -1, 1, q_rope.shape[-1]),
+            mask,
+            torch.view_as_real(q_rope.view(len(ctx.rows), -1, 1, q_rope.shape[-1])),
             shift_ids,
             shift,
         )
@@ -269,30 +335,69 @@ class StreamingSelfAttention:
         block = table.shape[3:]
         query = rotate(query, batch.rope)
         key = rotate(key, batch.rope)
-        # Per layer one index_copy_ and one index_select per K and V on `[pages, T, H, D]`
-        # views of the pool (3x faster than advanced indexing of the 6-D pool on CPU).
-        keys, values = _pages(table[:, 0, self.layer]), _pages(table[:, 1, self.layer])
-        keys.index_copy_(0, batch.write_ids, _pages(key.reshape(-1, *block).to(table.dtype)))
-        values.index_copy_(0, batch.write_ids, _pages(value.reshape(-1, *block).to(table.dtype)))
-        reads = batch.read_ids.view(-1)
-        k = keys.index_select(0, reads).view(table.dtype).to(query.dtype)  # [rows * kept, ...]
+        exchange = _exchange_op if torch.compiler.is_compiling() else _exchange
+        k, v = exchange(table, self.layer, batch.write_ids, key, value, batch.read_ids)
+        k, v = k.to(query.dtype), v.to(query.dtype)  # [rows * kept, T, H, D]
         if batch.shift_ids is not None:  # the gather is a fresh tensor: turned in place
             k[batch.shift_ids] = rotate(k[batch.shift_ids], batch.shift)
         rows = batch.read_ids.shape[0]
         k = k.view(rows, -1, *block[1:])
-        v = values.index_select(0, reads).view(table.dtype).to(query.dtype)
         v = v.view(rows, -1, *block[1:])
-        if batch.groups is None:
+        if torch.compiler.is_compiling():  # one masked call (per-length calls specialise)
+            out = attend(query, k, v, batch.mask)
+        elif batch.groups is None:
             out = attend(query, k, v)
         else:  # one call per kept length, over exactly the kept keys (no padding computed)
             out = query.new_empty(query.shape)
             for rows_of, kept in batch.groups:
                 out[rows_of] = attend(query[rows_of], k[rows_of, :kept], v[rows_of, :kept])
-        if ctx.scores is not None:
-            importance = torch.einsum("bqhd,bkhd->bk", query.float(), k.float())
-            ctx.scores[self.layer] = [s[:n] for s, n in zip(importance, batch.lengths)]
+        if ctx.scores is not None:  # whole rows: `ForwardContext.finish_scores` cuts them
+            ctx.scores[self.layer] = torch.einsum("bqhd,bkhd->bk", query.float(), k.float())
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def _exchange(
+    table: torch.Tensor,
+    layer: int,
+    write_ids: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    read_ids: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write the new K/V of `layer` to pages `write_ids`, then read pages `read_ids`: per
+    layer one index_copy_ and one index_select per K and V on `[pages, T, H, D]` views of
+    the pool (3x faster than advanced indexing of the 6-D pool on CPU). Returns K, V
+    `[read_ids.numel(), T, H, D]` in the pool's dtype."""
+    block = table.shape[3:]
+    keys, values = _pages(table[:, 0, layer]), _pages(table[:, 1, layer])
+    keys.index_copy_(0, write_ids, _pages(key.reshape(-1, *block).to(table.dtype)))
+    values.index_copy_(0, write_ids, _pages(value.reshape(-1, *block).to(table.dtype)))
+    reads = read_ids.view(-1)
+    return (
+        keys.index_select(0, reads).view(table.dtype),
+        values.index_select(0, reads).view(table.dtype),
+    )
+
+
+@torch.library.custom_op("streamrt::cache_exchange", mutates_args=("table",))
+def _exchange_op(
+    table: torch.Tensor,
+    layer: int,
+    write_ids: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    read_ids: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_exchange` as one opaque op for torch.compile: the pool is written in place (a
+    graph that wrote it with its own ops would copy the whole pool back every forward)."""
+    return _exchange(table, layer, write_ids, key, value, read_ids)
+
+
+@_exchange_op.register_fake
+def _(table, layer, write_ids, key, value, read_ids):
+    shape = (read_ids.numel(), *table.shape[3:])
+    return table.new_empty(shape), table.new_empty(shape)
 
 
 def _pages(t: torch.Tensor) -> torch.Tensor:
@@ -304,7 +409,8 @@ _FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 class CachedCrossAttention:
-    """attn2: prompt K/V computed once per `ForwardContext.text_key`, then reused."""
+    """attn2: the prompt's K/V come from the forward's context (`prepare_prompts`: once per
+    prompt, then reused); without them, projected here."""
 
     def __init__(self, layer: int, state: StreamingState) -> None:
         self.layer = layer
@@ -317,37 +423,18 @@ class CachedCrossAttention:
             raise NotImplementedError("image-conditioned Wan (I2V, added K/V) is not streamed yet")
         ctx = self.state.context()
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        out = attend(query, *self._prompt_kv(attn, encoder_hidden_states, ctx.text_key))
-        out = out.flatten(2, 3).type_as(query)
+        if ctx.text_kv is not None:
+            k, v = ctx.text_kv[self.layer]
+        else:
+            k, v = _project_prompt(attn, encoder_hidden_states)
+        out = attend(query, k, v).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
-    def _prompt_kv(self, attn, text: torch.Tensor, text_key: Any):
-        """K, V `[B, text_len, heads, dim]` of every row's prompt: computed once per prompt
-        key and kept (`StreamingState.prompt_kv`), stacked per row."""
 
-        def project(x: torch.Tensor):
-            k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))
-            return k, attn.to_v(x).unflatten(2, (attn.heads, -1))
-
-        if text_key is None:
-            return project(text)
-        b = text.shape[0]
-        keys = text_key if isinstance(text_key, list) else [text_key] * b
-        per_key = {}
-        for row, key in enumerate(keys):
-            if key in per_key:
-                continue
-            per_layer = self.state.prompt_kv(key)
-            if self.layer not in per_layer:
-                per_layer[self.layer] = project(text[row : row + 1])
-            per_key[key] = per_layer[self.layer]
-        if len(per_key) == 1:
-            k, v = next(iter(per_key.values()))
-            return k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
-        return (
-            torch.cat([per_key[key][0] for key in keys]),
-            torch.cat([per_key[key][1] for key in keys]),
-        )
+def _project_prompt(attn, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-attention K, V `[B, text_len, heads, head_dim]` of projected prompt tokens."""
+    k = attn.norm_k(attn.to_k(text)).unflatten(2, (attn.heads, -1))
+    return k, attn.to_v(text).unflatten(2, (attn.heads, -1))
 
 
 def attach_streaming(transformer: torch.nn.Module) -> StreamingState:

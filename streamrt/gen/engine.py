@@ -15,6 +15,7 @@ from streamrt.config import CacheConfig, GenConfig
 from streamrt.devices import resolve_device
 from streamrt.errors import InputError
 from streamrt.gen.attention import attach_streaming
+from streamrt.gen.compiled import compiled_model
 from streamrt.gen.settings import apply_changes, fit_window
 from streamrt.kernels import available_backends, set_attention_backend
 
@@ -69,6 +70,8 @@ class GenEngine:
         self.text_encoder = text_encoder
         self.codec = codec
         self.state = attach_streaming(self.transformer)
+        self.model = compiled_model(self.transformer, config.compile)
+        """What a forward calls: the transformer, or its compiled forward (`gen.compile`)."""
         set_attention_backend(config.attention)
         tcfg = transformer.config
         self.spec = KVSpec(
@@ -186,10 +189,12 @@ class GenEngine:
         else:
             base, given = config, frozenset(config.policy_args)
         cfg = fit_window(*apply_changes(base, given, overrides))
-        if cfg.kv_dtype != self.config.kv_dtype:
-            raise InputError(
-                f"gen.kv_dtype is the engine's ({self.config.kv_dtype}): a stream cannot "
-                f"store its KV as {cfg.kv_dtype}; set it in the engine's config"
-            )
+        for name in ("kv_dtype", "compile"):
+            mine, theirs = getattr(self.config, name), getattr(cfg, name)
+            if theirs != mine:
+                raise InputError(
+                    f"gen.{name} is the engine's ({mine}); a stream cannot set it to "
+                    f"{theirs}: set it in the engine's config"
+                )
         with self.lock:
             return GenStream(self, unique_id("g"), prompt, cfg)

@@ -9,6 +9,7 @@ import torch
 from streamrt.cache import Sequence
 from streamrt.errors import InputError
 from streamrt.gen.attention import ForwardContext, RowContext, StreamingState
+from streamrt.gen.compiled import mark_dynamic
 
 if TYPE_CHECKING:
     from streamrt.gen.engine import GenEngine
@@ -55,7 +56,9 @@ def run_requests(engine: GenEngine, requests: list[ForwardRequest]) -> list[torc
     keys = [k for r in requests for k in r.text_keys]
     scores: dict | None = {} if any(r.scores is not None for r in requests) else None
     with torch.no_grad(), engine.lock:
-        v = streaming_forward(engine.transformer, engine.state, rows, x, t, embeds, keys, scores)
+        v = streaming_forward(
+            engine.transformer, engine.state, rows, x, t, embeds, keys, scores, engine.model
+        )
     out, start = [], 0
     for r in requests:
         n = len(r.rows)
@@ -76,10 +79,13 @@ def streaming_forward(
     prompt_embeds: torch.Tensor,
     text_key=None,
     scores: dict | None = None,
+    model=None,
 ) -> torch.Tensor:
     """Run the model on `latents` `[B, C, F, H, W]` with per-frame timesteps `[B, F]`.
 
-    Returns the model output (flow-matching velocity for Wan), same shape as `latents`.
+    `model` is what is called: `transformer` (None) or its compiled forward
+    (`streamrt.gen.compiled`). Returns the model output (flow-matching velocity for Wan),
+    same shape as `latents`.
     """
     _, _, _num_frames, height, width = latents.shape
     p_t, p_h, p_w = transformer.config.patch_size
@@ -89,14 +95,22 @@ def streaming_forward(
         )
     grid = (height // p_h, width // p_w)
     _check_rope_range(transformer, rows, grid[0] * grid[1])
+    compiled = model is not None and model is not transformer
     ctx = ForwardContext(rows, grid, text_key, scores)
-    ctx.prepare(transformer.rope, grid[0] * grid[1])
+    ctx.prepare(transformer.rope, grid[0] * grid[1], uniform=compiled)
+    ctx.prepare_prompts(transformer, state, prompt_embeds)
     timestep = model_timestep(frame_timesteps.to(latents.device).float(), grid[0] * grid[1])
+    if compiled:
+        mark_dynamic(ctx, latents, timestep, prompt_embeds)
     state.current = ctx
     try:
-        return transformer(latents, timestep, prompt_embeds, return_dict=False)[0]
+        out = (model if compiled else transformer)(
+            latents, timestep, prompt_embeds, return_dict=False
+        )[0]
     finally:
         state.current = None
+    ctx.finish_scores()
+    return out
 
 
 def model_timestep(frame_timesteps: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:

@@ -197,6 +197,7 @@ class WanStage:
         _check_rope_range(tr, unit.rows, tpf)
         ctx = ForwardContext(unit.rows, grid, unit.text_keys, unit.scores)
         ctx.prepare(tr.rope, tpf)
+        ctx.prepare_prompts(tr, state, unit.embeds)
         timestep = model_timestep(unit.t.to(x.device).float(), tpf)
         seq_len = None
         if timestep.ndim == 2:
@@ -213,6 +214,7 @@ class WanStage:
                 hidden = block(hidden, text, proj, None)  # the processors do their own RoPE
         finally:
             state.current = None
+        ctx.finish_scores()
         if not self.last:
             return hidden
         if temb.ndim == 3:

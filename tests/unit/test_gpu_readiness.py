@@ -49,7 +49,7 @@ def _round_stored_keys_through(e: GenEngine, dtype: torch.dtype):
     its frame, the `dtype`-rounded one: K' = R^-1 round(R K), so R K' = round(R K)."""
 
     def hook(_module, _inputs, out):
-        turn = e.state.current.batch.rope  # [rows, tokens, 1, head_dim / 2]
+        turn = torch.view_as_complex(e.state.current.batch.rope)  # [rows, tokens, 1, dim / 2]
         k = out.unflatten(2, (-1, 2 * turn.shape[-1]))
         stored = rotate(k, turn).to(dtype).to(out.dtype)
         return rotate(stored, turn.conj()).flatten(2)
