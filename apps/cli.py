@@ -241,6 +241,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="layers: stream-batch streams in the pipeline at once (default 2)",
     )
     pipe.add_argument("--json", type=new_file, metavar="PATH")
+    comp = bench_sub.add_parser(
+        "compile", help="a compiled stream (gen.compile) against an eager one, interleaved"
+    )
+    comp.add_argument(
+        "--model", default="assets/tiny-world", help="generator directory or tiny-random"
+    )
+    comp.add_argument("--config", help="YAML preset")
+    comp.add_argument(
+        "--mode",
+        choices=["default", "reduce-overhead", "max-autotune"],
+        default="default",
+        help="torch.compile mode (default: default)",
+    )
+    comp.add_argument(
+        "--warmup", type=count(1), default=12, help="chunks before timing (default 12)"
+    )
+    comp.add_argument(
+        "--chunks", type=count(1), default=1000, help="chunks timed per stream (default 1000)"
+    )
+    comp.add_argument("--json", type=new_file, metavar="PATH")
     peers = bench_sub.add_parser(
         "peers",
         help="streamrt vs diffusers' WanPipeline and SkyReels-V2 diffusion forcing, same weights",

@@ -51,6 +51,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from streamrt.apps.bench.cache import bench_cache
 
         return bench_cache(args)
+    if args.suite == "compile":
+        from streamrt.apps.bench.compile import bench_compile
+
+        return bench_compile(args)
     if args.suite == "quality":
         from streamrt.apps.bench.quality import bench_quality
 
