@@ -280,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument(
         "--repeats", type=count(1), default=1, help="runs per method and length (best kept)"
     )
+    peers.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default="off",
+        choices=["off", "default", "max-autotune"],
+        help="streamrt's forward through torch.compile (gen.compile; graphs built in each "
+        "run's warm-up)",
+    )
     peers.add_argument("--json", type=new_file, metavar="PATH")
     serve_b = bench_sub.add_parser(
         "serve", help="many streams on one runtime: batching, deadline scheduler vs FCFS"

@@ -89,7 +89,7 @@ def _components(text, transformer, vae) -> dict:
     }
 
 
-def _streamrt(parts, frames: int) -> tuple[float, float]:
+def _streamrt(parts, frames: int, compile_mode: str = "off") -> tuple[float, float]:
     from streamrt.config import GenConfig
     from streamrt.gen.decoding import stream_frames
     from streamrt.gen.engine import GenEngine
@@ -103,6 +103,7 @@ def _streamrt(parts, frames: int) -> tuple[float, float]:
         timesteps=[1000, 750, 500, 250][:STEPS],
         policy="sink_window",
         policy_args={"sink_blocks": 0, "window_blocks": (BASE_FRAMES + 3) // 4},
+        compile=compile_mode,
     )
     engine = GenEngine(transformer, text, WanVAECodec(vae), cfg)
     stream = engine.open_stream(PROMPT, cfg)
@@ -172,15 +173,17 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _one(method: str, frames: int, threads: int) -> dict[str, float]:
+def _one(method: str, frames: int, threads: int, compile_mode: str = "off") -> dict[str, float]:
     """One measurement, in its own process."""
     torch.set_num_threads(threads)
     parts = tiny_parts()
     before = _rss_mb()
     if method == "streamrt":
-        _streamrt(parts, min(frames, 2 * CHUNK * 4))  # warm-up in the same process
+        _streamrt(parts, min(frames, 2 * CHUNK * 4), compile_mode)  # warm-up, same process
     total, first = (
-        _streamrt(parts, frames) if method == "streamrt" else _peer(method, parts, frames)
+        _streamrt(parts, frames, compile_mode)
+        if method == "streamrt"
+        else _peer(method, parts, frames)
     )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"total s": total, "first frame s": first, "peak MB": max(0.0, peak - before)}
@@ -198,7 +201,7 @@ def matmul_peak_gflops(threads: int, n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def forward_gflops(threads: int, chunks: int = 8) -> tuple[float, float]:
+def forward_gflops(threads: int, chunks: int = 8, compile_mode: str = "off") -> tuple[float, float]:
     """Achieved GFLOP/s of streamrt's forwards on a stream, and the FLOPs of one chunk."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -208,16 +211,23 @@ def forward_gflops(threads: int, chunks: int = 8) -> tuple[float, float]:
 
     torch.set_num_threads(threads)
     transformer, text, vae = tiny_parts()
-    cfg = GenConfig(height=SIZE, width=SIZE, chunk_frames=CHUNK)
-    engine = GenEngine(transformer, text, WanVAECodec(vae), cfg)
-    stream = engine.open_stream(PROMPT, cfg)
-    with torch.no_grad():
-        for _ in range(3):  # the window fills
+
+    def warm_stream(mode: str):
+        cfg = GenConfig(height=SIZE, width=SIZE, chunk_frames=CHUNK, compile=mode)
+        stream = GenEngine(transformer, text, WanVAECodec(vae), cfg).open_stream(PROMPT, cfg)
+        for _ in range(3):  # the window fills (and a compiled forward's graphs are built)
             stream.next_latents()
-        counter = FlopCounterMode(display=False)
+        return stream
+
+    with torch.no_grad():
+        stream = warm_stream("off")
+        counter = FlopCounterMode(display=False)  # counted eager: the same FLOPs compiled
         with counter:
             stream.next_latents()
         flops = counter.get_total_flops()
+        if compile_mode != "off":
+            stream.close()
+            stream = warm_stream(compile_mode)
         t0 = time.perf_counter()
         for _ in range(chunks):
             stream.next_latents()
@@ -251,7 +261,7 @@ def bench_peers(args: argparse.Namespace) -> int:
                 best = None
                 for _ in range(args.repeats):
                     with ctx.Pool(1, maxtasksperchild=1) as pool:
-                        m = pool.apply(_one, (method, frames, threads))
+                        m = pool.apply(_one, (method, frames, threads, args.compile))
                     best = m if best is None or m["total s"] < best["total s"] else best
                 results[method, frames] = best
         for frames in args.lengths:
@@ -271,6 +281,8 @@ def bench_peers(args: argparse.Namespace) -> int:
                 pts
             )
     keys = ["threads", "frames"]
+    if args.compile != "off":
+        print(f"streamrt runs with gen.compile={args.compile}")
     print_table(
         "ms per frame (streamrt / a peer: the ratio of their times; aims: <= "
         f"{AIMS['per frame vs df sync']} of df sync, <= {AIMS['per frame vs df async']} of "
@@ -294,7 +306,7 @@ def bench_peers(args: argparse.Namespace) -> int:
         with ctx.Pool(1, maxtasksperchild=1) as pool:
             peak = pool.apply(matmul_peak_gflops, (threads,))
         with ctx.Pool(1, maxtasksperchild=1) as pool:
-            achieved, flops = pool.apply(forward_gflops, (threads,))
+            achieved, flops = pool.apply(forward_gflops, (threads, 8, args.compile))
         util.append(
             {
                 "threads": threads,
@@ -310,6 +322,6 @@ def bench_peers(args: argparse.Namespace) -> int:
         util,
         list(util[0]),
     )
-    payload.update(rows=rows, utilisation=util, aims=AIMS)
+    payload.update(rows=rows, utilisation=util, aims=AIMS, compile=args.compile)
     write_json(args.json, payload)
     return 0

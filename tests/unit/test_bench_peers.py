@@ -37,3 +37,10 @@ def test_growth_exponent():
     assert peers._exponent([(10, 1.0), (100, 10.0)]) == pytest.approx(1.0)
     assert peers._exponent([(10, 1.0), (100, 100.0)]) == pytest.approx(2.0)
     assert peers._exponent([(10, 1.0)]) is None
+
+
+def test_compiled_streamrt_makes_its_frames_and_is_timed():
+    m = peers._one("streamrt", 17, 1, "default")
+    assert m["total s"] > 0 and 0 < m["first frame s"] <= m["total s"]
+    achieved, flops = peers.forward_gflops(1, 2, "default")
+    assert achieved > 0 and flops > 0
