@@ -74,6 +74,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "frame (default 4,7: shapes 9 to 15 pixels across)",
     )
     gen.add_argument(
+        "--sigma-shift",
+        type=positive,
+        help="training noise levels shift*u / (1 + (shift-1)*u), u uniform (default 3: more "
+        "high noise; below 1: more low noise, where shapes are drawn)",
+    )
+    gen.add_argument(
         "--min-lr-ratio",
         type=probability,
         help="final learning rate as a share of --lr (default 0.1; 1: constant)",
@@ -229,6 +235,7 @@ def config_from(args: argparse.Namespace):
             shape_weight=args.shape_weight,
             object_size=args.object_size,
             min_lr_ratio=args.min_lr_ratio,
+            sigma_shift=args.sigma_shift,
         )
     )
     cfg.compile = not args.no_compile

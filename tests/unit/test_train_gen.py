@@ -66,6 +66,18 @@ def test_sigmas_are_per_chunk_and_any_chunk_may_be_clean_context():
     assert sigma.max() <= 1.0
 
 
+def test_sigma_shift_below_one_trains_more_on_low_noise():
+    from streamrt.apps.cli import build_parser
+    from streamrt.apps.train import config_from
+
+    args = build_parser().parse_args(["train", "gen", "--sigma-shift", "0.5"])
+    low = dataclasses.replace(tiny_cfg(num_frames=9, clean_prob=0.0), sigma_shift=0.5)
+    assert config_from(args).sigma_shift == 0.5
+    high = dataclasses.replace(low, sigma_shift=3.0)
+    draws = [sample_sigmas(c, 512, torch.Generator().manual_seed(0)) for c in (low, high)]
+    assert (draws[0] < 0.5).float().mean() > 0.6 > 0.3 > (draws[1] < 0.5).float().mean()
+
+
 def test_progressive_chunks_rise_frame_by_frame():
     plain = tiny_cfg(num_frames=9, clean_prob=0.3)
     base = sample_sigmas(plain, 64, torch.Generator().manual_seed(0))
