@@ -32,6 +32,10 @@ over exactly their keys: one padded call with a mask computed the padding too (S
 kernels do not skip masked keys), 2.5 ms against 1.6 for a stream batch's 4 rows keeping
 768/576/384/192 keys (one CPU thread, `q` 192 tokens, 4 heads of 32).
 
+A compiled forward (`gen.compile`, `streamrt.gen.compiled`) runs these same processors:
+they read only tensors, the pool is written by one in-place custom op per layer, and rows
+of different lengths attend in one masked call.
+
 Why processors read a context object: the Wan block passes `attention_mask=None` and
 RoPE counted from frame 0, and `attention_kwargs` never reaches processors.
 """
@@ -76,7 +80,8 @@ class ForwardContext:
     row): rows with the same key reuse the same cross-attention K/V; None: no caching."""
     scores: dict[int, list[torch.Tensor]] | None = None
     """If a dict, self-attention stores per layer, per row, the query-key importance of the
-    row's kept tokens here."""
+    row's kept tokens here (whole padded rows during the forward, cut after it by
+    `finish_scores`)."""
     batch: BatchLayout | None = None
     """Index tensors, RoPE tables and mask shared by every layer (`prepare`)."""
     text_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
