@@ -201,6 +201,20 @@ def matmul_peak_gflops(threads: int, n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def _count_cpu_flash_attention() -> None:
+    """Teach `FlopCounterMode` the CPU flash-attention kernel SDPA runs here (torch counts
+    only the CUDA kernels': without this the attention's FLOPs were left out)."""
+    from torch.utils import flop_counter
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op in flop_counter.flop_registry or op.default in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def _(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 def forward_gflops(threads: int, chunks: int = 8, compile_mode: str = "off") -> tuple[float, float]:
     """Achieved GFLOP/s of streamrt's forwards on a stream, and the FLOPs of one chunk."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -219,6 +233,7 @@ def forward_gflops(threads: int, chunks: int = 8, compile_mode: str = "off") -> 
             stream.next_latents()
         return stream
 
+    _count_cpu_flash_attention()
     with torch.no_grad():
         stream = warm_stream("off")
         counter = FlopCounterMode(display=False)  # counted eager: the same FLOPs compiled

@@ -44,3 +44,15 @@ def test_compiled_streamrt_makes_its_frames_and_is_timed():
     assert m["total s"] > 0 and 0 < m["first frame s"] <= m["total s"]
     achieved, flops = peers.forward_gflops(1, 2, "default")
     assert achieved > 0 and flops > 0
+
+
+def test_flop_count_includes_cpu_attention():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    peers._count_cpu_flash_attention()
+    peers._count_cpu_flash_attention()  # once is enough; twice is harmless
+    q, k, v = torch.randn(2, 4, 8, 16), torch.randn(2, 4, 12, 16), torch.randn(2, 4, 12, 16)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert counter.get_total_flops() == 2 * (2 * 2 * 4 * 8 * 12 * 16)  # QK^T and PV
