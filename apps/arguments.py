@@ -132,16 +132,3 @@ def add_compile_argument(p: argparse.ArgumentParser) -> None:
         "its graphs are built while a stream's window fills (seconds each on a CPU), then "
         "reused for the whole stream",
     )
-
-
-def check_compile_parallel(args: argparse.Namespace) -> None:
-    """Refuse `--compile` with `--parallel layers`: a layer pipeline's ranks run their
-    block ranges eager (the denoising-step pipeline compiles each rank's forward)."""
-    if getattr(args, "parallel", None) == "layers" and getattr(args, "compile", None) not in (
-        None,
-        "off",
-    ):
-        raise InputError(
-            "--compile is not available with --parallel layers (its ranks run their blocks "
-            "eager): leave out one of them"
-        )

@@ -12,7 +12,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from streamrt.apps.arguments import (
     add_compile_argument,
     add_rebalance_argument,
-    check_compile_parallel,
     count,
     finite,
     parse_size,
@@ -156,7 +155,6 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     # 1. Load and start the stream: a bad prompt, config or checkpoint fails here, before
     #    any file is written (the CLI prints the error as one line).
-    check_compile_parallel(args)
     gen = load_generator(args.model, args.config, overrides_from(args), args.checkpoint)
     if args.parallel:
         from streamrt.apps.generate_parallel import run_parallel

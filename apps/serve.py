@@ -51,7 +51,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from streamrt.apps.arguments import check_compile_parallel
 from streamrt.errors import InputError, StreamrtError, UnknownNameError, UnsupportedError
 from streamrt.runtime import AdmissionError, QAHandle, StreamFailed
 
@@ -524,7 +523,6 @@ def run(args: argparse.Namespace) -> int:
 
     from streamrt.runtime import Runtime
 
-    check_compile_parallel(args)
     if getattr(args, "parallel", None):
         from streamrt.apps.serve_parallel import run_parallel
 

@@ -20,6 +20,9 @@ its window fills; then none over any number of chunks (`tests/unit/test_compile.
 Outputs equal eager within float32 rounding. The graphs are shared by every engine on the
 same model (Dynamo caches them on the forward's code).
 
+A layer pipeline's ranks compile their share of blocks (`compiled_blocks`); after blocks
+move between ranks, the next forward builds graphs for the new range.
+
 `reduce-overhead` (CUDA graphs) needs a GPU and is untested here: no GPU was lent.
 """
 
@@ -57,6 +60,27 @@ def compiled_model(
     return built[key]
 
 
+def compiled_blocks(mode: str, backend: str = "inductor") -> Callable[..., torch.Tensor]:
+    """`run_blocks`, compiled in `mode` (`off`: as it is): a layer pipeline rank's share of
+    the forward (its blocks), the rest of which stays eager."""
+    if mode == "off":
+        return run_blocks
+    return torch.compile(
+        run_blocks,
+        fullgraph=True,
+        backend=backend,
+        mode=None if mode == "default" or backend != "inductor" else mode,
+    )
+
+
+def run_blocks(blocks, hidden, text, proj) -> torch.Tensor:
+    """`hidden` through `blocks` as `WanTransformer3DModel.forward` runs them (their
+    processors do their own RoPE)."""
+    for block in blocks:
+        hidden = block(hidden, text, proj, None)
+    return hidden
+
+
 def mark_dynamic(ctx: ForwardContext, *inputs: torch.Tensor) -> None:
     """Mark the sizes that vary between a stream's forwards as dynamic (no recompile when
     they change): the batch dimension of the inputs, frames per forward, and the page ids,
@@ -64,9 +88,9 @@ def mark_dynamic(ctx: ForwardContext, *inputs: torch.Tensor) -> None:
     batch = ctx.batch
     for t in inputs:
         torch._dynamo.maybe_mark_dynamic(t, 0)
-    latents = inputs[0]
-    if latents.dim() == 5:
-        torch._dynamo.maybe_mark_dynamic(latents, 2)
+    first = inputs[0]
+    if first.dim() in (3, 5):  # the frames of latents [B, C, F, H, W], tokens of hidden states
+        torch._dynamo.maybe_mark_dynamic(first, 2 if first.dim() == 5 else 1)
     for t in (batch.write_ids, batch.rope, batch.shift_ids, batch.shift):
         if t is not None:
             torch._dynamo.maybe_mark_dynamic(t, 0)

@@ -49,6 +49,7 @@ import torch.distributed as dist
 
 from streamrt.errors import InputError
 from streamrt.gen.attention import ForwardContext, detach_streaming
+from streamrt.gen.compiled import compiled_blocks, mark_dynamic
 from streamrt.gen.forward import _check_rope_range, model_timestep
 from streamrt.gen.stream import ForwardRequest, GenStream
 from streamrt.parallel.launch import DEFAULT_TIMEOUT_S, check_same, wait_for
@@ -181,6 +182,9 @@ class WanStage:
         self.first, self.last = first, last
         cfg = self.tr.config
         self.dim = cfg.num_attention_heads * cfg.attention_head_dim
+        self.compiled = engine.config.compile != "off"
+        self.run_blocks = compiled_blocks(engine.config.compile)
+        """This rank's blocks, compiled with `gen.compile`."""
 
     def hidden_shape(self, x: torch.Tensor) -> tuple[int, int, int]:
         _, _, f, h, w = x.shape
@@ -196,7 +200,7 @@ class WanStage:
         tpf = grid[0] * grid[1]
         _check_rope_range(tr, unit.rows, tpf)
         ctx = ForwardContext(unit.rows, grid, unit.text_keys, unit.scores)
-        ctx.prepare(tr.rope, tpf)
+        ctx.prepare(tr.rope, tpf, uniform=self.compiled)
         ctx.prepare_prompts(tr, state, unit.embeds)
         timestep = model_timestep(unit.t.to(x.device).float(), tpf)
         seq_len = None
@@ -208,10 +212,13 @@ class WanStage:
         proj = proj.unflatten(2 if seq_len is not None else 1, (6, -1))
         if self.first:
             hidden = tr.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
+        if self.compiled:
+            mark_dynamic(ctx, hidden, text, proj)
+            if proj.dim() == 4:  # per-token modulation: as many as the tokens
+                torch._dynamo.maybe_mark_dynamic(proj, 1)
         state.current = ctx
         try:
-            for block in tr.blocks:
-                hidden = block(hidden, text, proj, None)  # the processors do their own RoPE
+            hidden = self.run_blocks(tr.blocks, hidden, text, proj)
         finally:
             state.current = None
         ctx.finish_scores()

@@ -3,7 +3,6 @@ built while a stream's window fills, none after, and it gives the eager latents.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import pytest
@@ -140,7 +139,6 @@ def test_compile_is_an_engine_setting():
 
 
 def test_cli_compile_option():
-    from streamrt.apps.arguments import check_compile_parallel
     from streamrt.apps.cli import build_parser
     from streamrt.apps.generate import overrides_from
 
@@ -151,6 +149,3 @@ def test_cli_compile_option():
     assert overrides_from(args)["compile"] == "max-autotune"
     assert "compile" not in overrides_from(parser.parse_args(["generate", "--prompt", PROMPT]))
     assert parser.parse_args(["serve", "--compile"]).compile == "default"
-    with pytest.raises(InputError, match="--compile is not available with --parallel layers"):
-        check_compile_parallel(argparse.Namespace(parallel="layers", compile="default"))
-    check_compile_parallel(argparse.Namespace(parallel="steps", compile="default"))
