@@ -21,7 +21,8 @@ def pipeline_runtime(args: argparse.Namespace):
     from streamrt.parallel.layers import LayerPipeline, even_ranges, stage_engine
     from streamrt.parallel.serving import PipelineRuntime
 
-    gen = load_generator(args.model, args.config, {})
+    compile_mode = getattr(args, "compile", None)
+    gen = load_generator(args.model, args.config, {"compile": compile_mode} if compile_mode else {})
     init_from_env(str(gen.engine.device))
     rank, world = dist.get_rank(), dist.get_world_size()
     blocks = len(gen.engine.transformer.blocks)
