@@ -86,6 +86,8 @@ def mark_dynamic(ctx: ForwardContext, *inputs: torch.Tensor) -> None:
     they change): the batch dimension of the inputs, frames per forward, and the page ids,
     rotations, mask and prompt K/V of the context."""
     batch = ctx.batch
+    if batch.table.is_cuda:  # CUDA graphs replay a pool written in place only at a fixed
+        torch._dynamo.mark_static_address(batch.table)  # address (untested: no GPU here)
     for t in inputs:
         torch._dynamo.maybe_mark_dynamic(t, 0)
     first = inputs[0]
