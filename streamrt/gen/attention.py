@@ -385,18 +385,11 @@ def _exchange(
     )
 
 
-@torch.library.custom_op("streamrt::cache_exchange", mutates_args=("table",))
-def _exchange_op(
-    table: torch.Tensor,
-    layer: int,
-    write_ids: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    read_ids: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_exchange` as one opaque op for torch.compile: the pool is written in place (a
-    graph that wrote it with its own ops would copy the whole pool back every forward)."""
-    return _exchange(table, layer, write_ids, key, value, read_ids)
+# `_exchange` as one opaque op for torch.compile: the pool is written in place (a graph that
+# wrote it with its own ops would copy the whole pool back after every forward).
+_exchange_op = torch.library.custom_op(
+    "streamrt::cache_exchange", _exchange, mutates_args=("table",)
+)
 
 
 @_exchange_op.register_fake
