@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from streamrt.config import COMPILE_MODES
 from streamrt.errors import InputError
 
 
@@ -127,7 +128,7 @@ def add_compile_argument(p: argparse.ArgumentParser) -> None:
         "--compile",
         nargs="?",
         const="default",
-        choices=["off", "default", "reduce-overhead", "max-autotune"],
+        choices=COMPILE_MODES,
         help="torch.compile the transformer's streaming forward (MODE default: 'default'); "
         "its graphs are built while a stream's window fills (seconds each on a CPU), then "
         "reused for the whole stream",

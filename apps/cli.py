@@ -22,6 +22,7 @@ from streamrt.apps.arguments import (
     positive,
     size,
 )
+from streamrt.config import COMPILE_MODES
 from streamrt.errors import StreamrtError
 from streamrt.threads import ENV as THREADS_ENV
 from streamrt.threads import default_threads
@@ -250,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--config", help="YAML preset")
     comp.add_argument(
         "--mode",
-        choices=["default", "reduce-overhead", "max-autotune"],
+        choices=COMPILE_MODES[1:],
         default="default",
         help="torch.compile mode (default: default)",
     )
@@ -285,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="default",
         default="off",
-        choices=["off", "default", "max-autotune"],
+        choices=COMPILE_MODES,
         help="streamrt's forward through torch.compile (gen.compile; graphs built in each "
         "run's warm-up)",
     )

@@ -130,9 +130,10 @@ def attend(
 ) -> torch.Tensor:
     """Attention with the selected backend (cache policies choose the keys).
 
-    `mask` (boolean, True where a query may attend, broadcast to `[..., heads, q, k]`) only
-    hides the padding of rows batched with different key counts; it runs on SDPA, which
-    takes a mask on every device (the other backends here take none).
+    `mask` (boolean, True where a query may attend, broadcast to `[..., heads, q, k]`)
+    hides the padding of rows batched with different key counts (in a compiled forward
+    on the CPU it is there, all True, even without padding); it runs on SDPA, which takes
+    a mask on every device (the other backends here take none).
     """
     if mask is not None:
         return sdpa(q, k, v, mask)

@@ -23,6 +23,10 @@ from streamrt.errors import InputError, StreamrtError
 
 T = TypeVar("T")
 
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
+COMPILE_MODES: tuple[str, ...] = typing.get_args(CompileMode)
+"""`gen.compile`'s values: off, or a `torch.compile` mode (`streamrt.gen.compiled`)."""
+
 _UNITS = {
     "": 1,
     "b": 1,
@@ -131,7 +135,7 @@ class GenConfig:
     switched while chunk k's frames are handed out applies from chunk k+2 (k+1 is already
     denoised) instead of k+1. False: denoise, decode, hand out, one chunk at a time."""
 
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    compile: CompileMode = "off"
     """`torch.compile` the transformer's streaming forward in this mode (one engine-wide
     setting, `streamrt.gen.compiled`): whole, no graph breaks, its graphs built while a
     stream's window fills (seconds each on a CPU), then no recompiles; outputs equal eager

@@ -87,51 +87,69 @@ class ForwardContext:
     text_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     """Per layer, the cross-attention K, V `[rows, text_len, heads, head_dim]` of every
     row's prompt (`prepare_prompts`); None: attn2 projects the prompt itself."""
+    uniform: bool = False
+    """The layout of a compiled forward (`prepare`)."""
 
     def prepare(self, rope: torch.nn.Module, tokens_per_frame: int, uniform: bool = False) -> None:
-        """Everything the layers share, built once per forward (`BatchLayout`); `uniform`:
-        for a compiled forward, see `BatchLayout.build`."""
+        """Everything the layers share, built once per forward (`BatchLayout`). `uniform`:
+        for a compiled forward, one structure whatever the rows (`BatchLayout.build`; the
+        prompt K/V always contiguous, `prepare_prompts`)."""
+        self.uniform = uniform
         self.batch = BatchLayout.build(self, rope, tokens_per_frame, uniform)
 
     def finish_scores(self) -> None:
         """After the forward: each layer's importance `[rows, most kept]` as one tensor per
         row over its own kept tokens (the processors store whole rows: slicing them by
-        each row's length inside a compiled forward would specialise it on the lengths)."""
+        each row's length inside a compiled forward would specialise it on the lengths;
+        copies, so that a replayed CUDA graph cannot overwrite them)."""
         for layer, found in (self.scores or {}).items():
             if isinstance(found, torch.Tensor):
-                self.scores[layer] = [s[:n] for s, n in zip(found, self.batch.lengths)]
+                self.scores[layer] = [s[:n].clone() for s, n in zip(found, self.batch.lengths)]
 
     def prepare_prompts(
         self, transformer: torch.nn.Module, state: StreamingState, embeds: torch.Tensor
     ) -> None:
         """Every layer's cross-attention K/V of the rows' prompts (`text_kv`), projected once
-        per prompt key and kept in `state` (the prompt's K/V depend on the prompt only).
+        per prompt key and kept in `state` (the prompt's K/V depend on the prompt only);
+        rows without a key are projected every forward.
 
         `embeds` are the prompt embeddings the model takes `[rows, text_len, dim]`; they go
         through the model's own text projection (`condition_embedder.text_embedder`), as in
-        its forward. Done before the forward, so a compiled forward reads tensors only.
+        its forward, every prompt not yet projected in one call. Done before the forward,
+        so a compiled forward reads tensors only.
         """
         rows = embeds.shape[0]
         keys = self.text_key if isinstance(self.text_key, list) else [self.text_key] * rows
+        names = [("row", r) if k is None else k for r, k in enumerate(keys)]
         blocks = transformer.blocks
         per_key: dict[Any, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-        for row, key in enumerate(keys):
-            name = ("row", row) if key is None else key
-            if name in per_key:
-                continue
-            kept = {} if key is None else state.prompt_kv(key)
-            if len(kept) < len(blocks):
-                text = transformer.condition_embedder.text_embedder(embeds[row : row + 1])
-                kept.update({i: _project_prompt(b.attn2, text) for i, b in enumerate(blocks)})
-            per_key[name] = kept
-        if len(per_key) == 1:
+        missing: dict[Any, int] = {}  # prompt -> a row of it, for prompts not projected yet
+        for row, (name, key) in enumerate(zip(names, keys)):
+            if name not in per_key:
+                per_key[name] = {} if key is None else state.prompt_kv(key)
+                if len(per_key[name]) < len(blocks):
+                    missing[name] = row
+        if missing:
+            text = transformer.condition_embedder.text_embedder(embeds[list(missing.values())])
+            for i, block in enumerate(blocks):
+                k, v = _project_prompt(block.attn2, text)
+                for j, name in enumerate(missing):
+                    one = slice(j, j + 1)
+                    per_key[name][i] = (
+                        (k[one], v[one])
+                        if len(missing) == 1
+                        else (
+                            k[one].clone(),
+                            v[one].clone(),
+                        )
+                    )
+        if len(per_key) == 1 and not self.uniform:  # one prompt: a view, no copy
             (kept,) = per_key.values()
             self.text_kv = {
                 i: (k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
                 for i, (k, v) in kept.items()
             }
             return
-        names = [("row", r) if k is None else k for r, k in enumerate(keys)]
         self.text_kv = {
             i: tuple(torch.cat([per_key[n][i][j] for n in names]) for j in (0, 1))
             for i in range(len(blocks))
@@ -159,9 +177,9 @@ class BatchLayout:
     """Rows keeping the same number of tokens (a slice when they are adjacent) and that
     number, one entry per distinct length; None when every row keeps the same number."""
     mask: torch.Tensor | None
-    """With `groups`: True where a row's key is kept, not padding, `[rows, 1, 1, keys]`.
-    A compiled forward attends once with it (calls per length would specialise the graph
-    on every length)."""
+    """With `groups` (and in a uniform layout): True where a row's key is kept, not
+    padding, `[rows, 1, 1, keys]`. A compiled forward attends once with it (calls per
+    length would specialise the graph on every length)."""
     rope: torch.Tensor
     """Rotation of the queries and new keys as real pairs (`rotate`),
     `[rows, q_tokens, 1, head_dim / 2, 2]`."""
@@ -176,9 +194,9 @@ class BatchLayout:
     ) -> BatchLayout:
         """The layout of `ctx`'s rows. `uniform` (a compiled forward): the same structure
         for every forward, so the graph is not specialised on it: a mask even when every
-        row keeps as many tokens (all True), and at least two turned blocks (block 0 by
-        a zero angle, which leaves it exactly as it is, where none moved; a single one
-        repeated)."""
+        row keeps as many tokens (all True; not on CUDA, below), and at least two turned
+        blocks (block 0 by a zero angle, which leaves it exactly as it is, where none
+        moved; a single one repeated)."""
         h, w = ctx.grid
         seq = ctx.rows[0].seq
         manager, spec = seq.manager, seq.spec
@@ -217,7 +235,9 @@ class BatchLayout:
                 (_rows([n for n, length in enumerate(lengths) if length == kept], device), kept)
                 for kept in sorted(set(lengths))
             ]
-        if groups is not None or uniform:
+        # Uniform: a mask always on the CPU (it costs little there); on CUDA a mask rules
+        # out SDPA's flash kernel, so there only rows of different lengths get one.
+        if groups is not None or (uniform and device.type != "cuda"):
             keys = torch.arange(most * spec.tokens_per_block)
             mask = (keys < torch.tensor(lengths)[:, None]).to(device)[:, None, None, :]
         if uniform and len(shifts) < 2:  # repeats write the same value

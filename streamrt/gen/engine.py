@@ -59,6 +59,12 @@ class GenEngine:
         )
         self.config = fit_window(config, self.given)
         self.device = resolve_device(config.device, "gen.device")
+        if config.compile != "off" and config.attention in ("xformers", "flash"):
+            raise InputError(
+                f"gen.compile {config.compile!r} runs attention through SDPA (or flex); "
+                f"gen.attention {config.attention!r} is not traced: set gen.attention: sdpa "
+                "(on CUDA its flash kernel serves rows of equal length) or gen.compile: off"
+            )
         if config.attention not in available_backends(self.device):
             raise InputError(
                 f"gen.attention is {config.attention!r}, which needs CUDA and its package "

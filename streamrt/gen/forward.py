@@ -100,8 +100,9 @@ def streaming_forward(
     ctx.prepare(transformer.rope, grid[0] * grid[1], uniform=compiled)
     ctx.prepare_prompts(transformer, state, prompt_embeds)
     timestep = model_timestep(frame_timesteps.to(latents.device).float(), grid[0] * grid[1])
-    if compiled:
-        mark_dynamic(ctx, latents, timestep, prompt_embeds)
+    if compiled:  # rows; frames; per-token timesteps: as many as the tokens
+        steps = (0,) if timestep.dim() == 1 else (0, 1)
+        mark_dynamic(ctx, (latents, (0, 2)), (timestep, steps), (prompt_embeds, (0,)))
     state.current = ctx
     try:
         out = (model if compiled else transformer)(

@@ -212,10 +212,9 @@ class WanStage:
         proj = proj.unflatten(2 if seq_len is not None else 1, (6, -1))
         if self.first:
             hidden = tr.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
-        if self.compiled:
-            mark_dynamic(ctx, hidden, text, proj)
-            if proj.dim() == 4:  # per-token modulation: as many as the tokens
-                torch._dynamo.maybe_mark_dynamic(proj, 1)
+        if self.compiled:  # rows; tokens; per-token modulation: as many as the tokens
+            per_token = (0, 1) if proj.dim() == 4 else (0,)
+            mark_dynamic(ctx, (hidden, (0, 1)), (text, (0,)), (proj, per_token))
         state.current = ctx
         try:
             hidden = self.run_blocks(tr.blocks, hidden, text, proj)

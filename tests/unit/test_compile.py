@@ -37,15 +37,15 @@ def _reset() -> None:
     counters.clear()
 
 
-def _latents(engine: GenEngine, chunks: int, switch_at: int | None = None, streams: int = 1):
+def _latents(engine: GenEngine, chunks: int, switch_at: tuple[int, ...] = (), streams: int = 1):
     """Each chunk's latents of `streams` streams of `engine` (the runtime's way when more
     than one: their forwards batched), and the graphs built after every chunk."""
     torch.manual_seed(1)
     opened = [engine.open_stream(PROMPT) for _ in range(streams)]
     out, graphs = [], []
     for n in range(chunks):
-        if n == switch_at:
-            opened[0].set_prompt(SWITCH)
+        if n in switch_at:  # to the other prompt, then back
+            opened[0].set_prompt(SWITCH if switch_at.index(n) % 2 == 0 else PROMPT)
         if streams == 1:
             out.append(opened[0].next_latents())
         else:
@@ -76,23 +76,27 @@ def _lockstep(engine: GenEngine, streams) -> list[torch.Tensor]:
 
 
 CASES = {
-    # name: (gen overrides, chunks, prompt switch before chunk, streams batched)
-    "sink-window, fold": ({}, 40, None, 1),
+    # name: (gen overrides, chunks, prompt switches before these chunks, streams batched);
+    # a switch re-caches its stream's K/V alone: the first one meets a new structure when
+    # the stream was batched, so each case switches during the warm-up too
+    "sink-window, fold": ({}, 40, (), 1),
     "deep sink, rolling": (
         {"policy": "deep_sink", "policy_args": {}, "sampler": "rolling"},
         40,
-        None,
+        (),
         1,
     ),
     "stream batch": (
         {"sampler": "stream_batch", "policy_args": {"sink_blocks": 1, "window_blocks": 12}},
         30,
-        None,
+        (),
         1,
     ),
-    "guided, prompt switch": ({"guidance_scale": 3.0}, 40, 20, 1),
-    "participative (scores)": ({"policy": "participative", "policy_args": {}}, 30, None, 1),
-    "three streams batched": ({}, 30, None, 3),
+    "guided, prompt switch": ({"guidance_scale": 3.0}, 40, (5, 20), 1),
+    "participative (scores)": ({"policy": "participative", "policy_args": {}}, 30, (), 1),
+    "three streams batched": ({}, 30, (), 3),
+    # one prompt for all rows, then two (a view of one prompt's K/V, then a concatenation)
+    "three streams batched, one switches": ({}, 30, (5, 20), 3),
 }
 
 
@@ -107,6 +111,7 @@ def test_stream_traces_whole_and_stops_recompiling_once_the_window_is_full(case)
     traced.model = compiled_model(traced.transformer, "default", backend="eager")
     want, _ = _latents(eager, chunks, switch_at, streams)
     got, graphs = _latents(traced, chunks, switch_at, streams)
+    assert traced.model.fell_back is None
     half = len(graphs) // 2
     # One graph per structurally different forward (one row or several; per-frame or
     # per-token timesteps), not one per window size, kept length or shifted sink.
@@ -124,12 +129,28 @@ def test_inductor_compiled_stream_equals_eager(fold):
     assert compiled.model is not compiled.transformer
     want, _ = _latents(eager, 14)
     got, graphs = _latents(compiled, 14)
+    assert compiled.model.fell_back is None
     assert graphs[-1] == graphs[7]
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
+def test_a_forward_the_compiler_refuses_runs_eager_and_the_stream_goes_on():
+    _reset()
+    eager = _engine(sampler="rolling", policy="deep_sink", policy_args={})
+    traced = _engine(sampler="rolling", policy="deep_sink", policy_args={})
+    traced.model = compiled_model(traced.transformer, "default", backend="eager")
+    want, _ = _latents(eager, 6)
+    with torch._dynamo.config.patch(recompile_limit=1):  # rolling needs 3 graphs
+        got, _ = _latents(traced, 6)
+    assert "RecompileLimit" in traced.model.fell_back
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
 def test_compile_is_an_engine_setting():
+    with pytest.raises(InputError, match="is not traced"):
+        _engine(compile="default", attention="flash")
     with pytest.raises(InputError, match=r"gen\.compile: unknown compile 'fast'"):
         _engine(compile="fast")
     engine = _engine()
