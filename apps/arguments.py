@@ -133,3 +133,9 @@ def add_compile_argument(p: argparse.ArgumentParser) -> None:
         "its graphs are built while a stream's window fills (seconds each on a CPU), then "
         "reused for the whole stream",
     )
+
+
+def compile_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """The `gen.compile` override `--compile` asks for (none when it is left out)."""
+    mode = getattr(args, "compile", None)
+    return {"compile": mode} if mode else {}

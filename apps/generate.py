@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from streamrt.apps.arguments import (
     add_compile_argument,
     add_rebalance_argument,
+    compile_overrides,
     count,
     finite,
     parse_size,
@@ -87,9 +88,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         out["noise_drift"] = args.noise_drift
     if args.size:
         out["width"], out["height"] = parse_size(args.size)
-    if getattr(args, "compile", None):
-        out["compile"] = args.compile
-    return out
+    return {**out, **compile_overrides(args)}
 
 
 def parse_kv(text: str) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from streamrt.apps.arguments import compile_overrides
 from streamrt.errors import InputError, StreamrtError, UnknownNameError, UnsupportedError
 from streamrt.runtime import AdmissionError, QAHandle, StreamFailed
 
@@ -528,7 +529,6 @@ def run(args: argparse.Namespace) -> int:
 
         return run_parallel(args)
     sock = listen(args.host, args.port)  # before loading models: a taken port fails at once
-    compile_mode = getattr(args, "compile", None)
     try:
         rt = Runtime(
             args.model,
@@ -536,7 +536,7 @@ def run(args: argparse.Namespace) -> int:
             args.config,
             agents=getattr(args, "agents", None) or False,
             agent_policy=getattr(args, "agent_policy", "baseline"),
-            **({"compile": compile_mode} if compile_mode else {}),
+            **compile_overrides(args),
         )
         config = uvicorn.Config(create_app(rt), log_level="info", timeout_graceful_shutdown=GRACE_S)
         host = f"[{args.host}]" if ":" in args.host else args.host

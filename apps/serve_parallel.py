@@ -16,13 +16,13 @@ from streamrt.errors import InputError
 
 def pipeline_runtime(args: argparse.Namespace):
     """This rank's `PipelineRuntime` (every rank loads the model, then keeps its blocks)."""
+    from streamrt.apps.arguments import compile_overrides
     from streamrt.apps.generate import load_generator
     from streamrt.parallel.launch import init_from_env
     from streamrt.parallel.layers import LayerPipeline, even_ranges, stage_engine
     from streamrt.parallel.serving import PipelineRuntime
 
-    compile_mode = getattr(args, "compile", None)
-    gen = load_generator(args.model, args.config, {"compile": compile_mode} if compile_mode else {})
+    gen = load_generator(args.model, args.config, compile_overrides(args))
     init_from_env(str(gen.engine.device))
     rank, world = dist.get_rank(), dist.get_world_size()
     blocks = len(gen.engine.transformer.blocks)

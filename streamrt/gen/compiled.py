@@ -40,11 +40,7 @@ from collections.abc import Callable
 
 import torch
 
-from streamrt.config import COMPILE_MODES
-from streamrt.errors import InputError
 from streamrt.gen.attention import ForwardContext
-
-MODES = COMPILE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +82,7 @@ def compiled_model(
     """The callable a streaming forward runs: `transformer` itself (`off`), or its compiled
     forward in `mode` (a `CompiledForward`), built once per model, mode and backend
     (`backend="eager"` traces with Dynamo only: guards and graph breaks without code
-    generation, for tests)."""
-    if mode not in MODES:
-        raise InputError(f"gen.compile is {mode!r}; choose one of: {', '.join(MODES)}")
+    generation, for tests). `mode` is one of `COMPILE_MODES` (`GenConfig` checks it)."""
     if mode == "off":
         return transformer
     built = transformer.__dict__.setdefault("_streamrt_compiled", {})
