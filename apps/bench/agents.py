@@ -246,6 +246,7 @@ def _aims(label: str, results: dict[str, dict]) -> list[dict[str, Any]]:
             ("kv_util", "KV held"),
             ("kv_active", "KV active"),
             ("kv_held_contended", "KV held while calls queue"),
+            ("kv_active_contended", "KV active while calls queue"),
         ):
             if r[key] is None or base[key] is None:  # no call ever waited
                 continue

@@ -32,15 +32,20 @@ class Admission:
         """Admit waiting calls in the policy's order while their KV fits beside what the
         running calls still need to finish (their growth is reserved: a call admitted on
         room a running call will decode into gets preempted and recomputed later, which
-        thrashes under load). A kept program's blocks off the device count as needed."""
+        thrashes under load). A kept program's blocks off the device count as needed. A call
+        that does not fit waits, and only resident calls (`_resident`) pass it."""
         critical = self._critical()
         self.waiting.sort(key=lambda c: (-critical.get(c.agent.id, 0), *self._order(c)))
         reserved = sum(self._growth(c) for c in self.running)
         held = sum(self._seq(self.agents[a]).counts[DEVICE] for a in critical)
+        blocked = False  # a call earlier in the order waits for room
+        admitted: list[Agent] = []
         for call in list(self.waiting):
             if len(self.running) >= self.max_batch:
-                return
+                break
             agent = call.agent
+            if blocked and not self._resident(call):
+                continue  # first come, first served: only a resident call passes a waiting one
             if agent.computed == 0 and not self._seq(agent).table:
                 self._share_prefix(agent)
             need = self._growth(call)
@@ -49,12 +54,26 @@ class Admission:
             ):
                 pass
             if need + reserved > self._room(agent, critical, held) and self.running:
-                return  # room comes back when a running call ends
+                blocked = True  # room comes back when a running call ends
+                continue
             self.waiting.remove(call)
             self.running.append(call)
             reserved += need
             held += need if agent.id in critical else 0
-            self._fetch(agent)  # kept blocks still on the host: room was counted above
+            admitted.append(agent)
+        for agent in admitted:  # kept blocks still on the host: their room is counted in need
+            self._fetch(agent)
+
+    def _resident(self, call: Call) -> bool:
+        """The call's kept KV is all on the device (a program back from a pinned or
+        uploaded tool call): waiting, it holds that memory idle; running, it adds only its
+        growth. So it may pass calls that wait for room (Continuum schedules a program
+        whose KV was kept as soon as its tool returns). Never under `baseline`, whose
+        FCFS is strict, as vLLM's is."""
+        if self.policy == "baseline" or call.agent.computed == 0:
+            return False
+        seq = self._seq(call.agent)
+        return seq.counts[DEVICE] == len(seq.table)
 
     def _critical(self) -> dict[str, int]:
         """With a reserve: critical programs (priority > 0, or waited for by others'

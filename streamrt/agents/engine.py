@@ -13,7 +13,8 @@ Each `step()`:
        room no running call needs), return finished tool calls (their result tokens join
        the context) and wake programs whose `after` steps have ended
     2. admit waiting calls (`admission.py`: priority, then the policy's order) while rows
-       last and their blocks fit beside the running calls' reserved growth; a call whose
+       last and their blocks fit beside the running calls' reserved growth (a call that
+       does not fit waits; only calls whose kept KV is on the device pass it); a call whose
        context starts with cached full blocks shares them (chained sha256 block hashes,
        `streamrt.cache.hashing`) and skips their prefill
     3. one batched forward (`lm.padded_forward`): a decode row per running call plus

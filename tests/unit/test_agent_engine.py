@@ -285,3 +285,99 @@ def test_reserve_admits_a_critical_agent_while_others_fill_the_device(lm, policy
         mgr.check_invariants()
     assert outs[""] == outs["+reserve"]
     assert firsts["+reserve"] <= 2 < firsts[""]
+
+
+def test_a_call_whose_kv_stayed_on_the_device_passes_a_call_that_waits_for_room(lm):
+    """Two programs come back from their tools in the same step, while a long call holds
+    most of the device: the older one's KV went to the host and does not fit back; the
+    newer one's was pinned and never left. The pinned one runs at once (its memory is
+    held anyway; it needs only its growth), the other after the long call ends. Outputs
+    are those of the same programs run one by one."""
+    from streamrt.agents.engine import lm_spec
+
+    model, tok = lm
+    spec = lm_spec(model, 4)
+    probe = engine(lm)
+    result = "the circle was red ."
+
+    def blocks(*parts, extra=0):
+        return -(-(sum(len(probe.encode(p)) for p in parts) + extra) // 4)
+
+    def prog(prompt, tool, pid):
+        return Program(
+            prompt, [LLM(2, stop=False), Tool(tool, 1.0, result), LLM(2, stop=False)], id=pid
+        )
+
+    long_call = Program(PROMPTS[2], [LLM(30, stop=False)], id="long")
+    k2_now = blocks(PROMPTS[0], extra=2)
+    k2_growth = blocks(PROMPTS[0], result, extra=4) - k2_now
+    device = blocks(PROMPTS[2], extra=30) + k2_now + k2_growth + 1
+    assert blocks(PROMPTS[1], result, extra=4) > k2_growth + 1  # the older one cannot fit
+    clock = Clock()
+    mgr = CacheManager(device_bytes=spec.block_bytes * device, host_bytes=spec.block_bytes * 64)
+    e = AgentEngine(model, tok, mgr, tokens_per_block=4, policy="offload", clock=clock)
+    e.kv.queue_delay_s, e.kv.move_bytes_per_s = 5.0, 1e12
+    for _ in range(3):  # learned: "fast" returns within its pin, "slow" is worth offloading
+        e.kv.durations.observe("fast", 1.5)
+        e.kv.durations.observe("slow", 50.0)
+    older, newer = e.submit_all([prog(PROMPTS[1], "slow", "k1"), prog(PROMPTS[0], "fast", "k2")])
+    while older.agent.calls[0].done_s is None or newer.agent.calls[0].done_s is None:
+        e.step()
+    assert {a: c.action for a, c in e.kv.calls.items()} == {"k1": "offload", "k2": "pin"}
+    long_h = e.submit(long_call)
+    while e.busy:
+        e.step()
+        clock.now += 0.1
+    long_end = long_h.agent.calls[0].done_s
+    assert newer.agent.calls[1].first_token_s < long_end <= older.agent.calls[1].first_token_s
+    assert e.counters["preempted"] == 0
+    mgr.check_invariants()
+    solo = engine(lm, policy="baseline")
+    for h, p in ((older, prog(PROMPTS[1], "slow", "k1")), (newer, prog(PROMPTS[0], "fast", "k2"))):
+        assert h.result().outputs == solo.submit(p).result().outputs
+    assert long_h.result().outputs == solo.submit(long_call).result().outputs
+
+
+def test_kept_programs_back_from_the_host_are_admitted_together_when_their_blocks_fit(lm):
+    """Two programs whose KV went to the host return in the same step, and the device
+    has exactly the blocks both need to the end of their calls: both join the batch at
+    once (a fetch during admission must not count the fetched blocks twice)."""
+    from streamrt.agents.engine import lm_spec
+
+    model, tok = lm
+    spec = lm_spec(model, 4)
+    probe = engine(lm)
+    result = "the circle was red ."
+
+    def total(prompt):
+        return -(-(len(probe.encode(prompt)) + 2 + len(probe.encode(result)) + 2) // 4)
+
+    programs = [
+        Program(p, [LLM(2, stop=False), Tool("slow", 1.0, result), LLM(2, stop=False)], id=i)
+        for i, p in (("a", PROMPTS[0]), ("b", PROMPTS[1]))
+    ]
+    device = total(PROMPTS[0]) + total(PROMPTS[1])
+    clock = Clock()
+    mgr = CacheManager(device_bytes=spec.block_bytes * device, host_bytes=spec.block_bytes * 64)
+    e = AgentEngine(model, tok, mgr, tokens_per_block=4, policy="offload", clock=clock)
+    e.kv.move_bytes_per_s = 1e12
+    for _ in range(3):
+        e.kv.durations.observe("slow", 50.0)  # not worth a pin: offloaded
+    handles = e.submit_all(programs)
+    while len(e.kv.calls) < 2:
+        e.step()
+    for call in e.kv.calls.values():
+        assert call.action == "offload"
+        call.upload_at = float("inf")  # no predictive upload: both come back at admission
+    assert all(s.counts["device"] == 0 for s in e.kv.agents.values())
+    clock.now = 1.0
+    e.step()
+    assert sorted(c.agent.id for c in e.running) == ["a", "b"] and not e.waiting
+    while e.busy:
+        e.step()
+        clock.now += 0.1
+    assert e.counters["preempted"] == 0
+    solo = engine(lm, policy="baseline")
+    for h, p in zip(handles, programs):
+        assert h.result().outputs == solo.submit(p).result().outputs
+    mgr.check_invariants()
