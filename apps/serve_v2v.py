@@ -52,22 +52,15 @@ class V2VSession:
     frames the socket receives; styled frames go to `outputs` (an asyncio queue), then one
     last item: `_END`, the exception that ended it, or `_Aborted`.
 
-    The cache manager is not thread-safe: the worker holds the runtime's lock whenever it is
-    in the stream or `VideoToVideo` (see `_inputs`), and closes the stream under it.
+    The cache manager is not thread-safe: the worker holds the lock `open_v2v` gives (a
+    `Runtime`'s own) whenever it is in the stream or `VideoToVideo` (see `_inputs`), and
+    closes the stream under it. On a pipeline group the rounds run the stream; that lock
+    is the session's own.
     """
 
     def __init__(self, rt: Runtime, prompt: str, loop: asyncio.AbstractEventLoop) -> None:
-        from streamrt.gen.v2v import VideoToVideo
-
-        self.lock = rt.lock
-        with self.lock:
-            self.stream = rt.engine.open_stream(prompt)  # a bad prompt fails here
-            try:
-                self.v2v = VideoToVideo(self.stream)
-            except BaseException:
-                self.stream.close()
-                raise
-        cfg = self.stream.config
+        self.v2v, self.lock = rt.open_v2v(prompt)  # a bad prompt fails here
+        cfg = self.v2v.stream.config
         self.size = (cfg.width, cfg.height)
         self.inputs: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=V2V_QUEUE)
         self.outputs: asyncio.Queue[Any] = asyncio.Queue()
@@ -153,7 +146,7 @@ class V2VSession:
         finally:
             try:
                 with self.lock:
-                    self.stream.close()
+                    self.v2v.close()
             finally:
                 self._ended.set()
                 self._emit(last)

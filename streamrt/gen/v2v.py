@@ -13,7 +13,6 @@ output frame, so the output keeps the input's frame count and timing.
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from collections.abc import Iterable, Iterator
 
@@ -112,6 +111,10 @@ class VideoToVideo:
         sigmas = [self.strength] + [x for x in s.sigmas if x < self.strength]
         return z, sigmas, noise
 
+    def close(self) -> None:
+        """End the stream (its KV blocks go back to the cache manager)."""
+        self.stream.close()
+
     def _frames_for_next_chunk(self) -> int:
         f = self.stream.config.chunk_frames
         if not self.chunks:
@@ -150,10 +153,19 @@ class VideoToVideo:
         # Chunks the sampler has not taken yet count too (window samplers fill up first).
         if len(self.pending) < self._frames_for_next_chunk():
             return
-        self.chunks.append(frames_to_tensor(np.stack(self.pending)))
+        chunk = frames_to_tensor(np.stack(self.pending))
         self.pending = []
-        with contextlib.suppress(NeedInput):  # a window sampler may still be filling up
-            produced.extend(self.stream.next_frames())
+        produced.extend(self.step(chunk))
+
+    def step(self, chunk: torch.Tensor) -> Iterable[np.ndarray]:
+        """One more chunk of input pixels `[1, 3, F, H, W]`: the stream's next output frames
+        (none while a window sampler fills up). A layer pipeline overrides this to run the
+        chunk on its ranks (`streamrt.parallel.serving`)."""
+        self.chunks.append(chunk)
+        try:
+            return self.stream.next_frames()
+        except NeedInput:
+            return ()
 
     def _drain(self, slots: deque[str], produced: deque[np.ndarray]) -> Iterator[np.ndarray]:
         while slots:

@@ -52,6 +52,7 @@ from streamrt.gen.attention import ForwardContext, detach_streaming
 from streamrt.gen.compiled import compiled_blocks, mark_dynamic
 from streamrt.gen.forward import _check_rope_range, model_timestep
 from streamrt.gen.stream import ForwardRequest, GenStream
+from streamrt.gen.v2v import NeedInput
 from streamrt.parallel.launch import DEFAULT_TIMEOUT_S, check_same, wait_for
 
 HIDDEN, VELOCITY = 1, 2
@@ -303,6 +304,9 @@ class _Flow:
     """The launched forward whose velocity the schedule waits for."""
     pending: list = dataclasses.field(default_factory=list)
     """Prompt switches `(before chunk, prompt)` still to come."""
+    starved: bool = False
+    """A video-to-video stream asked for input it does not have yet (`NeedInput`): it
+    stops here for this `run` and starts its chunk again in the next."""
 
 
 class LayerPipeline:
@@ -473,12 +477,12 @@ class LayerPipeline:
         parts = self.microbatches or (1 if self.world == 1 else -(-2 * self.world // groups))
         outstanding: dict[int, torch.Tensor | None] = {}
         try:
-            while any(f.done < f.chunks for f in flows):
+            while any(f.done < f.chunks and not f.starved for f in flows):
                 for g in range(groups):
                     launched = []
                     for i in range(g, len(flows), groups):
                         flow = flows[i]
-                        if flow.done >= flow.chunks:
+                        if flow.done >= flow.chunks or flow.starved:
                             continue
                         request, finished = self._advance(flow, outstanding.pop(i, None))
                         if finished is not None:
@@ -511,6 +515,9 @@ class LayerPipeline:
                 except StopIteration:
                     flow.steps = None
                     continue
+                except NeedInput:  # asked before changing any state: retried next run
+                    flow.steps, flow.starved = None, True
+                    return None, finished
             raw = self._velocity(flow, v_mine)
             if flow.waiting.scores is not None:
                 self._gather_scores(flow.waiting)
@@ -518,6 +525,9 @@ class LayerPipeline:
             flow.waiting = None
             try:
                 return flow.steps.send(v), finished
+            except NeedInput:  # a window sampler's next input (its window moved on already)
+                flow.steps, flow.starved = None, True
+                return None, finished
             except StopIteration as stop:
                 flow.steps = None
                 if stop.value is not None:

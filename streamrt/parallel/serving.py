@@ -23,9 +23,17 @@ first is due); a new stream is refused (`AdmissionError`) when the streams' chun
 second times the measured seconds per stream-chunk would pass `headroom`.
 
 QA sessions and LLM agents run on rank 0 (`streamrt.parallel.serving_side`), on its cache
-manager; a QA session may watch a pipeline stream. Partial, stated: the degrade order
-(fewer steps, suspension) and live video-to-video run on one process only (`streamrt
-serve` without `--parallel`); here v2v answers 501.
+manager; a QA session may watch a pipeline stream.
+
+Live video-to-video (`open_v2v`, the `/v1/v2v` socket): rank 0 runs the similarity filter
+and cuts the input into chunks (`VideoToVideo`); each chunk of pixels goes to every rank
+with the round's commands, every rank's stream takes it through its own `VideoToVideo`
+source (the same motion-aware noise everywhere: same pixels, same seed), the chunk runs
+through the pipeline ahead of the generation streams, and rank 0 decodes the styled
+frames. A window sampler still filling up asks for more input (`NeedInput`): that
+stream's chunk starts again when the next input arrives, as it does on one process.
+Partial, stated: the degrade order (fewer steps, suspension) runs on one process only
+(`streamrt serve` without `--parallel`).
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ import torch.distributed as dist
 from streamrt.config import RuntimeConfig
 from streamrt.errors import InputError, UnknownNameError, UnsupportedError
 from streamrt.gen.stream import GenStream, check_num_frames
+from streamrt.gen.v2v import VideoToVideo
 from streamrt.parallel.launch import PipelineError
 from streamrt.parallel.serving_side import PipelineSideWork
 from streamrt.runtime.live import StreamFailed
@@ -56,7 +65,7 @@ from streamrt.runtime.playout import Playout
 _END = object()
 NOT_HERE = (
     "not served on a pipeline group yet (this server runs --parallel layers): run "
-    "`streamrt serve` without --parallel for live video-to-video"
+    "`streamrt serve` without --parallel for per-stream KV quotas"
 )
 
 
@@ -81,6 +90,14 @@ class _Stream:
     error: BaseException | None = None
     watchers: list = field(default_factory=list)
     """QA sessions fed this stream's frames (rank 0)."""
+    is_v2v: bool = False
+    v2v: VideoToVideo | None = None
+    """Live video-to-video: its input side (every rank; rank 0's also cuts the chunks)."""
+    v2v_asked: bool = False
+    """Rank 0: an input chunk waits for its round."""
+    v2v_results: queue.Queue = field(default_factory=queue.Queue)
+    """Rank 0: each input chunk's styled frames (none while a window fills up)."""
+    opened: threading.Event = field(default_factory=threading.Event)
 
 
 class PipelineStreamHandle:
@@ -233,9 +250,47 @@ class PipelineRuntime(PipelineSideWork):
             "cache": pipe.engine.cache.stats(),
         }
 
-    @property
-    def engine(self):
-        raise UnsupportedError(f"live video-to-video is {NOT_HERE}")
+    def open_v2v(self, prompt: str, seed: int | None = None) -> tuple[VideoToVideo, Any]:
+        """Rank 0: live video-to-video on the pipeline (module docstring): its
+        `VideoToVideo` (`run(frames)` gives one styled frame per input frame; `close()`
+        ends it) and the lock a caller holds around its calls."""
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise InputError(f"seed must be a whole number or null, got {seed!r}")
+        self.pipe.engine.text_encoder.check(prompt)
+        with self._cond:
+            self._check_alive()
+            if sum(not s.done for s in self.streams.values()) >= self.config.max_streams:
+                raise InputError(
+                    f"the pipeline serves at most {self.config.max_streams} streams at once: "
+                    "retry when a stream ends"
+                )
+            live = _Stream(f"s{next(self._ids)}", prompt, None, seed, is_v2v=True)
+            live.playout = Playout(float(self.pipe.engine.config.fps), self.config.ttff_s)
+            self.streams[live.id] = live
+            self._commands.append(("open", live.id, prompt, seed, True))
+            self._cond.notify_all()
+        while not live.opened.wait(0.1):
+            self._check_alive()
+        assert live.v2v is not None
+        return live.v2v, threading.Lock()
+
+    def _v2v_step(self, live: _Stream, chunk: torch.Tensor) -> list[np.ndarray]:
+        """Rank 0, the v2v session's thread: run one input chunk on every rank, wait for
+        its styled frames."""
+        with self._cond:
+            self._check_alive()
+            if live.done:
+                raise InputError(f"video-to-video stream {live.id} was closed")
+            live.v2v_asked = True
+            self._commands.append(("v2v", live.id, chunk))
+            self._cond.notify_all()
+        while True:
+            try:
+                return live.v2v_results.get(timeout=0.1)
+            except queue.Empty:
+                self._check_alive()
+                if live.done:
+                    raise InputError(f"video-to-video stream {live.id} was closed") from None
 
     def _get(self, stream_id: str) -> _Stream:
         live = self.streams.get(stream_id)
@@ -299,14 +354,16 @@ class PipelineRuntime(PipelineSideWork):
         """Streams rank 0 wants another chunk of, most urgent (least playout slack) first:
         open, their reader keeping up, and not more than `ahead_s` ahead of their playout."""
         now = time.perf_counter()
+        v2v = [s.id for s in self.streams.values() if s.v2v_asked and not s.done]
         due = [
             s
             for s in self.streams.values()
             if not s.done
+            and not s.is_v2v
             and s.pending < self.buffer_chunks
             and s.playout.slack(now) < self.config.ahead_s
         ]
-        return [s.id for s in sorted(due, key=lambda s: s.playout.slack(now))]
+        return v2v + [s.id for s in sorted(due, key=lambda s: s.playout.slack(now))]
 
     def _next_due(self) -> float:
         """Seconds until a stream ahead of its playout is due again (at most `idle_s`)."""
@@ -314,7 +371,7 @@ class PipelineRuntime(PipelineSideWork):
         waits = [
             s.playout.slack(now) - self.config.ahead_s
             for s in self.streams.values()
-            if not s.done and s.pending < self.buffer_chunks
+            if not s.done and not s.is_v2v and s.pending < self.buffer_chunks
         ]
         return min(max(min(waits, default=self.idle_s), 0.001), self.idle_s)
 
@@ -324,7 +381,7 @@ class PipelineRuntime(PipelineSideWork):
         if not self.config.admission or self.chunk_s is None:
             return
         per_chunk = self.pipe.engine.config.chunk_frames * self.pipe.engine.codec.temporal
-        running = [s.playout.fps for s in self.streams.values() if not s.done]
+        running = [s.playout.fps for s in self.streams.values() if not s.done and not s.is_v2v]
         load = sum(f / per_chunk for f in [*running, fps]) * self.chunk_s
         if load > self.config.headroom:
             raise AdmissionError(
@@ -349,10 +406,18 @@ class PipelineRuntime(PipelineSideWork):
                 self._close_all()
                 return False
             if kind == "open":
-                _, sid, prompt, seed = command
+                _, sid, prompt, seed, *v2v = command
                 live = self.streams.setdefault(sid, _Stream(sid, prompt, None, seed))
                 overrides = {} if seed is None else {"seed": seed}
                 live.stream = self.pipe.open_stream(prompt, **overrides)
+                if v2v:
+                    live.is_v2v = True
+                    live.v2v = _PipelineV2V(live.stream, self, live)
+                live.opened.set()
+            elif kind == "v2v":
+                live = self.streams.get(command[1])
+                if live is not None and live.v2v is not None and live.stream is not None:
+                    live.v2v.chunks.append(command[2])
             elif kind == "switch":
                 self._switches[command[1]] = command[2]
             elif kind == "close":
@@ -374,10 +439,19 @@ class PipelineRuntime(PipelineSideWork):
             for i, live in enumerate(lives)
             if live.id in self._switches
         }
+        styled: dict[int, list[np.ndarray]] = {}
         with torch.no_grad():
             for i, x0 in self.pipe.run([live.stream for live in lives], 1, switches):
-                if self.rank == 0:
+                if self.rank == 0 and lives[i].is_v2v:
+                    styled[i] = list(lives[i].stream.decode(x0))
+                elif self.rank == 0:
                     self._emit(lives[i], x0)
+        for i, live in enumerate(lives):
+            if self.rank == 0 and live.is_v2v:
+                live.playout.produced(len(styled.get(i, ())), time.perf_counter())
+                with self._cond:
+                    live.v2v_asked = False
+                live.v2v_results.put(styled.get(i, []))
         per = (time.perf_counter() - started) / len(lives)  # decode included
         self.chunk_s = per if self.chunk_s is None else 0.8 * self.chunk_s + 0.2 * per
         return True
@@ -404,3 +478,19 @@ class PipelineRuntime(PipelineSideWork):
                 live.stream.close()
                 live.stream = None
             self._end(live)
+
+
+class _PipelineV2V(VideoToVideo):
+    """A v2v stream's input side on a pipeline rank: the rank's stream takes its chunks from
+    `chunks` (filled by the round's commands); on rank 0 `run` also cuts the input into
+    chunks and sends each through the pipeline (`PipelineRuntime._v2v_step`)."""
+
+    def __init__(self, stream: GenStream, runtime: PipelineRuntime, live: _Stream) -> None:
+        super().__init__(stream)
+        self.runtime, self.live = runtime, live
+
+    def step(self, chunk: torch.Tensor) -> list[np.ndarray]:
+        return self.runtime._v2v_step(self.live, chunk)
+
+    def close(self) -> None:
+        self.runtime.close_stream(self.live.id)

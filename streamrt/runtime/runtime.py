@@ -153,6 +153,20 @@ class Runtime(Overload, QASessions):
 
     # ------------------------------------------------------------------ streams
 
+    def open_v2v(self, prompt: str):
+        """Live video-to-video on the runtime's generator (the `/v1/v2v` socket): a
+        `VideoToVideo` and the lock every call into it holds (the runtime's: the cache
+        manager is not thread-safe)."""
+        from streamrt.gen.v2v import VideoToVideo
+
+        with self.lock:
+            stream = self.engine.open_stream(prompt)  # a bad prompt fails here
+            try:
+                return VideoToVideo(stream), self.lock
+            except BaseException:
+                stream.close()
+                raise
+
     def open_stream(
         self,
         prompt: str,

@@ -1,11 +1,13 @@
 """`torchrun ... streamrt serve --parallel layers` over real HTTP: two ranks (gloo), rank 0
 serves; streams equal the one-process stream of the same prompt and seed; switch, delete,
-a QA session on rank 0 watching a pipeline stream, a clean Ctrl+C, and a killed rank that
+a QA session on rank 0 watching a pipeline stream, live video-to-video over the WebSocket,
+a clean Ctrl+C, and a killed rank that
 ends the server non-zero naming it."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -18,7 +20,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_serve import OTHER, PROMPT, decode, error_of, free_port, mjpeg_parts, wait_for
+from test_serve import (
+    OTHER,
+    PROMPT,
+    decode,
+    error_of,
+    free_port,
+    image_bytes,
+    mjpeg_parts,
+    wait_for,
+    world_frames,
+    ws_url,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -178,7 +191,26 @@ def test_streams_on_two_ranks_equal_the_one_process_streams(tmp_path):
             stats = c.get("/v1/stats").json()
             assert "agents" in stats["cache"]["consumers"] and stats["agents"] is not None
 
-            # what a pipeline group does not serve, and bad requests
+            # live video-to-video over the WebSocket: the pipeline's ranks style each chunk
+            from websockets.sync.client import connect
+
+            frames = world_frames(10, (80, 60))
+            with connect(ws_url(c), max_size=None) as ws:
+                ws.send(json.dumps({"prompt": OTHER}))
+                assert json.loads(ws.recv(timeout=30)) == {"width": 64, "height": 64}
+                for frame in frames:
+                    ws.send(image_bytes(frame, ".jpg"))
+                ws.send(json.dumps({"end": True}))
+                styled = []
+                while isinstance(message := ws.recv(timeout=60), bytes):
+                    styled.append(decode(message))
+                assert json.loads(message) == {"done": True, "frames": len(frames)}
+            assert len(styled) == len(frames) and styled[0].shape == (64, 64, 3)
+            with connect(ws_url(c)) as ws:  # a prompt the model cannot read
+                ws.send(json.dumps({"prompt": "a zebra"}))
+                assert "zebra" in json.loads(ws.recv(timeout=30))["error"]
+
+            # bad requests
             with c.stream("GET", "/v1/streams/nope/frames.mjpeg") as r:
                 assert r.status_code == 404
             r = c.post("/v1/streams", json={"prompt": "a pink elephant"})
