@@ -32,8 +32,15 @@ source (the same motion-aware noise everywhere: same pixels, same seed), the chu
 through the pipeline ahead of the generation streams, and rank 0 decodes the styled
 frames. A window sampler still filling up asks for more input (`NeedInput`): that
 stream's chunk starts again when the next input arrives, as it does on one process.
-Partial, stated: the degrade order (fewer steps, suspension) runs on one process only
-(`streamrt serve` without `--parallel`).
+Overload (rank 0 decides between rounds, every rank applies): the runtime's degrade order
+(`streamrt.runtime.overload`, the same code): when the most urgent stream is
+`suspend_late_s` late, the lowest-priority chunk-wise stream at full quality runs
+`degrade_steps` steps (its new schedule goes to every rank), then the lowest-priority
+stream is suspended (every rank moves its blocks' share of the stream's KV to the host);
+with room again they resume, then get their steps back. A new stream beyond capacity first
+suspends lower-priority streams. Every round ends at every stream's chunk boundary, so a
+change applies from each stream's next chunk. Video-to-video streams are paced by their
+input and take no part.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,9 +64,14 @@ from streamrt.errors import InputError, UnknownNameError, UnsupportedError
 from streamrt.gen.stream import GenStream, check_num_frames
 from streamrt.gen.v2v import VideoToVideo
 from streamrt.parallel.launch import PipelineError
+from streamrt.parallel.serving_overload import (
+    PipelineLoad,
+    PipelineOverload,
+    forwards_per_chunk,
+    move_stream_kv,
+)
 from streamrt.parallel.serving_side import PipelineSideWork
-from streamrt.runtime.live import StreamFailed
-from streamrt.runtime.overload import AdmissionError
+from streamrt.runtime.live import Degradable, StreamFailed
 from streamrt.runtime.playout import Playout
 
 _END = object()
@@ -74,7 +86,7 @@ class PipelineFailed(StreamFailed):
 
 
 @dataclass
-class _Stream:
+class _Stream(Degradable):
     id: str
     prompt: str
     num_frames: int | None
@@ -98,6 +110,27 @@ class _Stream:
     v2v_results: queue.Queue = field(default_factory=queue.Queue)
     """Rank 0: each input chunk's styled frames (none while a window fills up)."""
     opened: threading.Event = field(default_factory=threading.Event)
+    priority: int = 0
+    arrival: int = 0
+    """Order of arrival (ties of priority: the latest is degraded and suspended first)."""
+    suspended: bool = False
+    offloaded: bool = False
+    full_sigmas: list[float] | None = None
+    """Its own schedule while it runs fewer steps (`Degradable.degrade`)."""
+    sync: Callable[[tuple], None] | None = None
+    """Rank 0: hands a command to the next round (a changed schedule for the other ranks)."""
+
+    @property
+    def gen(self) -> GenStream | None:
+        return self.stream
+
+    @property
+    def at_boundary(self) -> bool:
+        return self.stream is not None and not self.done  # rounds end at chunk boundaries
+
+    def _schedule_changed(self) -> None:
+        if self.sync is not None and self.stream is not None:
+            self.sync(("sigmas", self.id, list(self.stream.sigmas)))
 
 
 class PipelineStreamHandle:
@@ -131,7 +164,7 @@ class PipelineStreamHandle:
         return self._live.done
 
 
-class PipelineRuntime(PipelineSideWork):
+class PipelineRuntime(PipelineSideWork, PipelineOverload):
     """The stream part of `streamrt.runtime.Runtime` on a layer-pipeline group.
 
     Build it on every rank over the rank's `LayerPipeline`; rank 0 calls `start()` (the
@@ -159,6 +192,12 @@ class PipelineRuntime(PipelineSideWork):
         self.buffer_chunks = buffer_chunks
         self.chunk_s: float | None = None
         """Measured seconds of pipeline time per stream-chunk (an average over rounds)."""
+        self.forward_s: float | None = None
+        """Measured seconds of pipeline time per stream-forward (what the load counts)."""
+        self.scheduler = PipelineLoad(self)
+        self.counters = {"degraded": 0, "suspended": 0, "resumed": 0, "restored": 0}
+        self._last_change = 0.0
+        self._arrivals = itertools.count()
         self.idle_s = idle_s
         self.lock = threading.RLock()
         self.streams: dict[str, _Stream] = {}
@@ -200,9 +239,12 @@ class PipelineRuntime(PipelineSideWork):
             rate = float(fps or self.pipe.engine.config.fps)
             if not rate > 0:
                 raise InputError(f"fps must be > 0, got {fps}")
-            self._admit(rate)
-            live = _Stream(f"s{next(self._ids)}", prompt, num_frames, seed)
+            if isinstance(priority, bool) or not isinstance(priority, int):
+                raise InputError(f"priority must be a whole number, got {priority!r}")
+            live = _Stream(f"s{next(self._ids)}", prompt, num_frames, seed, priority=priority)
             live.playout = Playout(rate, self.config.ttff_s)
+            self._check_capacity(live)
+            live.arrival, live.sync = next(self._arrivals), self._queue
             self.streams[live.id] = live
             self._commands.append(("open", live.id, prompt, seed))
             self._cond.notify_all()
@@ -231,7 +273,18 @@ class PipelineRuntime(PipelineSideWork):
     def stream_stats(self, stream_id: str) -> dict[str, Any]:
         live = self._get(stream_id)
         state = "failed" if live.error else "done" if live.done else "running"
-        return {"prompt": live.prompt, **live.playout.stats(), "state": state}
+        if state == "running" and live.suspended:
+            state = "suspended"
+        steps = None if live.stream is None else len(live.stream.sigmas)
+        return {
+            "prompt": live.prompt,
+            **live.playout.stats(),
+            "state": state,
+            "priority": live.priority,
+            "steps": steps,
+            "degraded": live.full_sigmas is not None,
+            "kind": "v2v" if live.is_v2v else "generate",
+        }
 
     def stats(self) -> dict[str, Any]:
         pipe = self.pipe
@@ -242,6 +295,7 @@ class PipelineRuntime(PipelineSideWork):
             "block_ranges": [[r.start, r.stop] for r in pipe.ranges],
             "rebalances": len(pipe.moves),
             "rounds": self.rounds,
+            **self.counters,
             "bytes_sent_rank0": pipe.bytes_sent,
             "error": None if self.error is None else str(self.error),
             "streams": {i: self.stream_stats(i) for i in list(self.streams)},
@@ -325,25 +379,29 @@ class PipelineRuntime(PipelineSideWork):
 
     def _lead(self) -> None:
         try:
-            while True:
-                with self._cond:
-                    idle = not self._commands and not self._advancing()
-                    if not self._stopping and idle:
-                        self._cond.wait(0.002 if self._side_waiting() else self._next_due())
-                    commands = self._commands
-                    self._commands = []
-                    if self._stopping:
-                        commands.append(("stop",))
-                    else:
-                        commands.append(("advance", self._advancing()))
-                if not self._round(commands):
-                    return
+            while self._lead_round():
                 self._side_work()  # between rounds: QA and agents are rank 0's own work
         except BaseException as exc:
             self.error = exc
             with self._cond:
                 for live in self.streams.values():
                     self._end(live, exc)
+
+    def _lead_round(self) -> bool:
+        """Rank 0: wait for work, decide the degrade order, run one round."""
+        with self._cond:
+            idle = not self._commands and not self._advancing()
+            if not self._stopping and idle:
+                self._cond.wait(0.002 if self._side_waiting() else self._next_due())
+            if not self._stopping:
+                self._rebalance(time.perf_counter())
+            commands = self._commands
+            self._commands = []
+            if self._stopping:
+                commands.append(("stop",))
+            else:
+                commands.append(("advance", self._advancing()))
+        return self._round(commands)
 
     def follow(self) -> None:
         """Ranks > 0: run rank 0's rounds until it stops."""
@@ -360,6 +418,7 @@ class PipelineRuntime(PipelineSideWork):
             for s in self.streams.values()
             if not s.done
             and not s.is_v2v
+            and not s.suspended
             and s.pending < self.buffer_chunks
             and s.playout.slack(now) < self.config.ahead_s
         ]
@@ -371,24 +430,9 @@ class PipelineRuntime(PipelineSideWork):
         waits = [
             s.playout.slack(now) - self.config.ahead_s
             for s in self.streams.values()
-            if not s.done and not s.is_v2v and s.pending < self.buffer_chunks
+            if not s.done and not s.is_v2v and not s.suspended and s.pending < self.buffer_chunks
         ]
         return min(max(min(waits, default=self.idle_s), 0.001), self.idle_s)
-
-    def _admit(self, fps: float) -> None:
-        """Refuse a stream whose frames the pipeline cannot add at its measured speed
-        (`headroom` of its capacity, as `Runtime` admits)."""
-        if not self.config.admission or self.chunk_s is None:
-            return
-        per_chunk = self.pipe.engine.config.chunk_frames * self.pipe.engine.codec.temporal
-        running = [s.playout.fps for s in self.streams.values() if not s.done and not s.is_v2v]
-        load = sum(f / per_chunk for f in [*running, fps]) * self.chunk_s
-        if load > self.config.headroom:
-            raise AdmissionError(
-                f"the pipeline is at capacity: with this stream it would need {load:.0%} of "
-                f"its time ({self.chunk_s * 1e3:.0f} ms per stream-chunk, "
-                f"{len(running)} streams running): ask for a lower fps or retry later"
-            )
 
     def _round(self, commands: list[tuple] | None) -> bool:
         box = [commands]
@@ -414,6 +458,14 @@ class PipelineRuntime(PipelineSideWork):
                     live.is_v2v = True
                     live.v2v = _PipelineV2V(live.stream, self, live)
                 live.opened.set()
+            elif kind == "sigmas" and self.rank != 0:  # rank 0 changed its own already
+                live = self.streams.get(command[1])
+                if live is not None and live.stream is not None:
+                    live.stream.sigmas = list(command[2])
+            elif kind == "move_kv" and self.rank != 0:
+                live = self.streams.get(command[1])
+                if live is not None and live.stream is not None:
+                    move_stream_kv(live.stream, command[2])
             elif kind == "v2v":
                 live = self.streams.get(command[1])
                 if live is not None and live.v2v is not None and live.stream is not None:
@@ -452,8 +504,11 @@ class PipelineRuntime(PipelineSideWork):
                 with self._cond:
                     live.v2v_asked = False
                 live.v2v_results.put(styled.get(i, []))
-        per = (time.perf_counter() - started) / len(lives)  # decode included
+        elapsed = time.perf_counter() - started  # decode included
+        per = elapsed / len(lives)
         self.chunk_s = per if self.chunk_s is None else 0.8 * self.chunk_s + 0.2 * per
+        per = elapsed / sum(forwards_per_chunk(live.stream) for live in lives)
+        self.forward_s = per if self.forward_s is None else 0.8 * self.forward_s + 0.2 * per
         return True
 
     def _emit(self, live: _Stream, x0: torch.Tensor) -> None:

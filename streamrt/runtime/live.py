@@ -31,7 +31,45 @@ class StreamFailed(StreamrtError):
     """A stream ended with an error (the message says why); other streams keep running."""
 
 
-class LiveStream:
+class Degradable:
+    """The degrade order's quality step for a stream (`gen`, `full_sigmas`, `done`): fewer
+    denoising steps, and back. Used by `LiveStream` and by a pipeline group's streams
+    (`streamrt.parallel.serving`), which also tell their other ranks (`_schedule_changed`)."""
+
+    gen: Any
+    full_sigmas: list[float] | None
+    done: bool
+
+    def can_degrade(self, steps: int) -> bool:
+        gen = self.gen
+        return (
+            gen is not None
+            and self.full_sigmas is None
+            and 0 < steps < len(gen.sigmas)
+            and gen.config.sampler == "chunkwise"
+            and gen.source is None
+            and not self.done
+        )
+
+    def degrade(self, steps: int) -> None:
+        """Run `steps` of its denoising steps from its next chunk (a chunk-wise stream reads
+        its schedule when a chunk starts): the schedule thinned evenly, first step kept."""
+        full = list(self.gen.sigmas)
+        self.full_sigmas = full
+        self.gen.sigmas = [full[i * len(full) // steps] for i in range(steps)]
+        self._schedule_changed()
+
+    def restore(self) -> None:
+        """Its full schedule again, from its next chunk."""
+        if self.full_sigmas is not None:
+            self.gen.sigmas, self.full_sigmas = self.full_sigmas, None
+            self._schedule_changed()
+
+    def _schedule_changed(self) -> None:
+        """`gen.sigmas` changed (a hook)."""
+
+
+class LiveStream(Degradable):
     """Runtime-side state of one generation stream (see `StreamHandle` for its public face)."""
 
     def __init__(
@@ -110,28 +148,6 @@ class LiveStream:
             self.pending = advance()
         except StopIteration:
             self.finish()
-
-    def can_degrade(self, steps: int) -> bool:
-        gen = self.gen
-        return (
-            self.full_sigmas is None
-            and 0 < steps < len(gen.sigmas)
-            and gen.config.sampler == "chunkwise"
-            and gen.source is None
-            and not self.done
-        )
-
-    def degrade(self, steps: int) -> None:
-        """Run `steps` of its denoising steps from its next chunk (a chunk-wise stream reads
-        its schedule when a chunk starts): the schedule thinned evenly, first step kept."""
-        full = list(self.gen.sigmas)
-        self.full_sigmas = full
-        self.gen.sigmas = [full[i * len(full) // steps] for i in range(steps)]
-
-    def restore(self) -> None:
-        """Its full schedule again, from its next chunk."""
-        if self.full_sigmas is not None:
-            self.gen.sigmas, self.full_sigmas = self.full_sigmas, None
 
     @property
     def at_boundary(self) -> bool:

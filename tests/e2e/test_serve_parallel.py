@@ -179,8 +179,11 @@ def test_streams_on_two_ranks_equal_the_one_process_streams(tmp_path):
             assert time.perf_counter() - t0 > 1.2  # frame 9 is not made before 1.5 s
             st = c.get("/v1/stats").json()["streams"][sid]
             assert st["target_fps"] == 6 and st["slo_attainment"] >= 0.9, st
+            # beside a running stream (alone, a stream has nobody to slow down: admitted)
+            endless = c.post("/v1/streams", json={"prompt": OTHER}).json()["id"]
             r = c.post("/v1/streams", json={"prompt": PROMPT, "fps": 100000})
             assert r.status_code == 503 and "at capacity" in error_of(r), r.text
+            assert c.delete(f"/v1/streams/{endless}").status_code == 200
 
             # an agent's chat completion on rank 0, on the same cache manager
             chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
