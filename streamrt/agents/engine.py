@@ -342,7 +342,9 @@ class AgentEngine(Admission, ProgramSteps):
         """One scheduling step; False when there was nothing to run."""
         with self.lock:
             now = self.clock()
-            self.kv.tick(room=self._free_blocks() - sum(map(self._growth, self.running)))
+            # predictive uploads only into room no running or waiting call needs
+            needed = sum(map(self._growth, self.running)) + sum(map(self._growth, self.waiting))
+            self.kv.tick(room=self._free_blocks() - needed)
             for agent in self._tool_agents():
                 if now >= agent.tool_until:
                     agent.tool_until = None

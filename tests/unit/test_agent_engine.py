@@ -381,3 +381,46 @@ def test_kept_programs_back_from_the_host_are_admitted_together_when_their_block
     for h, p in zip(handles, programs):
         assert h.result().outputs == solo.submit(p).result().outputs
     mgr.check_invariants()
+
+
+def test_a_predictive_upload_does_not_take_the_room_a_waiting_call_needs(lm):
+    """An offloaded program's upload falls due in the step a new call arrives, and the
+    device has room for one of them: the call is admitted, the upload waits (it is fetched
+    when its program runs again)."""
+    from streamrt.agents.engine import lm_spec
+
+    model, tok = lm
+    spec = lm_spec(model, 4)
+    probe = engine(lm)
+
+    def blocks(prompt, extra):
+        return -(-(len(probe.encode(prompt)) + extra) // 4)
+
+    kept = Program(
+        PROMPTS[0], [LLM(2, stop=False), Tool("slow", 1.0, "red ."), LLM(2, stop=False)], id="k"
+    )
+    long_call = Program(PROMPTS[2], [LLM(30, stop=False)], id="long")
+    new = Program(PROMPTS[1], [LLM(2, stop=False)], id="new")
+    k_blocks = blocks(PROMPTS[0], 2)
+    device = blocks(PROMPTS[2], 30) + blocks(PROMPTS[1], 2) + k_blocks - 1
+    clock = Clock()
+    mgr = CacheManager(device_bytes=spec.block_bytes * device, host_bytes=spec.block_bytes * 64)
+    e = AgentEngine(model, tok, mgr, tokens_per_block=4, policy="offload", clock=clock)
+    e.kv.move_bytes_per_s = 1e12
+    for _ in range(3):
+        e.kv.durations.observe("slow", 50.0)
+    e.submit_all([kept, long_call])
+    while "k" not in e.kv.calls:
+        e.step()
+    assert e.kv.calls["k"].action == "offload" and e.kv.agents["k"].counts["device"] == 0
+    clock.now = 0.5
+    e.kv.calls["k"].upload_at = 0.5  # due now
+    handle = e.submit(new)
+    e.step()
+    assert "new" in [c.agent.id for c in e.running]
+    assert e.kv.agents["k"].counts["device"] == 0 and not e.kv.calls["k"].uploaded
+    while e.busy:
+        e.step()
+        clock.now += 0.1
+    assert handle.result().outputs == engine(lm).submit(new).result().outputs
+    mgr.check_invariants()
