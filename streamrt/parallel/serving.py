@@ -226,16 +226,9 @@ class PipelineRuntime(PipelineSideWork, PipelineOverload):
         check_num_frames(num_frames)
         if kv_quota_mb is not None:
             raise UnsupportedError(f"kv_quota_mb is {NOT_HERE}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise InputError(f"seed must be a whole number or null, got {seed!r}")
-        self.pipe.engine.text_encoder.check(prompt)  # a bad prompt fails here, not later
+        self._check_open(prompt, seed)
         with self._cond:
-            self._check_alive()
-            if sum(not s.done for s in self.streams.values()) >= self.config.max_streams:
-                raise InputError(
-                    f"the pipeline serves at most {self.config.max_streams} streams at once: "
-                    "retry when a stream ends"
-                )
+            self._check_room()
             rate = float(fps or self.pipe.engine.config.fps)
             if not rate > 0:
                 raise InputError(f"fps must be > 0, got {fps}")
@@ -308,16 +301,9 @@ class PipelineRuntime(PipelineSideWork, PipelineOverload):
         """Rank 0: live video-to-video on the pipeline (module docstring): its
         `VideoToVideo` (`run(frames)` gives one styled frame per input frame; `close()`
         ends it) and the lock a caller holds around its calls."""
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise InputError(f"seed must be a whole number or null, got {seed!r}")
-        self.pipe.engine.text_encoder.check(prompt)
+        self._check_open(prompt, seed)
         with self._cond:
-            self._check_alive()
-            if sum(not s.done for s in self.streams.values()) >= self.config.max_streams:
-                raise InputError(
-                    f"the pipeline serves at most {self.config.max_streams} streams at once: "
-                    "retry when a stream ends"
-                )
+            self._check_room()
             live = _Stream(f"s{next(self._ids)}", prompt, None, seed, is_v2v=True)
             live.playout = Playout(float(self.pipe.engine.config.fps), self.config.ttff_s)
             self.streams[live.id] = live
@@ -351,6 +337,21 @@ class PipelineRuntime(PipelineSideWork, PipelineOverload):
         if live is None:
             raise UnknownNameError(f"no stream {stream_id!r}: open one with POST /v1/streams")
         return live
+
+    def _check_open(self, prompt: str, seed: int | None) -> None:
+        """A request's seed and prompt (a bad prompt fails here, not in a round)."""
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise InputError(f"seed must be a whole number or null, got {seed!r}")
+        self.pipe.engine.text_encoder.check(prompt)
+
+    def _check_room(self) -> None:
+        """The group alive and a stream slot free (holding `_cond`)."""
+        self._check_alive()
+        if sum(not s.done for s in self.streams.values()) >= self.config.max_streams:
+            raise InputError(
+                f"the pipeline serves at most {self.config.max_streams} streams at once: "
+                "retry when a stream ends"
+            )
 
     def _check_alive(self) -> None:
         if self.error is not None:

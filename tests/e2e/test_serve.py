@@ -397,10 +397,10 @@ def ws_url(client: httpx.Client) -> str:
     return str(client.base_url).replace("http://", "ws://") + "/v1/v2v"
 
 
-def test_v2v_round_trip(client):
+def v2v_round_trip(client: httpx.Client, frames: list[np.ndarray]) -> list[np.ndarray]:
+    """`/v1/v2v`: the prompt, the frames as JPEG, the end; the styled frames back."""
     from websockets.sync.client import connect
 
-    frames = world_frames(20, (80, 60))
     with connect(ws_url(client), max_size=None) as ws:
         ws.send(json.dumps({"prompt": OTHER}))
         assert json.loads(ws.recv(timeout=30)) == {"width": 64, "height": 64}
@@ -408,12 +408,15 @@ def test_v2v_round_trip(client):
             ws.send(image_bytes(frame, ".jpg"))
         ws.send(json.dumps({"end": True}))
         styled = []
-        while True:
-            message = ws.recv(timeout=60)
-            if isinstance(message, str):
-                assert json.loads(message) == {"done": True, "frames": len(frames)}
-                break
+        while isinstance(message := ws.recv(timeout=60), bytes):
             styled.append(decode(message))
+        assert json.loads(message) == {"done": True, "frames": len(frames)}
+    return styled
+
+
+def test_v2v_round_trip(client):
+    frames = world_frames(20, (80, 60))
+    styled = v2v_round_trip(client, frames)
     assert len(styled) == len(frames)
     assert all(f.shape == (64, 64, 3) for f in styled)
 

@@ -26,8 +26,8 @@ from test_serve import (
     decode,
     error_of,
     free_port,
-    image_bytes,
     mjpeg_parts,
+    v2v_round_trip,
     wait_for,
     world_frames,
     ws_url,
@@ -197,18 +197,8 @@ def test_streams_on_two_ranks_equal_the_one_process_streams(tmp_path):
             # live video-to-video over the WebSocket: the pipeline's ranks style each chunk
             from websockets.sync.client import connect
 
-            frames = world_frames(10, (80, 60))
-            with connect(ws_url(c), max_size=None) as ws:
-                ws.send(json.dumps({"prompt": OTHER}))
-                assert json.loads(ws.recv(timeout=30)) == {"width": 64, "height": 64}
-                for frame in frames:
-                    ws.send(image_bytes(frame, ".jpg"))
-                ws.send(json.dumps({"end": True}))
-                styled = []
-                while isinstance(message := ws.recv(timeout=60), bytes):
-                    styled.append(decode(message))
-                assert json.loads(message) == {"done": True, "frames": len(frames)}
-            assert len(styled) == len(frames) and styled[0].shape == (64, 64, 3)
+            styled = v2v_round_trip(c, world_frames(10, (80, 60)))
+            assert len(styled) == 10 and styled[0].shape == (64, 64, 3)
             with connect(ws_url(c)) as ws:  # a prompt the model cannot read
                 ws.send(json.dumps({"prompt": "a zebra"}))
                 assert "zebra" in json.loads(ws.recv(timeout=30))["error"]
