@@ -68,10 +68,10 @@ from streamrt.parallel.serving_overload import (
     PipelineLoad,
     PipelineOverload,
     forwards_per_chunk,
-    move_stream_kv,
 )
 from streamrt.parallel.serving_side import PipelineSideWork
 from streamrt.runtime.live import Degradable, StreamFailed
+from streamrt.runtime.overload import move_kv
 from streamrt.runtime.playout import Playout
 
 _END = object()
@@ -190,8 +190,6 @@ class PipelineRuntime(PipelineSideWork, PipelineOverload):
         self.rank = pipe.rank
         self.config = dataclasses.replace(runtime or RuntimeConfig(), max_streams=max_streams)
         self.buffer_chunks = buffer_chunks
-        self.chunk_s: float | None = None
-        """Measured seconds of pipeline time per stream-chunk (an average over rounds)."""
         self.forward_s: float | None = None
         """Measured seconds of pipeline time per stream-forward (what the load counts)."""
         self.scheduler = PipelineLoad(self)
@@ -417,11 +415,7 @@ class PipelineRuntime(PipelineSideWork, PipelineOverload):
         due = [
             s
             for s in self.streams.values()
-            if not s.done
-            and not s.is_v2v
-            and not s.suspended
-            and s.pending < self.buffer_chunks
-            and s.playout.slack(now) < self.config.ahead_s
+            if self._may_advance(s) and s.playout.slack(now) < self.config.ahead_s
         ]
         return v2v + [s.id for s in sorted(due, key=lambda s: s.playout.slack(now))]
 
@@ -431,9 +425,14 @@ class PipelineRuntime(PipelineSideWork, PipelineOverload):
         waits = [
             s.playout.slack(now) - self.config.ahead_s
             for s in self.streams.values()
-            if not s.done and not s.is_v2v and not s.suspended and s.pending < self.buffer_chunks
+            if self._may_advance(s)
         ]
         return min(max(min(waits, default=self.idle_s), 0.001), self.idle_s)
+
+    def _may_advance(self, s: _Stream) -> bool:
+        """A generation stream running, not suspended, its reader keeping up (its playout
+        decides when)."""
+        return not s.done and not s.is_v2v and not s.suspended and s.pending < self.buffer_chunks
 
     def _round(self, commands: list[tuple] | None) -> bool:
         box = [commands]
@@ -466,7 +465,7 @@ class PipelineRuntime(PipelineSideWork, PipelineOverload):
             elif kind == "move_kv" and self.rank != 0:
                 live = self.streams.get(command[1])
                 if live is not None and live.stream is not None:
-                    move_stream_kv(live.stream, command[2])
+                    move_kv(self.pipe.engine.cache, live.stream.seqs, command[2])
             elif kind == "v2v":
                 live = self.streams.get(command[1])
                 if live is not None and live.v2v is not None and live.stream is not None:
@@ -506,8 +505,6 @@ class PipelineRuntime(PipelineSideWork, PipelineOverload):
                     live.v2v_asked = False
                 live.v2v_results.put(styled.get(i, []))
         elapsed = time.perf_counter() - started  # decode included
-        per = elapsed / len(lives)
-        self.chunk_s = per if self.chunk_s is None else 0.8 * self.chunk_s + 0.2 * per
         per = elapsed / sum(forwards_per_chunk(live.stream) for live in lives)
         self.forward_s = per if self.forward_s is None else 0.8 * self.forward_s + 0.2 * per
         return True

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from streamrt.runtime.overload import AdmissionError, Overload, _lowest
+from streamrt.runtime.overload import AdmissionError, Overload, _lowest, move_kv
 
 if TYPE_CHECKING:
     from streamrt.gen.stream import GenStream
@@ -64,7 +64,7 @@ class PipelineOverload(Overload):
     def _move_kv(self, live: _Stream, to_host: bool) -> None:
         """Rank 0's share of a stream's KV to the host (or back) now, the other ranks'
         in the next round."""
-        move_stream_kv(live.stream, to_host)
+        move_kv(self.pipe.engine.cache, live.stream.seqs, to_host)
         self._commands.append(("move_kv", live.id, to_host))
         live.offloaded = to_host
 
@@ -95,16 +95,3 @@ def forwards_per_chunk(stream: GenStream | None, engine=None) -> int:
     if stream is None:
         return len(engine.config.timesteps) + 1
     return len(stream.sigmas) + 1
-
-
-def move_stream_kv(stream: GenStream, to_host: bool) -> None:
-    """Every block of the stream's sequences that is not on that tier yet, waited for."""
-    cache = stream.engine.cache
-    tier = "host" if to_host else "device"
-    for seq in stream.seqs:
-        indices = [i for i, b in seq.items() if b.tier != tier]
-        if not indices:
-            continue
-        move = cache.offload if to_host else cache.fetch
-        for transfer in move(seq, indices):
-            transfer.wait()

@@ -89,11 +89,7 @@ class Overload:
         self._changed("suspended", now)
 
     def _move_kv(self, live: LiveStream, to_host: bool) -> None:
-        """Every KV block of a stream to the host tier, or back to the device; waited for."""
-        move = self.cache.offload if to_host else self.cache.fetch
-        for seq in live.gen.seqs:
-            for transfer in move(seq, list(seq.table)):
-                transfer.wait()
+        move_kv(self.cache, live.gen.seqs, to_host)
         live.offloaded = to_host
 
     def _resume(self, live: LiveStream, now: float) -> None:
@@ -149,6 +145,15 @@ class Overload:
     def _changed(self, counter: str, now: float) -> None:
         self._last_change = now
         self.counters[counter] += 1
+
+
+def move_kv(cache, seqs, to_host: bool) -> None:
+    """Every KV block of a stream's sequences to the host tier, or back to the device;
+    waited for."""
+    move = cache.offload if to_host else cache.fetch
+    for seq in seqs:
+        for transfer in move(seq, list(seq.table)):
+            transfer.wait()
 
 
 def _lowest(live: LiveStream) -> tuple[int, int]:
