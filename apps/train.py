@@ -1,9 +1,11 @@
-"""`streamrt train gen|vqa`: train the embedded tiny models and ship them.
+"""`streamrt train gen|vae|vqa`: train the embedded tiny models and ship them.
 
 streamrt train gen --minutes 45              # train (resumes build/train-gen/), export
 streamrt train gen --tune-only               # pick the sampler settings of the manifest
 streamrt train gen --init-from assets/tiny-world --resample-prob 0.5   # fine-tune on own context
 streamrt train vqa --init-from DIR          # the tiny Video-LLM (resumes build/train-vqa/)
+streamrt train vae --minutes 30             # a tiny Wan VAE on the world (build/tiny-vae)
+streamrt train gen --vae build/tiny-vae --noise-drift 0.25 ...   # a generator on its latents
 """
 
 from __future__ import annotations
@@ -84,11 +86,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=probability,
         help="final learning rate as a share of --lr (default 0.1; 1: constant)",
     )
+    gen.add_argument(
+        "--vae",
+        type=existing_dir,
+        help="a trained AutoencoderKLWan directory (streamrt train vae): denoise its latents at "
+        "patch 1 instead of pixels; it is exported with the generator",
+    )
+    gen.add_argument(
+        "--noise-drift",
+        type=non_negative,
+        help="latent pixels per frame of the drifting noise (default 1; 0.25 for an 8x VAE)",
+    )
     gen.add_argument("--no-compile", action="store_true", help="train without torch.compile")
     gen.add_argument("--tune", action="store_true", help="after training, sweep sampler settings")
     gen.add_argument(
         "--tune-only", action="store_true", help="only sweep sampler settings of --output"
     )
+
+    vae = sub.add_parser("vae", help="a tiny Wan VAE on the world (the generator's latents)")
+    vae.add_argument("--output", default="build/tiny-vae", help="VAE directory to write")
+    _schedule_arguments(vae, "build/train-vae", steps=20_000, batch=8, lr="1e-3", threads=1)
+    vae.add_argument("--kl-weight", type=non_negative, help="weight of the KL term (default 1e-4)")
 
     vqa = sub.add_parser("vqa", help="the tiny Video-LLM (assets/tiny-vqa)")
     vqa.add_argument(
@@ -217,6 +235,18 @@ def run_vqa(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_vae(args: argparse.Namespace) -> int:
+    from streamrt.models import train_vae
+
+    cfg = train_vae.TrainVAEConfig(**_given(args, kl_weight=args.kl_weight))
+    state = train_vae.train(
+        cfg, args.work_dir, args.output, resume=not args.fresh, log=console.print
+    )
+    report = train_vae.reconstruction_report(train_vae.averaged_vae(state))
+    console.print(f"wrote {args.output} (checkpoint in {args.work_dir}); held-out: {report}")
+    return 0
+
+
 def config_from(args: argparse.Namespace):
     from streamrt.models.train_gen import TrainGenConfig
 
@@ -236,6 +266,8 @@ def config_from(args: argparse.Namespace):
             object_size=args.object_size,
             min_lr_ratio=args.min_lr_ratio,
             sigma_shift=args.sigma_shift,
+            vae=args.vae,
+            noise_drift=args.noise_drift,
         )
     )
     cfg.compile = not args.no_compile
@@ -247,6 +279,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.what == "vqa":
         return run_vqa(args)
+    if args.what == "vae":
+        return run_vae(args)
     if not args.tune_only:
         cfg = config_from(args)
         train_gen.train(cfg, args.work_dir, args.output, resume=not args.fresh, log=console.print)

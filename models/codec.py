@@ -110,6 +110,10 @@ class WanVAECodec:
     def encoder(self) -> _StreamEncoder:
         return _StreamEncoder(self)
 
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """Normalised latents of whole clips `[B, 3, F, H, W]` (a new stream each)."""
+        return self.encoder().encode(frames)
+
 
 class _StreamEncoder:
     """Encodes frames as they arrive (video-to-video), keeping the encoder's causal state.
@@ -138,11 +142,14 @@ class _StreamEncoder:
 
             x = patchify(x, patch_size=vae.config.patch_size)
         groups = []
-        if self.first:
-            groups.append(x[:, :, :1])
-            x = x[:, :, 1:]
-            self.first = False
-        groups += list(x.split(c.temporal, dim=2))
+        if c.temporal == 1:
+            groups = [x]  # no temporal downsampling: the causal cache makes one call exact
+        else:
+            if self.first:
+                groups.append(x[:, :, :1])
+                x = x[:, :, 1:]
+            groups += list(x.split(c.temporal, dim=2))
+        self.first = False
         outs = [
             vae.encoder(g, feat_cache=self.feat_map, feat_idx=[0]) for g in groups if g.shape[2]
         ]

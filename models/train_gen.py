@@ -141,6 +141,11 @@ class TrainGenConfig(RunSchedule):
     codec_spatial: int = 2
     """Spatial factor of the pixel codec (`PixelCodec(spatial)`); patch side 8 / this."""
 
+    vae: str | None = None
+    """A trained `AutoencoderKLWan` directory (`streamrt train vae`): the transformer then
+    denoises its latents at patch 1 instead of pixels, and the VAE (frozen) is exported
+    with the generator (codec "wan_vae"); `codec_spatial` is not used."""
+
     caption_dropout: float = 0.1
     """Chance that a clip's caption is replaced by "" (enables classifier-free guidance)."""
 
@@ -295,9 +300,17 @@ def new_state(cfg: TrainGenConfig) -> TrainState:
         from streamrt.models.train_gen_resample import init_state
 
         return init_state(dataclasses.replace(cfg, init_from=None), cfg.init_from)
-    transformer, text_encoder, codec = tiny_random_parts(
-        VOCAB, cfg.text_len, codec="pixel", seed=cfg.seed, spatial=cfg.codec_spatial, **cfg.model
-    )
+    if cfg.vae is None:
+        transformer, text_encoder, codec = tiny_random_parts(
+            VOCAB,
+            cfg.text_len,
+            codec="pixel",
+            seed=cfg.seed,
+            spatial=cfg.codec_spatial,
+            **cfg.model,
+        )
+    else:
+        transformer, text_encoder, codec = vae_parts(cfg)
     state = TrainState(cfg, transformer, text_encoder, codec, {}, None)  # type: ignore[arg-type]
     params = [p for _, p in state.named_parameters()]
     state.optimizer = torch.optim.AdamW(
@@ -305,6 +318,24 @@ def new_state(cfg: TrainGenConfig) -> TrainState:
     )
     state.ema = {n: p.detach().clone() for n, p in state.named_parameters()}
     return state
+
+
+def vae_parts(cfg: TrainGenConfig):
+    """Random transformer and text encoder over the latents of the trained VAE `cfg.vae`
+    (patch 1: one token per latent pixel), and that VAE's codec."""
+    from streamrt.models.codec import WanVAECodec
+    from streamrt.models.wan_checkpoints import load_wan_vae
+
+    vae = load_wan_vae(cfg.vae)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    z = vae.config.z_dim
+    model = {"in_channels": z, "out_channels": z, "patch_size": (1, 1, 1), **cfg.model}
+    # the pixel codec's `spatial=8` gives patch 1; that codec is replaced by the VAE's
+    transformer, text_encoder, _ = tiny_random_parts(
+        VOCAB, cfg.text_len, codec="pixel", seed=cfg.seed, spatial=8, **model
+    )
+    return transformer, text_encoder, WanVAECodec(vae)
 
 
 def save_checkpoint(state: TrainState, path: Path) -> None:
@@ -448,6 +479,7 @@ def default_gen_config(cfg: TrainGenConfig, **overrides: Any) -> GenConfig:
         policy_args={"sink_blocks": 0, "window_blocks": cfg.num_frames},
         renoise="predicted",  # not distilled: the deterministic step (module docstring)
         timesteps=even_timesteps(12),
+        noise_drift=cfg.noise_drift if cfg.drift_prob > 0 else 0.0,
     )
     return dataclasses.replace(base, **overrides)
 

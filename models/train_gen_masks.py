@@ -47,10 +47,15 @@ def loss_weight(codec, masks: torch.Tensor, cfg, object_weight: float) -> torch.
     """A latent pixel's weight: 1 + `object_weight` x its share of object pixels, +
     `cfg.edge_weight` x its share of the ring around objects, + `cfg.shape_weight` x its
     share of shape-difference pixels."""
+    s = codec.spatial
+
+    def share(mask: torch.Tensor) -> torch.Tensor:  # of each latent pixel's s x s pixels
+        return torch.nn.functional.avg_pool3d(mask, (1, s, s)) if s > 1 else mask
+
     objects = masks[:, :1]
-    weight = 1.0 + object_weight * codec.encode(objects)
+    weight = 1.0 + object_weight * share(objects)
     if cfg.edge_weight:
-        weight = weight + cfg.edge_weight * codec.encode(edge_ring(objects, cfg.edge_px))
+        weight = weight + cfg.edge_weight * share(edge_ring(objects, cfg.edge_px))
     if cfg.shape_weight:
-        weight = weight + cfg.shape_weight * codec.encode(masks[:, 1:2])
+        weight = weight + cfg.shape_weight * share(masks[:, 1:2])
     return weight
