@@ -105,7 +105,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     vae = sub.add_parser("vae", help="a tiny Wan VAE on the world (the generator's latents)")
     vae.add_argument("--output", default="build/tiny-vae", help="VAE directory to write")
-    _schedule_arguments(vae, "build/train-vae", steps=20_000, batch=8, lr="1e-3", threads=1)
+    _schedule_arguments(vae, "build/train-vae", steps=20_000, batch=16, lr="1e-3", threads=1)
     vae.add_argument("--kl-weight", type=non_negative, help="weight of the KL term (default 1e-4)")
 
     vqa = sub.add_parser("vqa", help="the tiny Video-LLM (assets/tiny-vqa)")

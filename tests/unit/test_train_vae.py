@@ -25,7 +25,7 @@ def tiny_cfg(**overrides) -> TrainVAEConfig:
     base = {
         "steps": 40,
         "batch_size": 2,
-        "num_frames": 3,
+        "num_frames": 1,
         "base_dim": 4,
         "z_dim": 4,
         "lr": 3e-3,
@@ -46,20 +46,38 @@ def test_vae_is_wan_at_8x_space_and_no_time_compression():
     assert encode_moments(vae, x)[0].shape == (1, 4, 5, 8, 8)
 
 
+def test_frame_wise_vae_codes_each_frame_alone_after_training():
+    state = new_state(tiny_cfg(steps=3, num_frames=2, frame_wise=True))
+    for _ in range(3):
+        train_step(state)
+    vae = state.vae.eval()
+    x = torch.rand(1, 3, 4, 64, 64) * 2 - 1
+    changed = x.clone()
+    changed[:, :, :3] = torch.rand(1, 3, 3, 64, 64)  # other earlier frames, same last one
+    with torch.no_grad():
+        a, b = (decode_latents(vae, encode_moments(vae, v)[0])[:, :, 3] for v in (x, changed))
+    assert torch.equal(a, b)
+    full = new_state(tiny_cfg(frame_wise=False)).vae.eval()
+    with torch.no_grad():
+        a, b = (decode_latents(full, encode_moments(full, v)[0])[:, :, 3] for v in (x, changed))
+    assert (a - b).abs().max() > 1e-4  # the stock VAE's last frame sees the earlier ones
+
+
 def test_loss_weights_objects_and_their_edges():
     cfg = tiny_cfg(object_weight=4.0, edge_px=2)
     x, w = sample_clips(cfg, 0)
-    assert x.shape == (2, 3, 3, 64, 64) and w.shape == (2, 1, 3, 64, 64)
+    assert x.shape == (2, 3, 1, 64, 64) and w.shape == (2, 1, 1, 64, 64)
     assert set(torch.unique(w).tolist()) == {1.0, 5.0}
     heavy = (w > 1).float().mean().item()
     assert 0.01 < heavy < 0.5  # the objects and a 2-pixel ring, not the whole frame
 
 
-def test_one_call_over_a_clip_equals_the_streaming_codec_chunk_by_chunk():
+@pytest.mark.parametrize("frame_wise", [False, True])
+def test_one_call_over_a_clip_equals_the_streaming_codec_chunk_by_chunk(frame_wise):
     """Training encodes and decodes whole clips in one call; streams go chunk by chunk
     with the causal cache. With no temporal resampling the two are the same function."""
     torch.manual_seed(0)
-    vae = train_vae.build_vae(tiny_cfg()).eval()
+    vae = train_vae.build_vae(tiny_cfg(frame_wise=frame_wise)).eval()
     codec = WanVAECodec(vae, fast=False)
     x = torch.rand(1, 3, 9, 64, 64) * 2 - 1
     with torch.no_grad():
@@ -85,8 +103,8 @@ def test_training_lowers_the_reconstruction_error():
     state = train(tiny_cfg(), work_dir=None, output=None, log=lambda _: None)
     after = held_out_error(state.vae)
     assert state.step == 40
-    # Measured with this seed: 0.591 -> 0.453 (0.77x); untrained weights stay at 1.00x.
-    assert after < 0.85 * before, (before, after)
+    # Measured with this seed: 0.516 -> 0.428 (0.83x); with lr 1e-12 it stays at 1.00x.
+    assert after < 0.9 * before, (before, after)
 
 
 def test_checkpoint_resumes_exactly(tmp_path):

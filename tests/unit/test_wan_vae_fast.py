@@ -35,12 +35,27 @@ CONFIGS = {
         latents_mean=[0.1, -0.2, 0.0, 0.3],
         latents_std=[1.5, 0.5, 1.0, 2.0],
     ),
+    # `streamrt train vae`'s: no time compression, taps on earlier frames zero (2-D convs)
+    "frame-wise": dict(
+        base_dim=4,
+        z_dim=4,
+        dim_mult=[1, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, False],
+        attn_scales=[],
+        latents_mean=[0.0, 0.1, -0.1, 0.2],
+        latents_std=[1.0, 0.5, 2.0, 1.0],
+    ),
 }
 
 
 def stock_and_codec(name: str) -> tuple[AutoencoderKLWan, WanVAECodec]:
     torch.manual_seed(0)
     stock = AutoencoderKLWan(**CONFIGS[name]).eval()
+    if name == "frame-wise":
+        from streamrt.models.train_vae import freeze_past_taps
+
+        freeze_past_taps(stock)
     return stock, WanVAECodec(copy.deepcopy(stock))
 
 
@@ -69,6 +84,10 @@ def test_streamed_chunks_equal_stock_diffusers_decode(name):
     )
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     assert not torch.equal(out, stock_decode(stock, codec, z.flip(2)))  # the check can fail
+    convs = [m for m in codec.vae.modules() if isinstance(m, WanCausalConv3d)]
+    temporal = [m for m in convs if m.kernel_size[0] > 1]
+    frame_wise = [m._diffusers_hook.get_hook(CONV_HOOK)._frame_wise(m) for m in temporal]
+    assert sum(frame_wise) == (len(temporal) if name == "frame-wise" else 0)
 
 
 def test_hooked_modules_equal_stock_and_come_off():
