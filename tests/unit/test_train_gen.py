@@ -423,3 +423,14 @@ def test_conditioning_measures_how_far_each_caption_word_moves_the_model():
     assert moved["background"][500.0] > moved["colour"][500.0] > moved["direction"][500.0]
     with pytest.raises(ValueError, match="lacks one of the words"):
         train_gen_eval.conditioning(ASSET, caption="a red circle", levels=(500.0,))
+
+
+def test_shape_probe_reads_the_worlds_shapes_when_there_is_no_noise_to_remove():
+    """At sigma ~ 0 the one-step prediction is the clip itself, so the probe must name
+    every shape right (through the shipped pixel codec); the shipped model at sigma 0.5
+    names squares and triangles almost never (its blobs)."""
+    probe = train_gen_eval.shape_probe(ASSET, sigmas=(1e-4, 0.5), seeds=(0, 1))
+    for shape, (right, answered) in probe[1e-4].items():
+        assert answered >= 12 and right == answered, (shape, right, answered)
+    square, triangle = probe[0.5]["square"], probe[0.5]["triangle"]
+    assert square[0] + triangle[0] <= 0.2 * (square[1] + triangle[1]), probe[0.5]
