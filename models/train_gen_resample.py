@@ -39,6 +39,11 @@ def init_state(cfg, path: str | Path):
     """A new `TrainState` for `cfg` whose transformer and text encoder hold the weights of
     the generator directory `path` (the average starts equal to them).
 
+    With `cfg.vae` (a run on a VAE's latents) the source may be a pixel-codec model of
+    another patch and channel count: every weight whose name and shape match is taken
+    (the blocks, text and time embeddings: the token grid is the same, one token per 8x8
+    pixels), the patch embedding and output projection start fresh.
+
     Raises:
         InputError: `path` is not a pixel-codec generator of `cfg`'s architecture.
     """
@@ -49,7 +54,8 @@ def init_state(cfg, path: str | Path):
     path = Path(path)
     state = new_state(cfg)
     manifest = _read_json(path / "streamrt.json")
-    _check_architecture(path, cfg, state.transformer.config, manifest)
+    transplant = getattr(cfg, "vae", None) is not None
+    _check_architecture(path, cfg, state.transformer.config, manifest, transplant)
     source = load_wan_transformer(path / "transformer")
     text = TextEncoder.from_pretrained(path, cfg.text_len)
     own_text = state.text_encoder.model.state_dict()
@@ -58,7 +64,14 @@ def init_state(cfg, path: str | Path):
         raise InputError(f"--init-from {path}: its text encoder does not match the run's")
     if text.tokenizer.get_vocab() != state.text_encoder.tokenizer.get_vocab():
         raise InputError(f"--init-from {path}: its tokenizer's vocabulary is not the world's")
-    state.transformer.load_state_dict(source.state_dict())
+    if transplant:
+        own = state.transformer.state_dict()
+        taken = {
+            k: v for k, v in source.state_dict().items() if k in own and own[k].shape == v.shape
+        }
+        state.transformer.load_state_dict(taken, strict=False)
+    else:
+        state.transformer.load_state_dict(source.state_dict())
     state.text_encoder.model.load_state_dict(their_text)
     state.ema = {n: p.detach().clone() for n, p in state.named_parameters()}
     return state
@@ -74,16 +87,22 @@ def _read_json(path: Path) -> dict:
         ) from None
 
 
-def _check_architecture(path: Path, cfg, own_config, manifest: dict) -> None:
-    """Refuse, in one line naming the fields, a directory the run would not rebuild."""
+def _check_architecture(
+    path: Path, cfg, own_config, manifest: dict, transplant: bool = False
+) -> None:
+    """Refuse, in one line naming the fields, a directory the run would not rebuild
+    (`transplant`: its codec, patch and channels may differ)."""
     theirs = _read_json(path / "transformer" / "config.json")
+    free = {"in_channels", "out_channels", "patch_size"} if transplant else set()
     diff = []
     for key, value in own_config.items():
-        if key.startswith("_") or key not in theirs:
+        if key.startswith("_") or key not in theirs or key in free:
             continue
         if json.loads(json.dumps(value)) != theirs[key]:
             diff.append(f"{key} {theirs[key]} (run: {json.loads(json.dumps(value))})")
-    if manifest.get("codec", "pixel") != "pixel":
+    if transplant:
+        pass
+    elif manifest.get("codec", "pixel") != "pixel":
         diff.append(f"codec {manifest.get('codec')} (run: pixel)")
     elif manifest.get("codec_spatial", 1) != cfg.codec_spatial:
         diff.append(f"codec_spatial {manifest.get('codec_spatial', 1)} (run: {cfg.codec_spatial})")

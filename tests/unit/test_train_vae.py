@@ -154,3 +154,24 @@ def test_export_normalises_latents_and_a_generator_trains_on_them(tmp_path):
     assert gen.engine.config.noise_drift == 0.25
     frames = list(gen.stream("a red circle moving right on a dark background", num_frames=7))
     assert len(frames) == 7 and frames[0].shape == (64, 64, 3)
+
+
+def test_a_latent_run_starts_from_the_pixel_models_blocks(tmp_path):
+    """`--vae DIR --init-from assets/tiny-world`: the same token grid (one token per 8x8
+    pixels), so the blocks, text and time embeddings carry over; patch in/out start fresh."""
+    from pathlib import Path
+
+    from streamrt.models.train_gen import new_state
+    from streamrt.models.wan_checkpoints import load_wan_transformer
+
+    asset = Path(__file__).resolve().parents[2] / "assets" / "tiny-world"
+    train(tiny_cfg(steps=1, z_dim=8), None, tmp_path / "vae", log=lambda _: None)
+    cfg = TrainGenConfig(vae=str(tmp_path / "vae"), init_from=str(asset), compile=False)
+    state = new_state(cfg)
+    shipped = load_wan_transformer(asset / "transformer").state_dict()
+    own = state.transformer.state_dict()
+    same = [k for k in own if k in shipped and torch.equal(own[k], shipped[k])]
+    fresh = sorted({k.split(".")[0] for k in own if k not in same})
+    assert fresh == ["patch_embedding", "proj_out"], fresh
+    assert len(same) > 0.9 * len(own)
+    assert own["patch_embedding.weight"].shape[1] == 8  # the VAE's channels
