@@ -212,6 +212,10 @@ CLI_CASES = {
     "train eval clips": (["train", "vqa", "--eval-clips", "-1"], "must be >= 0"),
     "train frames": (["train", "gen", "--frames", "abc"], "expected a whole number"),
     "train crafted resume": (["train", "gen", "--no-compile", "--steps", "1", "--work-dir", F + "/crafted-train", "--output", "{out}"], "refused to resume"),
+    "train vae kl": (["train", "vae", "--kl-weight", "-1"], "--kl-weight: must be >= 0"),
+    "train gen vae missing": (["train", "gen", "--vae", F + "/none"], "does not exist"),
+    "train gen vae not one": (["train", "gen", "--no-compile", "--steps", "1", "--vae", F, "--work-dir", "{out}", "--output", "{out}"], "corrupt or truncated safetensors"),
+    "train vae crafted resume": (["train", "vae", "--steps", "1", "--work-dir", F + "/crafted-train", "--output", "{out}"], "refused to resume"),
     "train truncated resume": (["train", "vqa", "--steps", "1", "--work-dir", F + "/truncated-train", "--output", "{out}"], "corrupt or truncated checkpoint"),
 }  # fmt: skip
 
