@@ -350,6 +350,7 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
         "text": state.text_encoder.model.state_dict(),
         "ema": state.ema,
         "optimizer": state.optimizer.state_dict(),
+        "vae_digest": vae_digest(state.codec),
     }
     tmp = path.with_suffix(".tmp")
     torch.save(blob, tmp)
@@ -368,7 +369,27 @@ def load_checkpoint(path: Path, cfg: TrainGenConfig | None = None) -> TrainState
     state.optimizer.load_state_dict(blob["optimizer"])
     state.ema = blob["ema"]
     state.step, state.losses, state.seconds = blob["step"], blob["losses"], blob["seconds"]
+    if blob.get("vae_digest") != vae_digest(state.codec):
+        raise InputError(
+            f"{path}: this run was trained on another VAE than {cfg.vae} now holds (a retrained "
+            "or replaced VAE changes the latent space); pass the run's VAE, or --fresh"
+        )
     return state
+
+
+def vae_digest(codec) -> str | None:
+    """SHA-256 over a VAE codec's weights (None for the pixel codec): a resumed run must
+    denoise the same latent space."""
+    vae = getattr(codec, "vae", None)
+    if vae is None:
+        return None
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _update_ema(state: TrainState) -> None:

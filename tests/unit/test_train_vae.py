@@ -155,6 +155,15 @@ def test_export_normalises_latents_and_a_generator_trains_on_them(tmp_path):
     frames = list(gen.stream("a red circle moving right on a dark background", num_frames=7))
     assert len(frames) == 7 and frames[0].shape == (64, 64, 3)
 
+    # a resumed run must denoise the same latent space: a retrained VAE is refused
+    from streamrt.errors import InputError
+    from streamrt.models.train_gen import load_checkpoint as load_gen
+
+    assert load_gen(tmp_path / "gen-work" / "checkpoint.pt").step == 2
+    train(tiny_cfg(steps=2, seed=1), None, tmp_path / "vae", log=lambda _: None)
+    with pytest.raises(InputError, match="another VAE"):
+        load_gen(tmp_path / "gen-work" / "checkpoint.pt")
+
 
 def test_a_latent_run_starts_from_the_pixel_models_blocks(tmp_path):
     """`--vae DIR --init-from assets/tiny-world`: the same token grid (one token per 8x8
