@@ -35,7 +35,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +63,8 @@ from streamrt.models.train_schedule import (
     resume_or_new,
     run_steps,
     torch_threads,
+    update_average,
+    write_checkpoint,
 )
 from streamrt.models.wan import apply_block_causal, block_causal_mask
 from streamrt.world import (
@@ -339,8 +340,7 @@ def vae_parts(cfg: TrainGenConfig):
 
 
 def save_checkpoint(state: TrainState, path: Path) -> None:
-    """Write `path` atomically (temp file + rename): a run stopped mid-write keeps the last."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `path` atomically (`write_checkpoint`)."""
     blob = {
         "config": dataclasses.asdict(state.cfg),
         "step": state.step,
@@ -352,9 +352,7 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
         "optimizer": state.optimizer.state_dict(),
         "vae_digest": vae_digest(state.codec),
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    write_checkpoint(blob, path)
 
 
 def load_checkpoint(path: Path, cfg: TrainGenConfig | None = None) -> TrainState:
@@ -392,13 +390,6 @@ def vae_digest(codec) -> str | None:
     return h.hexdigest()
 
 
-def _update_ema(state: TrainState) -> None:
-    decay = min(state.cfg.ema_decay, (1 + state.step) / (10 + state.step))
-    with torch.no_grad():
-        for name, p in state.named_parameters():
-            state.ema[name].lerp_(p.detach(), 1 - decay)
-
-
 # ---------------------------------------------------------------------- loop
 
 
@@ -430,7 +421,7 @@ def train_step(state: TrainState) -> float:
     torch.nn.utils.clip_grad_norm_([p for _, p in state.named_parameters()], cfg.grad_clip)
     state.optimizer.step()
     state.step += 1
-    _update_ema(state)
+    update_average(state.ema, state.named_parameters(), cfg, state.step)
     state.losses.append(loss.item())
     return state.losses[-1]
 

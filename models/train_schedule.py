@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,6 +106,25 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def write_checkpoint(blob: dict[str, Any], path: Path) -> None:
+    """Write `path` atomically (temp file + rename): a run stopped mid-write keeps the last."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def update_average(
+    average: dict[str, torch.Tensor], named_parameters, cfg: RunSchedule, step: int
+) -> None:
+    """Move the exported weight average towards the weights after step `step` (the decay
+    ramps up to `cfg.ema_decay` over the first steps)."""
+    decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for name, p in named_parameters:
+            average[name].lerp_(p.detach(), 1 - decay)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,8 @@ from streamrt.models.train_schedule import (
     resume_or_new,
     run_steps,
     torch_threads,
+    update_average,
+    write_checkpoint,
 )
 from streamrt.world import WorldConfig, make_clip
 
@@ -215,7 +216,6 @@ def new_state(cfg: TrainVAEConfig) -> VAEState:
 
 
 def save_checkpoint(state: VAEState, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     blob = {
         "config": dataclasses.asdict(state.cfg),
         "step": state.step,
@@ -225,9 +225,7 @@ def save_checkpoint(state: VAEState, path: Path) -> None:
         "ema": state.ema,
         "optimizer": state.optimizer.state_dict(),
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    write_checkpoint(blob, path)
 
 
 def load_checkpoint(path: Path, cfg: TrainVAEConfig | None = None) -> VAEState:
@@ -256,10 +254,7 @@ def train_step(state: VAEState) -> float:
     torch.nn.utils.clip_grad_norm_(state.vae.parameters(), cfg.grad_clip)
     state.optimizer.step()
     state.step += 1
-    decay = min(cfg.ema_decay, (1 + state.step) / (10 + state.step))
-    with torch.no_grad():
-        for name, p in state.vae.named_parameters():
-            state.ema[name].lerp_(p.detach(), 1 - decay)
+    update_average(state.ema, state.vae.named_parameters(), cfg, state.step)
     state.losses.append(loss.item())
     return state.losses[-1]
 

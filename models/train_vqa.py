@@ -25,7 +25,6 @@ The run's settings and the clips it trains on live in `models/train_vqa_data.py`
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,8 @@ from streamrt.models.train_schedule import (
     resume_or_new,
     run_steps,
     torch_threads,
+    update_average,
+    write_checkpoint,
 )
 from streamrt.models.train_vqa_data import (
     Example,
@@ -253,8 +254,7 @@ def new_state(cfg: TrainVQAConfig) -> TrainState:
 
 
 def save_checkpoint(state: TrainState, path: Path) -> None:
-    """Write `path` atomically (temp file + rename): a run stopped mid-write keeps the last."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `path` atomically (`write_checkpoint`)."""
     blob = {
         "config": dataclasses.asdict(state.cfg),
         "step": state.step,
@@ -268,9 +268,7 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
         "dense_losses": state.dense_losses,
         "vision_steps": state.vision_steps,
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    write_checkpoint(blob, path)
 
 
 def load_checkpoint(path: Path, cfg: TrainVQAConfig | None = None) -> TrainState:
@@ -332,10 +330,7 @@ def train_step(state: TrainState) -> float:
         state.dense_losses.append(logged)
     state.model.eval()
     state.step += 1
-    decay = min(cfg.ema_decay, (1 + state.step) / (10 + state.step))
-    with torch.no_grad():
-        for name, p in state.model.named_parameters():
-            state.ema[name].lerp_(p.detach(), 1 - decay)
+    update_average(state.ema, state.model.named_parameters(), cfg, state.step)
     state.losses.append(loss.item())
     return state.losses[-1]
 
