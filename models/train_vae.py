@@ -12,13 +12,17 @@ regressing 48 pixel values per token drew as blobs (`assets/tiny-world/TRAINING.
                              -> decoder -> [B, 3, T, 64, 64]
     loss = object-weighted (L1 + MSE) of the reconstruction + kl_weight x KL(N(mu, var) || N(0, 1))
 
-Whole clips go through the encoder and decoder in one call each: with no temporal
-down- or upsampling, a causal conv over T frames with zero history is what the streaming
-codec computes chunk by chunk with its cache (`tests/unit/test_codec.py`). The export is
-the weight average, with `latents_mean` / `latents_std` measured on world clips so the
-transformer sees unit-variance latents (Wan's pipeline normalises the same way).
+By default the VAE is frame-wise (`frame_wise`: the causal convs' taps on earlier
+frames are held at zero), so it trains on single frames and a stream of any length
+decodes as it was trained; the fast decode path then runs its convs in 2-D
+(`models/wan_vae_fast.py`). Whole clips go through the encoder and decoder in one call
+each: with no temporal down- or upsampling, a causal conv over T frames with zero history
+is what the streaming codec computes chunk by chunk with its cache
+(`tests/unit/test_train_vae.py`). The export is the weight average, with `latents_mean` /
+`latents_std` measured on world clips so the transformer sees unit-variance latents (Wan's
+pipeline normalises the same way).
 
-    cfg = TrainVAEConfig(max_minutes=25)
+    cfg = TrainVAEConfig(max_minutes=55)
     train(cfg, work_dir="build/train-vae", output="build/tiny-vae")
 """
 
