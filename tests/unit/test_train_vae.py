@@ -86,8 +86,10 @@ def test_one_call_over_a_clip_equals_the_streaming_codec_chunk_by_chunk(frame_wi
         enc, dec = codec.encoder(), codec.decoder()
         lat = torch.cat([enc.encode(x[:, :, i : i + 3]) for i in (0, 3, 6)], dim=2)
         out = torch.cat([dec.decode(lat[:, :, i : i + 3]) for i in (0, 3, 6)], dim=2)
-    assert (lat - mu).abs().max() < 1e-5
-    assert (out - whole.clamp(-1, 1)).abs().max() < 1e-5
+    # float32 rounding of different conv algorithms (1.2e-5 measured with two threads);
+    # frames out of order or a lost cache differ by ~0.1
+    assert (lat - mu).abs().max() < 5e-5
+    assert (out - whole.clamp(-1, 1)).abs().max() < 5e-5
     assert whole.abs().mean() > 1e-3
 
 
