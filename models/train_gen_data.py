@@ -39,12 +39,11 @@ def sample_batch(cfg: TrainGenConfig, step: int) -> tuple[torch.Tensor, list[str
     """
     rng = np.random.default_rng((cfg.seed, step))
     world = world_config(cfg)
-    palette = np.array([_pack(np.asarray(c)) for c in COLORS.values()])
     frames, captions, objects = [], [], []
     for seed in rng.integers(0, 2**31, size=cfg.batch_size):
         clip = make_clip(int(seed), cfg.num_frames, world)
         frames.append(torch.from_numpy(clip.frames))
-        mask = np.isin(_pack(clip.frames), palette)
+        mask = object_pixels(clip.frames)
         differ = np.zeros_like(mask)
         if cfg.shape_weight:
             differ = shape_difference(clip.scene, cfg.num_frames, mask.shape[-1])
@@ -53,6 +52,13 @@ def sample_batch(cfg: TrainGenConfig, step: int) -> tuple[torch.Tensor, list[str
         captions.append("" if drop else clip.caption)
     x = torch.stack(frames).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
     return x, captions, torch.stack(objects).float()
+
+
+def object_pixels(frames: np.ndarray) -> np.ndarray:
+    """`[..., H, W]` True where a pixel of `frames` `[..., H, W, 3]` shows a palette colour
+    (the objects; backgrounds are grey)."""
+    palette = np.array([_pack(np.asarray(c)) for c in COLORS.values()])
+    return np.isin(_pack(frames), palette)
 
 
 def _pack(rgb: np.ndarray) -> np.ndarray:

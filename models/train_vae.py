@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
+from streamrt.models.train_gen_data import object_pixels
 from streamrt.models.train_schedule import (
     RunSchedule,
     lr_at,
@@ -145,7 +146,7 @@ def sample_clips(
         )
         clip = make_clip(int(rng.integers(0, 2**31)), cfg.num_frames, world)
         frames.append(torch.from_numpy(clip.frames))
-        weights.append(torch.from_numpy(_object_pixels(clip.frames)))
+        weights.append(torch.from_numpy(object_pixels(clip.frames)))
     x = torch.stack(frames).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
     near = torch.stack(weights).float().unsqueeze(1)
     k = 2 * cfg.edge_px + 1
@@ -153,16 +154,6 @@ def sample_clips(
         near, (1, k, k), stride=1, padding=(0, cfg.edge_px, cfg.edge_px)
     )
     return x, 1.0 + cfg.object_weight * near
-
-
-def _object_pixels(frames: np.ndarray) -> np.ndarray:
-    """`[T, H, W]` True where a pixel shows a palette colour (objects; backgrounds are grey)."""
-    from streamrt.world import COLORS
-
-    rgb = frames.astype(np.int64)
-    packed = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-    palette = [(int(r) << 16) | (int(g) << 8) | int(b) for r, g, b in COLORS.values()]
-    return np.isin(packed, palette)
 
 
 # ---------------------------------------------------------------------- model passes
@@ -183,15 +174,15 @@ def decode_latents(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
 
 def vae_loss(
     vae: AutoencoderKLWan, x: torch.Tensor, weight: torch.Tensor, cfg: TrainVAEConfig, gen
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> torch.Tensor:
+    """Weighted L1 + MSE of a sampled reconstruction, plus `kl_weight` x the KL term."""
     mu, logvar = encode_moments(vae, x)
     z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen)
     out = decode_latents(vae, z)
     err = out - x
     recon = (weight * (err.abs() + err.pow(2))).mean()
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-    loss = recon + cfg.kl_weight * kl
-    return loss, {"recon": recon.item(), "kl": kl.item()}
+    return recon + cfg.kl_weight * kl
 
 
 # ---------------------------------------------------------------------- state
@@ -252,7 +243,7 @@ def train_step(state: VAEState) -> float:
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step)
     for group in state.optimizer.param_groups:
         group["lr"] = lr_at(cfg, state.step, state.seconds)
-    loss, _ = vae_loss(state.vae, x, weight, cfg, gen)
+    loss = vae_loss(state.vae, x, weight, cfg, gen)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(state.vae.parameters(), cfg.grad_clip)
