@@ -169,6 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
         default="bench-quality.png",
         help="PNG of the metrics over time ('' for none)",
     )
+    q.add_argument(
+        "--sheet",
+        type=new_file,
+        default="bench-quality-sheet.png",
+        help="contact sheet PNG of the 10x rollouts ('' for none)",
+    )
+    q.add_argument(
+        "--sheet-scale", type=count(1, 8), default=2, help="contact sheet enlargement (1-8)"
+    )
+    q.add_argument(
+        "--qa-model", help="Video-LLM directory for the needle table (default: embedded)"
+    )
+    q.add_argument(
+        "--needle-clips",
+        type=count(0),
+        default=16,
+        help="clips of the QA needle table at 100x the window (0: none)",
+    )
     q.add_argument("--json", type=new_file, metavar="PATH")
     qa_b = bench_sub.add_parser(
         "qa", help="video QA memory: encode FPS, answer latency vs re-prefill, needle accuracy"

@@ -216,35 +216,17 @@ def contact_sheet(
 ) -> None:
     """A PNG of rollouts: for each (prompt, seed) of `runs`, one row per model of `paths`
     (label -> generator directory) showing every `every`-th frame, `scale`x enlarged."""
-    import cv2
-
     from streamrt.gen.generator import StreamGenerator
+    from streamrt.metrics.sheet import draw_sheet, prompt_lines
 
     gens = {k: StreamGenerator.from_pretrained(p, cache=small_cache()) for k, p in paths.items()}
-    label_w, side = 260, 64 * scale
-    rows = []
+    rows: list = []
     for prompt, seed in runs:
         for name, gen in gens.items():
             frames = np.stack(list(gen.stream(prompt, num_frames=num_frames, seed=seed)))
-            tiles = [cv2.resize(f, (side, side), interpolation=cv2.INTER_NEAREST) for f in frames]
-            strip = np.concatenate(tiles[::every], axis=1)
-            label = np.full((side, label_w, 3), 255, np.uint8)
-            words = prompt.replace(" on a ", " | on a ").split(" | ")
-            for i, text in enumerate([f"{name}, seed {seed}", *words]):
-                cv2.putText(
-                    label, text, (4, 20 + 22 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1
-                )
-            rows.append(np.concatenate([label, strip], axis=1))
-        rows.append(np.full((6, rows[-1].shape[1], 3), 128, np.uint8))
-    head = np.full((24, rows[0].shape[1], 3), 255, np.uint8)
-    for i in range(len(rows[0][0, label_w:]) // side):
-        x = label_w + i * side + 4
-        cv2.putText(
-            head, f"frame {i * every}", (x, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1
-        )
-    sheet = np.concatenate([head, *rows], axis=0)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(out), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+            rows.append(([f"{name}, seed {seed}", *prompt_lines(prompt)], frames))
+        rows.append(None)
+    draw_sheet(rows, out, every=every, scale=scale)
 
 
 WORD_SWAPS: dict[str, tuple[str, str]] = {

@@ -1,8 +1,11 @@
 """`streamrt bench quality`: long rollouts per cache policy, scored by streamrt.metrics.
 
 Rolls out 1x and 10x the training clip length for each policy of the seeds and reports
-adherence, dynamics, drift, first-frame copying and shape recognition (a table, `--json`,
-and a PNG over time of all but shape)."""
+adherence, dynamics, drift, first-frame copying and shape recognition; for participative
+compression also what it keeps against a FIFO window of the same budget
+(`streamrt.metrics.kept`). Writes a table, `--json`, a PNG of the metrics over time, a
+contact sheet of the 10x rollouts (one row per policy and prompt), and the video-QA
+needle table of the embedded QA model (default memory against window-only)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import numpy as np
 
 from streamrt.apps.bench import print_table, write_json
 from streamrt.metrics import adherence, copying, drift, dynamics, summarize_rollout
+from streamrt.metrics.kept import Snapshot, kept_report
+from streamrt.metrics.sheet import draw_sheet, prompt_lines
 from streamrt.world import WorldConfig, make_clip
 
 PROMPTS = [
@@ -28,6 +33,10 @@ def policies(window: int) -> dict[str, tuple[str, dict[str, Any]]]:
     half = window // 2
     return {
         "window": ("sink_window", {"sink_blocks": 0, "window_blocks": window}),
+        "compression": (
+            "participative",
+            {"sink_blocks": 0, "budget_blocks": window, "recent_blocks": max(3, window // 4)},
+        ),
         "sink": ("sink_window", {"sink_blocks": 3, "window_blocks": window - 3}),
         "deep sink": ("deep_sink", {"sink_blocks": half, "window_blocks": window - half}),
         "ema sink": ("ema_sink", {"sink_blocks": 3, "window_blocks": window - 3}),
@@ -38,11 +47,22 @@ def policies(window: int) -> dict[str, tuple[str, dict[str, Any]]]:
     }
 
 
-def _rollout(args, policy: str, policy_args: dict, prompt: str, frames: int) -> np.ndarray:
+def _rollout(
+    args, policy: str, policy_args: dict, prompt: str, frames: int
+) -> tuple[np.ndarray, list[Snapshot]]:
+    """The frames, and the kept device frames with their importance each time they change."""
     from streamrt.apps.generate import load_generator
+    from streamrt.cache.block import DEVICE
 
     gen = load_generator(args.model, args.config, {"policy": policy, "policy_args": policy_args})
-    return np.stack(list(gen.stream(prompt, num_frames=frames)))
+    out, snapshots = [], []
+    for frame in gen.stream(prompt, num_frames=frames):
+        out.append(frame)
+        seq = gen.active.seqs[0]
+        kept = seq.indices(DEVICE)
+        if not snapshots or snapshots[-1][0] != kept:
+            snapshots.append((kept, [seq.table[i].importance for i in kept]))
+    return np.stack(out), snapshots
 
 
 def _series(
@@ -77,21 +97,50 @@ def _plot(curves: dict[str, dict[str, list[float]]], step: int, path: str) -> No
     fig.savefig(path, dpi=100)
 
 
+def _needles(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per question kind, the QA model's needle accuracy at 100x the window: its default
+    memory against the window-only one (`streamrt.models.train_vqa_eval.needle_accuracy`)."""
+    from streamrt.models.train_vqa_eval import needle_accuracy
+
+    modes = {"default": {}, "window-only": None}
+    got = needle_accuracy(args.qa_model, clips=args.needle_clips, modes=modes)
+    kinds = sorted(got["default"]["per_kind"])
+    rows = [
+        {
+            "kind": k,
+            "n": got["default"]["per_kind_n"][k],
+            **{m: got[m]["per_kind"][k] for m in modes},
+        }
+        for k in kinds
+    ]
+    rows.append(
+        {"kind": "all", "n": got["default"]["questions"], **{m: got[m]["all"] for m in modes}}
+    )
+    return rows
+
+
 def bench_quality(args: argparse.Namespace) -> int:
     world = WorldConfig(late_entry_prob=0, early_exit_prob=0, boundary="wrap")
     lengths = {"1x": args.clip_frames, "10x": 10 * args.clip_frames}
-    rows, curves = [], {}
+    rows, kept_rows, curves, sheet = [], [], {}, {}
     for name, (policy, pargs) in policies(args.window).items():
         for label, n in lengths.items():
-            scores, series = [], []
+            scores, series, snapshots = [], [], []
             for prompt in PROMPTS[: args.prompts]:
-                frames = _rollout(args, policy, pargs, prompt, n)
+                frames, kept = _rollout(args, policy, pargs, prompt, n)
+                snapshots += kept
                 reference = make_clip(0, 32, world, caption=prompt).frames
                 scores.append(summarize_rollout(frames, prompt, reference))
                 if label == "10x":
                     series.append(_series(frames, prompt, reference, args.clip_frames))
+                    sheet[prompt, name] = frames
             mean = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
-            rows.append({"policy": name, "length": f"{label} ({n})", **mean})
+            row = {"policy": name, "length": f"{label} ({n})", **mean}
+            if "participative" in policy:
+                report = kept_report(snapshots, pargs["sink_blocks"])
+                row["kept_vs_fifo"] = report["differs"]
+                kept_rows.append({"policy": name, "length": row["length"], **report})
+            rows.append(row)
             if series:
                 curves[name] = {k: list(np.mean([s[k] for s in series], axis=0)) for k in series[0]}
     cols = [
@@ -106,7 +155,44 @@ def bench_quality(args: argparse.Namespace) -> int:
         "shape",
     ]
     print_table(f"bench quality: {args.model}, window {args.window} frames", rows, cols)
+    print_table(
+        "what compression keeps against a FIFO window of the same budget (sinks aside)",
+        kept_rows,
+        ["policy", "length", "differs", "jaccard", "age", "fifo_age", "recency_corr"],
+    )
+    print(
+        "differs: share of chunks whose kept frames are not FIFO's; jaccard: overlap with "
+        "FIFO's; age: mean frames behind the newest; recency_corr: rank correlation of "
+        "importance with recency (+1: importance orders frames as age does, and compression "
+        "keeps what FIFO keeps)"
+    )
     if args.plot:
         _plot(curves, args.clip_frames, args.plot)
-    write_json(args.json, {"suite": "quality", "model": args.model, "rows": rows, "curves": curves})
+    if args.sheet:
+        strips: list = []
+        for prompt in PROMPTS[: args.prompts]:
+            strips += [([name, *prompt_lines(prompt)], sheet[prompt, name]) for name in curves]
+            strips.append(None)  # a grey line between prompts
+        draw_sheet(strips, args.sheet, every=args.clip_frames, scale=args.sheet_scale)
+        print(
+            f"wrote {args.sheet}: 10x rollouts, one row per policy, one frame in {args.clip_frames}"
+        )
+    needles = _needles(args) if args.needle_clips else []
+    if needles:
+        print_table(
+            f"bench quality: QA needles at 100x the window ({args.needle_clips} clips)",
+            needles,
+            ["kind", "n", "default", "window-only"],
+        )
+    write_json(
+        args.json,
+        {
+            "suite": "quality",
+            "model": args.model,
+            "rows": rows,
+            "kept": kept_rows,
+            "curves": curves,
+            "needles": needles,
+        },
+    )
     return 0

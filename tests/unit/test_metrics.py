@@ -160,22 +160,78 @@ def test_shape_match_scores_the_prompted_shape():
 def test_bench_quality_reports_shape_per_policy_and_length(tmp_path, capsys):
     from streamrt.apps.cli import main
 
-    out = tmp_path / "q.json"
-    args = ["bench", "quality", "--model", "tiny-random", "--prompts", "1", "--window", "8"]
-    assert main([*args, "--clip-frames", "3", "--plot", "", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["length"] for r in rows] == ["1x (3)", "10x (30)"] * 5
+    out, sheet = tmp_path / "q.json", tmp_path / "sheet.png"
+    args = ["bench", "quality", "--model", "tiny-random", "--prompts", "2", "--window", "8"]
+    args += ["--clip-frames", "3", "--plot", "", "--sheet", str(sheet), "--needle-clips", "0"]
+    assert main([*args, "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    rows = got["rows"]
+    assert [r["length"] for r in rows] == ["1x (3)", "10x (30)"] * 6
+    names = ["window", "compression", "sink", "deep sink", "ema sink", "deep sink + compression"]
+    assert [r["policy"] for r in rows[::2]] == names
+    metrics = {"adherence", "late_adherence", "dynamics", "late_dynamics", "drift", "copying"}
     for row in rows:
-        assert set(row) == {
-            "policy",
-            "length",
-            "adherence",
-            "late_adherence",
-            "dynamics",
-            "late_dynamics",
-            "drift",
-            "copying",
-            "shape",
-        }
+        assert metrics | {"policy", "length", "shape"} <= set(row)
         assert 0.0 <= row["shape"] <= 1.0
+        # what compression keeps is measured against FIFO; the FIFO policies have no column
+        assert ("kept_vs_fifo" in row) == ("compression" in row["policy"])
+    kept = {(r["policy"], r["length"]): r for r in got["kept"]}
+    assert set(kept) == {
+        (p, n) for p in names if "compression" in p for n in ["1x (3)", "10x (30)"]
+    }
+    for (policy, length), report in kept.items():
+        assert report["differs"] == next(
+            r["kept_vs_fifo"] for r in rows if (r["policy"], r["length"]) == (policy, length)
+        )
+    # a random model's importance is not ordered by age: compression keeps other frames
+    # than FIFO (the shipped model's importance is, and it keeps the same: TRAINING.md)
+    assert kept["compression", "10x (30)"]["differs"] > 0.5
+    assert kept["compression", "10x (30)"]["age"] > kept["compression", "10x (30)"]["fifo_age"]
+    assert got["needles"] == []
+    # the contact sheet: a header and, per prompt, one 128-pixel row per policy and a line
+    img = cv2.imread(str(sheet))
+    assert img.shape == (24 + 2 * (6 * 128 + 6), 260 + 10 * (128 + 2), 3)
     assert "shape" in capsys.readouterr().out
+
+
+def test_fifo_set_keeps_the_sinks_and_the_newest():
+    from streamrt.metrics.kept import fifo_set
+
+    assert fifo_set([0, 1, 7, 8, 9], sink=2) == {0, 1, 7, 8, 9}
+    assert fifo_set([0, 1, 3, 8, 9], sink=2) == {0, 1, 7, 8, 9}
+    assert fifo_set([4, 8, 9], sink=0) == {7, 8, 9}
+    # a sink frame already gone (a stream younger than its sink) is not counted
+    assert fifo_set([0, 5, 6], sink=2) == {0, 5, 6}
+
+
+def test_kept_report_tells_fifo_from_a_policy_that_keeps_old_frames():
+    from streamrt.metrics.kept import kept_report
+
+    # importance grows with recency and the kept set is FIFO's: nothing to tell apart
+    fifo = [([0, 5, 6, 7], [9.0, 1.0, 2.0, 3.0]), ([0, 6, 7, 8], [9.0, 1.0, 2.0, 3.0])]
+    got = kept_report(fifo, sink=1)
+    assert got["differs"] == 0.0 and got["jaccard"] == 1.0
+    assert got["age"] == got["fifo_age"] == 1.0
+    assert got["recency_corr"] == 1.0
+    # frame 2 is the most important and stays: one snapshot of two differs from FIFO
+    kept = [([0, 5, 6, 7], [9.0, 1.0, 2.0, 3.0]), ([0, 2, 7, 8], [9.0, 5.0, 2.0, 3.0])]
+    got = kept_report(kept, sink=1)
+    assert got["differs"] == 0.5
+    assert got["jaccard"] == (1.0 + 2 / 4) / 2  # {2,7,8} against {6,7,8}
+    assert got["age"] > got["fifo_age"]
+    assert got["recency_corr"] == (1.0 - 0.5) / 2  # ranks (0,1,2) against (2,0,1)
+    # frames never scored (importance 0) do not enter the correlation
+    assert kept_report([([3, 4, 5], [0.0, 0.0, 0.0])], sink=0)["recency_corr"] is None
+
+
+def test_bench_quality_needle_table_has_every_kind_and_the_total():
+    import argparse
+
+    from streamrt.apps.bench.quality import _needles
+    from streamrt.models.train_vqa_data import AUX_KINDS
+
+    rows = _needles(argparse.Namespace(qa_model=None, needle_clips=1))
+    assert rows[-1]["kind"] == "all"
+    assert rows[-1]["n"] == sum(r["n"] for r in rows[:-1] if r["kind"] not in AUX_KINDS)
+    for row in rows:
+        assert 0.0 <= row["default"] <= 1.0 and 0.0 <= row["window-only"] <= 1.0

@@ -223,4 +223,4 @@ def test_rollout_table_and_contact_sheet_of_an_export(exported, tmp_path):
     sheet = tmp_path / "sheet.png"
     contact_sheet({"a": out, "b": out}, sheet, runs=((PROMPT, 0),), num_frames=6, every=3)
     img = cv2.imread(str(sheet))
-    assert img.shape == (24 + 2 * 128 + 6, 260 + 2 * 128, 3)
+    assert img.shape == (24 + 2 * 128 + 6, 260 + 2 * (128 + 2), 3)
