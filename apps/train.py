@@ -107,6 +107,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     vae.add_argument("--output", default="build/tiny-vae", help="VAE directory to write")
     _schedule_arguments(vae, "build/train-vae", steps=20_000, batch=16, lr="1e-3", threads=1)
     vae.add_argument("--kl-weight", type=non_negative, help="weight of the KL term (default 1e-4)")
+    vae.add_argument("--init-from", help="start from this exported VAE directory's weights")
+    vae.add_argument(
+        "--decoder-only",
+        action="store_true",
+        help="train only the decoder: --init-from's encoder and latent space stay as they are",
+    )
+    vae.add_argument(
+        "--latent-noise",
+        type=non_negative,
+        help="largest extra noise on the decoder's latents, in latent stds (default 0)",
+    )
 
     vqa = sub.add_parser("vqa", help="the tiny Video-LLM (assets/tiny-vqa)")
     vqa.add_argument(
@@ -238,7 +249,15 @@ def run_vqa(args: argparse.Namespace) -> int:
 def run_vae(args: argparse.Namespace) -> int:
     from streamrt.models import train_vae
 
-    cfg = train_vae.TrainVAEConfig(**_given(args, kl_weight=args.kl_weight))
+    cfg = train_vae.TrainVAEConfig(
+        **_given(
+            args,
+            kl_weight=args.kl_weight,
+            init_from=args.init_from,
+            decoder_only=args.decoder_only or None,
+            latent_noise=args.latent_noise,
+        )
+    )
     state = train_vae.train(
         cfg, args.work_dir, args.output, resume=not args.fresh, log=console.print
     )

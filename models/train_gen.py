@@ -367,7 +367,7 @@ def load_checkpoint(path: Path, cfg: TrainGenConfig | None = None) -> TrainState
     state.optimizer.load_state_dict(blob["optimizer"])
     state.ema = blob["ema"]
     state.step, state.losses, state.seconds = blob["step"], blob["losses"], blob["seconds"]
-    if blob.get("vae_digest") != vae_digest(state.codec):
+    if blob.get("vae_digest") not in (vae_digest(state.codec), vae_digest(state.codec, True)):
         raise InputError(
             f"{path}: this run was trained on another VAE than {cfg.vae} now holds (a retrained "
             "or replaced VAE changes the latent space); pass the run's VAE, or --fresh"
@@ -375,18 +375,26 @@ def load_checkpoint(path: Path, cfg: TrainGenConfig | None = None) -> TrainState
     return state
 
 
-def vae_digest(codec) -> str | None:
-    """SHA-256 over a VAE codec's weights (None for the pixel codec): a resumed run must
-    denoise the same latent space."""
+def vae_digest(codec, whole: bool = False) -> str | None:
+    """SHA-256 over what defines a VAE codec's latent space, the encoder's weights and the
+    latent statistics (None for the pixel codec): a resumed run must denoise the same
+    latent space, and a decoder trained anew for that encoder (`train_vae`'s
+    `decoder_only`) does not change it. `whole`: over every weight, as checkpoints before
+    session 15 recorded it."""
     vae = getattr(codec, "vae", None)
     if vae is None:
         return None
     import hashlib
 
+    from streamrt.models.train_vae import ENCODER_SIDE
+
     h = hashlib.sha256()
     for name, t in sorted(vae.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().numpy().tobytes())
+        if whole or name.startswith(ENCODER_SIDE):
+            h.update(name.encode())
+            h.update(t.detach().contiguous().numpy().tobytes())
+    if not whole:
+        h.update(repr((list(vae.config.latents_mean), list(vae.config.latents_std))).encode())
     return h.hexdigest()
 
 

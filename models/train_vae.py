@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
+from streamrt.errors import InputError
 from streamrt.models.train_gen_data import object_pixels
 from streamrt.models.train_schedule import (
     RunSchedule,
@@ -99,6 +100,31 @@ class TrainVAEConfig(RunSchedule):
     model: dict = field(default_factory=dict)
     """Other `AutoencoderKLWan` overrides."""
 
+    init_from: str | None = None
+    """An exported VAE directory (this recipe's shape) whose weights the run starts from
+    (a new optimizer; the other fields must describe the same network)."""
+
+    decoder_only: bool = False
+    """Train only the decoder (and `post_quant_conv`): the encoder, so the latent space
+    and its statistics, stay `init_from`'s, and a generator trained on its latents keeps
+    working with the new decoder (`train_gen.vae_digest` covers the encoder only)."""
+
+    latent_noise: float = 0.0
+    """Largest extra Gaussian noise on the latents the decoder sees, in units of their
+    per-channel std (per clip uniform in [0, this]): the decoder learns to draw the clean
+    frame from a latent a little off the encoder's, as a generator's output is, instead of
+    the colour gradients and specks the plain decoder draws from it."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.latent_noise < 0:
+            raise InputError(f"latent_noise must be >= 0, got {self.latent_noise}")
+        if self.decoder_only and not self.init_from:
+            raise InputError(
+                "decoder_only trains a new decoder for an existing encoder: pass init_from "
+                "(the VAE directory whose latent space to keep)"
+            )
+
 
 def build_vae(cfg: TrainVAEConfig) -> AutoencoderKLWan:
     z = cfg.z_dim
@@ -113,9 +139,36 @@ def build_vae(cfg: TrainVAEConfig) -> AutoencoderKLWan:
         latents_std=[1.0] * z,
         **cfg.model,
     )
+    if cfg.init_from:
+        load_weights(vae, cfg.init_from)
     if cfg.frame_wise:
         freeze_past_taps(vae)
+    if cfg.decoder_only:
+        for name, p in vae.named_parameters():
+            p.requires_grad_(not name.startswith(ENCODER_SIDE))
     return vae
+
+
+ENCODER_SIDE = ("encoder.", "quant_conv.")
+"""The weights that define the latent space (what `decoder_only` keeps)."""
+
+
+def load_weights(vae: AutoencoderKLWan, path: str | Path) -> None:
+    """Copy the weights and latent statistics of the exported VAE directory `path` into
+    `vae` (an `InputError` naming what to fix if it is missing or another network)."""
+    if not (Path(path) / "config.json").is_file():
+        raise InputError(f"{path} is not a VAE directory (no config.json): pass a VAE export")
+    try:
+        other = AutoencoderKLWan.from_pretrained(str(path))
+        vae.load_state_dict(other.state_dict())
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise InputError(
+            f"{path}: cannot start from this VAE ({type(exc).__name__}: {str(exc)[:200]}); "
+            "pass an export of this recipe's network (same base_dim, dim_mult, z_dim)"
+        ) from None
+    vae.register_to_config(
+        latents_mean=list(other.config.latents_mean), latents_std=list(other.config.latents_std)
+    )
 
 
 def freeze_past_taps(vae: AutoencoderKLWan) -> None:
@@ -175,12 +228,21 @@ def decode_latents(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
 def vae_loss(
     vae: AutoencoderKLWan, x: torch.Tensor, weight: torch.Tensor, cfg: TrainVAEConfig, gen
 ) -> torch.Tensor:
-    """Weighted L1 + MSE of a sampled reconstruction, plus `kl_weight` x the KL term."""
-    mu, logvar = encode_moments(vae, x)
+    """Weighted L1 + MSE of a sampled reconstruction, plus `kl_weight` x the KL term (not
+    with `decoder_only`: the encoder is fixed); `latent_noise` perturbs what the decoder
+    sees."""
+    with torch.set_grad_enabled(not cfg.decoder_only):
+        mu, logvar = encode_moments(vae, x)
     z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen)
+    if cfg.latent_noise > 0:
+        scale = mu.detach().transpose(0, 1).flatten(1).std(dim=1)[None, :, None, None, None]
+        level = cfg.latent_noise * torch.rand(mu.shape[0], 1, 1, 1, 1, generator=gen)
+        z = z + level * scale * torch.randn(mu.shape, generator=gen)
     out = decode_latents(vae, z)
     err = out - x
     recon = (weight * (err.abs() + err.pow(2))).mean()
+    if cfg.decoder_only:
+        return recon
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
     return recon + cfg.kl_weight * kl
 
@@ -204,7 +266,10 @@ def new_state(cfg: TrainVAEConfig) -> VAEState:
         torch.manual_seed(cfg.seed)
         vae = build_vae(cfg)
     opt = torch.optim.AdamW(
-        vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay
+        [p for p in vae.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        betas=(0.9, 0.99),
+        weight_decay=cfg.weight_decay,
     )
     ema = {n: p.detach().clone() for n, p in vae.named_parameters()}
     return VAEState(cfg, vae, ema, opt)
@@ -275,8 +340,9 @@ def export_vae(state: VAEState, output: str | Path) -> AutoencoderKLWan:
     """Write the averaged weights as a diffusers `AutoencoderKLWan` directory whose config
     carries the latents' statistics."""
     vae = averaged_vae(state)
-    mean, std = latent_stats(vae, state.cfg)
-    vae.register_to_config(latents_mean=mean, latents_std=std)
+    if not state.cfg.decoder_only:  # else the encoder's, so its statistics, are unchanged
+        mean, std = latent_stats(vae, state.cfg)
+        vae.register_to_config(latents_mean=mean, latents_std=std)
     vae.save_pretrained(str(output))
     return vae
 

@@ -213,6 +213,8 @@ CLI_CASES = {
     "train frames": (["train", "gen", "--frames", "abc"], "expected a whole number"),
     "train crafted resume": (["train", "gen", "--no-compile", "--steps", "1", "--work-dir", F + "/crafted-train", "--output", "{out}"], "refused to resume"),
     "train vae kl": (["train", "vae", "--kl-weight", "-1"], "--kl-weight: must be >= 0"),
+    "train vae decoder only": (["train", "vae", "--decoder-only", "--work-dir", "{out}"], "pass init_from"),
+    "train vae init not a vae": (["train", "vae", "--init-from", F, "--steps", "1", "--work-dir", "{out}", "--output", "{out}"], "not a VAE directory"),
     "train gen vae missing": (["train", "gen", "--vae", F + "/none"], "does not exist"),
     "train gen vae not one": (["train", "gen", "--no-compile", "--steps", "1", "--vae", F, "--work-dir", "{out}", "--output", "{out}"], "corrupt or truncated safetensors"),
     "train vae crafted resume": (["train", "vae", "--steps", "1", "--work-dir", F + "/crafted-train", "--output", "{out}"], "refused to resume"),

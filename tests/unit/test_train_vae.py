@@ -1,5 +1,7 @@
 """`streamrt train vae`: a tiny Wan VAE on the world, and a generator trained on its latents."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -161,7 +163,20 @@ def test_export_normalises_latents_and_a_generator_trains_on_them(tmp_path):
     from streamrt.errors import InputError
     from streamrt.models.train_gen import load_checkpoint as load_gen
 
-    assert load_gen(tmp_path / "gen-work" / "checkpoint.pt").step == 2
+    ckpt = tmp_path / "gen-work" / "checkpoint.pt"
+    assert load_gen(ckpt).step == 2
+    # a decoder trained anew for the same encoder keeps the latent space: the run resumes
+    dec = tiny_cfg(steps=1, init_from=str(tmp_path / "vae"), decoder_only=True, latent_noise=1.0)
+    train(dec, None, tmp_path / "vae-dec", log=lambda _: None)
+    assert load_gen(ckpt, dataclasses.replace(cfg, vae=str(tmp_path / "vae-dec"))).step == 2
+    # checkpoints written before the digest covered the encoder only still resume
+    from streamrt.models.train_gen import vae_digest
+    from streamrt.models.train_schedule import read_checkpoint, write_checkpoint
+
+    blob = read_checkpoint(ckpt)
+    blob["vae_digest"] = vae_digest(codec, whole=True)
+    write_checkpoint(blob, ckpt)
+    assert load_gen(ckpt).step == 2
     train(tiny_cfg(steps=2, seed=1), None, tmp_path / "vae", log=lambda _: None)
     with pytest.raises(InputError, match="another VAE"):
         load_gen(tmp_path / "gen-work" / "checkpoint.pt")
@@ -186,3 +201,53 @@ def test_a_latent_run_starts_from_the_pixel_models_blocks(tmp_path):
     assert fresh == ["patch_embedding", "proj_out"], fresh
     assert len(same) > 0.9 * len(own)
     assert own["patch_embedding.weight"].shape[1] == 8  # the VAE's channels
+
+
+def test_a_decoder_trained_on_noisy_latents_keeps_the_encoder(tmp_path, monkeypatch):
+    """`--init-from DIR --decoder-only --latent-noise 1`: the encoder, the latent statistics
+    and so the generator's latent space stay; only the decoder trains, on latents pushed
+    off the encoder's by up to one latent std. (Whether that draws a generator's latents
+    cleaner is measured on the real VAE: assets/tiny-world/TRAINING.md.)"""
+    from streamrt.models.train_gen import vae_digest
+
+    train(tiny_cfg(steps=3), None, tmp_path / "vae", log=lambda _: None)
+    cfg = tiny_cfg(steps=3, init_from=str(tmp_path / "vae"), decoder_only=True, latent_noise=1.0)
+    train(cfg, None, tmp_path / "dec", log=lambda _: None)
+    before, after = load_wan_vae(tmp_path / "vae"), load_wan_vae(tmp_path / "dec")
+    a, b = before.state_dict(), after.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("encoder.", "quant_conv.")))
+    assert not all(torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    assert list(after.config.latents_mean) == list(before.config.latents_mean)
+    assert list(after.config.latents_std) == list(before.config.latents_std)
+    assert vae_digest(WanVAECodec(before)) == vae_digest(WanVAECodec(after))
+    assert vae_digest(WanVAECodec(before), True) != vae_digest(WanVAECodec(after), True)
+
+    # what the decoder sees: the posterior sample plus noise of a per-clip level in [0, 1]
+    # times each channel's std, and nothing else
+    seen = []
+    x, weight = sample_clips(cfg, 0, 8)
+    monkeypatch.setattr(train_vae, "decode_latents", lambda v, z: seen.append(z) or x)
+    for noise in (0.0, 1.0):
+        train_vae.vae_loss(
+            before,
+            x,
+            weight,
+            dataclasses.replace(cfg, latent_noise=noise),
+            torch.Generator().manual_seed(0),
+        )
+    with torch.no_grad():
+        mu = encode_moments(before, x)[0]
+    scale = mu.transpose(0, 1).flatten(1).std(dim=1)[None, :, None, None, None]
+    level = ((seen[1] - seen[0]) / scale).flatten(1).std(dim=1)
+    assert level.max() <= 1.2 and level.min() >= 0.0 and level.std() > 0.1, level
+
+
+def test_decoder_only_needs_a_vae_to_start_from(tmp_path):
+    from streamrt.errors import InputError
+
+    with pytest.raises(InputError, match="init_from"):
+        tiny_cfg(decoder_only=True)
+    with pytest.raises(InputError, match="latent_noise"):
+        tiny_cfg(latent_noise=-1.0)
+    with pytest.raises(InputError, match="not a VAE directory"):
+        train_vae.build_vae(tiny_cfg(init_from=str(tmp_path)))
