@@ -46,8 +46,9 @@ def draw_sheet(
             for f in frames[::every]
         ]
         label = np.full((h, label_w, 3), 255, np.uint8)
+        line_h = min(22, (h - 8) // max(1, len(lines)))  # the lines fit the row
         for i, text in enumerate(lines):
-            _text(label, text, (4, 20 + 22 * i))
+            _text(label, text, (4, 16 + line_h * i))
         drawn.append(np.concatenate([label, *tiles], axis=1))
     if not drawn:
         raise ValueError("a contact sheet needs at least one row of frames")
