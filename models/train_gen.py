@@ -367,7 +367,8 @@ def load_checkpoint(path: Path, cfg: TrainGenConfig | None = None) -> TrainState
     state.optimizer.load_state_dict(blob["optimizer"])
     state.ema = blob["ema"]
     state.step, state.losses, state.seconds = blob["step"], blob["losses"], blob["seconds"]
-    if blob.get("vae_digest") not in (vae_digest(state.codec), vae_digest(state.codec, True)):
+    saved = blob.get("vae_digest")
+    if saved != vae_digest(state.codec) and saved != vae_digest(state.codec, whole=True):
         raise InputError(
             f"{path}: this run was trained on another VAE than {cfg.vae} now holds (a retrained "
             "or replaced VAE changes the latent space); pass the run's VAE, or --fresh"

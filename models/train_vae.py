@@ -156,14 +156,17 @@ ENCODER_SIDE = ("encoder.", "quant_conv.")
 def load_weights(vae: AutoencoderKLWan, path: str | Path) -> None:
     """Copy the weights and latent statistics of the exported VAE directory `path` into
     `vae` (an `InputError` naming what to fix if it is missing or another network)."""
+    from streamrt.models.wan_checkpoints import load_wan_vae
+
     if not (Path(path) / "config.json").is_file():
         raise InputError(f"{path} is not a VAE directory (no config.json): pass a VAE export")
+    other = load_wan_vae(path)  # a missing or corrupt weight file: its CheckpointError
     try:
-        other = AutoencoderKLWan.from_pretrained(str(path))
         vae.load_state_dict(other.state_dict())
-    except (OSError, RuntimeError, ValueError) as exc:
+    except RuntimeError as exc:
+        why = " ".join(str(exc).split())[:200]  # one line
         raise InputError(
-            f"{path}: cannot start from this VAE ({type(exc).__name__}: {str(exc)[:200]}); "
+            f"{path}: cannot start from this VAE ({type(exc).__name__}: {why}); "
             "pass an export of this recipe's network (same base_dim, dim_mult, z_dim)"
         ) from None
     vae.register_to_config(

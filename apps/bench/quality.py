@@ -133,7 +133,8 @@ def bench_quality(args: argparse.Namespace) -> int:
                 scores.append(summarize_rollout(frames, prompt, reference))
                 if label == "10x":
                     series.append(_series(frames, prompt, reference, args.clip_frames))
-                    sheet[prompt, name] = frames
+                    if args.sheet:
+                        sheet[prompt, name] = frames
             mean = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
             row = {"policy": name, "length": f"{label} ({n})", **mean}
             if "participative" in policy:

@@ -52,10 +52,10 @@ def kept_report(snapshots: list[Snapshot], sink: int) -> dict[str, float | None]
         theirs = {i for i in fifo if i >= sink}
         newest = max(kept)
         differs.append(set(kept) != fifo)
-        if mine | theirs:
+        if mine:  # FIFO keeps as many non-sink frames, so `theirs` is not empty either
             jac.append(len(mine & theirs) / len(mine | theirs))
-            age.append(float(np.mean([newest - i for i in mine])) if mine else 0.0)
-            fifo_age.append(float(np.mean([newest - i for i in theirs])) if theirs else 0.0)
+            age.append(float(np.mean([newest - i for i in mine])))
+            fifo_age.append(float(np.mean([newest - i for i in theirs])))
         seen = [(i, s) for i, s in zip(kept, importance) if i >= sink and s != 0]
         if seen:
             c = _spearman(np.array([i for i, _ in seen]), np.array([s for _, s in seen]))

@@ -26,18 +26,18 @@ def draw_sheet(
     label_w: int = 260,
     gap: int = 2,
 ) -> np.ndarray:
-    """Write a PNG with one row per `(label lines, frames [T, H, W, 3] uint8)` showing every
+    """Write an image (PNG, or JPEG by `out`'s suffix) with one row per `(label lines, frames [T, H, W, 3] uint8)` showing every
     `every`-th frame, `scale`x enlarged (nearest) with `gap` white pixels between frames,
     under a header naming the frame numbers; None draws a grey separator. Returns the
     sheet (RGB)."""
     import cv2
 
-    drawn = []
+    drawn: list[np.ndarray | None] = []
     pad = ((0, 0), (0, gap), (0, 0))
     for row in rows:
         if row is None:
             if drawn:
-                drawn.append(np.full((6, drawn[-1].shape[1], 3), 128, np.uint8))
+                drawn.append(None)
             continue
         lines, frames = row
         h, w = frames.shape[1] * scale, frames.shape[2] * scale
@@ -50,11 +50,14 @@ def draw_sheet(
         for i, text in enumerate(lines):
             _text(label, text, (4, 16 + line_h * i))
         drawn.append(np.concatenate([label, *tiles], axis=1))
-    if not drawn:
+    if not any(r is not None for r in drawn):
         raise ValueError("a contact sheet needs at least one row of frames")
-    width = max(r.shape[1] for r in drawn)
+    width = max(r.shape[1] for r in drawn if r is not None)
     drawn = [
-        np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in drawn
+        np.full((6, width, 3), 128, np.uint8)  # a separator spans the sheet
+        if r is None
+        else np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255)
+        for r in drawn
     ]
     head = np.full((24, width, 3), 255, np.uint8)
     tile_w = next(r for r in rows if r is not None)[1].shape[2] * scale + gap
