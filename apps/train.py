@@ -93,6 +93,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "patch 1 instead of pixels; it is exported with the generator",
     )
     gen.add_argument(
+        "--vae-patch",
+        type=count(),
+        help="patch side over the VAE's latents (default 1; 2 for a 4x VAE: the same tokens)",
+    )
+    gen.add_argument(
         "--noise-drift",
         type=non_negative,
         help="latent pixels per frame of the drifting noise (default 1; 0.25 for an 8x VAE)",
@@ -107,6 +112,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     vae.add_argument("--output", default="build/tiny-vae", help="VAE directory to write")
     _schedule_arguments(vae, "build/train-vae", steps=20_000, batch=16, lr="1e-3", threads=1)
     vae.add_argument("--kl-weight", type=non_negative, help="weight of the KL term (default 1e-4)")
+    vae.add_argument(
+        "--dim-mult",
+        type=_int_tuple,
+        help="channel multiplier per stage, e.g. 1,2,4 (two downsamplings: 4x space; default "
+        "1,2,4,4: 8x)",
+    )
+    vae.add_argument("--z-dim", type=count(), help="latent channels (default 8)")
+    vae.add_argument(
+        "--object-weight",
+        type=non_negative,
+        help="extra loss weight of the pixels on and near objects (default 4)",
+    )
     vae.add_argument("--init-from", help="start from this exported VAE directory's weights")
     vae.add_argument(
         "--decoder-only",
@@ -157,6 +174,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=count(0),
         help="vision-only steps after each question/answer step (needs dense weight)",
     )
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    """Type of `--dim-mult`: comma-separated whole numbers >= 1, at least two."""
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,2,4, got {text!r}") from None
+    if len(values) < 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected at least two numbers >= 1, got {text!r}")
+    return values
 
 
 def _size_range(text: str) -> tuple[int, int]:
@@ -253,6 +281,9 @@ def run_vae(args: argparse.Namespace) -> int:
         **_given(
             args,
             kl_weight=args.kl_weight,
+            dim_mult=args.dim_mult,
+            z_dim=args.z_dim,
+            object_weight=args.object_weight,
             init_from=args.init_from,
             decoder_only=args.decoder_only or None,
             latent_noise=args.latent_noise,
@@ -286,6 +317,7 @@ def config_from(args: argparse.Namespace):
             min_lr_ratio=args.min_lr_ratio,
             sigma_shift=args.sigma_shift,
             vae=args.vae,
+            vae_patch=args.vae_patch,
             noise_drift=args.noise_drift,
         )
     )

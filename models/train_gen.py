@@ -147,6 +147,10 @@ class TrainGenConfig(RunSchedule):
     denoises its latents at patch 1 instead of pixels, and the VAE (frozen) is exported
     with the generator (codec "wan_vae"); `codec_spatial` is not used."""
 
+    vae_patch: int = 1
+    """Patch side over the VAE's latents: 1 for an 8x VAE (64 tokens per 64x64 frame), 2
+    for a 4x VAE (the same 64 tokens, as real Wan's 8x VAE with patch 2 over 16x)."""
+
     caption_dropout: float = 0.1
     """Chance that a clip's caption is replaced by "" (enables classifier-free guidance)."""
 
@@ -213,6 +217,8 @@ class TrainGenConfig(RunSchedule):
             raise InputError(f"drift_prob must lie in [0, 1], got {self.drift_prob}")
         if not 0.0 <= self.resample_prob <= 1.0:
             raise InputError(f"resample_prob must lie in [0, 1], got {self.resample_prob}")
+        if self.vae_patch < 1:
+            raise InputError(f"vae_patch must be >= 1, got {self.vae_patch}")
         self.resample_sigma = tuple(float(x) for x in self.resample_sigma)
         self.resample_timesteps = tuple(int(x) for x in self.resample_timesteps)
         lo, hi = self.resample_sigma if len(self.resample_sigma) == 2 else (-1.0, -1.0)
@@ -323,7 +329,7 @@ def new_state(cfg: TrainGenConfig) -> TrainState:
 
 def vae_parts(cfg: TrainGenConfig):
     """Random transformer and text encoder over the latents of the trained VAE `cfg.vae`
-    (patch 1: one token per latent pixel), and that VAE's codec."""
+    (patch `cfg.vae_patch`), and that VAE's codec."""
     from streamrt.models.codec import WanVAECodec
     from streamrt.models.wan_checkpoints import load_wan_vae
 
@@ -331,8 +337,9 @@ def vae_parts(cfg: TrainGenConfig):
     for p in vae.parameters():
         p.requires_grad_(False)
     z = vae.config.z_dim
-    model = {"in_channels": z, "out_channels": z, "patch_size": (1, 1, 1), **cfg.model}
-    # the pixel codec's `spatial=8` gives patch 1; that codec is replaced by the VAE's
+    p = cfg.vae_patch
+    model = {"in_channels": z, "out_channels": z, "patch_size": (1, p, p), **cfg.model}
+    # the pixel codec's `spatial=8` gives patch 1 (overridden here); the VAE's codec replaces it
     transformer, text_encoder, _ = tiny_random_parts(
         VOCAB, cfg.text_len, codec="pixel", seed=cfg.seed, spatial=8, **model
     )

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from streamrt.errors import InputError
 from streamrt.models import train_vae
 from streamrt.models.codec import WanVAECodec
 from streamrt.models.train_gen import TrainGenConfig
@@ -180,6 +181,42 @@ def test_export_normalises_latents_and_a_generator_trains_on_them(tmp_path):
     train(tiny_cfg(steps=2, seed=1), None, tmp_path / "vae", log=lambda _: None)
     with pytest.raises(InputError, match="another VAE"):
         load_gen(tmp_path / "gen-work" / "checkpoint.pt")
+
+
+def test_a_4x_vae_with_patch_2_gives_the_8x_token_grid_and_streams(tmp_path):
+    """`--dim-mult 1,2,4` (4x space) and `--vae-patch 2`: 16x16 latents, 8x8 tokens per
+    64x64 frame as at 8x with patch 1; the export streams through the same engine."""
+    from streamrt.gen.generator import StreamGenerator
+
+    train(tiny_cfg(steps=1, dim_mult=(1, 2, 4)), None, tmp_path / "vae", log=lambda _: None)
+    codec = WanVAECodec(load_wan_vae(tmp_path / "vae"))
+    assert codec.spatial == 4
+    assert codec.encode(torch.rand(1, 3, 2, 64, 64) * 2 - 1).shape == (1, 4, 2, 16, 16)
+    cfg = TrainGenConfig(
+        steps=1,
+        batch_size=1,
+        num_frames=6,
+        model={"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 24, "ffn_dim": 32},
+        compile=False,
+        threads=1,
+        vae=str(tmp_path / "vae"),
+        vae_patch=2,
+        drift_prob=1.0,
+        noise_drift=0.5,
+    )
+    train_gen(cfg, None, tmp_path / "gen", log=lambda _: None)
+    gen = StreamGenerator.from_pretrained(tmp_path / "gen")
+    assert gen.engine.transformer.config.patch_size == [1, 2, 2]
+    seen = []
+    hook = gen.engine.transformer.patch_embedding.register_forward_hook(
+        lambda _m, _i, out: seen.append(out.shape[-3:])
+    )
+    frames = list(gen.stream("a red circle moving right on a dark background", num_frames=4))
+    hook.remove()
+    assert len(frames) == 4 and frames[0].shape == (64, 64, 3)
+    assert seen and all(tuple(s[-2:]) == (8, 8) for s in seen)  # 8x8 tokens per frame
+    with pytest.raises(InputError, match="vae_patch"):
+        TrainGenConfig(vae_patch=0)
 
 
 def test_a_latent_run_starts_from_the_pixel_models_blocks(tmp_path):
