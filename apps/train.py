@@ -102,6 +102,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=non_negative,
         help="latent pixels per frame of the drifting noise (default 1; 0.25 for an 8x VAE)",
     )
+    gen.add_argument(
+        "--distill-from",
+        type=existing_dir,
+        help="a generator directory (the run's architecture) whose many-step sampler the run's "
+        "4-step sampler learns to match (few-step distillation)",
+    )
+    gen.add_argument(
+        "--distill-substeps",
+        type=count(),
+        help="teacher steps per student step (default 4: a 16-step teacher)",
+    )
+    gen.add_argument(
+        "--distill-guidance",
+        type=positive,
+        help="classifier-free guidance of the teacher, learnt by the student (default 1: none)",
+    )
     gen.add_argument("--no-compile", action="store_true", help="train without torch.compile")
     gen.add_argument("--tune", action="store_true", help="after training, sweep sampler settings")
     gen.add_argument(
@@ -318,6 +334,9 @@ def config_from(args: argparse.Namespace):
             sigma_shift=args.sigma_shift,
             vae=args.vae,
             vae_patch=args.vae_patch,
+            distill_from=args.distill_from,
+            distill_substeps=args.distill_substeps,
+            distill_guidance=args.distill_guidance,
             noise_drift=args.noise_drift,
         )
     )

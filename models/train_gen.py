@@ -202,6 +202,17 @@ class TrainGenConfig(RunSchedule):
 
     resample_shift: float = 1.0
 
+    distill_from: str | None = None
+    """A generator directory of this run's architecture whose `distill_substeps`-step
+    sampler the run's few-step sampler (`resample_timesteps`) learns to match
+    (`train_gen_distill`); None: plain flow matching."""
+
+    distill_substeps: int = 4
+    """Teacher steps per student step (4: a 16-step teacher for the 4-step sampler)."""
+
+    distill_guidance: float = 1.0
+    """Classifier-free guidance of the teacher, absorbed by the student (1: none)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_frames % self.chunk_frames:
@@ -217,6 +228,12 @@ class TrainGenConfig(RunSchedule):
             raise InputError(f"drift_prob must lie in [0, 1], got {self.drift_prob}")
         if not 0.0 <= self.resample_prob <= 1.0:
             raise InputError(f"resample_prob must lie in [0, 1], got {self.resample_prob}")
+        if self.distill_substeps < 1:
+            raise InputError(f"distill_substeps must be >= 1, got {self.distill_substeps}")
+        if self.distill_from and self.resample_prob > 0:
+            raise InputError(
+                "distillation trains on clean context: resample_prob must be 0 with distill_from"
+            )
         if self.vae_patch < 1:
             raise InputError(f"vae_patch must be >= 1, got {self.vae_patch}")
         self.resample_sigma = tuple(float(x) for x in self.resample_sigma)
@@ -242,11 +259,13 @@ def flow_matching_loss(
     gen: torch.Generator,
     object_weight: float | None = None,
     sampler=None,
+    teacher=None,
 ) -> torch.Tensor:
     """Object-weighted mean squared velocity error over the noisy frames of a batch, in
     the codec's latent space (mask already applied); `object_weight` defaults to the
     config's starting weight. With `cfg.resample_prob`, some clips' context is the
-    model's own regeneration by `sampler` (default `transformer`; `train_gen_resample`)."""
+    model's own regeneration by `sampler` (default `transformer`; `train_gen_resample`).
+    With a `teacher`, the loss is `train_gen_distill.distill_loss` instead."""
     if object_weight is None:
         object_weight = cfg.object_weight
     x0 = codec.encode(frames)
@@ -256,6 +275,13 @@ def flow_matching_loss(
     tokens_per_frame = (h // p[1]) * (w // p[2])
     sigma = sample_sigmas(cfg, x0.shape[0], gen)
     eps = sample_noise(cfg, x0.shape, captions, gen)
+    if teacher is not None:
+        from streamrt.models.train_gen_distill import distill_loss
+
+        return distill_loss(
+            transformer, teacher, text_encoder, x0, eps, weight, captions, cfg, gen,
+            tokens_per_frame,
+        )  # fmt: skip
     embeds = text_encoder.embed(captions)
     context = x0
     if cfg.resample_prob > 0:
@@ -294,6 +320,8 @@ class TrainState:
     """Training wall time summed over invocations."""
     compiled: Callable | None = None
     """`torch.compile` of the transformer (same weights), used for the training forward."""
+    teacher: torch.nn.Module | None = None
+    """The frozen transformer of `cfg.distill_from` (not checkpointed: loaded per run)."""
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [("transformer." + n, p) for n, p in self.transformer.named_parameters()] + [
@@ -431,6 +459,7 @@ def train_step(state: TrainState) -> float:
         gen,
         weight,
         sampler=state.transformer,
+        teacher=state.teacher,
     )
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -466,9 +495,13 @@ def _train(cfg: TrainGenConfig, work_dir, output, resume: bool, log: Callable) -
     world, patch = world_config(cfg), state.transformer.config.patch_size
     side = state.codec.spatial
     tokens_per_frame = (world.height // side // patch[1]) * (world.width // side // patch[2])
-    apply_block_causal(
-        state.transformer, block_causal_mask(cfg.num_frames, cfg.chunk_frames, tokens_per_frame)
-    )
+    mask = block_causal_mask(cfg.num_frames, cfg.chunk_frames, tokens_per_frame)
+    apply_block_causal(state.transformer, mask)
+    if cfg.distill_from:
+        from streamrt.models.train_gen_distill import load_teacher
+
+        state.teacher = load_teacher(cfg, cfg.distill_from, state.transformer)
+        apply_block_causal(state.teacher, mask)
     state.transformer.train()
     state.text_encoder.model.eval()  # no dropout; its weights still train
     if cfg.compile:
