@@ -41,6 +41,25 @@ def tiny_cfg(**overrides) -> TrainVAEConfig:
     return TrainVAEConfig(**{**base, **overrides})
 
 
+def latent_gen_cfg(vae_dir, **overrides) -> TrainGenConfig:
+    """A one-layer generator run on the latents of the VAE in `vae_dir`."""
+    base = {
+        "steps": 1,
+        "batch_size": 1,
+        "num_frames": 6,
+        "model": {
+            "num_layers": 1,
+            "num_attention_heads": 2,
+            "attention_head_dim": 24,
+            "ffn_dim": 32,
+        },
+        "compile": False,
+        "threads": 1,
+        "vae": str(vae_dir),
+    }
+    return TrainGenConfig(**{**base, **overrides})
+
+
 def test_vae_is_wan_at_8x_space_and_no_time_compression():
     vae = train_vae.build_vae(tiny_cfg())
     codec = WanVAECodec(vae)
@@ -141,17 +160,7 @@ def test_export_normalises_latents_and_a_generator_trains_on_them(tmp_path):
     assert per_channel.mean(dim=1).abs().max() < 1e-3
     assert (per_channel.std(dim=1) - 1).abs().max() < 1e-2
 
-    cfg = TrainGenConfig(
-        steps=2,
-        batch_size=1,
-        num_frames=6,
-        model={"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 24, "ffn_dim": 32},
-        compile=False,
-        threads=1,
-        vae=str(tmp_path / "vae"),
-        drift_prob=0.5,
-        noise_drift=0.25,
-    )
+    cfg = latent_gen_cfg(tmp_path / "vae", steps=2, drift_prob=0.5, noise_drift=0.25)
     train_gen(cfg, tmp_path / "gen-work", tmp_path / "gen", log=lambda _: None)
     gen = StreamGenerator.from_pretrained(tmp_path / "gen")
     assert isinstance(gen.engine.codec, WanVAECodec)
@@ -192,18 +201,7 @@ def test_a_4x_vae_with_patch_2_gives_the_8x_token_grid_and_streams(tmp_path):
     codec = WanVAECodec(load_wan_vae(tmp_path / "vae"))
     assert codec.spatial == 4
     assert codec.encode(torch.rand(1, 3, 2, 64, 64) * 2 - 1).shape == (1, 4, 2, 16, 16)
-    cfg = TrainGenConfig(
-        steps=1,
-        batch_size=1,
-        num_frames=6,
-        model={"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 24, "ffn_dim": 32},
-        compile=False,
-        threads=1,
-        vae=str(tmp_path / "vae"),
-        vae_patch=2,
-        drift_prob=1.0,
-        noise_drift=0.5,
-    )
+    cfg = latent_gen_cfg(tmp_path / "vae", vae_patch=2, drift_prob=1.0, noise_drift=0.5)
     train_gen(cfg, None, tmp_path / "gen", log=lambda _: None)
     gen = StreamGenerator.from_pretrained(tmp_path / "gen")
     assert gen.engine.transformer.config.patch_size == [1, 2, 2]
