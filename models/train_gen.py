@@ -320,8 +320,8 @@ class TrainState:
     """Training wall time summed over invocations."""
     compiled: Callable | None = None
     """`torch.compile` of the transformer (same weights), used for the training forward."""
-    teacher: torch.nn.Module | None = None
-    """The frozen transformer of `cfg.distill_from` (not checkpointed: loaded per run)."""
+    teacher: Any = None
+    """`train_gen_distill.Teacher` of `cfg.distill_from` (not checkpointed: loaded per run)."""
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [("transformer." + n, p) for n, p in self.transformer.named_parameters()] + [
@@ -501,7 +501,7 @@ def _train(cfg: TrainGenConfig, work_dir, output, resume: bool, log: Callable) -
         from streamrt.models.train_gen_distill import load_teacher
 
         state.teacher = load_teacher(cfg, cfg.distill_from, state.transformer)
-        apply_block_causal(state.teacher, mask)
+        apply_block_causal(state.teacher.transformer, mask)
     state.transformer.train()
     state.text_encoder.model.eval()  # no dropout; its weights still train
     if cfg.compile:

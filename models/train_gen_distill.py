@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -35,9 +36,18 @@ from streamrt.errors import InputError
 from streamrt.gen.schedule import shifted_sigmas
 
 
-def load_teacher(cfg, path: str | Path, student: torch.nn.Module) -> torch.nn.Module:
-    """The transformer of the generator directory `path`, frozen, under the student's
-    block-causal mask; it must have the student's architecture."""
+class Teacher(NamedTuple):
+    """The frozen teacher: its transformer and its own text encoder (the student's text
+    encoder trains, so its embeddings would drift away from what the teacher learnt)."""
+
+    transformer: torch.nn.Module
+    text_encoder: Any
+
+
+def load_teacher(cfg, path: str | Path, student: torch.nn.Module) -> Teacher:
+    """The transformer and text encoder of the generator directory `path`, frozen; the
+    transformer must have the student's architecture (the caller applies the mask)."""
+    from streamrt.models.text import TextEncoder
     from streamrt.models.wan_checkpoints import load_wan_transformer
 
     teacher = load_wan_transformer(Path(path) / "transformer")  # CheckpointError: one line
@@ -48,9 +58,11 @@ def load_teacher(cfg, path: str | Path, student: torch.nn.Module) -> torch.nn.Mo
         raise InputError(
             f"--distill-from {path}: its transformer is not the run's ({', '.join(diff)} differ)"
         )
-    for p in teacher.parameters():
+    text = TextEncoder.from_pretrained(path, cfg.text_len)
+    for p in [*teacher.parameters(), *text.model.parameters()]:
         p.requires_grad_(False)
-    return teacher.eval()
+    text.model.eval()
+    return Teacher(teacher.eval(), text)
 
 
 def student_levels(cfg) -> list[float]:
@@ -101,7 +113,7 @@ def teacher_step(
 
 def distill_loss(
     student,
-    teacher,
+    teacher: Teacher,
     text_encoder,
     x0: torch.Tensor,
     eps: torch.Tensor,
@@ -121,10 +133,12 @@ def distill_loss(
     s = sigma[:, None, :, None, None]
     x_t = (1 - s) * x0 + s * eps
     embeds = text_encoder.embed(captions)
-    null = None
-    if cfg.distill_guidance != 1.0:
-        null = text_encoder.embed([""] * batch).detach()
-    x_next = teacher_step(teacher, x_t, sigma, nxt, embeds.detach(), null, cfg, tokens_per_frame)
+    with torch.no_grad():
+        theirs = teacher.text_encoder.embed(captions)
+        null = None
+        if cfg.distill_guidance != 1.0:
+            null = teacher.text_encoder.embed([""] * batch)
+    x_next = teacher_step(teacher.transformer, x_t, sigma, nxt, theirs, null, cfg, tokens_per_frame)
     step = (sigma - nxt)[:, None, :, None, None]
     target = (x_t - x_next) / step.clamp_min(1e-6)
     t = (sigma * 1000.0).repeat_interleave(tokens_per_frame, dim=1)

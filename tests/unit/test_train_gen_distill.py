@@ -18,6 +18,7 @@ from streamrt.models.train_gen import (
     train_step,
 )
 from streamrt.models.train_gen_distill import (
+    Teacher,
     distill_loss,
     sample_targets,
     student_levels,
@@ -94,8 +95,8 @@ def test_a_student_that_is_its_one_step_teacher_has_zero_loss_and_a_longer_teach
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
             return distill_loss(
-                state.transformer, teacher, state.text_encoder, x0, eps, weight, CAPTIONS, c,
-                gen, 64,
+                state.transformer, Teacher(teacher, state.text_encoder), state.text_encoder,
+                x0, eps, weight, CAPTIONS, c, gen, 64,
             ).item()  # fmt: skip
 
     assert loss(cfg) < 1e-10
@@ -111,7 +112,16 @@ def test_a_distillation_run_trains_from_its_teacher_and_refuses_another_one(tmp_
     )
     run = train(cfg, tmp_path / "work", tmp_path / "student", log=lambda _: None)
     assert run.step == 2 and all(loss > 0 for loss in run.losses)
-    assert not any(p.requires_grad for p in run.teacher.parameters())
+    frozen = [*run.teacher.transformer.parameters(), *run.teacher.text_encoder.model.parameters()]
+    assert not any(p.requires_grad for p in frozen)
+    # the teacher keeps its own text encoder, the export's, while the student's trains
+    from streamrt.models.text import TextEncoder
+
+    exported = TextEncoder.from_pretrained(tmp_path / "teacher", 16).model.state_dict()
+    theirs = run.teacher.text_encoder.model.state_dict()
+    assert all(torch.equal(theirs[k], v) for k, v in exported.items())
+    ours = run.text_encoder.model.state_dict()
+    assert any(not torch.equal(ours[k], v) for k, v in exported.items())
     assert (tmp_path / "student" / "streamrt.json").exists()
 
     other = tiny_cfg(model={**tiny_cfg().model, "num_layers": 2})
