@@ -506,22 +506,28 @@ def _train(cfg: TrainGenConfig, work_dir, output, resume: bool, log: Callable) -
     state.text_encoder.model.eval()  # no dropout; its weights still train
     if cfg.compile:
         state.compiled = torch.compile(state.transformer)
-    run_steps(state, train_step, lambda st: checkpoint(st, ckpt, output, log), log)
+    inherit = inherited_settings(cfg)
+    run_steps(state, train_step, lambda st: checkpoint(st, ckpt, output, log, inherit), log)
     state.transformer.eval()
     return state
 
 
 def checkpoint(
-    state: TrainState, ckpt: Path | None, output: str | Path | None, log: Callable = print
+    state: TrainState,
+    ckpt: Path | None,
+    output: str | Path | None,
+    log: Callable = print,
+    inherit: dict[str, Any] | None = None,
 ) -> None:
-    """Save the state, then export; a failed export is reported and training goes on
-    (the checkpoint holds everything, and the next one exports again)."""
+    """Save the state, then export (`export_generator`'s `inherit`); a failed export is
+    reported and training goes on (the checkpoint holds everything, and the next one
+    exports again)."""
     if ckpt is not None:
         save_checkpoint(state, ckpt)
     if output is None:
         return
     try:
-        export_generator(state, output)
+        export_generator(state, output, inherit=inherit)
         plot_losses(state.losses, Path(output) / "loss.png")
     except Exception as exc:  # the run must outlive a broken export
         log(f"export to {output} failed at step {state.step}: {type(exc).__name__}: {exc}")
@@ -545,12 +551,32 @@ def default_gen_config(cfg: TrainGenConfig, **overrides: Any) -> GenConfig:
     return dataclasses.replace(base, **overrides)
 
 
+def inherited_settings(cfg: TrainGenConfig) -> dict[str, Any] | None:
+    """The stream settings of `cfg.init_from`'s manifest, its drift speed aside (the run's
+    own, in its latent pixels): a run started from a tuned generator exports with its
+    sampler, not the untuned default. None without `init_from` or a readable manifest."""
+    from streamrt.gen.generator import MANIFEST
+
+    if not cfg.init_from:
+        return None
+    try:
+        saved = json.loads((Path(cfg.init_from) / MANIFEST).read_text()).get("gen", {})
+    except (OSError, ValueError):
+        return None
+    saved = {k: v for k, v in saved.items() if k != "noise_drift"}
+    return saved or None
+
+
 def export_generator(
-    state: TrainState, output: str | Path, gen_config: GenConfig | None = None
+    state: TrainState,
+    output: str | Path,
+    gen_config: GenConfig | None = None,
+    inherit: dict[str, Any] | None = None,
 ) -> None:
     """Write the averaged weights as a generator directory (`StreamGenerator.save_pretrained`).
 
-    An existing manifest's `gen` settings are kept (they are tuned after training).
+    Without `gen_config`: an existing manifest's `gen` settings are kept (they are tuned
+    after training); with none, `inherit`'s (`inherited_settings`) override the defaults.
     """
     from streamrt.gen.engine import GenEngine
     from streamrt.gen.generator import MANIFEST, StreamGenerator
@@ -562,6 +588,8 @@ def export_generator(
         if manifest.exists():
             saved = json.loads(manifest.read_text()).get("gen", {})
             gen_config = dataclasses.replace(gen_config, **saved)
+        elif inherit:
+            gen_config = dataclasses.replace(gen_config, **inherit)
     transformer = copy.deepcopy(state.transformer)
     text_encoder = copy.deepcopy(state.text_encoder)
     with torch.no_grad():

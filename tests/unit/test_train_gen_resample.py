@@ -59,6 +59,35 @@ def test_init_from_loads_exactly_the_exported_weights(exported):
     assert ref.abs().mean() > 1e-3
 
 
+def test_a_run_from_a_tuned_generator_exports_with_its_sampler(exported, tmp_path):
+    """The run's first export takes `--init-from`'s tuned sampler (not the untuned
+    default), with the run's own drift speed; a manifest already at the output wins."""
+    import json
+    import shutil
+
+    from streamrt.models.train_gen import train
+
+    _, out = exported
+    source = tmp_path / "source"
+    shutil.copytree(out, source)
+    manifest = json.loads((source / "streamrt.json").read_text())
+    manifest["gen"].update(timesteps=[1000, 500], shift=1.0, noise_drift=1.0)
+    (source / "streamrt.json").write_text(json.dumps(manifest))
+    cfg = tiny_cfg(steps=1, init_from=str(source), drift_prob=0.5, noise_drift=0.25)
+    train(cfg, None, tmp_path / "run", log=lambda _: None)
+    gen = json.loads((tmp_path / "run" / "streamrt.json").read_text())["gen"]
+    assert (gen["timesteps"], gen["shift"], gen["noise_drift"]) == ([1000, 500], 1.0, 0.25)
+    gen_default = json.loads((out / "streamrt.json").read_text())["gen"]
+    assert gen_default["timesteps"] != [1000, 500]  # what the run would export otherwise
+
+    tuned = json.loads((tmp_path / "run" / "streamrt.json").read_text())
+    tuned["gen"]["timesteps"] = [1000, 750, 250]
+    (tmp_path / "run" / "streamrt.json").write_text(json.dumps(tuned))
+    train(cfg, None, tmp_path / "run", log=lambda _: None)
+    gen = json.loads((tmp_path / "run" / "streamrt.json").read_text())["gen"]
+    assert gen["timesteps"] == [1000, 750, 250]
+
+
 def test_init_from_refuses_another_architecture_in_one_line(exported):
     _, out = exported
     with pytest.raises(InputError) as err:
