@@ -48,15 +48,15 @@ def load_teacher(cfg, path: str | Path, student: torch.nn.Module) -> Teacher:
     """The transformer and text encoder of the generator directory `path`, frozen; the
     transformer must have the student's architecture (the caller applies the mask)."""
     from streamrt.models.text import TextEncoder
+    from streamrt.models.train_gen_resample import config_diff
     from streamrt.models.wan_checkpoints import load_wan_transformer
 
     teacher = load_wan_transformer(Path(path) / "transformer")  # CheckpointError: one line
-    plain = lambda c: {k: json.loads(json.dumps(v)) for k, v in c.items() if k[0] != "_"}  # noqa: E731
-    theirs, ours = plain(teacher.config), plain(student.config)
-    diff = [k for k in ours if theirs.get(k) != ours[k]]
+    theirs = json.loads(json.dumps(dict(teacher.config)))
+    diff = config_diff(theirs, student.config)
     if diff:
         raise InputError(
-            f"--distill-from {path}: its transformer is not the run's ({', '.join(diff)} differ)"
+            f"--distill-from {path}: its transformer is not the run's: " + "; ".join(diff)
         )
     text = TextEncoder.from_pretrained(path, cfg.text_len)
     for p in [*teacher.parameters(), *text.model.parameters()]:
@@ -72,15 +72,17 @@ def student_levels(cfg) -> list[float]:
 
 def sample_targets(cfg, batch: int, frames: int, gen: torch.Generator):
     """Per clip: the target chunk `k` `[B]`, the student step `i` `[B]`, and the per-frame
-    levels `[B, F]` (chunks < k clean, chunk k at s_i, later chunks at s_i too: they are
-    masked out of the loss and cannot reach chunk k)."""
+    levels `[B, F]` before and after that step (chunks < k clean at both; chunk k and the
+    later chunks at s_i, then s_(i+1): those are masked out of the loss and cannot reach
+    chunk k)."""
     n = frames // cfg.chunk_frames
     levels = torch.tensor(student_levels(cfg))
     k = torch.randint(0, n, (batch,), generator=gen)
     i = torch.randint(0, len(levels) - 1, (batch,), generator=gen)
-    chunk = torch.arange(n)
-    sigma = torch.where(chunk[None] < k[:, None], 0.0, levels[i][:, None])
-    return k, i, sigma.repeat_interleave(cfg.chunk_frames, dim=1)
+    context = (torch.arange(n)[None] < k[:, None]).repeat_interleave(cfg.chunk_frames, dim=1)
+    sigma = torch.where(context, 0.0, levels[i][:, None])
+    nxt = torch.where(context, 0.0, levels[i + 1][:, None])
+    return k, i, sigma, nxt
 
 
 @torch.no_grad()
@@ -126,10 +128,7 @@ def distill_loss(
     """Object-weighted MSE between the student's velocity and the teacher's multi-step
     target on each clip's target chunk (module docstring)."""
     batch, _, frames = x0.shape[:3]
-    k, i, sigma = sample_targets(cfg, batch, frames, gen)
-    levels = torch.tensor(student_levels(cfg))
-    noisy = sigma > 0
-    nxt = torch.where(noisy, levels[i + 1][:, None].expand_as(sigma), sigma)
+    k, _, sigma, nxt = sample_targets(cfg, batch, frames, gen)
     s = sigma[:, None, :, None, None]
     x_t = (1 - s) * x0 + s * eps
     embeds = text_encoder.embed(captions)
@@ -143,9 +142,7 @@ def distill_loss(
     target = (x_t - x_next) / step.clamp_min(1e-6)
     t = (sigma * 1000.0).repeat_interleave(tokens_per_frame, dim=1)
     v = student(x_t, t, embeds, return_dict=False)[0]
-    c = cfg.chunk_frames
-    frame = torch.arange(frames)
-    in_chunk = (frame[None] >= (k * c)[:, None]) & (frame[None] < ((k + 1) * c)[:, None])
+    in_chunk = torch.arange(frames)[None] // cfg.chunk_frames == k[:, None]
     per_frame = (weight * (v - target).pow(2)).mean(dim=(1, 3, 4))
     mask = in_chunk.float()
     return (per_frame * mask).sum() / mask.sum()

@@ -14,7 +14,8 @@ import numpy as np
 
 from streamrt.gen.schedule import even_timesteps
 from streamrt.metrics import adherence, color_mask, shape_share
-from streamrt.models.train_gen import TrainGenConfig, small_cache, world_config
+from streamrt.models.train_gen import TrainGenConfig, world_config
+from streamrt.models.train_gen_export import small_cache
 from streamrt.world import make_clip, parse_caption, render_background
 
 EVAL_PROMPTS: tuple[str, ...] = (

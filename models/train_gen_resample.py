@@ -94,12 +94,7 @@ def _check_architecture(
     (`transplant`: its codec, patch and channels may differ)."""
     theirs = _read_json(path / "transformer" / "config.json")
     free = {"in_channels", "out_channels", "patch_size"} if transplant else set()
-    diff = []
-    for key, value in own_config.items():
-        if key.startswith("_") or key not in theirs or key in free:
-            continue
-        if json.loads(json.dumps(value)) != theirs[key]:
-            diff.append(f"{key} {theirs[key]} (run: {json.loads(json.dumps(value))})")
+    diff = config_diff(theirs, own_config, free)
     if transplant:
         pass
     elif manifest.get("codec", "pixel") != "pixel":
@@ -113,6 +108,19 @@ def _check_architecture(
             f"--init-from {path}: its model does not match the run's architecture: "
             + "; ".join(diff)
         )
+
+
+def config_diff(theirs: dict, own_config, free: set[str] = frozenset()) -> list[str]:
+    """ "key theirs (run: ours)" for each public field of the transformer config `own_config`
+    that `theirs` (a config.json's dict) holds with another value, `free` fields aside."""
+    diff = []
+    for key, value in own_config.items():
+        if key.startswith("_") or key not in theirs or key in free:
+            continue
+        ours = json.loads(json.dumps(value))  # tuples as lists, as config.json holds them
+        if ours != theirs[key]:
+            diff.append(f"{key} {theirs[key]} (run: {ours})")
+    return diff
 
 
 def resample_sigmas(cfg, sigma: torch.Tensor, gen: torch.Generator):

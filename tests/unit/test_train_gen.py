@@ -26,6 +26,7 @@ from streamrt.models.train_gen import (
     world_config,
 )
 from streamrt.models.train_gen_eval import EVAL_PROMPTS, EVAL_SEEDS, prompt_scores
+from streamrt.models.train_gen_export import small_cache
 from streamrt.models.train_schedule import CHECKPOINT
 from streamrt.world import make_clip
 from streamrt.world.render import draw_shape
@@ -283,7 +284,7 @@ def test_train_exports_a_loadable_generator_and_loss_curve(tmp_path):
     train(cfg, tmp_path / "work", out, log=lambda _: None)
     assert (tmp_path / "work" / CHECKPOINT).exists()
     assert (out / "loss.png").stat().st_size > 0
-    gen = StreamGenerator.from_pretrained(out, cache=train_gen.small_cache())
+    gen = StreamGenerator.from_pretrained(out, cache=small_cache())
     cfg_gen = gen.engine.config
     assert cfg_gen.chunk_frames == 3
     assert cfg_gen.policy_args == {"sink_blocks": 0, "window_blocks": 6}
@@ -299,7 +300,7 @@ def test_tune_sampler_writes_the_best_settings_into_the_manifest(tmp_path):
     caption = "a red circle moving right on a dark background"
     best = train_gen_eval.tune_sampler(tmp_path, (caption,), 6, sweep, log=lambda _: None)
     assert {"timesteps", "shift"} <= best.keys()
-    cfg = StreamGenerator.from_pretrained(tmp_path, cache=train_gen.small_cache()).engine.config
+    cfg = StreamGenerator.from_pretrained(tmp_path, cache=small_cache()).engine.config
     for key, value in best.items():
         assert getattr(cfg, key) == value
 
@@ -328,7 +329,7 @@ shipped = pytest.mark.skipif(
 def shipped_rollout(caption: str, num_frames: int = 12) -> np.ndarray:
     from streamrt.gen.generator import StreamGenerator
 
-    gen = StreamGenerator.from_pretrained(ASSET, cache=train_gen.small_cache())
+    gen = StreamGenerator.from_pretrained(ASSET, cache=small_cache())
     return np.stack(list(gen.stream(caption, num_frames=num_frames)))
 
 
@@ -348,7 +349,7 @@ def shipped_1x():
     on `EVAL_PROMPTS` x `EVAL_SEEDS` (24 streams; the sampler was tuned on other seeds)."""
     from streamrt.gen.generator import StreamGenerator
 
-    gen = StreamGenerator.from_pretrained(ASSET, cache=train_gen.small_cache())
+    gen = StreamGenerator.from_pretrained(ASSET, cache=small_cache())
     return [
         (p, np.stack(list(gen.stream(p, num_frames=9, seed=seed))))
         for seed in EVAL_SEEDS
@@ -386,7 +387,7 @@ def test_shipped_model_moves_the_prompted_way_in_the_prompted_colour():
     from streamrt.gen.generator import StreamGenerator
     from streamrt.metrics import adherence
 
-    gen = StreamGenerator.from_pretrained(ASSET, cache=train_gen.small_cache())
+    gen = StreamGenerator.from_pretrained(ASSET, cache=small_cache())
     flipped = "a red circle moving left on a dark background"
     frames = np.stack(list(gen.stream(flipped, num_frames=9)))
     assert adherence(frames, flipped)["score"] == 1.0

@@ -12,7 +12,6 @@ from streamrt.errors import InputError
 from streamrt.models.train_gen import (
     apply_block_causal,
     block_causal_mask,
-    export_generator,
     new_state,
     train,
     train_step,
@@ -24,6 +23,7 @@ from streamrt.models.train_gen_distill import (
     student_levels,
     teacher_step,
 )
+from streamrt.models.train_gen_export import export_generator
 from streamrt.models.wan_checkpoints import CheckpointError
 
 CAPTIONS = ["a red circle moving right on a dark background", ""]
@@ -70,12 +70,13 @@ def test_targets_put_one_chunk_at_a_student_level_after_clean_context():
     cfg = tiny_cfg(num_frames=9)
     levels = student_levels(cfg)
     assert levels == [1.0, 0.75, 0.5, 0.25, 0.0]
-    k, i, sigma = sample_targets(cfg, 64, 9, torch.Generator().manual_seed(0))
+    k, i, sigma, nxt = sample_targets(cfg, 64, 9, torch.Generator().manual_seed(0))
     assert set(k.tolist()) == {0, 1, 2} and set(i.tolist()) == {0, 1, 2, 3}
     for b in range(64):
-        chunks = sigma[b].view(3, 3)
-        assert (chunks[: k[b]] == 0).all()
+        chunks, after = sigma[b].view(3, 3), nxt[b].view(3, 3)
+        assert (chunks[: k[b]] == 0).all() and (after[: k[b]] == 0).all()
         assert (chunks[k[b] :] == levels[i[b]]).all()
+        assert (after[k[b] :] == levels[i[b] + 1]).all()
 
 
 def test_a_student_that_is_its_one_step_teacher_has_zero_loss_and_a_longer_teacher_not():

@@ -13,7 +13,6 @@ from streamrt.models.train_gen import (
     TrainGenConfig,
     apply_block_causal,
     block_causal_mask,
-    export_generator,
     flow_matching_loss,
     load_checkpoint,
     new_state,
@@ -23,6 +22,7 @@ from streamrt.models.train_gen import (
     save_checkpoint,
     train_step,
 )
+from streamrt.models.train_gen_export import export_generator
 from streamrt.models.train_gen_resample import regenerate_context, resampled_inputs
 from streamrt.models.wan_checkpoints import load_wan_transformer
 
