@@ -118,6 +118,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=positive,
         help="classifier-free guidance of the teacher, learnt by the student (default 1: none)",
     )
+    gen.add_argument(
+        "--adversarial-weight",
+        type=non_negative,
+        help="a caption-conditioned critic on the one-step clean estimate, its gradient this "
+        "multiple of the regression's (default 0: off)",
+    )
+    gen.add_argument(
+        "--adversarial-max-sigma",
+        type=probability,
+        help="the critic judges chunks noised up to this level (default 1)",
+    )
     gen.add_argument("--no-compile", action="store_true", help="train without torch.compile")
     gen.add_argument("--tune", action="store_true", help="after training, sweep sampler settings")
     gen.add_argument(
@@ -338,6 +349,8 @@ def config_from(args: argparse.Namespace):
             distill_substeps=args.distill_substeps,
             distill_guidance=args.distill_guidance,
             noise_drift=args.noise_drift,
+            adversarial_weight=args.adversarial_weight,
+            adversarial_max_sigma=args.adversarial_max_sigma,
         )
     )
     cfg.compile = not args.no_compile

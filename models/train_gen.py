@@ -207,6 +207,17 @@ class TrainGenConfig(RunSchedule):
     distill_guidance: float = 1.0
     """Classifier-free guidance of the teacher, absorbed by the student (1: none)."""
 
+    adversarial_weight: float = 0.0
+    """Norm of the caption-conditioned critic's gradient on the predicted velocity as a
+    multiple of the regression's (`train_gen_adversarial`): rewards sharp frames of the
+    prompted shape over the mean's blob; 0: off."""
+
+    adversarial_max_sigma: float = 1.0
+    """The critic judges the one-step clean estimate of chunks noised up to this level."""
+
+    adversarial_lr: float = 2e-4
+    """Learning rate of the critic (Adam, betas 0 and 0.99)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_frames % self.chunk_frames:
@@ -228,6 +239,13 @@ class TrainGenConfig(RunSchedule):
             raise InputError(
                 "distillation trains on clean context: resample_prob must be 0 with distill_from"
             )
+        if self.adversarial_weight < 0 or not 0.0 < self.adversarial_max_sigma <= 1.0:
+            raise InputError(
+                "adversarial_weight must be >= 0 and adversarial_max_sigma in (0, 1], got "
+                f"{self.adversarial_weight} and {self.adversarial_max_sigma}"
+            )
+        if self.distill_from and self.adversarial_weight > 0:
+            raise InputError("adversarial_weight applies to flow matching, not to distill_from")
         if self.vae_patch < 1:
             raise InputError(f"vae_patch must be >= 1, got {self.vae_patch}")
         self.resample_sigma = tuple(float(x) for x in self.resample_sigma)
@@ -254,12 +272,14 @@ def flow_matching_loss(
     object_weight: float | None = None,
     sampler=None,
     teacher=None,
+    adversary=None,
 ) -> torch.Tensor:
     """Object-weighted mean squared velocity error over the noisy frames of a batch, in
     the codec's latent space (mask already applied); `object_weight` defaults to the
     config's starting weight. With `cfg.resample_prob`, some clips' context is the
     model's own regeneration by `sampler` (default `transformer`; `train_gen_resample`).
-    With a `teacher`, the loss is `train_gen_distill.distill_loss` instead."""
+    With a `teacher`, the loss is `train_gen_distill.distill_loss` instead; with an
+    `adversary` (`train_gen_adversarial.Adversary`), its critic's term is added."""
     if object_weight is None:
         object_weight = cfg.object_weight
     x0 = codec.encode(frames)
@@ -290,7 +310,10 @@ def flow_matching_loss(
     v = transformer(x_t, timestep, embeds, return_dict=False)[0]
     per_frame = (weight * (v - (eps - x0)).pow(2)).mean(dim=(1, 3, 4))
     noisy = (sigma > 0).float()
-    return (per_frame * noisy).sum() / noisy.sum()
+    loss = (per_frame * noisy).sum() / noisy.sum()
+    if adversary is None:
+        return loss
+    return adversary.generator_loss(loss, v, x_t - s * v, x0, sigma, captions, gen)
 
 
 # ---------------------------------------------------------------------- state
@@ -316,6 +339,8 @@ class TrainState:
     """`torch.compile` of the transformer (same weights), used for the training forward."""
     teacher: Any = None
     """`train_gen_distill.Teacher` of `cfg.distill_from` (not checkpointed: loaded per run)."""
+    adversary: Any = None
+    """`train_gen_adversarial.Adversary` when `cfg.adversarial_weight` > 0 (checkpointed)."""
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [("transformer." + n, p) for n, p in self.transformer.named_parameters()] + [
@@ -346,6 +371,11 @@ def new_state(cfg: TrainGenConfig) -> TrainState:
         params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay
     )
     state.ema = {n: p.detach().clone() for n, p in state.named_parameters()}
+    if cfg.adversarial_weight > 0:
+        from streamrt.models.train_gen_adversarial import Adversary
+
+        channels = state.codec.latent_channels
+        state.adversary = Adversary(cfg, text_encoder.tokenizer, channels)
     return state
 
 
@@ -381,6 +411,8 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
         "optimizer": state.optimizer.state_dict(),
         "vae_digest": vae_digest(state.codec),
     }
+    if state.adversary is not None:
+        blob["adversary"] = state.adversary.state_dict()
     write_checkpoint(blob, path)
 
 
@@ -396,6 +428,8 @@ def load_checkpoint(path: Path, cfg: TrainGenConfig | None = None) -> TrainState
     state.optimizer.load_state_dict(blob["optimizer"])
     state.ema = blob["ema"]
     state.step, state.losses, state.seconds = blob["step"], blob["losses"], blob["seconds"]
+    if state.adversary is not None and "adversary" in blob:  # else a fresh critic joins
+        state.adversary.load_state_dict(blob["adversary"])
     saved = blob.get("vae_digest")
     if saved != vae_digest(state.codec) and saved != vae_digest(state.codec, whole=True):
         raise InputError(
@@ -454,6 +488,7 @@ def train_step(state: TrainState) -> float:
         weight,
         sampler=state.transformer,
         teacher=state.teacher,
+        adversary=state.adversary,
     )
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -461,7 +496,11 @@ def train_step(state: TrainState) -> float:
     state.optimizer.step()
     state.step += 1
     update_average(state.ema, state.named_parameters(), cfg, state.step)
-    state.losses.append(loss.item())
+    if state.adversary is not None:
+        state.adversary.step()  # the losses stay the regression's, comparable across runs
+        state.losses.append(state.adversary.last.get("mse", loss.item()))
+    else:
+        state.losses.append(loss.item())
     return state.losses[-1]
 
 
@@ -518,6 +557,11 @@ def checkpoint(
     exports again)."""
     if ckpt is not None:
         save_checkpoint(state, ckpt)
+    if state.adversary is not None:
+        log(
+            f"step {state.step} "
+            + " ".join(f"{k} {v:.4g}" for k, v in state.adversary.last.items())
+        )
     if output is None:
         return
     try:
