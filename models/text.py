@@ -102,8 +102,8 @@ class TextEncoder:
             self.check(p)
         return self.embed(prompts)
 
-    def embed(self, prompts: list[str]) -> torch.Tensor:
-        """Embeddings `[B, text_len, dim]` with padding zeroed; keeps gradients (training)."""
+    def token_ids(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask `[B, text_len]` (padded, truncated), on the CPU."""
         batch = self.tokenizer(
             prompts,
             padding="max_length",
@@ -112,7 +112,11 @@ class TextEncoder:
             add_special_tokens=True,
             return_tensors="pt",
         )
+        return batch.input_ids, batch.attention_mask
+
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        """Embeddings `[B, text_len, dim]` with padding zeroed; keeps gradients (training)."""
         device = next(self.model.parameters()).device
-        ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+        ids, mask = (t.to(device) for t in self.token_ids(prompts))
         hidden = self.model(ids, mask).last_hidden_state
         return hidden * mask[..., None].to(hidden.dtype)

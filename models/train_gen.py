@@ -375,7 +375,7 @@ def new_state(cfg: TrainGenConfig) -> TrainState:
         from streamrt.models.train_gen_adversarial import Adversary
 
         channels = state.codec.latent_channels
-        state.adversary = Adversary(cfg, text_encoder.tokenizer, channels)
+        state.adversary = Adversary(cfg, text_encoder, channels)
     return state
 
 
@@ -497,10 +497,9 @@ def train_step(state: TrainState) -> float:
     state.step += 1
     update_average(state.ema, state.named_parameters(), cfg, state.step)
     if state.adversary is not None:
-        state.adversary.step()  # the losses stay the regression's, comparable across runs
-        state.losses.append(state.adversary.last.get("mse", loss.item()))
-    else:
-        state.losses.append(loss.item())
+        state.adversary.step()
+    # with a critic the logged loss stays the regression's, comparable across runs
+    state.losses.append(loss.item() if state.adversary is None else state.adversary.last["mse"])
     return state.losses[-1]
 
 

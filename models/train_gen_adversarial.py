@@ -92,10 +92,10 @@ def _frames(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 class Adversary:
     """The critic, its optimizer, and the batch its next step learns from."""
 
-    def __init__(self, cfg, tokenizer, channels: int) -> None:
+    def __init__(self, cfg, text_encoder, channels: int) -> None:
         self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.critic = Critic(channels, len(tokenizer), cfg.text_len)
+        self.text_encoder = text_encoder  # its tokenizer only: the critic embeds ids itself
+        self.critic = Critic(channels, len(text_encoder.tokenizer), cfg.text_len)
         self.optimizer = torch.optim.Adam(
             self.critic.parameters(), lr=cfg.adversarial_lr, betas=(0.0, 0.99)
         )
@@ -103,13 +103,7 @@ class Adversary:
         self.last: dict[str, float] = {}
 
     def ids(self, captions: list[str]) -> torch.Tensor:
-        return self.tokenizer(
-            captions,
-            padding="max_length",
-            max_length=self.cfg.text_len,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        return self.text_encoder.token_ids(captions)[0]
 
     def generator_loss(
         self,
