@@ -308,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="streamrt's forward through torch.compile (gen.compile; graphs built in each "
         "run's warm-up)",
     )
+    peers.add_argument(
+        "--model",
+        default="assets/tiny-world",
+        help="generator directory whose forwards are also set against the matmul peak",
+    )
     peers.add_argument("--json", type=new_file, metavar="PATH")
     serve_b = bench_sub.add_parser(
         "serve", help="many streams on one runtime: batching, deadline scheduler vs FCFS"

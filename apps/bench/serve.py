@@ -57,11 +57,12 @@ def _runtime(args: argparse.Namespace, **runtime: Any):
 # ---------------------------------------------------------------------- concurrency
 
 
-def _concurrency(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _concurrency(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, float]]:
     # Full quality for every stream: no degrade (fewer steps) or suspension under load.
     rt = _runtime(args, admission=False, ahead_s=1e9, suspend_late_s=0, max_batch=max(args.streams))
     rows = []
     try:
+        ceiling = _ceiling(rt, args.frames)
         list(rt.open_stream(PROMPTS[0], num_frames=args.frames).frames())  # warm-up
         for n in args.streams:
             console.print(f"concurrency: {n} stream(s) batched, then one after another")
@@ -81,7 +82,27 @@ def _concurrency(args: argparse.Namespace) -> list[dict[str, Any]]:
     base = rows[0]["batched fps (all)"]
     for row in rows:
         row["vs 1 stream"] = row["batched fps (all)"] / base
-    return rows
+        row["share of ceiling"] = row["batched fps (all)"] / ceiling["ceiling fps"]
+    ceiling["ceiling / 1 stream"] = ceiling["ceiling fps"] / base
+    return rows, ceiling
+
+
+def _ceiling(rt, frames: int) -> dict[str, float]:
+    """The FLOP ceiling of the runtime's model on this CPU's threads (module docstring)."""
+    import torch
+
+    from streamrt.apps.bench.flops import matmul_peak_gflops, model_widths, stream_flops_per_frame
+
+    console.print("ceiling: the model's FLOPs per frame, this CPU's matmul peak")
+    per_frame = stream_flops_per_frame(rt.generator, PROMPTS[0], frames)
+    threads = torch.get_num_threads()
+    peak = matmul_peak_gflops(threads, *model_widths(rt.engine.transformer))
+    return {
+        "threads": threads,
+        "GFLOP per frame": per_frame / 1e9,
+        "matmul peak GFLOP/s": peak,
+        "ceiling fps": peak * 1e9 / per_frame,
+    }
 
 
 def _batched(rt, n: int, frames: int) -> tuple[float, float]:
@@ -255,13 +276,19 @@ def _plot(path: str, results: dict[str, Any]) -> None:
 
 def bench_serve(args: argparse.Namespace) -> int:
     payload: dict[str, Any] = {"model": args.model, "size": args.size}
-    conc = _concurrency(args)
-    payload["concurrency"] = conc
+    conc, ceiling = _concurrency(args)
+    payload["concurrency"], payload["ceiling"] = conc, ceiling
     print_table(
         f"{args.frames} frames per stream at {payload['size']}, batched on one runtime vs one "
-        "after another",
+        "after another (share of ceiling: of the FLOP ceiling below)",
         conc,
         list(conc[0]),
+    )
+    print_table(
+        "the FLOP ceiling: this CPU's matmul peak over the model's FLOPs per frame (no "
+        "schedule gives more frames per second)",
+        [ceiling],
+        list(ceiling),
     )
     rows, meta = _deadlines(args, max(r["batched fps (all)"] for r in conc))
     payload["deadlines"] = {k: v for k, v in meta.items() if k != "results"}
@@ -279,6 +306,11 @@ def bench_serve(args: argparse.Namespace) -> int:
             "measure": f"{eight['streams']} batched streams vs 1 (aggregate fps)",
             "value": eight["vs 1 stream"],
             "aim": ">= 2",
+        },
+        {
+            "measure": "FLOP ceiling vs 1 stream (the most any batch could give)",
+            "value": ceiling["ceiling / 1 stream"],
+            "aim": ">= 2 for the aim above to be reachable",
         },
         {
             "measure": "FCFS SLO attainment",

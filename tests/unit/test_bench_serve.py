@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from streamrt.apps.cli import main
 
 
@@ -16,6 +18,21 @@ def test_bench_serve_small_run_writes_json_plot_and_replays_its_trace(tmp_path):
     result = json.loads(out.read_text())
     assert [r["streams"] for r in result["concurrency"]] == [1, 2]
     assert all(r["batched fps (all)"] > 0 for r in result["concurrency"])
+    ceiling = result["ceiling"]
+    assert ceiling["GFLOP per frame"] > 0 and ceiling["matmul peak GFLOP/s"] > 0
+    assert ceiling["ceiling fps"] == pytest.approx(
+        ceiling["matmul peak GFLOP/s"] / ceiling["GFLOP per frame"]
+    )
+    for r in result["concurrency"]:
+        assert r["share of ceiling"] == pytest.approx(
+            r["batched fps (all)"] / ceiling["ceiling fps"]
+        )
+    one = result["concurrency"][0]["batched fps (all)"]
+    assert ceiling["ceiling / 1 stream"] == pytest.approx(ceiling["ceiling fps"] / one)
+    aims = {a["measure"]: a["value"] for a in result["aims"]}
+    assert aims["FLOP ceiling vs 1 stream (the most any batch could give)"] == pytest.approx(
+        ceiling["ceiling / 1 stream"]
+    )
     rows = {r["scheduler"]: r for r in result["deadlines"]["rows"]}
     assert set(rows) == {"fcfs", "deadline"}
     assert rows["fcfs"]["arrived"] <= 64  # runtime.max_streams: a trace FCFS can take whole
