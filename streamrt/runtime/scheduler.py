@@ -123,7 +123,11 @@ class Scheduler:
             if s.pending.shape_key != key:
                 continue
             more = rows + len(s.pending.rows)
-            if allowed is not None and self.cost.forward_s(more) > allowed:
+            # Late streams (the head among them) have no deadline left to protect: they all
+            # join, each at a row's marginal cost (one forward for all of them drains an
+            # overload fastest). Streams still on time join as the head's deadline allows.
+            both_late = slack <= 0 and s.playout.slack(now) <= 0
+            if not both_late and allowed is not None and self.cost.forward_s(more) > allowed:
                 break
             batch.append(s)
             rows = more

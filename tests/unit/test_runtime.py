@@ -210,6 +210,35 @@ def test_deadline_scheduler_holds_streams_ahead_and_runs_the_most_urgent_first()
         runtime.close()
 
 
+def test_late_streams_share_one_forward_and_on_time_ones_join_as_the_deadline_allows():
+    """Under overload every late stream of the same shape runs in one forward (a row's
+    marginal cost each); a stream still on time joins only within the head's allowance
+    (here 2 rows' time: the head is late, so twice its own forward)."""
+    runtime = Runtime("tiny-random", runtime=RuntimeConfig(admission=False, ahead_s=1e9))
+    try:
+        cost = runtime.scheduler.cost
+        cost.samples.clear()
+        cost.observe(1, 0.01)
+        cost.observe(4, 0.04)  # 0.01 s per row, no fixed cost
+        late = [runtime.open_stream(PROMPTS[i % 4], fps=10) for i in range(3)]
+        on_time = runtime.open_stream(PROMPTS[3], fps=10)
+        now = on_time._live.playout.opened
+        for i, h in enumerate(late):
+            h._live.playout.opened -= 5.0 + i  # frames due 5-7 s ago
+        on_time._live.playout.opened += 5.0
+        for s in runtime.streams.values():
+            s.start_chunk()
+        batch = runtime.scheduler.pick(list(runtime.streams.values()), now)
+        assert [s.id for s in batch] == [h.id for h in reversed(late)]  # most urgent first
+        on_time._live.playout.opened -= 20.0  # now late too: it joins
+        batch = runtime.scheduler.pick(list(runtime.streams.values()), now)
+        assert len(batch) == 4
+        runtime.config.max_batch = 2  # the cap still holds
+        assert len(runtime.scheduler.pick(list(runtime.streams.values()), now)) == 2
+    finally:
+        runtime.close()
+
+
 def _fps_for_share(runtime: Runtime, share: float) -> float:
     """A playout rate at which one stream needs `share` of the machine, under a fixed cost
     model (0.01 s per row of a forward, 0.002 s per decode, no fixed cost: n such streams
