@@ -318,7 +318,8 @@ class RuntimeConfig:
 
     scheduler: Literal["deadline", "fcfs"] = "deadline"
     """deadline: the most urgent stream first (least playout slack), batched with as many
-    others as its deadline allows; streams ahead of playout by `ahead_s` wait; admission
+    others as its deadline allows (late streams all share one forward: none has a deadline
+    left to protect); streams ahead of playout by `ahead_s` wait; admission
     control. fcfs: first come first served, every stream as fast as it goes, no admission
     (the baseline)."""
 
