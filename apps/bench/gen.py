@@ -144,19 +144,26 @@ def _batch_vs_sequential(args: argparse.Namespace, cfg: GenConfig) -> tuple[floa
 
 def _late_vs_early(args: argparse.Namespace) -> tuple[float, float]:
     # Reaching frame 20,000 means generating every frame before it; a smaller frame keeps
-    # that affordable here. Early and late are measured on the same stream and config.
+    # that affordable here. The early stream is opened once the late one is there, and
+    # their chunks are timed in turns: minutes apart, this machine's drift alone moved the
+    # ratio by 20 %.
     w, h = parse_size(args.long_size, "--long-size")
     gen = _generator(args, width=w, height=h)
     cfg = gen.engine.config
-    stream = gen.engine.open_stream("a red circle moving right on a dark background", cfg)
-    while stream.seqs[0].next_index < 200:
-        stream.next_latents()
-    early = float(np.median(_time_chunks(stream, args.chunks)))
-    while stream.seqs[0].next_index < args.long_frames:
-        stream.next_latents()
-    late = float(np.median(_time_chunks(stream, args.chunks)))
-    stream.close()
-    return early, late
+    prompt = "a red circle moving right on a dark background"
+    late_stream = gen.engine.open_stream(prompt, cfg)
+    while late_stream.seqs[0].next_index < args.long_frames:
+        late_stream.next_latents()
+    early_stream = gen.engine.open_stream(prompt, cfg)
+    while early_stream.seqs[0].next_index < 200:
+        early_stream.next_latents()
+    early, late = [], []
+    for _ in range(args.chunks):
+        early += _time_chunks(early_stream, 1)
+        late += _time_chunks(late_stream, 1)
+    early_stream.close()
+    late_stream.close()
+    return float(np.median(early)), float(np.median(late))
 
 
 def bench_gen(args: argparse.Namespace) -> int:

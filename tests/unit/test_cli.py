@@ -203,3 +203,27 @@ def test_serve_takes_every_agent_policy_with_and_without_the_reserve():
         assert rt.agents.reserve is not None
     finally:
         rt.close()
+
+
+def test_bench_gen_times_the_late_and_the_early_stream_in_turns(monkeypatch):
+    """Early (frame 200) and late chunks alternate, so the machine's drift over the minutes
+    it takes to reach the late frame does not enter their ratio."""
+    import argparse
+
+    from streamrt.apps.bench import gen as bench_gen
+
+    timed = []
+
+    def record(stream, n):
+        timed.append(stream.seqs[0].next_index)
+        stream.next_latents()
+        return [1.0 if timed[-1] >= 240 else 0.5]
+
+    monkeypatch.setattr(bench_gen, "_time_chunks", record)
+    args = argparse.Namespace(
+        model="tiny-random", config=None, window=15, chunks=3, long_frames=240, long_size="32x32"
+    )
+    early, late = bench_gen._late_vs_early(args)
+    assert (early, late) == (0.5, 1.0)
+    assert len(timed) == 6
+    assert all(200 <= f < 240 for f in timed[0::2]) and all(f >= 240 for f in timed[1::2])
