@@ -197,9 +197,10 @@ def _one(method: str, frames: int, threads: int, compile_mode: str = "off") -> d
 
 def forward_gflops(
     threads: int, chunks: int = 8, compile_mode: str = "off", model: str | None = None
-) -> tuple[float, float]:
-    """Achieved GFLOP/s of streamrt's forwards on a stream, and the FLOPs of one chunk: of
-    the peers' shared model, or of the generator directory `model` at its own settings."""
+) -> tuple[float, float, float]:
+    """Achieved GFLOP/s of streamrt's forwards on a stream, the FLOPs of one chunk, and this
+    CPU's matmul peak for the model's widths: of the peers' shared model, or of the
+    generator directory `model` (or `tiny-random`) at its own settings."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from streamrt.config import GenConfig
@@ -210,10 +211,10 @@ def forward_gflops(
     torch.set_num_threads(threads)
     if model is None:
         transformer, text, vae = tiny_parts()
-    elif model == "tiny-random":
-        engine = StreamGenerator.tiny_random().engine
     else:
-        engine = StreamGenerator.from_pretrained(model).engine
+        make = StreamGenerator.tiny_random if model == "tiny-random" else None
+        engine = (make() if make else StreamGenerator.from_pretrained(model)).engine
+        transformer = engine.transformer
 
     def warm_stream(mode: str):
         if model is None:
@@ -241,7 +242,7 @@ def forward_gflops(
             stream.next_latents()
         seconds = (time.perf_counter() - t0) / chunks
     stream.close()
-    return flops / seconds / 1e9, flops
+    return flops / seconds / 1e9, flops, matmul_peak_gflops(threads, *model_widths(transformer))
 
 
 def _exponent(points: list[tuple[int, float]]) -> float | None:
@@ -310,13 +311,10 @@ def bench_peers(args: argparse.Namespace) -> int:
     ]
     print_table("growth of total time with length (1.0 = linear)", growth, list(growth[0]))
     util = []
-    widths = model_widths(tiny_parts()[0])
     for threads in args.thread_counts:
-        with ctx.Pool(1, maxtasksperchild=1) as pool:
-            peak = pool.apply(matmul_peak_gflops, (threads, *widths))
-        for name, model in (("peers' model", None), ("embedded", args.model)):
+        for name, model in (("peers' model", None), (args.model, args.model)):
             with ctx.Pool(1, maxtasksperchild=1) as pool:
-                achieved, flops = pool.apply(
+                achieved, flops, peak = pool.apply(
                     forward_gflops, (threads, 8 if model is None else 16, args.compile, model)
                 )
             util.append(

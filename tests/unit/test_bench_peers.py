@@ -42,12 +42,12 @@ def test_growth_exponent():
 def test_compiled_streamrt_makes_its_frames_and_is_timed():
     m = peers._one("streamrt", 17, 1, "default")
     assert m["total s"] > 0 and 0 < m["first frame s"] <= m["total s"]
-    achieved, flops = peers.forward_gflops(1, 2, "default")
-    assert achieved > 0 and flops > 0
+    achieved, flops, peak = peers.forward_gflops(1, 2, "default")
+    assert achieved > 0 and flops > 0 and peak > 0
 
 
 def test_a_generator_directorys_forwards_are_counted_at_its_own_settings():
-    achieved, flops = peers.forward_gflops(1, 1, "off", "assets/tiny-world")
-    _, peer_flops = peers.forward_gflops(1, 1, "off")
+    achieved, flops, _ = peers.forward_gflops(1, 1, "off", "assets/tiny-world")
+    _, peer_flops, _ = peers.forward_gflops(1, 1, "off")
     assert achieved > 0 and flops > 0
     assert flops != peer_flops  # its own chunk and tokens, not the peers' model
