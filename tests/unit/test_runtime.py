@@ -4,6 +4,7 @@ failure isolation, QA sessions on the one cache manager."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -347,7 +348,10 @@ def test_sustained_lateness_degrades_then_suspends_the_lowest_priority_stream():
 
         runtime.step()
         assert states() == [("running", 4), ("running", 4), ("running", 2)]
-        runtime.step()  # at most one change per suspend_late_s
+        # At most one change per suspend_late_s: the next step comes right after the change
+        # (on a slow machine the first step's forward alone can take longer than 0.5 s).
+        runtime._last_change = time.perf_counter()
+        runtime.step()
         assert states() == [("running", 4), ("running", 4), ("running", 2)]
         for expected in (
             [("running", 4), ("running", 2), ("running", 2)],
