@@ -203,17 +203,16 @@ def forward_gflops(
     generator directory `model` (or `tiny-random`) at its own settings."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from streamrt.apps.generate import load_generator
     from streamrt.config import GenConfig
     from streamrt.gen.engine import GenEngine
-    from streamrt.gen.generator import StreamGenerator
     from streamrt.models.codec import WanVAECodec
 
     torch.set_num_threads(threads)
     if model is None:
         transformer, text, vae = tiny_parts()
     else:
-        make = StreamGenerator.tiny_random if model == "tiny-random" else None
-        engine = (make() if make else StreamGenerator.from_pretrained(model)).engine
+        engine = load_generator(model, None, {}).engine
         transformer = engine.transformer
 
     def warm_stream(mode: str):
